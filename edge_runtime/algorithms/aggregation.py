@@ -1,0 +1,62 @@
+"""Aggregation of adapter updates: pure functions over ``{name: tensor}`` and weights, no I/O.
+
+Shared by the in-process simulation and the aggregation server.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from edge_runtime.errors import AggregationError
+
+StateDict = Mapping[str, Tensor]
+
+
+def check_compatible(reference: StateDict, update: StateDict, where: str = "update") -> None:
+    """Raise AggregationError unless ``update`` has exactly ``reference``'s keys, shapes, dtypes, finite values."""
+    missing = sorted(set(reference) - set(update))
+    extra = sorted(set(update) - set(reference))
+    if missing or extra:
+        raise AggregationError(f"{where}: keys differ from the global adapter "
+                               f"(missing {missing[:5]}, unexpected {extra[:5]})")
+    for name, ref in reference.items():
+        t = update[name]
+        if not isinstance(t, Tensor):
+            raise AggregationError(f"{where}: {name} is {type(t).__name__}, not a tensor")
+        if t.shape != ref.shape:
+            raise AggregationError(f"{where}: {name} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+        if t.dtype != ref.dtype:
+            raise AggregationError(f"{where}: {name} has dtype {t.dtype}, expected {ref.dtype}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise AggregationError(f"{where}: {name} contains NaN or Inf")
+
+
+def weighted_mean(updates: Sequence[tuple[StateDict, float]]) -> dict[str, Tensor]:
+    """FedAvg: ``sum_k w_k * theta_k / sum_k w_k`` for every tensor name.
+
+    ``updates``: (state, weight) pairs, weight = e.g. number of training examples (>= 0, sum > 0).
+    Accumulates in float64 and returns each tensor in its input dtype.
+    """
+    if not updates:
+        raise AggregationError("no updates to aggregate")
+    weights = [float(w) for _, w in updates]
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise AggregationError(f"weights must be finite and >= 0, got {weights}")
+    total = sum(weights)
+    if total <= 0:
+        raise AggregationError(f"weights sum to {total}; at least one must be > 0")
+    reference = updates[0][0]
+    for k, (state, _) in enumerate(updates[1:], 1):
+        check_compatible(reference, state, where=f"update {k}")
+    out: dict[str, Tensor] = {}
+    for name, ref in reference.items():
+        acc = torch.zeros(ref.shape, dtype=torch.float64)
+        for (state, _), w in zip(updates, weights):
+            if w:
+                acc += state[name].detach().to(torch.float64) * (w / total)
+        out[name] = acc.to(ref.dtype)
+    return out

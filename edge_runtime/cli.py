@@ -1,0 +1,113 @@
+"""``edge-runtime``: the device-side command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from edge_runtime import __version__
+from edge_runtime.errors import EdgeRuntimeError
+
+log = logging.getLogger("edge_runtime")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_simulate(sub) -> None:
+    p = sub.add_parser("simulate", help="federated fine-tuning of N simulated devices in one process (no broker)",
+                       description="Run R rounds of federated fine-tuning with N simulated devices in this "
+                                   "process: Dirichlet label split, local PEFT training, weighted FedAvg. "
+                                   "Writes history.json, accuracy.png and global_adapter/ to --out.")
+    p.add_argument("--model", default="minilm-l6",
+                   help="minilm-l6 | smollm2-135m | tiny-bert | tiny-llama | a HF model folder | a .gguf file")
+    p.add_argument("--data", default="wordnet",
+                   help="'wordnet' (built-in noun supersenses) or a JSONL/CSV file (text+label or prompt+response)")
+    p.add_argument("--device-data", nargs="+", default=(), metavar="FILE",
+                   help="one data file per device instead of partitioning --data (sets the device count)")
+    p.add_argument("--method", default="lora", choices=["lora"])
+    p.add_argument("--devices", type=_positive_int, default=4)
+    p.add_argument("--rounds", type=_positive_int, default=3)
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha of the label split (small = skewed)")
+    p.add_argument("--max-examples", type=int, default=4000,
+                   help="use a random subset of this many examples of --data (0 = all)")
+    p.add_argument("--participation", type=float, default=1.0, help="fraction of devices picked each round")
+    p.add_argument("--epochs", type=float, default=1.0, help="local epochs per round")
+    p.add_argument("--max-steps", type=int, default=None, help="cap on local steps per round")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-seq-len", type=_positive_int, default=64)
+    p.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("runs/simulate"))
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_simulate)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from edge_runtime.methods.lora import LoraMethodConfig
+    from edge_runtime.simulation import SimulationConfig, run_simulation
+    from edge_runtime.training.trainer import TrainConfig
+
+    cfg = SimulationConfig(
+        model=args.model, data=args.data, device_data=tuple(args.device_data), method=args.method,
+        devices=len(args.device_data) or args.devices, rounds=args.rounds, alpha=args.alpha,
+        max_examples=args.max_examples or None, participation=args.participation, seed=args.seed,
+        train=TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                          lr=args.lr, max_seq_len=args.max_seq_len),
+        lora=LoraMethodConfig(rank=args.rank, alpha=args.lora_alpha),
+    )
+
+    def print_round(row: dict) -> None:
+        train = f"train loss {row['train_loss']:.3f}  " if row["train_loss"] is not None else ""
+        print(f"round {row['round']:>3}/{cfg.rounds}  global acc {100 * row['global_accuracy']:5.1f}%  "
+              f"device acc {100 * row['mean_device_accuracy']:5.1f}%  loss {row['loss']:.3f}  {train}"
+              f"{row['seconds']:6.1f} s  up {row['bytes_up'] / 1e6:.2f} MB", flush=True)
+
+    history = run_simulation(cfg, args.out, progress=not args.no_progress, on_round=print_round)
+    print(f"done in {history['total_seconds']:.0f} s: {args.out / 'history.json'}, "
+          f"{args.out / 'accuracy.png'}, adapter in {history['adapter_dir']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-runtime", description="Federated fine-tuning runtime for edge devices.")
+    parser.add_argument("--version", action="version", version=f"edge-runtime {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_simulate(sub)
+    return parser
+
+
+def _quiet_third_party() -> None:
+    """Keep the console to our own lines: libraries' notices that need no action go to DEBUG."""
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels package missing
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    _quiet_third_party()
+    try:
+        return args.func(args)
+    except EdgeRuntimeError as exc:
+        print(f"edge-runtime: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edge-runtime: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

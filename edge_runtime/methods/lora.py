@@ -1,0 +1,81 @@
+"""LoRA (Hu et al.) through peft: the baseline PEFT method every other method is compared with.
+
+Trainable part: LoRA A/B on the attention projections (peft's default targets for the
+architecture unless ``target_modules`` is set) plus, for classification, the task head
+(and BERT's pooler), which must be shared too or devices would disagree on the label space.
+Upload: the whole trainable state. Server: weighted FedAvg (samples as weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from edge_runtime.algorithms.aggregation import check_compatible
+from edge_runtime.errors import AggregationError, ConfigError
+
+HEAD_MODULES = ("classifier", "score", "pooler")  # BERT head + pooler, Llama's score head
+
+
+@dataclass(frozen=True)
+class LoraMethodConfig:
+    """LoRA hyper-parameters (``rank`` r, scaling ``alpha / r``)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise ConfigError(f"lora.rank must be a positive integer, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ConfigError(f"lora.alpha must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+
+
+def head_module_names(model: torch.nn.Module) -> list[str]:
+    """Top-level task-head modules present in ``model`` (``classifier``, ``score``, ``pooler``)."""
+    names = {n.split(".")[-1] for n, _ in model.named_modules()}
+    return [h for h in HEAD_MODULES if h in names]
+
+
+def build(model: torch.nn.Module, cfg: LoraMethodConfig, task: str):
+    """Wrap ``model`` in a peft LoRA model; only LoRA weights (and the head) are trainable."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    task_type = TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM
+    peft_cfg = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules) if cfg.target_modules else None,
+        modules_to_save=head_module_names(model) if task == "classification" else None,
+        task_type=task_type,
+    )
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as exc:
+        raise ConfigError(f"lora: cannot apply LoRA to {type(model).__name__}: {exc}") from exc
+
+
+def trainable_state(model) -> dict[str, Tensor]:
+    """The shareable state ``{name: tensor}`` (detached copies, adapter name stripped)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_trainable_state(model, state: Mapping[str, Tensor]) -> None:
+    """Overwrite the model's trainable state with ``state`` (keys, shapes, dtypes checked first)."""
+    from peft import set_peft_model_state_dict
+
+    check_compatible(trainable_state(model), state, where="global adapter")
+    result = set_peft_model_state_dict(model, dict(state))
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise AggregationError(f"global adapter: peft did not accept keys {unexpected[:5]}")

@@ -1,0 +1,237 @@
+"""Local datasets: JSONL / CSV loading with row validation, the built-in WordNet task, tokenisation.
+
+A device's data never leaves it: these functions only read local files. Two row shapes exist:
+``{"text": str, "label": str | int}`` (classification) and ``{"prompt": str, "response": str}``
+(generation, trained as a causal LM on the response tokens).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+
+from edge_runtime.errors import DataError
+
+Kind = Literal["classification", "generation"]
+BUILTIN_DATASETS = {"wordnet": "wordnet_noun_supersenses.jsonl.gz"}
+_MAX_REPORTED_ERRORS = 20
+
+
+@dataclass(frozen=True)
+class LocalDataset:
+    """Examples held on one device.
+
+    ``inputs`` are texts (classification) or prompts (generation); ``targets`` are label ids
+    (``int`` in ``range(len(label_names))``) or response strings.
+    """
+
+    kind: Kind
+    inputs: tuple[str, ...]
+    targets: tuple
+    label_names: tuple[str, ...] = ()
+    source: str = "<memory>"
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def subset(self, indices: Sequence[int]) -> "LocalDataset":
+        return LocalDataset(
+            self.kind,
+            tuple(self.inputs[i] for i in indices),
+            tuple(self.targets[i] for i in indices),
+            self.label_names,
+            self.source,
+        )
+
+
+def _row_kind(row: dict) -> Kind | None:
+    if "text" in row and "label" in row:
+        return "classification"
+    if "prompt" in row and "response" in row:
+        return "generation"
+    return None
+
+
+def _check_row(row: object, where: str) -> tuple[Kind, str, object]:
+    """Validate one parsed row; returns (kind, input, target) or raises DataError naming ``where``."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object with 'text'+'label' or 'prompt'+'response', "
+                        f"got {type(row).__name__}")
+    kind = _row_kind(row)
+    if kind is None:
+        raise DataError(f"{where}: row needs 'text' and 'label', or 'prompt' and 'response'; "
+                        f"has keys {sorted(row)}")
+    key_in, key_out = ("text", "label") if kind == "classification" else ("prompt", "response")
+    value = row[key_in]
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: '{key_in}' must be a non-empty string, got {value!r:.60}")
+    target = row[key_out]
+    if kind == "classification":
+        if isinstance(target, bool) or not isinstance(target, (str, int)):
+            raise DataError(f"{where}: 'label' must be a string or an integer, got {target!r:.60}")
+        if isinstance(target, int) and target < 0:
+            raise DataError(f"{where}: integer 'label' must be >= 0, got {target}")
+        if isinstance(target, str) and not target.strip():
+            raise DataError(f"{where}: 'label' is empty")
+    elif not isinstance(target, str) or not target:
+        raise DataError(f"{where}: 'response' must be a non-empty string, got {target!r:.60}")
+    return kind, value, target
+
+
+def _iter_rows(path: Path, text: str):
+    """Yield (where, row-or-exception) for a JSONL or CSV file's data rows."""
+    if path.suffix.lower() == ".csv" or path.name.lower().endswith(".csv.gz"):
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if reader.fieldnames is None:
+            return
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if None in row or any(v is None for v in row.values()):
+                yield where, DataError(f"{where}: wrong number of columns for header {reader.fieldnames}")
+                continue
+            label = row.get("label")
+            if label is not None and label.strip().isdigit():
+                row["label"] = int(label)
+            yield where, row
+        return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield where, DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
+
+
+def load_dataset(path: str | Path, label_names: Sequence[str] | None = None) -> LocalDataset:
+    """Load and validate a JSONL or CSV file (optionally gzip'd).
+
+    ``label_names`` fixes the label space (all devices of a federation must share one); labels
+    outside it are errors. Without it, string labels are sorted and integer labels are
+    ``0..max``. All bad rows are reported together (up to 20), each with file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    raw = path.read_bytes()
+    try:
+        text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read as UTF-8 text{' (gzip)' if path.suffix == '.gz' else ''}: {exc}") from exc
+
+    errors: list[str] = []
+    kind: Kind | None = None
+    inputs: list[str] = []
+    targets: list = []
+    for where, row in _iter_rows(path, text):
+        try:
+            if isinstance(row, Exception):
+                raise row
+            row_kind, value, target = _check_row(row, where)
+            if kind is None:
+                kind = row_kind
+            elif row_kind != kind:
+                raise DataError(f"{where}: a {row_kind} row in a {kind} file")
+        except DataError as exc:
+            errors.append(str(exc))
+            continue
+        inputs.append(value)
+        targets.append(target)
+    if errors:
+        more = f"\n... and {len(errors) - _MAX_REPORTED_ERRORS} more" if len(errors) > _MAX_REPORTED_ERRORS else ""
+        raise DataError(f"{len(errors)} bad row(s) in {path}:\n" + "\n".join(errors[:_MAX_REPORTED_ERRORS]) + more)
+    if kind is None:
+        raise DataError(f"{path}: no data rows")
+    if kind == "generation":
+        return LocalDataset(kind, tuple(inputs), tuple(targets), (), str(path))
+    names, ids = _encode_labels(targets, label_names, path)
+    return LocalDataset(kind, tuple(inputs), ids, names, str(path))
+
+
+def _encode_labels(labels: list, label_names: Sequence[str] | None, path: Path) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    if label_names is not None:
+        names = tuple(label_names)
+        index = {n: i for i, n in enumerate(names)}
+        ids = []
+        for i, lab in enumerate(labels):
+            if isinstance(lab, int):
+                if lab >= len(names):
+                    raise DataError(f"{path}: row {i + 1}: label id {lab} outside the {len(names)} configured labels")
+                ids.append(lab)
+            elif lab in index:
+                ids.append(index[lab])
+            else:
+                raise DataError(f"{path}: row {i + 1}: label {lab!r} is not one of the configured labels {list(names)[:8]}...")
+        return names, tuple(ids)
+    if all(isinstance(lab, int) for lab in labels):
+        return tuple(str(i) for i in range(max(labels) + 1)), tuple(labels)
+    if any(isinstance(lab, int) for lab in labels):
+        raise DataError(f"{path}: labels mix integers and strings; use one or the other")
+    names = tuple(sorted(set(labels)))
+    index = {n: i for i, n in enumerate(names)}
+    return names, tuple(index[lab] for lab in labels)
+
+
+def load_builtin(name: str, with_lemmas: bool = False) -> LocalDataset:
+    """Load a dataset shipped with the package (``wordnet``: 82,115 noun glosses, 26 supersenses)."""
+    if name not in BUILTIN_DATASETS:
+        raise DataError(f"unknown built-in dataset {name!r}; known: {sorted(BUILTIN_DATASETS)}")
+    ref = resources.files("edge_runtime.data") / BUILTIN_DATASETS[name]
+    rows = [json.loads(line) for line in gzip.decompress(ref.read_bytes()).decode("utf-8").splitlines()]
+    inputs = [f"{r['lemmas'][0]}: {r['text']}" if with_lemmas else r["text"] for r in rows]
+    names, ids = _encode_labels([r["label"] for r in rows], None, Path(name))
+    return LocalDataset("classification", tuple(inputs), ids, names, f"builtin:{name}")
+
+
+def resolve_dataset(spec: str, label_names: Sequence[str] | None = None) -> LocalDataset:
+    """``wordnet`` (built-in) or a path to a JSONL / CSV file."""
+    if spec in BUILTIN_DATASETS:
+        return load_builtin(spec)
+    return load_dataset(spec, label_names)
+
+
+def encode_batch(tokenizer, dataset: LocalDataset, indices: Sequence[int], max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenise examples ``indices`` into padded tensors (dynamic padding to the batch's longest).
+
+    Classification: ``input_ids, attention_mask: (B, T)``, ``labels: (B,)``.
+    Generation: prompt + response + EOS, ``labels: (B, T)`` with -100 on prompt and padding,
+    so the loss and accuracy cover the response tokens only.
+    """
+    if dataset.kind == "classification":
+        enc = tokenizer([dataset.inputs[i] for i in indices], truncation=True, max_length=max_length,
+                        padding=True, return_tensors="pt")
+        enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        enc["labels"] = torch.tensor([dataset.targets[i] for i in indices], dtype=torch.long)
+        return enc
+    eos = tokenizer.eos_token_id
+    rows, label_rows = [], []
+    for i in indices:
+        p = tokenizer(dataset.inputs[i], add_special_tokens=True)["input_ids"]
+        r = tokenizer(dataset.targets[i], add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        ids = (p + r)[:max_length]
+        labs = ([-100] * len(p) + r)[:max_length]
+        rows.append(ids)
+        label_rows.append(labs)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for j, (ids, labs) in enumerate(zip(rows, label_rows)):
+        input_ids[j, : len(ids)] = torch.tensor(ids)
+        attention[j, : len(ids)] = 1
+        labels[j, : len(labs)] = torch.tensor(labs)
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}

