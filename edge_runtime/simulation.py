@@ -77,10 +77,12 @@ def prepare_devices(cfg: SimulationConfig) -> list[DeviceData]:
     """Load the data and give each simulated device its own train / val / test split."""
     rng = np.random.default_rng(cfg.seed)
     if cfg.device_data:
-        first = resolve_dataset(cfg.device_data[0])
-        sets = [first] + [resolve_dataset(p, first.label_names or None) for p in cfg.device_data[1:]]
+        sets = [resolve_dataset(p) for p in cfg.device_data]
         if len({d.kind for d in sets}) != 1:
             raise ConfigError("device_data files mix classification and generation rows")
+        if sets[0].kind == "classification":  # one label space for the whole federation
+            names = sorted({n for d in sets for n in d.label_names})
+            sets = [resolve_dataset(p, names) for p in cfg.device_data]
         shards = [(d, list(range(len(d)))) for d in sets]
     else:
         full = resolve_dataset(cfg.data)

@@ -1,0 +1,50 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from broker_server.cli import main as server_main
+from edge_runtime.cli import main
+from tests.conftest import write_jsonl
+
+
+def test_simulate_prints_one_line_per_round_and_writes_outputs(toy_jsonl, tmp_path, capsys):
+    rc = main(["simulate", "--model", "tiny-bert", "--data", str(toy_jsonl), "--devices", "2", "--rounds", "2",
+               "--max-steps", "4", "--out", str(tmp_path / "o"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    lines = [l for l in out.splitlines() if l.startswith("round")]
+    assert len(lines) == 3 and "global acc" in lines[-1] and "device acc" in lines[-1] and " s " in lines[-1]
+    hist = json.loads((tmp_path / "o" / "history.json").read_text())
+    assert hist["config"]["train"]["max_steps"] == 4 and len(hist["rounds"]) == 3
+
+
+def test_bad_data_file_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok", "label": "a"}, {"text": 3, "label": "b"}])
+    rc = main(["simulate", "--model", "tiny-bert", "--data", str(bad), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"{bad}:2: 'text' must be a non-empty string" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_broker_server_aggregate_files(tmp_path, capsys):
+    save_file({"w": torch.tensor([0.0, 4.0])}, tmp_path / "a.safetensors")
+    save_file({"w": torch.tensor([4.0, 0.0])}, tmp_path / "b.safetensors")
+    rc = server_main(["aggregate", "--out", str(tmp_path / "g.safetensors"),
+                      f"{tmp_path / 'a.safetensors'}:3", f"{tmp_path / 'b.safetensors'}:1"])
+    assert rc == 0
+    assert torch.equal(load_file(tmp_path / "g.safetensors")["w"], torch.tensor([1.0, 3.0]))
+
+
+def test_broker_server_aggregate_rejects_mismatch_and_garbage(tmp_path, capsys):
+    save_file({"w": torch.zeros(2)}, tmp_path / "a.safetensors")
+    save_file({"w": torch.zeros(3)}, tmp_path / "b.safetensors")
+    (tmp_path / "c.safetensors").write_bytes(b"\x80\x04not safetensors")
+    assert server_main(["aggregate", "--out", str(tmp_path / "g"), str(tmp_path / "a.safetensors"),
+                        str(tmp_path / "b.safetensors")]) == 2
+    assert "shape" in capsys.readouterr().err
+    assert server_main(["aggregate", "--out", str(tmp_path / "g"), str(tmp_path / "c.safetensors")]) == 2
+    assert "cannot read as safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
