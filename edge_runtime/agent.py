@@ -1,0 +1,283 @@
+"""The device agent: a state machine over protocol messages that trains when the server asks.
+
+connect -> hello (retained) -> wait for a round manifest naming this device -> fetch the global
+adapter (retained chunks, sha256-checked) -> evaluate it on the local test split -> train on the
+local train split -> persist the update -> upload (manifest + chunks) -> wait for the ack, re-sending
+on timeout or on a retryable reject. Local data never leaves the device; only adapter tensors do.
+
+The agent's own state (last round done, the update awaiting its ack) lives in ``--state-dir``, so a
+restarted agent re-sends the same update (same idempotency key) instead of training again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime import __version__
+from edge_runtime.algorithms.partition import split_train_val_test
+from edge_runtime.atomic_io import write_bytes_atomic, write_json_atomic
+from edge_runtime.device.profiler import basic_profile
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.methods import METHODS
+from edge_runtime.protocol import topics
+from edge_runtime.protocol.chunking import Reassembler, split_payload
+from edge_runtime.protocol.codec import decode_message, decode_tensors, encode_message, encode_tensors
+from edge_runtime.protocol.messages import (Ack, GlobalAnnouncement, Heartbeat, Hello, ProtocolError, RoundManifest,
+                                            Status, UpdateManifest, check_id)
+from edge_runtime.training.data import LocalDataset, resolve_dataset
+from edge_runtime.training.evaluate import evaluate
+from edge_runtime.training.spec import TrainingSpec, build_model
+from edge_runtime.training.trainer import train_local
+from edge_runtime.transport.base import Transport
+
+log = logging.getLogger("edge_runtime.agent")
+MAX_GLOBAL_BYTES = 512 * 1024 * 1024
+FAULT_ENV = "EDGE_RUNTIME_FAULT"   # test hook: "after_chunk:K" exits the process after sending chunk K
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str
+    data: str
+    state_dir: Path
+    fleet: str = "default"
+    heartbeat_s: float = 10.0
+    ack_timeout_s: float = 30.0
+    eval_batch_size: int = 64
+    exit_when_done: bool = True
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        check_id("device_id", self.device_id)
+        check_id("fleet", self.fleet)
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, transport: Transport, clock=time.time) -> None:
+        self.cfg = cfg
+        self.transport = transport
+        self.clock = clock
+        self.inbox: queue.Queue = queue.Queue()
+        self.stop_event = threading.Event()
+        self.activity = "idle"
+        self.state_path = Path(cfg.state_dir) / "agent.json"
+        self.state = self._load_state()
+        self.raw_data = resolve_dataset(cfg.data)          # validated now: a bad file fails at start
+        self.manifest: RoundManifest | None = None
+        self.globals = Reassembler(MAX_GLOBAL_BYTES, ttl_s=3600)
+        self.global_blobs: dict[str, bytes] = {}           # payload id -> bytes (sha-checked)
+        self._model_key: str | None = None
+        self._model = self._tokenizer = None
+        self._splits: dict[tuple, tuple[LocalDataset, LocalDataset, LocalDataset]] = {}
+        self._sent_at: float | None = None
+
+    # -- persistence -------------------------------------------------------------------------
+    def _load_state(self) -> dict:
+        if self.state_path.exists():
+            try:
+                return json.loads(self.state_path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as exc:
+                raise EdgeRuntimeError(f"{self.state_path}: unreadable agent state: {exc}") from exc
+        return {"run_id": None, "last_round_done": -1, "pending": None}
+
+    def _save_state(self) -> None:
+        write_json_atomic(self.state_path, self.state)
+
+    # -- transport wiring --------------------------------------------------------------------
+    def attach(self) -> None:
+        f, d = self.cfg.fleet, self.cfg.device_id
+        put = lambda t, p: self.inbox.put((t, p))  # noqa: E731
+        self.transport.subscribe(topics.round_topic(f), put)
+        self.transport.subscribe(topics.global_wildcard(f), put)
+        self.transport.subscribe(topics.device_topic(f, d, "ack"), put)
+        self.transport.on_connect(self._announce)
+
+    def _announce(self) -> None:
+        f, d = self.cfg.fleet, self.cfg.device_id
+        hello = Hello(d, basic_profile(), __version__, len(self.raw_data), self.state["last_round_done"])
+        self.transport.publish(topics.device_topic(f, d, "hello"), encode_message(hello), retain=True)
+        self.transport.publish(topics.device_topic(f, d, "status"), encode_message(Status(d, True)), retain=True)
+
+    def _heartbeats(self) -> None:
+        f, d = self.cfg.fleet, self.cfg.device_id
+        while not self.stop_event.wait(self.cfg.heartbeat_s):
+            round_ = self.manifest.round if self.manifest else -1
+            self.transport.publish(topics.device_topic(f, d, "heartbeat"),
+                                   encode_message(Heartbeat(d, self.activity, round_, self.clock())), qos=0)
+
+    # -- main loop ---------------------------------------------------------------------------
+    def run(self) -> None:
+        self.attach()
+        self.transport.start()
+        threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    topic, payload = self.inbox.get(timeout=0.2)
+                    self.handle(topic, payload)
+                except queue.Empty:
+                    pass
+                try:
+                    if self.step():
+                        break
+                except Exception:  # loop boundary: log, back off, keep serving the fleet
+                    log.exception("round step failed; retrying in 5 s")
+                    self.stop_event.wait(5.0)
+        finally:
+            self.stop_event.set()
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """One inbound message; a malformed one is logged and ignored."""
+        try:
+            t = topics.parse_topic(topic)
+            if t.kind == "global/chunk":
+                if payload:
+                    ref, whole = self.globals.add("server", payload, self.clock())
+                    if whole is not None:
+                        self.global_blobs[ref.payload_id] = whole
+                        while len(self.global_blobs) > 2:
+                            self.global_blobs.pop(next(iter(self.global_blobs)))
+            elif t.kind == "round" and payload:
+                self.manifest = decode_message(payload, RoundManifest)
+            elif t.kind == "global" and payload:
+                decode_message(payload, GlobalAnnouncement)  # validated; the manifest names the payload
+            elif t.kind == "dev/ack" and payload:
+                self._on_ack(decode_message(payload, Ack))
+        except ProtocolError as exc:
+            log.warning("ignored a bad message on %s: %s", topic, exc)
+
+    def step(self) -> bool:
+        """Advance the state machine once; True when the run is over and the agent should exit."""
+        m, s = self.manifest, self.state
+        if m is None:
+            return False
+        if s["run_id"] != m.run_id:  # a new run: forget the old one's progress
+            log.info("joining run %s", m.run_id)
+            s.update(run_id=m.run_id, last_round_done=-1, pending=None)
+            self._save_state()
+        pending = s["pending"]
+        if pending is not None:
+            if pending["round"] != m.round:
+                log.info("dropping the unacked update for round %d: the server is at round %d", pending["round"],
+                         m.round)
+                s["pending"] = None
+                self._save_state()
+            elif self._sent_at is None or self.clock() - self._sent_at > self.cfg.ack_timeout_s:
+                if self._sent_at is not None:
+                    log.warning("no ack for update %s after %.0f s; re-sending", pending["update_id"],
+                                self.cfg.ack_timeout_s)
+                self._upload(pending)
+            return False
+        if m.action == "done":
+            return self.cfg.exit_when_done
+        if self.cfg.device_id not in m.participants or m.round <= s["last_round_done"]:
+            return False
+        blob = self.global_blobs.get(m.global_payload.payload_id) if m.global_payload else None
+        if blob is None:
+            self.activity = "fetching"
+            return False
+        self._work(m, blob)
+        return False
+
+    # -- the work of one round ---------------------------------------------------------------
+    def _prepare(self, spec: TrainingSpec):
+        key = json.dumps(spec.to_json(), sort_keys=True)
+        if key != self._model_key:
+            log.info("loading %s + %s", spec.model, spec.method)
+            self._model, self._tokenizer = build_model(spec)
+            self._model_key = key
+        skey = (tuple(spec.labels), spec.split, spec.seed)
+        if skey not in self._splits:
+            data = resolve_dataset(self.cfg.data, spec.labels if spec.task == "classification" else None)
+            rng = np.random.default_rng([spec.seed, zlib.crc32(self.cfg.device_id.encode())])
+            tr, va, te = split_train_val_test(list(range(len(data))), spec.split, rng)
+            self._splits[skey] = (data.subset(tr), data.subset(va), data.subset(te))
+        return self._model, self._tokenizer, self._splits[skey]
+
+    def _work(self, m: RoundManifest, blob: bytes) -> None:
+        try:
+            spec = TrainingSpec.from_json(m.training)
+            model, tok, (train, _val, test) = self._prepare(spec)
+            method = METHODS[spec.method]
+            method.load_trainable_state(model, decode_tensors(blob))
+        except (EdgeRuntimeError, ProtocolError) as exc:
+            log.error("round %d: cannot set up training: %s; waiting for the next manifest", m.round, exc)
+            self.state["last_round_done"] = m.round  # do not spin on a round we cannot do
+            self._save_state()
+            return
+        self.activity = "evaluating"
+        ev = evaluate(model, tok, test, self.cfg.eval_batch_size, spec.train.max_seq_len)
+        metrics = {"eval_accuracy": ev.accuracy, "eval_loss": ev.loss, "eval_n": ev.n}
+        update_id = f"u{uuid.uuid4().hex[:20]}"
+        file = None
+        n_samples = 0
+        if m.action == "train":
+            self.activity = "training"
+            seed = spec.seed * 1_000_003 + m.round * 1009 + zlib.crc32(self.cfg.device_id.encode()) % 1000
+            res = train_local(model, tok, train, spec.train, seed=seed, progress=self.cfg.progress,
+                              desc=f"round {m.round}")
+            metrics.update(train_loss=res.mean_loss, train_seconds=res.seconds, train_steps=res.steps)
+            n_samples = len(train)
+            file = Path(self.cfg.state_dir) / "pending" / f"{update_id}.safetensors"
+            write_bytes_atomic(file, encode_tensors(method.trainable_state(model)))
+            log.info("round %d: global acc %.3f on %d local test examples; trained %d steps in %.1f s "
+                     "(loss %.3f)", m.round, ev.accuracy, ev.n, res.steps, res.seconds, res.mean_loss)
+        self.state["pending"] = {"run_id": m.run_id, "round": m.round, "update_id": update_id,
+                                 "file": str(file) if file else None, "n_samples": n_samples, "metrics": metrics}
+        self._save_state()
+        self._sent_at = None
+
+    def _upload(self, pending: dict) -> None:
+        self.activity = "uploading"
+        f, d = self.cfg.fleet, self.cfg.device_id
+        frames, ref = [], None
+        if pending["file"]:
+            data = Path(pending["file"]).read_bytes()
+            ref, frames = split_payload(pending["update_id"], data)
+        m = UpdateManifest(pending["run_id"], d, pending["round"], pending["update_id"], ref,
+                           pending["n_samples"], pending["metrics"])
+        self.transport.publish(topics.device_topic(f, d, "update"), encode_message(m), qos=1)
+        fault = os.environ.get(FAULT_ENV, "")
+        for i, frame in enumerate(frames):
+            self.transport.publish(topics.device_topic(f, d, "update/chunk"), frame, qos=1)
+            if fault == f"after_chunk:{i}":
+                self.transport.flush(5.0)
+                log.error("fault injection: exiting after chunk %d", i)
+                os._exit(17)
+        self._sent_at = self.clock()
+
+    def _on_ack(self, ack: Ack) -> None:
+        pending = self.state["pending"]
+        if pending is None or ack.update_id != pending["update_id"] or ack.device_id != self.cfg.device_id:
+            return
+        if ack.accepted:
+            log.info("round %d: update %s accepted%s", ack.round, ack.update_id,
+                     " (duplicate)" if ack.reason == "duplicate" else "")
+        elif ack.retry:
+            log.warning("round %d: update %s rejected (%s); re-sending", ack.round, ack.update_id, ack.reason)
+            self._sent_at = None
+            return
+        else:
+            log.error("round %d: update %s rejected: %s", ack.round, ack.update_id, ack.reason)
+        if pending["file"]:
+            Path(pending["file"]).unlink(missing_ok=True)
+        self.state.update(last_round_done=pending["round"], pending=None)
+        self._save_state()
+        self.activity = "idle"
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self.stop_event.set()
+        f, d = self.cfg.fleet, self.cfg.device_id
+        self.transport.publish(topics.device_topic(f, d, "status"), encode_message(Status(d, False)), retain=True)
+        self.transport.stop(timeout)

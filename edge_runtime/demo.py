@@ -1,0 +1,155 @@
+"""``edge-runtime demo``: a whole federation on this machine, as separate processes over real MQTT.
+
+Starts the embedded broker (amqtt) unless ``--broker`` names one, the aggregation server, and N
+device agents, each with its own slice of the WordNet supersense data (Dirichlet label split) in
+its own folder. Prints one line per round from the server's summaries, then the report and the
+final global adapter (peft format).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.algorithms.partition import partition_dirichlet
+from edge_runtime.protocol import topics
+from edge_runtime.protocol.codec import decode_message
+from edge_runtime.protocol.messages import RoundSummary
+from edge_runtime.training.data import resolve_dataset
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: Path = Path("runs/demo")
+    devices: int = 4
+    rounds: int = 3
+    alpha: float = 0.5
+    max_examples: int = 4000
+    model: str = "minilm-l6"
+    data: str = "wordnet"
+    broker: str | None = None        # None: start the embedded broker
+    port: int = 0                    # embedded broker port; 0 = a free one
+    fleet: str = "demo"
+    seed: int = 0
+    epochs: float = 1.0
+    lr: float = 1e-3
+    batch_size: int = 16
+    max_seq_len: int = 64
+    timeout_s: float = 1800.0
+
+
+def write_device_data(cfg: DemoConfig) -> list[Path]:
+    """Split the data over the devices (Dirichlet over labels) into one JSONL file per device."""
+    rng = np.random.default_rng(cfg.seed)
+    full = resolve_dataset(cfg.data)
+    if cfg.max_examples and cfg.max_examples < len(full):
+        full = full.subset(sorted(rng.choice(len(full), cfg.max_examples, replace=False).tolist()))
+    parts = partition_dirichlet(full.targets, cfg.devices, cfg.alpha, rng)
+    paths = []
+    for k, idx in enumerate(parts):
+        path = cfg.out / "devices" / f"dev{k:02d}" / "data.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            for i in idx:
+                f.write(json.dumps({"text": full.inputs[i], "label": full.label_names[full.targets[i]]}) + "\n")
+        paths.append(path)
+    return paths
+
+
+def _spawn(args: list[str], log_path: Path, threads: int = 1) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
+               TOKENIZERS_PARALLELISM="false")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([sys.executable, "-m", *args], stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
+                            env=env)
+
+
+def run_demo(cfg: DemoConfig, echo=print) -> dict:
+    from broker_server.broker import free_port, start_broker_process
+    from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
+
+    t0 = time.perf_counter()
+    out = cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen] = []
+    try:
+        if cfg.broker is None:
+            port = cfg.port or free_port()
+            broker_url = f"mqtt://127.0.0.1:{port}"
+            procs.append(start_broker_process("127.0.0.1", port, open(out / "broker.log", "ab")))
+            echo(f"embedded MQTT broker (amqtt) on {broker_url}")
+        else:
+            broker_url = cfg.broker
+        data_files = write_device_data(cfg)
+        echo(f"{cfg.devices} devices, {sum(1 for p in data_files for _ in open(p))} WordNet glosses split with "
+             f"Dirichlet alpha={cfg.alpha}; logs in {out}/")
+
+        summaries: queue.Queue = queue.Queue()
+        watcher = MqttTransport(BrokerAddress.parse(broker_url), client_id=f"demo-watch-{os.getpid()}")
+        watcher.subscribe(topics.summary_topic(cfg.fleet), lambda t, p: summaries.put(p))
+        watcher.start()
+        if not watcher.wait_connected(30):
+            raise RuntimeError(f"cannot connect to the broker at {broker_url}")
+
+        common = ["--model", cfg.model, "--epochs", str(cfg.epochs), "--lr", str(cfg.lr), "--batch-size",
+                  str(cfg.batch_size), "--max-seq-len", str(cfg.max_seq_len), "--seed", str(cfg.seed)]
+        server_dir = out / "server"
+        if server_dir.exists():
+            import shutil
+
+            shutil.rmtree(server_dir)  # a demo is a fresh run
+        server = _spawn(["broker_server.cli", "run", "--broker", broker_url, "--state-dir", str(server_dir),
+                         "--out", str(out), "--fleet", cfg.fleet, "--rounds", str(cfg.rounds), "--min-devices",
+                         str(cfg.devices), "--labels", cfg.data, *common], out / "server.log")
+        procs.append(server)
+        for k, path in enumerate(data_files):
+            dev_dir = path.parent
+            for stale in ("agent.json",):
+                (dev_dir / stale).unlink(missing_ok=True)
+            procs.append(_spawn(["edge_runtime.cli", "agent", "--broker", broker_url, "--device-id", f"dev{k:02d}",
+                                 "--fleet", cfg.fleet, "--data", str(path), "--state-dir", str(dev_dir)],
+                                dev_dir / "agent.log"))
+        echo(f"server and {cfg.devices} device agents started; training {cfg.model} + LoRA for {cfg.rounds} rounds")
+
+        deadline = time.monotonic() + cfg.timeout_s
+        final = None
+        while final is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the demo did not finish in {cfg.timeout_s:.0f} s; see {out}/server.log")
+            if server.poll() is not None and summaries.empty():
+                raise RuntimeError(f"the server exited with code {server.returncode}; see {out}/server.log")
+            try:
+                s = decode_message(summaries.get(timeout=1.0), RoundSummary)
+            except queue.Empty:
+                continue
+            acc = f"{100 * s.accuracy:5.1f}%" if s.accuracy is not None else "  -  "
+            tl = f"{s.train_loss:.3f}" if s.train_loss is not None else "  -  "
+            label = "initial" if s.round == 0 else f"{s.round:>3}/{cfg.rounds}"
+            echo(f"round {label}  accuracy {acc}  train loss {tl}  devices {s.accepted}  "
+                 f"{s.seconds:6.1f} s  up {s.bytes_up / 1e6:.2f} MB  down {s.bytes_down / 1e6:.2f} MB")
+            if s.final:
+                final = s
+        server.wait(timeout=120)
+        watcher.stop()
+        report = json.loads((out / "report.json").read_text())
+        report["demo_seconds"] = time.perf_counter() - t0
+        echo(f"done in {report['demo_seconds']:.0f} s: report {out / 'report.json'}, plot {out / 'report.png'}, "
+             f"global adapter {out / 'global_adapter'}")
+        return report
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()

@@ -1,0 +1,1 @@
+"""Device side: profiling (the only OS / GPU probe), memory model, planner."""

@@ -1,0 +1,1 @@
+"""The wire protocol: versioned messages, codec (JSON + safetensors, never pickle), topics, chunking."""

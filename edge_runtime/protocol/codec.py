@@ -1,0 +1,132 @@
+"""Bytes <-> messages and tensors. Control messages are JSON; tensors are safetensors. Never pickle."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from typing import Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from edge_runtime.protocol.messages import (MESSAGE_TYPES, PROTOCOL_VERSION, Message, PayloadRef, ProtocolError)
+
+MAX_MESSAGE_BYTES = 64 * 1024        # a control message is small; anything larger is refused unparsed
+ALLOWED_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64}
+
+
+def encode_message(msg: Message) -> bytes:
+    body = {"v": PROTOCOL_VERSION, "type": msg.TYPE}
+    for f in dataclasses.fields(msg):
+        value = getattr(msg, f.name)
+        body[f.name] = dataclasses.asdict(value) if isinstance(value, PayloadRef) else value
+    data = json.dumps(body, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"{msg.TYPE} message is {len(data)} bytes, over the {MAX_MESSAGE_BYTES}-byte limit")
+    return data
+
+
+def decode_message(data: bytes, expect: type | None = None) -> Message:
+    """Parse and validate one control message; ProtocolError says what is wrong."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(data)} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")
+    try:
+        body = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+        raise ProtocolError(f"not a JSON message: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ProtocolError(f"message must be a JSON object, got {type(body).__name__}")
+    if body.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {body.get('v')!r}; this runtime speaks {PROTOCOL_VERSION}")
+    cls = MESSAGE_TYPES.get(body.get("type"))
+    if cls is None:
+        raise ProtocolError(f"unknown message type {body.get('type')!r:.40}")
+    if expect is not None and cls is not expect:
+        raise ProtocolError(f"expected a {expect.TYPE} message, got {cls.TYPE}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(body) - names - {"v", "type"})
+    if unknown:
+        raise ProtocolError(f"{cls.TYPE}: unknown fields {unknown[:5]}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in body:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProtocolError(f"{cls.TYPE}: missing field {f.name!r}")
+            continue
+        kwargs[f.name] = _coerce(cls.TYPE, f.name, hints[f.name], body[f.name])
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ProtocolError(f"{cls.TYPE}: {exc}") from exc
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed in messages")
+
+
+def _coerce(type_name: str, field: str, hint, value):
+    """Check a JSON value against a field's type hint (the few shapes messages use)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    where = f"{type_name}.{field}"
+    if hint is PayloadRef:
+        if not isinstance(value, dict) or set(value) != {f.name for f in dataclasses.fields(PayloadRef)}:
+            raise ProtocolError(f"{where} must be an object with payload_id, size, sha256, n_chunks")
+        return PayloadRef(**value)
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ProtocolError(f"{where} must be a list of strings")
+        return tuple(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ProtocolError(f"{where} must be true or false, got {value!r:.40}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ProtocolError(f"{where} must be an integer, got {value!r:.40}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ProtocolError(f"{where} must be a finite number, got {value!r:.40}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ProtocolError(f"{where} must be a string, got {type(value).__name__}")
+        return value
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where} must be an object")
+        return value
+    return value
+
+
+def encode_tensors(state: Mapping[str, torch.Tensor]) -> bytes:
+    """``{name: tensor}`` -> safetensors bytes (contiguous CPU copies)."""
+    return safetensors_save({k: v.detach().to("cpu").contiguous() for k, v in state.items()})
+
+
+def decode_tensors(data: bytes) -> dict[str, torch.Tensor]:
+    """safetensors bytes -> ``{name: tensor}``, refusing non-float dtypes and NaN / Inf.
+
+    safetensors parses a JSON header and raw buffers: no code runs, unlike pickle.
+    """
+    try:
+        state = safetensors_load(bytes(data))
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise ProtocolError(f"payload is not valid safetensors: {exc}") from exc
+    for name, t in state.items():
+        if t.dtype not in ALLOWED_DTYPES:
+            raise ProtocolError(f"tensor {name!r} has dtype {t.dtype}; allowed: float32/16, bfloat16, float64")
+        if not bool(torch.isfinite(t).all()):
+            raise ProtocolError(f"tensor {name!r} contains NaN or Inf")
+    return state

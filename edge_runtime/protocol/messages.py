@@ -1,0 +1,205 @@
+"""Versioned protocol messages: frozen dataclasses, validated on construction.
+
+Every control message travels as one small JSON object ``{"v": 1, "type": ..., ...fields}``;
+tensors never travel inside them (they go as safetensors payloads, see ``chunking``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from edge_runtime.errors import EdgeRuntimeError
+
+PROTOCOL_VERSION = 1
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ProtocolError(EdgeRuntimeError, ValueError):
+    """A message or payload violates the protocol; the text says what and where."""
+
+
+def check_id(kind: str, value: object) -> str:
+    """Device / fleet / update ids: 1-64 chars of letters, digits, ``_ . -`` (safe in topics and paths)."""
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise ProtocolError(f"{kind} must be 1-64 characters of letters, digits, '_', '.', '-', got {value!r:.80}")
+    return value
+
+
+def _check_round(value: object, name: str = "round") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ProtocolError(f"{name} must be an integer >= 0, got {value!r:.40}")
+    return value
+
+
+@dataclass(frozen=True)
+class PayloadRef:
+    """Describes a chunked payload: id, total size (bytes), sha256 (hex) of the whole, chunk count."""
+
+    payload_id: str
+    size: int
+    sha256: str
+    n_chunks: int
+
+    def __post_init__(self) -> None:
+        check_id("payload_id", self.payload_id)
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:
+            raise ProtocolError(f"payload size must be an integer >= 0, got {self.size!r:.40}")
+        if not isinstance(self.sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ProtocolError(f"sha256 must be 64 lowercase hex digits, got {self.sha256!r:.80}")
+        if isinstance(self.n_chunks, bool) or not isinstance(self.n_chunks, int) or self.n_chunks < 1:
+            raise ProtocolError(f"n_chunks must be an integer >= 1, got {self.n_chunks!r:.40}")
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Device -> server (retained): who I am, what I can do, what I last finished."""
+
+    TYPE: ClassVar[str] = "hello"
+    device_id: str
+    profile: dict = field(default_factory=dict)     # device profile (memory, compute, ...)
+    runtime_version: str = ""
+    n_samples: int = 0                              # local training examples
+    last_round_done: int = -1
+
+    def __post_init__(self) -> None:
+        check_id("device_id", self.device_id)
+        if not isinstance(self.profile, dict):
+            raise ProtocolError("hello.profile must be an object")
+
+
+@dataclass(frozen=True)
+class RoundManifest:
+    """Server -> all (retained): the current round, who takes part, what to do, and the global adapter."""
+
+    TYPE: ClassVar[str] = "round"
+    run_id: str
+    round: int
+    action: str                                   # "train" | "evaluate" | "done"
+    participants: tuple[str, ...]
+    global_payload: PayloadRef | None
+    deadline_s: float                             # seconds the server waits for updates
+    training: dict = field(default_factory=dict)  # model, method, labels, train + method configs
+    issued_at: float = 0.0                        # server wall clock (seconds since epoch)
+
+    def __post_init__(self) -> None:
+        check_id("run_id", self.run_id)
+        _check_round(self.round)
+        if self.action not in ("train", "evaluate", "done"):
+            raise ProtocolError(f"round.action must be train / evaluate / done, got {self.action!r:.40}")
+        for d in self.participants:
+            check_id("participant", d)
+
+
+@dataclass(frozen=True)
+class GlobalAnnouncement:
+    """Server -> all (retained): the latest global adapter's payload (chunks on the global topic)."""
+
+    TYPE: ClassVar[str] = "global"
+    run_id: str
+    round: int          # the global adapter the devices start round `round` from
+    payload: PayloadRef
+
+    def __post_init__(self) -> None:
+        check_id("run_id", self.run_id)
+        _check_round(self.round)
+
+
+@dataclass(frozen=True)
+class UpdateManifest:
+    """Device -> server: my update for ``round`` (payload chunks follow on the update topic).
+
+    ``(device_id, round, update_id)`` is the idempotency key: a re-sent update is counted once.
+    """
+
+    TYPE: ClassVar[str] = "update"
+    run_id: str
+    device_id: str
+    round: int
+    update_id: str
+    payload: PayloadRef | None        # None for an evaluate-only report
+    n_samples: int                    # aggregation weight
+    metrics: dict = field(default_factory=dict)   # e.g. eval of the received global, train loss, seconds
+
+    def __post_init__(self) -> None:
+        check_id("run_id", self.run_id)
+        check_id("device_id", self.device_id)
+        check_id("update_id", self.update_id)
+        _check_round(self.round)
+        if isinstance(self.n_samples, bool) or not isinstance(self.n_samples, int) or self.n_samples < 0:
+            raise ProtocolError(f"n_samples must be an integer >= 0, got {self.n_samples!r:.40}")
+        if not isinstance(self.metrics, dict):
+            raise ProtocolError("update.metrics must be an object")
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return (self.device_id, self.round, self.update_id)
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Server -> device: the update was accepted (or was a duplicate of an accepted one), or rejected."""
+
+    TYPE: ClassVar[str] = "ack"
+    device_id: str
+    round: int
+    update_id: str
+    accepted: bool
+    reason: str = ""      # why it was rejected, or "duplicate"
+    retry: bool = False   # rejected, but re-sending the same update may succeed (e.g. a corrupted chunk)
+
+    def __post_init__(self) -> None:
+        check_id("device_id", self.device_id)
+        check_id("update_id", self.update_id)
+        _check_round(self.round)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Device -> server: still alive; what it is doing."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    device_id: str
+    state: str = "idle"     # idle | fetching | training | uploading
+    round: int = -1
+    sent_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_id("device_id", self.device_id)
+
+
+@dataclass(frozen=True)
+class Status:
+    """Presence (retained): ``online`` / ``offline``; the broker publishes ``offline`` as the last will."""
+
+    TYPE: ClassVar[str] = "status"
+    client_id: str
+    online: bool
+
+    def __post_init__(self) -> None:
+        check_id("client_id", self.client_id)
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    """Server -> observers: one line per finished round (what ``demo`` prints)."""
+
+    TYPE: ClassVar[str] = "summary"
+    run_id: str
+    round: int
+    participants: tuple[str, ...]
+    accepted: int
+    accuracy: float | None          # sample-weighted device accuracy of the global the round started from
+    loss: float | None
+    train_loss: float | None
+    seconds: float
+    bytes_up: int
+    bytes_down: int
+    final: bool = False
+
+
+MESSAGE_TYPES: dict[str, type] = {cls.TYPE: cls for cls in
+                                  (Hello, RoundManifest, GlobalAnnouncement, UpdateManifest, Ack, Heartbeat,
+                                   Status, RoundSummary)}
+Message = Any  # one of MESSAGE_TYPES' classes
