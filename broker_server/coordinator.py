@@ -386,14 +386,14 @@ class Coordinator:
         r, accepted = s["round"], s["accepted"]
         self._record_eval(r - 1, accepted)
         if s["phase"] == "evaluate":
-            s["phase"] = "done"
             s["history"][-1]["final"] = True
+            if self.on_done:  # outputs first: a crash before "done" is saved just redoes them
+                self.on_done(s, self.global_state)
+            s["phase"] = "done"
             self._save()
             self._publish_summary(s["history"][-1])
             self._publish_manifest()
             log.info("run %s done after %d rounds", self.run_id, self.cfg.rounds)
-            if self.on_done:
-                self.on_done(s, self.global_state)
             return
         updates = [(self.store.read_tensors(self.store.resolve(a["file"])), float(a["n_samples"]))
                    for a in accepted.values()]
@@ -406,6 +406,7 @@ class Coordinator:
                 self.fleet.devices[dev].rounds_done += 1
         s["history"].append({
             "round": r, "participants": list(s["participants"]), "accepted": sorted(accepted),
+            "weights": {d: a["n_samples"] for d, a in accepted.items()},
             "bytes_up": sum(a["bytes"] for a in accepted.values()),
             "bytes_down": len(self.global_blob) * len(s["participants"]),
             "seconds": now - s["round_started_at"],

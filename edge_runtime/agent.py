@@ -31,7 +31,7 @@ from edge_runtime.device.profiler import basic_profile
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.methods import METHODS
 from edge_runtime.protocol import topics
-from edge_runtime.protocol.chunking import Reassembler, split_payload
+from edge_runtime.protocol.chunking import MAX_CHUNK_BYTES, Reassembler, split_payload
 from edge_runtime.protocol.codec import decode_message, decode_tensors, encode_message, encode_tensors
 from edge_runtime.protocol.messages import (Ack, GlobalAnnouncement, Heartbeat, Hello, ProtocolError, RoundManifest,
                                             Status, UpdateManifest, check_id)
@@ -55,6 +55,7 @@ class AgentConfig:
     heartbeat_s: float = 10.0
     ack_timeout_s: float = 30.0
     eval_batch_size: int = 64
+    chunk_bytes: int = MAX_CHUNK_BYTES   # smaller chunks for links / brokers with small message limits
     exit_when_done: bool = True
     progress: bool = False
 
@@ -244,7 +245,7 @@ class Agent:
         frames, ref = [], None
         if pending["file"]:
             data = Path(pending["file"]).read_bytes()
-            ref, frames = split_payload(pending["update_id"], data)
+            ref, frames = split_payload(pending["update_id"], data, self.cfg.chunk_bytes)
         m = UpdateManifest(pending["run_id"], d, pending["round"], pending["update_id"], ref,
                            pending["n_samples"], pending["metrics"])
         self.transport.publish(topics.device_topic(f, d, "update"), encode_message(m), qos=1)

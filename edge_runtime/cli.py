@@ -88,6 +88,7 @@ def _add_agent(sub) -> None:
     p.add_argument("--state-dir", type=Path, required=True, help="the agent's persistent state")
     p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats")
     p.add_argument("--ack-timeout", type=float, default=30.0, help="seconds before an unacked update is re-sent")
+    p.add_argument("--chunk-bytes", type=int, default=256 * 1024, help="upload chunk size (<= 256 KiB)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--keep-running", action="store_true", help="stay up after the run is done")
     p.add_argument("--progress", action="store_true", help="progress bar for local training")
@@ -109,7 +110,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = AgentConfig(device_id=args.device_id, data=args.data, state_dir=args.state_dir, fleet=args.fleet,
-                      heartbeat_s=args.heartbeat, ack_timeout_s=args.ack_timeout,
+                      heartbeat_s=args.heartbeat, ack_timeout_s=args.ack_timeout, chunk_bytes=args.chunk_bytes,
                       exit_when_done=not args.keep_running, progress=args.progress)
     will = Will(topics.device_topic(args.fleet, args.device_id, "status"),
                 encode_message(Status(args.device_id, False)))

@@ -171,8 +171,12 @@ class MqttTransport:
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if qos > 0:
+            if info.rc == mqtt.MQTT_ERR_NO_CONN:
+                # paho keeps a QoS>0 message queued and sends it after the reconnect; its info would
+                # report the failed first attempt forever, so track it as pending instead.
+                info.rc = mqtt.MQTT_ERR_SUCCESS
             with self._pending_lock:
-                self._pending = [p for p in self._pending if not p.is_published()]
+                self._pending = [p for p in self._pending if not _published(p)]
                 self._pending.append(info)
 
     def subscribe(self, pattern: str, handler: Handler, qos: int = 1) -> None:
@@ -196,10 +200,17 @@ class MqttTransport:
         with self._pending_lock:
             pending = list(self._pending)
         for info in pending:
-            while not info.is_published():
+            while not _published(info):
                 if time.monotonic() > deadline:
                     return False
                 time.sleep(0.005)
         with self._pending_lock:
-            self._pending = [p for p in self._pending if not p.is_published()]
+            self._pending = [p for p in self._pending if not _published(p)]
+        return True
+
+
+def _published(info: mqtt.MQTTMessageInfo) -> bool:
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):  # failed for good (e.g. queue full): nothing left to wait for
         return True

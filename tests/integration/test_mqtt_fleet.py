@@ -1,0 +1,174 @@
+"""The real system over a real Mosquitto: server + 3 agent processes, tiny model, failures injected.
+
+Every scenario ends with all rounds complete and each round's global equal to the FedAvg of
+exactly the updates the server accepted (recomputed here from the stored update files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from edge_runtime.algorithms.aggregation import weighted_mean
+from tests.conftest import make_toy_rows, write_jsonl
+from tests.fleet_helpers import TOY_CORPUS
+from tests.integration.mosquitto import Mosquitto
+
+pytestmark = pytest.mark.integration
+ROWS = (120, 300, 600)   # different data sizes spread the devices' finishing times
+
+
+class ProcessFleet:
+    def __init__(self, tmp: Path, broker: Mosquitto, rounds: int = 2, epochs: int = 12) -> None:
+        self.tmp, self.broker, self.rounds, self.epochs = tmp, broker, rounds, epochs
+        self.state_dir = tmp / "server"
+        corpus = tmp / "corpus.txt"
+        corpus.write_text(" ".join(TOY_CORPUS))
+        self.server_args = ["broker_server.cli", "run", "--broker", broker.url, "--state-dir", str(self.state_dir),
+                            "--fleet", "it", "--rounds", str(rounds), "--min-devices", "3", "--quorum", "1.0",
+                            "--deadline", "120", "--eval-deadline", "60", "--heartbeat-timeout", "30",
+                            "--model", "tiny-llama", "--labels", "animal,food,tool", "--tokenizer-corpus", str(corpus),
+                            "--rank", "4", "--epochs", str(epochs), "--lr", "0.01", "--max-seq-len", "16"]
+        self.files = [write_jsonl(tmp / f"dev{k}.jsonl", make_toy_rows(n, seed=k)) for k, n in enumerate(ROWS)]
+        self.server: subprocess.Popen | None = None
+        self.agents: dict[int, subprocess.Popen] = {}
+
+    def _spawn(self, args: list[str], log: str, env: dict | None = None) -> subprocess.Popen:
+        e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+        return subprocess.Popen([sys.executable, "-m", *args], stdout=open(self.tmp / log, "ab"),
+                                stderr=subprocess.STDOUT, env=e, cwd=Path(__file__).resolve().parents[2])
+
+    def start_server(self) -> None:
+        self.server = self._spawn(self.server_args, "server.log")
+
+    def start_agent(self, k: int, env: dict | None = None) -> subprocess.Popen:
+        self.agents[k] = self._spawn(
+            ["edge_runtime.cli", "agent", "--broker", self.broker.url, "--device-id", f"dev{k}", "--fleet", "it",
+             "--data", str(self.files[k]), "--state-dir", str(self.tmp / f"dev{k}"), "--ack-timeout", "4",
+             "--heartbeat", "1", "--chunk-bytes", "4096"], f"dev{k}.log", env)
+        return self.agents[k]
+
+    def start(self) -> None:
+        self.start_server()
+        for k in range(3):
+            self.start_agent(k)
+
+    def state(self) -> dict:
+        try:
+            return json.loads((self.state_dir / "state.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def wait_for(self, pred, what: str, timeout: float = 180.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s = self.state()
+            if s and pred(s):
+                return s
+            if self.server and self.server.poll() not in (None, 0):
+                raise AssertionError(f"server died ({self.server.returncode}):\n" + self.log("server.log"))
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}; state: round {self.state().get('round')} "
+                             f"phase {self.state().get('phase')}\n--- server log ---\n{self.log('server.log')}")
+
+    def log(self, name: str) -> str:
+        p = self.tmp / name
+        return p.read_text()[-6000:] if p.exists() else ""
+
+    def close(self) -> None:
+        for p in [self.server, *self.agents.values()]:
+            if p and p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+    def assert_complete_and_exactly_once(self) -> dict:
+        s = self.wait_for(lambda s: s["phase"] == "done", "the run to finish")
+        hist = s["history"]
+        assert [h["round"] for h in hist] == list(range(self.rounds + 1))
+        for h in hist[1:]:
+            assert sorted(h["accepted"]) == ["dev0", "dev1", "dev2"], h
+            # recompute FedAvg from the accepted update files: each counted exactly once
+            files = sorted((self.state_dir / "updates" / f"round_{h['round']:05d}").glob("*.safetensors"))
+            assert sorted(f.name.split("__")[0] for f in files) == ["dev0", "dev1", "dev2"]
+            expected = weighted_mean([(load_file(f), h["weights"][f.name.split("__")[0]]) for f in files])
+            got = load_file(self.state_dir / "global" / f"round_{h['round']:05d}.safetensors")
+            for k in expected:
+                torch.testing.assert_close(got[k], expected[k])
+        assert all(d["rounds_done"] == self.rounds for d in s["devices"].values())
+        assert hist[-1]["final"] and hist[-1]["accuracy"] is not None
+        assert (self.state_dir / "global_adapter" / "adapter_model.safetensors").exists()
+        return s
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    broker = Mosquitto(tmp_path / "mosquitto").start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def fleet(tmp_path, mosquitto):
+    f = ProcessFleet(tmp_path, mosquitto)
+    yield f
+    f.close()
+
+
+def test_three_agents_two_rounds_over_mosquitto(fleet):
+    fleet.start()
+    s = fleet.assert_complete_and_exactly_once()
+    assert s["history"][-1]["accuracy"] > s["history"][0]["accuracy"]
+    status = subprocess.run([sys.executable, "-m", "broker_server.cli", "status", "--state-dir",
+                             str(fleet.state_dir)], capture_output=True, text=True, check=True).stdout
+    assert "phase done" in status and "dev2" in status
+    for k, p in fleet.agents.items():
+        assert p.wait(30) == 0, fleet.log(f"dev{k}.log")     # agents exit when the run is done
+
+
+def test_broker_restart_mid_round(fleet, mosquitto):
+    fleet.start()
+    fleet.wait_for(lambda s: s["phase"] == "train" and s["round"] == 1 and len(s["accepted"]) >= 1,
+                   "a first accepted update in round 1")
+    mosquitto.restart(down_s=2.0)
+    fleet.assert_complete_and_exactly_once()
+
+
+def test_server_sigkill_mid_round_then_restart(fleet):
+    fleet.start()
+    before = fleet.wait_for(lambda s: s["phase"] == "train" and s["round"] == 1 and len(s["accepted"]) >= 1,
+                            "a first accepted update in round 1")
+    fleet.server.send_signal(signal.SIGKILL)
+    fleet.server.wait(10)
+    killed_with = dict(before["accepted"])
+    time.sleep(1.0)
+    fleet.start_server()
+    s = fleet.assert_complete_and_exactly_once()
+    round1 = s["history"][1]
+    for dev, acc in killed_with.items():   # what was accepted before the kill is what was counted
+        assert round1["weights"][dev] == acc["n_samples"]
+    assert "resuming run" in fleet.log("server.log")
+
+
+def test_agent_killed_mid_upload_then_restarted(fleet):
+    fleet.start_server()
+    fleet.start_agent(0)
+    fleet.start_agent(1)
+    crashing = fleet.start_agent(2, env={"EDGE_RUNTIME_FAULT": "after_chunk:1"})
+    assert crashing.wait(120) == 17, fleet.log("dev2.log")       # died after sending 2 of its chunks
+    pending = json.loads((fleet.tmp / "dev2" / "agent.json").read_text())["pending"]
+    assert pending is not None and pending["round"] == 1
+    fleet.start_agent(2)                                            # restarted without the fault
+    s = fleet.assert_complete_and_exactly_once()
+    assert s["history"][1]["accepted"] == ["dev0", "dev1", "dev2"]
+    # the restarted agent re-sent the update it had persisted (same idempotency key), not a new one
+    stored = fleet.state_dir / "updates" / "round_00001" / f"dev2__{pending['update_id']}.safetensors"
+    assert stored.exists()

@@ -1,0 +1,101 @@
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_runtime.protocol.codec import (MAX_MESSAGE_BYTES, decode_message, decode_tensors, encode_message,
+                                         encode_tensors)
+from edge_runtime.protocol.messages import (Ack, Heartbeat, Hello, PayloadRef, ProtocolError, RoundManifest,
+                                            UpdateManifest)
+
+ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,20}", fullmatch=True)
+SHA = "a" * 64
+
+
+@settings(max_examples=60, deadline=None)
+@given(dev=ids, upd=ids, rnd=st.integers(0, 10**6), n=st.integers(0, 10**6),
+       size=st.integers(0, 10**9), chunks=st.integers(1, 5000),
+       metrics=st.dictionaries(st.text(max_size=8), st.floats(allow_nan=False, allow_infinity=False), max_size=4))
+def test_update_manifest_round_trips(dev, upd, rnd, n, size, chunks, metrics):
+    m = UpdateManifest("run-1", dev, rnd, upd, PayloadRef(upd, size, SHA, chunks), n, metrics)
+    assert decode_message(encode_message(m)) == m
+
+
+@settings(max_examples=30, deadline=None)
+@given(parts=st.lists(ids, max_size=10), rnd=st.integers(0, 1000), action=st.sampled_from(["train", "evaluate", "done"]))
+def test_round_manifest_round_trips(parts, rnd, action):
+    m = RoundManifest("run-1", rnd, action, tuple(parts), None, 12.5, {"model": "x", "labels": ["a"]}, 1.0)
+    assert decode_message(encode_message(m)) == m
+
+
+def test_other_messages_round_trip():
+    for m in (Hello("d1", {"memory_total": 8}, "0.1", 10, 3), Ack("d1", 2, "u1", False, "stale", True),
+              Heartbeat("d1", "training", 4, 123.0)):
+        assert decode_message(encode_message(m)) == m
+
+
+def _update_body(**over):
+    body = {"v": 1, "type": "update", "run_id": "r", "device_id": "d", "round": 1, "update_id": "u",
+            "payload": {"payload_id": "u", "size": 10, "sha256": SHA, "n_chunks": 1}, "n_samples": 5,
+            "metrics": {}}
+    body.update(over)
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"\xff\xfe", "not a JSON message"),
+    (b"[1, 2]", "must be a JSON object"),
+    (b'{"v": 99, "type": "ack"}', "unsupported protocol version 99"),
+    (b'{"v": 1, "type": "nope"}', "unknown message type"),
+    (_update_body(round=-1), "round must be an integer >= 0"),
+    (_update_body(round="1"), "update.round must be an integer"),
+    (_update_body(round=True), "update.round must be an integer"),
+    (_update_body(device_id="../etc"), "device_id must be"),
+    (_update_body(extra=1), "unknown fields ['extra']"),
+    (_update_body(payload={"payload_id": "u", "size": 10, "sha256": "zz", "n_chunks": 1}), "sha256 must be"),
+    (_update_body(payload={"payload_id": "u", "size": -5, "sha256": SHA, "n_chunks": 1}), "payload size"),
+    (_update_body(metrics=[1]), "update.metrics must be an object"),
+    (b'{"v": 1, "type": "update", "run_id": "r"}', "missing field"),
+    (b'{"v": 1, "type": "heartbeat", "device_id": "d", "sent_at": NaN}', "NaN is not allowed"),
+])
+def test_malformed_messages_say_what_is_wrong(data, message):
+    with pytest.raises(ProtocolError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        decode_message(data)
+
+
+def test_oversized_message_refused_before_parsing():
+    with pytest.raises(ProtocolError, match="over the"):
+        decode_message(b"{" + b" " * MAX_MESSAGE_BYTES + b"}")
+
+
+def test_expected_type_enforced():
+    with pytest.raises(ProtocolError, match="expected a update message, got ack"):
+        decode_message(encode_message(Ack("d", 1, "u", True)), UpdateManifest)
+
+
+def test_tensors_round_trip_exactly():
+    state = {"a.lora_A.weight": torch.randn(4, 8), "b": torch.randn(3).half(), "c": torch.randn(2, 2).bfloat16()}
+    out = decode_tensors(encode_tensors(state))
+    assert set(out) == set(state) and all(torch.equal(out[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("state, message", [
+    ({"w": torch.tensor([1.0, math.nan])}, "NaN or Inf"),
+    ({"w": torch.tensor([math.inf])}, "NaN or Inf"),
+    ({"w": torch.tensor([1, 2], dtype=torch.int64)}, "dtype"),
+])
+def test_bad_tensors_rejected(state, message):
+    with pytest.raises(ProtocolError, match=message):
+        decode_tensors(encode_tensors(state))
+
+
+def test_pickle_bytes_are_not_tensors():
+    import pickle
+
+    with pytest.raises(ProtocolError, match="not valid safetensors"):
+        decode_tensors(pickle.dumps({"w": [1.0]}))
+    with pytest.raises(ProtocolError, match="not valid safetensors"):
+        decode_tensors(encode_tensors({"w": torch.zeros(100)})[:-7])  # truncated

@@ -1,0 +1,226 @@
+"""Every kind of bad update gets a reject with a reason, changes nothing, and the server keeps serving."""
+
+import json
+import queue
+import threading
+import time
+
+import pytest
+import torch
+
+from broker_server.coordinator import Coordinator, ServerConfig
+from broker_server.store import Store
+from edge_runtime.protocol import topics
+from edge_runtime.protocol.chunking import split_payload
+from edge_runtime.protocol.codec import decode_message, encode_message, encode_tensors
+from edge_runtime.protocol.messages import Ack, Hello, RoundManifest, Status, UpdateManifest
+from edge_runtime.transport.memory import MemoryBroker, MemoryTransport
+from tests.fleet_helpers import initial_global, toy_spec
+
+F = "t"
+
+
+class FakeDevice:
+    def __init__(self, broker, device_id):
+        self.id = device_id
+        self.t = MemoryTransport(broker, device_id)
+        self.acks: queue.Queue = queue.Queue()
+        self.t.subscribe(topics.device_topic(F, device_id, "ack"), lambda t, p: self.acks.put(decode_message(p, Ack)))
+        self.t.start()
+
+    def hello(self):
+        self.t.publish(topics.device_topic(F, self.id, "hello"), encode_message(Hello(self.id, {}, "t", 10)), retain=True)
+        self.t.publish(topics.device_topic(F, self.id, "status"), encode_message(Status(self.id, True)), retain=True)
+
+    def send(self, round_, update_id, blob=None, n_samples=10, frames=None, payload_id=None, run_id="run-test"):
+        ref, fr = split_payload(payload_id or update_id, blob, 1000) if blob is not None else (None, [])
+        m = UpdateManifest(run_id, self.id, round_, update_id, ref, n_samples, {"eval_accuracy": 0.5, "eval_n": 3})
+        self.t.publish(topics.device_topic(F, self.id, "update"), encode_message(m))
+        for f in (frames if frames is not None else fr):
+            self.t.publish(topics.device_topic(F, self.id, "update/chunk"), f)
+
+    def ack(self, timeout=10.0) -> Ack:
+        return self.acks.get(timeout=timeout)
+
+
+@pytest.fixture
+def server(tmp_path):
+    broker = MemoryBroker()
+    spec = toy_spec()
+    cfg = ServerConfig(fleet=F, rounds=3, min_devices=2, deadline_s=300, max_update_bytes=200_000,
+                       training=spec.to_json())
+    coord = Coordinator(cfg, Store(tmp_path / "server"), MemoryTransport(broker, "server"), initial_global(spec),
+                        run_id="run-test")
+    stop = threading.Event()
+    th = threading.Thread(target=coord.serve, args=(stop,), daemon=True)
+    th.start()
+    devs = [FakeDevice(broker, f"d{k}") for k in range(2)]
+    for d in devs:
+        d.hello()
+    deadline = time.monotonic() + 10
+    while coord.phase != "train":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    yield coord, devs, broker, tmp_path / "server"
+    stop.set()
+    th.join(5)
+
+
+def _state(path):
+    return json.loads((path / "state.json").read_text())
+
+
+def _wait_round(coord, round_, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while coord.state["round"] != round_:
+        assert time.monotonic() < deadline, f"still in round {coord.state['round']}"
+        time.sleep(0.05)
+
+
+def _good(coord, scale=1.0):
+    return {k: v + scale for k, v in coord.global_state.items()}
+
+
+def _assert_nothing_accepted(coord, path):
+    assert coord.state["accepted"] == {}
+    assert _state(path)["accepted"] == {}
+
+
+def test_round_manifest_is_retained_for_late_joiners(server):
+    coord, devs, broker, _ = server
+    m = decode_message(broker.retained[topics.round_topic(F)], RoundManifest)
+    assert (m.round, m.action, m.participants) == (1, "train", ("d0", "d1"))
+    assert topics.global_chunk_topic(F, 0) in broker.retained
+
+
+def test_malformed_payload_is_rejected(server):
+    coord, devs, _, path = server
+    devs[0].send(1, "u1", b"this is not safetensors")
+    a = devs[0].ack()
+    assert not a.accepted and "not valid safetensors" in a.reason
+    _assert_nothing_accepted(coord, path)
+
+
+def test_corrupted_chunk_is_rejected_with_retry(server):
+    coord, devs, _, path = server
+    ref, frames = split_payload("u1", encode_tensors(_good(coord)), 1000)
+    bad = bytearray(frames[1])
+    bad[-3] ^= 0x55
+    devs[0].send(1, "u1", encode_tensors(_good(coord)), frames=[frames[0], bytes(bad)] + frames[2:])
+    a = devs[0].ack()
+    assert not a.accepted and a.retry and "sha256 mismatch" in a.reason
+    _assert_nothing_accepted(coord, path)
+    # the device re-sends the same update intact: accepted
+    devs[0].send(1, "u1", encode_tensors(_good(coord)))
+    assert devs[0].ack().accepted
+
+
+def test_truncated_chunk_is_rejected(server):
+    coord, devs, _, path = server
+    _, frames = split_payload("u1", encode_tensors(_good(coord)), 1000)
+    devs[0].send(1, "u1", encode_tensors(_good(coord)), frames=[frames[0][:-100]] + frames[1:])
+    a = devs[0].ack()
+    assert not a.accepted and "sha256 mismatch" in a.reason
+    _assert_nothing_accepted(coord, path)
+
+
+def test_whole_payload_sha_mismatch_is_rejected(server):
+    coord, devs, _, path = server
+    blob = bytearray(encode_tensors(_good(coord)))
+    ref, frames = split_payload("u1", bytes(blob), 1000)
+    blob[-1] ^= 1
+    _, other = split_payload("u1", bytes(blob), 1000)   # chunk sha fine, whole-payload sha differs
+    devs[0].send(1, "u1", bytes(blob), frames=frames[:-1] + other[-1:])
+    a = devs[0].ack()
+    assert not a.accepted and ("sha256" in a.reason or "disagrees" in a.reason)
+    _assert_nothing_accepted(coord, path)
+
+
+def test_oversized_declared_size_is_rejected_before_allocating(server):
+    coord, devs, _, path = server
+    m = UpdateManifest("run-test", "d0", 1, "u1", split_payload("u1", b"x" * 300_000)[0], 10, {})
+    devs[0].t.publish(topics.device_topic(F, "d0", "update"), encode_message(m))
+    a = devs[0].ack()
+    assert not a.accepted and "over the 200000-byte limit" in a.reason
+    assert coord.reassembler.buffered_bytes == 0
+    _assert_nothing_accepted(coord, path)
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda s: {**s, "extra.weight": torch.zeros(2)}, "keys differ"),
+    (lambda s: {k: v for i, (k, v) in enumerate(s.items()) if i}, "keys differ"),
+    (lambda s: {k: (torch.zeros(v.shape[0] + 1, *v.shape[1:]) if i == 0 else v) for i, (k, v) in enumerate(s.items())},
+     "shape"),
+    (lambda s: {k: (v.double() if i == 0 else v) for i, (k, v) in enumerate(s.items())}, "dtype"),
+    (lambda s: {k: (torch.full_like(v, float("nan")) if i == 0 else v) for i, (k, v) in enumerate(s.items())}, "NaN"),
+    (lambda s: {k: (torch.full_like(v, float("inf")) if i == 0 else v) for i, (k, v) in enumerate(s.items())}, "NaN"),
+])
+def test_wrong_keys_shapes_dtypes_and_nonfinite_values_rejected(server, mutate, reason):
+    coord, devs, _, path = server
+    devs[0].send(1, "u1", encode_tensors(mutate(_good(coord))))
+    a = devs[0].ack()
+    assert not a.accepted and reason in a.reason and not a.retry
+    _assert_nothing_accepted(coord, path)
+
+
+@pytest.mark.parametrize("round_, reason", [(0, "stale update"), (2, "future round")])
+def test_stale_and_future_rounds_rejected(server, round_, reason):
+    coord, devs, _, path = server
+    devs[0].send(round_, "u1", encode_tensors(_good(coord)))
+    a = devs[0].ack()
+    assert not a.accepted and reason in a.reason
+    _assert_nothing_accepted(coord, path)
+
+
+def test_unknown_device_rejected(server):
+    coord, devs, broker, path = server
+    stranger = FakeDevice(broker, "stranger")
+    stranger.send(1, "u1", encode_tensors(_good(coord)))
+    a = stranger.ack()
+    assert not a.accepted and "unknown device" in a.reason
+    _assert_nothing_accepted(coord, path)
+
+
+def test_wrong_run_and_garbage_manifest(server):
+    coord, devs, broker, path = server
+    devs[0].send(1, "u1", encode_tensors(_good(coord)), run_id="other-run")
+    assert "run other-run" in devs[0].ack().reason
+    devs[0].t.publish(topics.device_topic(F, "d0", "update"), b"{garbage")
+    devs[0].t.publish(topics.device_topic(F, "d0", "hello"), b'{"v":1,"type":"hello","device_id":"d1"}')
+    time.sleep(0.3)
+    assert any("update manifest from d0" in r["reason"] for r in coord.state["rejects"])
+    _assert_nothing_accepted(coord, path)
+
+
+def test_duplicate_delivery_counted_once_and_the_round_completes(server):
+    coord, devs, _, path = server
+    blob0 = encode_tensors(_good(coord, 1.0))
+    devs[0].send(1, "u0", blob0)
+    assert devs[0].ack().accepted
+    devs[0].send(1, "u0", blob0)                           # the same update again
+    a = devs[0].ack()
+    assert a.accepted and a.reason == "duplicate"
+    devs[0].send(1, "u0-other", blob0)                     # a second, different update
+    assert "already has update u0" in devs[0].ack().reason
+    assert list(_state(path)["accepted"]) == ["d0"]
+    before = {k: v.clone() for k, v in coord.global_state.items()}
+    devs[1].send(1, "u1", encode_tensors(_good(coord, 3.0)), n_samples=30)
+    assert devs[1].ack().accepted
+    _wait_round(coord, 2)
+    # (1 * 10 + 3 * 30) / 40 = 2.5 added to every tensor: d0 counted exactly once
+    for k, v in coord.global_state.items():
+        torch.testing.assert_close(v, before[k] + 2.5)
+    hist = _state(path)["history"]
+    assert hist[1]["accepted"] == ["d0", "d1"]
+
+
+def test_server_keeps_serving_after_bad_input(server):
+    coord, devs, _, path = server
+    devs[0].send(1, "bad", b"junk")
+    assert not devs[0].ack().accepted
+    devs[1].send(1, "good1", encode_tensors(_good(coord)))
+    assert devs[1].ack().accepted
+    devs[0].send(1, "good0", encode_tensors(_good(coord)))
+    assert devs[0].ack().accepted
+    _wait_round(coord, 2)
+    assert sorted(_state(path)["history"][-1]["accepted"]) == ["d0", "d1"]
