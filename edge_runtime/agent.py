@@ -207,18 +207,23 @@ class Agent:
         return self._model, self._tokenizer, self._splits[skey]
 
     def _work(self, m: RoundManifest, blob: bytes) -> None:
+        timings: dict[str, float] = {}
         try:
             spec = TrainingSpec.from_json(m.training)
             model, tok, (train, _val, test) = self._prepare(spec)
             method = METHODS[spec.method]
+            t0 = time.perf_counter()
             method.load_trainable_state(model, decode_tensors(blob))
+            timings["decode_s"] = time.perf_counter() - t0
         except (EdgeRuntimeError, ProtocolError) as exc:
             log.error("round %d: cannot set up training: %s; waiting for the next manifest", m.round, exc)
             self.state["last_round_done"] = m.round  # do not spin on a round we cannot do
             self._save_state()
             return
         self.activity = "evaluating"
+        t0 = time.perf_counter()
         ev = evaluate(model, tok, test, self.cfg.eval_batch_size, spec.train.max_seq_len)
+        timings["eval_s"] = time.perf_counter() - t0
         metrics = {"eval_accuracy": ev.accuracy, "eval_loss": ev.loss, "eval_n": ev.n}
         update_id = f"u{uuid.uuid4().hex[:20]}"
         file = None
@@ -230,17 +235,22 @@ class Agent:
                               desc=f"round {m.round}")
             metrics.update(train_loss=res.mean_loss, train_seconds=res.seconds, train_steps=res.steps)
             n_samples = len(train)
+            timings["train_s"] = res.seconds
+            t0 = time.perf_counter()
             file = Path(self.cfg.state_dir) / "pending" / f"{update_id}.safetensors"
             write_bytes_atomic(file, encode_tensors(method.trainable_state(model)))
+            timings["encode_s"] = time.perf_counter() - t0
             log.info("round %d: global acc %.3f on %d local test examples; trained %d steps in %.1f s "
                      "(loss %.3f)", m.round, ev.accuracy, ev.n, res.steps, res.seconds, res.mean_loss)
         self.state["pending"] = {"run_id": m.run_id, "round": m.round, "update_id": update_id,
-                                 "file": str(file) if file else None, "n_samples": n_samples, "metrics": metrics}
+                                 "file": str(file) if file else None, "n_samples": n_samples, "metrics": metrics,
+                                 "timings": timings}
         self._save_state()
         self._sent_at = None
 
     def _upload(self, pending: dict) -> None:
         self.activity = "uploading"
+        pending.setdefault("timings", {}).setdefault("first_send_at", self.clock())
         f, d = self.cfg.fleet, self.cfg.device_id
         frames, ref = [], None
         if pending["file"]:
@@ -273,6 +283,11 @@ class Agent:
             log.error("round %d: update %s rejected: %s", ack.round, ack.update_id, ack.reason)
         if pending["file"]:
             Path(pending["file"]).unlink(missing_ok=True)
+        t = pending.get("timings", {})
+        if "first_send_at" in t:  # seconds from the first send of the update to its ack (re-sends included)
+            t["upload_to_ack_s"] = self.clock() - t.pop("first_send_at")
+        self.state.setdefault("timings", []).append({"round": pending["round"], **t})
+        del self.state["timings"][:-100]
         self.state.update(last_round_done=pending["round"], pending=None)
         self._save_state()
         self.activity = "idle"

@@ -150,6 +150,8 @@ def _add_demo(sub) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from edge_runtime.demo import DemoConfig, run_demo
 
+    logging.getLogger("edge_runtime.transport").setLevel(logging.WARNING)  # the demo's own watcher
+
     run_demo(DemoConfig(out=args.out, devices=args.devices, rounds=args.rounds, alpha=args.alpha,
                         max_examples=args.max_examples, model=args.model, data=args.data, broker=args.broker,
                         fleet=args.fleet, seed=args.seed, epochs=args.epochs, lr=args.lr,

@@ -71,6 +71,7 @@ class MqttTransport:
         self._on_connect_cbs: list[Callable[[], None]] = []
         self._connected = threading.Event()
         self._had_connack = False
+        self._stopping = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pending: list[mqtt.MQTTMessageInfo] = []
@@ -96,6 +97,7 @@ class MqttTransport:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
+        self._stopping = True
         if self._connected.is_set():
             self.flush(timeout)
             self._client.disconnect()  # clean: the broker does not publish the will
@@ -121,7 +123,7 @@ class MqttTransport:
                 if rc != mqtt.MQTT_ERR_SUCCESS:
                     break
             self._connected.clear()
-            if self._stop.is_set():
+            if self._stop.is_set() or self._stopping:
                 # let a clean DISCONNECT go out
                 for _ in range(10):
                     if self._client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
