@@ -134,7 +134,7 @@ def run_simulation(cfg: SimulationConfig, out_dir: Path | None, progress: bool =
                                                       if isinstance(t, str)])
     method = METHODS[cfg.method]
     model = method.build(load_model(source, task, max(len(label_names), 2), tokenizer, seed=cfg.seed),
-                         cfg.lora, task)
+                         cfg.lora, task, seed=cfg.seed)
     global_state = method.trainable_state(model)
     update_bytes = state_nbytes(global_state)
     test_union = _concat([d.test for d in devices])

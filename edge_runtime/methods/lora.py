@@ -44,8 +44,12 @@ def head_module_names(model: torch.nn.Module) -> list[str]:
     return [h for h in HEAD_MODULES if h in names]
 
 
-def build(model: torch.nn.Module, cfg: LoraMethodConfig, task: str):
-    """Wrap ``model`` in a peft LoRA model; only LoRA weights (and the head) are trainable."""
+def build(model: torch.nn.Module, cfg: LoraMethodConfig, task: str, seed: int = 0):
+    """Wrap ``model`` in a peft LoRA model; only LoRA weights (and the head) are trainable.
+
+    LoRA A's random init is drawn from ``seed`` (the server's init is what devices start from,
+    but a reproducible init makes runs repeatable).
+    """
     from peft import LoraConfig, TaskType, get_peft_model
 
     task_type = TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM
@@ -58,7 +62,9 @@ def build(model: torch.nn.Module, cfg: LoraMethodConfig, task: str):
         task_type=task_type,
     )
     try:
-        return get_peft_model(model, peft_cfg)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return get_peft_model(model, peft_cfg)
     except ValueError as exc:
         raise ConfigError(f"lora: cannot apply LoRA to {type(model).__name__}: {exc}") from exc
 

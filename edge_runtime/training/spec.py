@@ -78,4 +78,4 @@ def build_model(spec: TrainingSpec):
     source = resolve_model_source(spec.model)
     tokenizer = load_tokenizer(source, texts_for_tiny=spec.tokenizer_corpus)
     base = load_model(source, spec.task, max(len(spec.labels), 2), tokenizer, seed=spec.seed)
-    return METHODS[spec.method].build(base, spec.lora, spec.task), tokenizer
+    return METHODS[spec.method].build(base, spec.lora, spec.task, seed=spec.seed), tokenizer

@@ -61,9 +61,6 @@ def train_local(model: torch.nn.Module, tokenizer, data: LocalDataset, cfg: Trai
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     n_steps = cfg.steps_for(len(data))
-    order: list[int] = []
-    losses: list[float] = []
-    seen = 0
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -71,6 +68,18 @@ def train_local(model: torch.nn.Module, tokenizer, data: LocalDataset, cfg: Trai
         bar = tqdm(total=n_steps, desc=desc, leave=False, unit="step")
     model.train()
     start = time.perf_counter()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # dropout masks: the same seed trains the same way
+        losses, seen = _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar)
+    if bar is not None:
+        bar.close()
+    return TrainResult(n_steps, seen, sum(losses) / len(losses), time.perf_counter() - start)
+
+
+def _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar) -> tuple[list[float], int]:
+    order: list[int] = []
+    losses: list[float] = []
+    seen = 0
     for _ in range(n_steps):
         if len(order) < cfg.batch_size:
             order += torch.randperm(len(data), generator=gen).tolist()
@@ -87,6 +96,4 @@ def train_local(model: torch.nn.Module, tokenizer, data: LocalDataset, cfg: Trai
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    if bar is not None:
-        bar.close()
-    return TrainResult(n_steps, seen, sum(losses) / len(losses), time.perf_counter() - start)
+    return losses, seen

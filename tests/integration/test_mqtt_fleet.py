@@ -132,6 +132,18 @@ def test_three_agents_two_rounds_over_mosquitto(fleet):
     assert "phase done" in status and "dev2" in status
     for k, p in fleet.agents.items():
         assert p.wait(30) == 0, fleet.log(f"dev{k}.log")     # agents exit when the run is done
+    # the exported adapter is a plain peft folder holding exactly the final global
+    from peft import PeftModel, get_peft_model_state_dict
+
+    from edge_runtime.training.models import load_model, load_tokenizer, resolve_model_source
+
+    src = resolve_model_source("tiny-llama")
+    tok = load_tokenizer(src, TOY_CORPUS)
+    model = PeftModel.from_pretrained(load_model(src, "classification", 3, tok), fleet.state_dir / "global_adapter")
+    final = load_file(fleet.state_dir / "global" / "round_00002.safetensors")
+    loaded = get_peft_model_state_dict(model)
+    assert set(loaded) == set(final)
+    assert all(torch.equal(loaded[k], final[k]) for k in final)
 
 
 def test_broker_restart_mid_round(fleet, mosquitto):
