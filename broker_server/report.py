@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from edge_runtime.atomic_io import replace_dir_atomic, write_json_atomic
+from edge_runtime.export.metadata import write_metadata
 from edge_runtime.methods import METHODS
 from edge_runtime.report import plot_accuracy
 from edge_runtime.training.spec import TrainingSpec, build_model
@@ -31,6 +32,12 @@ def write_report(out_dir: Path, state: dict) -> Path:
 def export_adapter(out_dir: Path, spec_json: dict, global_state: dict[str, torch.Tensor]) -> Path:
     """Write the global adapter as a peft folder (``PeftModel.from_pretrained(base, path)`` loads it)."""
     spec = TrainingSpec.from_json(spec_json)
-    model, _ = build_model(spec)
+    model, tokenizer = build_model(spec)
     METHODS[spec.method].load_trainable_state(model, global_state)
-    return replace_dir_atomic(Path(out_dir) / "global_adapter", model.save_pretrained)
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        write_metadata(folder, spec.model, spec.task, spec.labels, seed=spec.seed)
+
+    return replace_dir_atomic(Path(out_dir) / "global_adapter", save)

@@ -64,6 +64,23 @@ def write_device_data(cfg: DemoConfig) -> list[Path]:
     return paths
 
 
+def export_and_try(out: Path, cfg: DemoConfig, echo) -> dict:
+    """Export the final global adapter to ONNX (merged, parity-checked) and classify one held-out gloss."""
+    from edge_runtime.export.onnx import OnnxPredictor, export_merged
+
+    res = export_merged(out / "global_adapter", out / "onnx")
+    echo(f"exported {res.path / 'model.onnx'} ({res.onnx_bytes / 1e6:.0f} MB, onnxruntime vs PyTorch max |diff| "
+         f"{res.max_abs_diff:.1e})")
+    full = resolve_dataset(cfg.data)
+    used = {json.loads(line)["text"] for p in (out / "devices").glob("*/data.jsonl") for line in open(p)}
+    i = next(i for i in range(len(full)) if full.inputs[i] not in used)   # a gloss no device trained on
+    label, prob = OnnxPredictor(res.path).classify([full.inputs[i]])[0]
+    truth = full.label_names[full.targets[i]]
+    echo(f'edge-runtime infer {res.path} "{full.inputs[i]}"\n  -> {label} (p={prob:.2f}; WordNet says {truth})')
+    return {"path": str(res.path / "model.onnx"), "max_abs_diff": res.max_abs_diff, "text": full.inputs[i],
+            "predicted": label, "probability": prob, "truth": truth}
+
+
 def _spawn(args: list[str], log_path: Path, threads: int = 1) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
                TOKENIZERS_PARALLELISM="false")
@@ -140,9 +157,10 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
         server.wait(timeout=120)
         watcher.stop()
         report = json.loads((out / "report.json").read_text())
+        report["onnx"] = export_and_try(out, cfg, echo)
         report["demo_seconds"] = time.perf_counter() - t0
         echo(f"done in {report['demo_seconds']:.0f} s: report {out / 'report.json'}, plot {out / 'report.png'}, "
-             f"global adapter {out / 'global_adapter'}")
+             f"global adapter {out / 'global_adapter'}, ONNX model {out / 'onnx' / 'model.onnx'}")
         return report
     finally:
         for p in reversed(procs):

@@ -24,6 +24,7 @@ from edge_runtime.algorithms.aggregation import weighted_mean
 from edge_runtime.atomic_io import replace_dir_atomic
 from edge_runtime.algorithms.partition import label_histogram, partition_dirichlet, split_train_val_test
 from edge_runtime.errors import ConfigError
+from edge_runtime.export.metadata import write_metadata
 from edge_runtime.methods import METHODS
 from edge_runtime.methods.lora import LoraMethodConfig
 from edge_runtime.report import plot_accuracy, write_history
@@ -200,7 +201,12 @@ def run_simulation(cfg: SimulationConfig, out_dir: Path | None, progress: bool =
                       {"global test accuracy": [(x["round"], x["global_accuracy"]) for x in rounds],
                        "mean device accuracy": [(x["round"], x["mean_device_accuracy"]) for x in rounds]},
                       title=f"{cfg.model} + {cfg.method}, {len(devices)} devices, alpha={cfg.alpha}")
-        replace_dir_atomic(out_dir / "global_adapter", model.save_pretrained)
+        def save_adapter(folder: Path) -> None:
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            write_metadata(folder, cfg.model, task, label_names, seed=cfg.seed)
+
+        replace_dir_atomic(out_dir / "global_adapter", save_adapter)
         history["adapter_dir"] = str(out_dir / "global_adapter")
     return history
 

@@ -44,3 +44,16 @@ def test_smollm2_classifier_trains_in_simulation(tmp_path):
                for k in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
                    tmp_path / "global_adapter" / "adapter_model.safetensors"))
     assert hist["rounds"][1]["train_loss"] < 10
+
+
+def test_minilm_adapter_exports_to_onnx_with_parity(tmp_path):
+    from edge_runtime.export.onnx import OnnxPredictor, export_merged
+
+    cfg = SimulationConfig(model="minilm-l6", data="wordnet", devices=2, rounds=1, max_examples=300,
+                           train=TrainConfig(max_steps=5, batch_size=16, max_seq_len=32))
+    run_simulation(cfg, tmp_path, progress=False)
+    res = export_merged(tmp_path / "global_adapter", tmp_path / "onnx")
+    assert res.max_abs_diff < 1e-4
+    assert 80e6 < res.onnx_bytes < 100e6           # 22.7 M fp32 parameters, merged
+    (label, prob), = OnnxPredictor(res.path).classify(["a domesticated carnivorous mammal"])
+    assert label.startswith("noun.") and 0 < prob <= 1

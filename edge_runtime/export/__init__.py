@@ -1,0 +1,1 @@
+"""Export of trained adapters for on-device inference (ONNX)."""
