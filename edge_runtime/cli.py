@@ -166,16 +166,23 @@ def _add_export(sub) -> None:
                                    "onnxruntime and PyTorch then run the same inputs and the max |diff| is reported.")
     p.add_argument("adapter", type=Path, help="adapter folder (e.g. runs/demo/global_adapter)")
     p.add_argument("--out", type=Path, required=True, help="export folder (model.onnx + tokenizer + metadata)")
-    p.add_argument("--format", choices=["merged"], default="merged")
+    p.add_argument("--format", choices=["merged", "adapter"], default="merged",
+                   help="merged: one model.onnx; adapter: base.onnx once + <name>.onnx_adapter per adapter")
+    p.add_argument("--name", default="global", help="adapter name with --format adapter (e.g. global, personal)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit diff| ONNX vs PyTorch (fp32)")
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from edge_runtime.export.onnx import export_merged
+    from edge_runtime.export.onnx import export_adapter, export_merged
 
-    res = export_merged(args.adapter, args.out, args.tolerance)
-    print(f"exported {res.path / 'model.onnx'} ({res.onnx_bytes / 1e6:.1f} MB) in {res.seconds:.1f} s; "
+    if args.format == "merged":
+        res = export_merged(args.adapter, args.out, args.tolerance)
+        what = res.path / "model.onnx"
+    else:
+        res = export_adapter(args.adapter, args.out, args.name, args.tolerance)
+        what = res.path / f"{args.name}.onnx_adapter"
+    print(f"exported {what} ({res.onnx_bytes / 1e6:.2f} MB) in {res.seconds:.1f} s; "
           f"onnxruntime vs PyTorch max |diff| {res.max_abs_diff:.2e}")
     return 0
 
@@ -185,13 +192,14 @@ def _add_infer(sub) -> None:
     p.add_argument("export_dir", type=Path)
     p.add_argument("texts", nargs="+", help="texts to classify, or prompts to continue")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--adapter", default=None, help="which <name>.onnx_adapter to activate (adapter exports)")
     p.set_defaults(func=_cmd_infer)
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
     from edge_runtime.export.onnx import OnnxPredictor
 
-    pred = OnnxPredictor(args.export_dir)
+    pred = OnnxPredictor(args.export_dir, args.adapter)
     if pred.meta["task"] == "classification":
         for text, (label, prob) in zip(args.texts, pred.classify(args.texts)):
             print(f"{label}\t{prob:.3f}\t{text}")

@@ -1,14 +1,21 @@
-"""ONNX export of an adapter merged into its base model, with a parity check, and ONNX inference.
+"""ONNX export of adapters, with a parity check against PyTorch, and ONNX inference.
 
 ``export_merged``: base model (full precision) + peft adapter -> ``merge_and_unload`` -> the torch
-dynamo ONNX exporter (dynamic batch and sequence) -> onnxruntime and PyTorch run the same inputs
-and the max absolute difference of the logits is reported; above ``tolerance`` the export fails.
-The export folder holds ``model.onnx``, the tokenizer and ``edge_runtime.json``.
+dynamo ONNX exporter (dynamic batch and sequence) -> ``model.onnx``.
+
+``export_adapter``: the base model with the adapter *unmerged*, exported once as ``base.onnx`` in
+which every adapter tensor (LoRA A / B, the shared head) is an overridable initializer (a graph
+input with a default); each adapter becomes an onnxruntime ``.onnx_adapter`` file, and a session
+switches between them per run with ``RunOptions.add_active_adapter``: no re-export.
+
+Both run onnxruntime and PyTorch on the same inputs and fail if the logits differ by more than
+``tolerance``. An export folder holds the graph, the tokenizer and ``edge_runtime.json``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +58,12 @@ class _LogitsOnly(torch.nn.Module):
 
 def load_merged(adapter_dir: Path, meta: dict, tokenizer_corpus: Sequence[str] = ()):
     """The base model in fp32 with the adapter merged in; returns (model, tokenizer)."""
+    model, tok = load_with_adapter(adapter_dir, meta, tokenizer_corpus)
+    return model.merge_and_unload().eval(), tok
+
+
+def load_with_adapter(adapter_dir: Path, meta: dict, tokenizer_corpus: Sequence[str] = ()):
+    """The fp32 base model with the adapter attached (unmerged, tensors as parameters)."""
     from peft import PeftModel
 
     from transformers import AutoTokenizer
@@ -61,65 +74,176 @@ def load_merged(adapter_dir: Path, meta: dict, tokenizer_corpus: Sequence[str] =
     else:
         tok = load_tokenizer(src, tokenizer_corpus)
     base = load_model(src, meta["task"], max(len(meta.get("labels", [])), 2), tok, seed=meta.get("seed", 0))
-    model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)  # keeps adapter tensors as parameters
     return model.eval(), tok
 
 
-def export_merged(adapter_dir: Path, out_dir: Path, tolerance: float = 1e-4) -> ExportResult:
+def _export(wrapper: torch.nn.Module, tok, path: Path, optimize: bool) -> None:
+    example = tok(list(PARITY_TEXTS), return_tensors="pt", padding=True)
+    dims = {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("sequence", min=2, max=4096)}
+    try:
+        torch.onnx.export(wrapper, (example["input_ids"], example["attention_mask"]), path, dynamo=True,
+                          input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                          dynamic_shapes={"input_ids": dims, "attention_mask": dims}, optimize=optimize, verbose=False)
+    except Exception as exc:  # the exporter raises many types
+        raise ExportError(f"torch.onnx.export failed: {exc}") from exc
+
+
+def _session(path: Path):
     import onnxruntime as ort
 
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # overridable initializers are intended here, not a warning
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _max_diff(sess, wrapper: torch.nn.Module, tok, run_options=None) -> float:
+    worst = 0.0
+    with torch.inference_mode():
+        for texts in (PARITY_TEXTS, PARITY_TEXTS[:1]):   # padded batch and batch of one
+            enc = tok(list(texts), return_tensors="np", padding=True)
+            got = sess.run(None, {"input_ids": enc["input_ids"].astype(np.int64),
+                                  "attention_mask": enc["attention_mask"].astype(np.int64)}, run_options)[0]
+            ref = wrapper(torch.from_numpy(enc["input_ids"]).long(), torch.from_numpy(enc["attention_mask"]).long())
+            worst = max(worst, float(np.abs(got - ref.numpy()).max()))
+    return worst
+
+
+def _check(worst: float, tolerance: float, path: Path) -> None:
+    if not worst <= tolerance:
+        raise ExportError(f"ONNX and PyTorch disagree: max |diff| {worst:.3g} > tolerance {tolerance:g} ({path})")
+
+
+def _onnx_size(path: Path, stem: str) -> int:
+    return sum(f.stat().st_size for f in path.glob(f"{stem}*"))  # the graph + its external weights file
+
+
+def export_merged(adapter_dir: Path, out_dir: Path, tolerance: float = 1e-4) -> ExportResult:
     t0 = time.perf_counter()
     meta = read_metadata(adapter_dir)
     model, tok = load_merged(Path(adapter_dir), meta)
     wrapper = _LogitsOnly(model).eval()
-    example = tok(list(PARITY_TEXTS), return_tensors="pt", padding=True)
-    args = (example["input_ids"], example["attention_mask"])
-    dims = {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("sequence", min=2, max=4096)}
 
     def write(tmp: Path) -> None:
-        try:
-            torch.onnx.export(wrapper, args, tmp / "model.onnx", dynamo=True, input_names=["input_ids", "attention_mask"],
-                              output_names=["logits"], dynamic_shapes={"input_ids": dims, "attention_mask": dims},
-                              verbose=False)
-        except Exception as exc:  # the exporter raises many types
-            raise ExportError(f"torch.onnx.export failed for {meta['model']}: {exc}") from exc
+        _export(wrapper, tok, tmp / "model.onnx", optimize=True)
         tok.save_pretrained(tmp)
         write_metadata(tmp, meta["model"], meta["task"], meta.get("labels", []), format="merged",
                        source_adapter=str(adapter_dir))
 
-    with torch.inference_mode():
-        path = replace_dir_atomic(out_dir, write)
-        sess = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
-        worst = 0.0
-        for texts in (PARITY_TEXTS, PARITY_TEXTS[:1]):   # padded batch and batch of one
-            enc = tok(list(texts), return_tensors="np", padding=True)
-            got = sess.run(None, {"input_ids": enc["input_ids"].astype(np.int64),
-                                  "attention_mask": enc["attention_mask"].astype(np.int64)})[0]
-            ref = wrapper(torch.from_numpy(enc["input_ids"]).long(), torch.from_numpy(enc["attention_mask"]).long())
-            worst = max(worst, float(np.abs(got - ref.numpy()).max()))
-    if not worst <= tolerance:
-        raise ExportError(f"ONNX and PyTorch disagree: max |diff| {worst:.3g} > tolerance {tolerance:g} ({path})")
-    meta_out = read_metadata(path)
-    write_metadata(path, **{**meta_out, "max_abs_diff": worst})
-    size = sum(f.stat().st_size for f in path.glob("model.onnx*"))  # the graph + its external weights file
-    return ExportResult(path, worst, time.perf_counter() - t0, size)
+    path = replace_dir_atomic(out_dir, write)
+    worst = _max_diff(_session(path / "model.onnx"), wrapper, tok)
+    _check(worst, tolerance, path)
+    write_metadata(path, **{**read_metadata(path), "max_abs_diff": worst})
+    return ExportResult(path, worst, time.perf_counter() - t0, _onnx_size(path, "model.onnx"))
+
+
+def _adapter_tensors(wrapper: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The adapter's tensors by their ONNX initializer names (the wrapper's parameter names)."""
+    return {n: p.detach().float().numpy().copy() for n, p in wrapper.named_parameters() if p.requires_grad}
+
+
+def write_adapter_file(path: Path, tensors: dict[str, np.ndarray]) -> Path:
+    """Write ``tensors`` as an onnxruntime ``.onnx_adapter`` file (atomically)."""
+    import onnxruntime as ort
+
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({n: ort.OrtValue.ortvalue_from_numpy(v) for n, v in tensors.items()})
+    tmp = path.with_name(f".{path.name}.tmp")
+    fmt.export_adapter(str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def export_adapter(adapter_dir: Path, out_dir: Path, name: str = "global", tolerance: float = 1e-4) -> ExportResult:
+    """Write ``<name>.onnx_adapter`` into ``out_dir``; export ``base.onnx`` there first unless it exists
+    for the same base model and adapter layout (then nothing is re-exported)."""
+    import onnx
+    import onnxruntime as ort
+
+    from edge_runtime.protocol.messages import check_id
+
+    check_id("adapter name", name)
+    t0 = time.perf_counter()
+    meta = read_metadata(adapter_dir)
+    model, tok = load_with_adapter(Path(adapter_dir), meta)
+    wrapper = _LogitsOnly(model).eval()
+    tensors = _adapter_tensors(wrapper)
+    out_dir = Path(out_dir)
+    existing = None
+    if (out_dir / "base.onnx").exists():
+        existing = read_metadata(out_dir)
+        if existing.get("model") != meta["model"] or sorted(existing.get("adapter_parameters", [])) != sorted(tensors):
+            raise ExportError(f"{out_dir} holds a base graph for {existing.get('model')} with another adapter layout; "
+                              f"export this adapter into a new folder")
+    else:
+        def write(tmp: Path) -> None:
+            _export(wrapper, tok, tmp / "base.onnx", optimize=False)   # keep A / B as named initializers
+            graph = onnx.load(str(tmp / "base.onnx"))
+            inits = {i.name: i for i in graph.graph.initializer}
+            missing = sorted(set(tensors) - set(inits))
+            if missing:
+                raise ExportError(f"the exported graph lost adapter tensors {missing[:3]}")
+            for n in sorted(tensors):  # an initializer that is also a graph input can be overridden per run
+                graph.graph.input.append(onnx.helper.make_tensor_value_info(n, inits[n].data_type, list(inits[n].dims)))
+            (tmp / "base.onnx.data").unlink(missing_ok=True)  # loaded into memory above; onnx.save appends
+            onnx.save(graph, str(tmp / "base.onnx"), save_as_external_data=True, location="base.onnx.data")
+            tok.save_pretrained(tmp)
+            write_metadata(tmp, meta["model"], meta["task"], meta.get("labels", []), format="adapter",
+                           adapter_parameters=sorted(tensors), adapters=[])
+        replace_dir_atomic(out_dir, write)
+    path = write_adapter_file(out_dir / f"{name}.onnx_adapter", tensors)
+    lora = ort.LoraAdapter()
+    lora.Load(str(path))
+    ro = ort.RunOptions()
+    ro.add_active_adapter(lora)
+    worst = _max_diff(_session(out_dir / "base.onnx"), wrapper, tok, ro)
+    _check(worst, tolerance, path)
+    meta_out = read_metadata(out_dir)
+    meta_out["adapters"] = sorted(set(meta_out.get("adapters", [])) | {name})
+    meta_out.setdefault("max_abs_diff", {})[name] = worst
+    write_metadata(out_dir, **meta_out)
+    return ExportResult(out_dir, worst, time.perf_counter() - t0, path.stat().st_size)
 
 
 class OnnxPredictor:
     """Runs an export folder with onnxruntime: class probabilities, or greedy generation."""
 
-    def __init__(self, export_dir: Path) -> None:
-        import onnxruntime as ort
+    def __init__(self, export_dir: Path, adapter: str | None = None) -> None:
         from transformers import AutoTokenizer
 
+        self.dir = Path(export_dir)
         self.meta = read_metadata(export_dir)
         self.tok = AutoTokenizer.from_pretrained(export_dir)
-        self.sess = ort.InferenceSession(str(Path(export_dir) / "model.onnx"), providers=["CPUExecutionProvider"])
+        adapter_format = self.meta.get("format") == "adapter"
+        self.sess = _session(self.dir / ("base.onnx" if adapter_format else "model.onnx"))
+        self.run_options = None
+        if adapter is not None or adapter_format:
+            self.use_adapter(adapter or self.meta["adapters"][0])
+
+    def use_adapter(self, name: str) -> None:
+        """Make ``<name>.onnx_adapter`` the active adapter for the following runs (no re-export, no reload)."""
+        import onnxruntime as ort
+
+        if self.meta.get("format") != "adapter":
+            raise ExportError(f"{self.dir} is a merged export; adapters need --format adapter")
+        path = self.dir / f"{name}.onnx_adapter"
+        if not path.exists():
+            raise ExportError(f"no adapter {name!r} in {self.dir} (have {self.meta.get('adapters')})")
+        lora = ort.LoraAdapter()
+        lora.Load(str(path))
+        ro = ort.RunOptions()
+        ro.add_active_adapter(lora)
+        self._lora, self.run_options = lora, ro
+
+    def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self.sess.run(None, {"input_ids": input_ids.astype(np.int64),
+                                    "attention_mask": attention_mask.astype(np.int64)}, self.run_options)[0]
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:
         enc = self.tok(list(texts), return_tensors="np", padding=True)
-        return self.sess.run(None, {"input_ids": enc["input_ids"].astype(np.int64),
-                                    "attention_mask": enc["attention_mask"].astype(np.int64)})[0]
+        return self._run(enc["input_ids"], enc["attention_mask"])
 
     def classify(self, texts: Sequence[str]) -> list[tuple[str, float]]:
         z = self.logits(texts).astype(np.float64)
@@ -134,7 +258,7 @@ class OnnxPredictor:
         start = len(ids)
         for _ in range(max_new_tokens):
             arr = np.array([ids], dtype=np.int64)
-            nxt = int(self.sess.run(None, {"input_ids": arr, "attention_mask": np.ones_like(arr)})[0][0, -1].argmax())
+            nxt = int(self._run(arr, np.ones_like(arr))[0, -1].argmax())
             if nxt == self.tok.eos_token_id:
                 break
             ids.append(nxt)

@@ -84,3 +84,41 @@ def test_cli_export_and_infer(cls_adapter, tmp_path, capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     label, prob, text = line.split("\t")
     assert label in ("animal", "food", "tool") and 0 < float(prob) <= 1 and text == "a cat"
+
+
+def test_adapter_files_switch_at_run_time_without_re_export(cls_adapter, tmp_path):
+    """One base.onnx, two .onnx_adapter files: each run matches PyTorch with that adapter."""
+    import torch
+    from peft import set_peft_model_state_dict
+
+    from edge_runtime.export.onnx import export_adapter, load_with_adapter
+
+    out = tmp_path / "ax"
+    res = export_adapter(cls_adapter, out, name="global")
+    assert res.max_abs_diff < 1e-4
+    # a second adapter (here: the global one scaled, standing in for a device's personal adapter)
+    model, tok = load_with_adapter(cls_adapter, read_metadata(cls_adapter))
+    from peft import get_peft_model_state_dict
+
+    other = {k: v * 0.5 for k, v in get_peft_model_state_dict(model).items()}
+    other_dir = tmp_path / "personal"
+    set_peft_model_state_dict(model, other)
+    model.save_pretrained(other_dir)
+    tok.save_pretrained(other_dir)
+    (other_dir / "edge_runtime.json").write_text((cls_adapter / "edge_runtime.json").read_text())
+    base_mtime = (out / "base.onnx").stat().st_mtime_ns
+    res2 = export_adapter(other_dir, out, name="personal")
+    assert res2.max_abs_diff < 1e-4
+    assert (out / "base.onnx").stat().st_mtime_ns == base_mtime          # not re-exported
+    assert read_metadata(out)["adapters"] == ["global", "personal"]
+    texts = ["the old dog", "a big hammer"]
+    pred = OnnxPredictor(out, "global")
+    a = pred.logits(texts)
+    pred.use_adapter("personal")
+    b = pred.logits(texts)
+    with torch.inference_mode():
+        ref_b = model(**tok(texts, return_tensors="pt", padding=True)).logits.numpy()
+    np.testing.assert_allclose(b, ref_b, atol=1e-4)
+    assert np.abs(a - b).max() > 1e-3                                  # switching really changes the model
+    with pytest.raises(ExportError, match="no adapter 'nope'"):
+        pred.use_adapter("nope")

@@ -57,3 +57,10 @@ def test_minilm_adapter_exports_to_onnx_with_parity(tmp_path):
     assert 80e6 < res.onnx_bytes < 100e6           # 22.7 M fp32 parameters, merged
     (label, prob), = OnnxPredictor(res.path).classify(["a domesticated carnivorous mammal"])
     assert label.startswith("noun.") and 0 < prob <= 1
+    from edge_runtime.export.onnx import export_adapter
+
+    ad = export_adapter(tmp_path / "global_adapter", tmp_path / "onnx-adapter")
+    assert ad.max_abs_diff < 1e-4
+    assert ad.onnx_bytes < res.onnx_bytes / 50      # the adapter file is a small fraction of the model
+    (label2, prob2), = OnnxPredictor(tmp_path / "onnx-adapter").classify(["a domesticated carnivorous mammal"])
+    assert label2 == label and abs(prob2 - prob) < 1e-3
