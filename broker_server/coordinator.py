@@ -179,6 +179,8 @@ class Coordinator:
         self._save()
 
     def _on_status(self, device_id: str, status: Status) -> None:
+        if status.client_id != device_id:
+            raise ProtocolError(f"status on {device_id}'s topic names {status.client_id}")
         if self.fleet.set_online(device_id, status.online, self.clock()):
             log.info("device %s is %s", device_id, "online" if status.online else "offline")
             self._save()

@@ -73,7 +73,8 @@ def export_and_try(out: Path, cfg: DemoConfig, echo) -> dict:
          f"{res.max_abs_diff:.1e})")
     full = resolve_dataset(cfg.data)
     used = {json.loads(line)["text"] for p in (out / "devices").glob("*/data.jsonl") for line in open(p)}
-    i = next(i for i in range(len(full)) if full.inputs[i] not in used)   # a gloss no device trained on
+    unseen = [i for i in range(len(full)) if full.inputs[i] not in used]   # glosses no device trained on
+    i = unseen[np.random.default_rng(cfg.seed).integers(len(unseen))]
     label, prob = OnnxPredictor(res.path).classify([full.inputs[i]])[0]
     truth = full.label_names[full.targets[i]]
     echo(f'edge-runtime infer {res.path} "{full.inputs[i]}"\n  -> {label} (p={prob:.2f}; WordNet says {truth})')
