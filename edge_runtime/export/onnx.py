@@ -14,9 +14,12 @@ Both run onnxruntime and PyTorch on the same inputs and fail if the logits diffe
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -78,13 +81,32 @@ def load_with_adapter(adapter_dir: Path, meta: dict, tokenizer_corpus: Sequence[
     return model.eval(), tok
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter's own progress and notices (graph passes, optional torchvision ops) are not ours to show."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnx_ir", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def _export(wrapper: torch.nn.Module, tok, path: Path, optimize: bool) -> None:
     example = tok(list(PARITY_TEXTS), return_tensors="pt", padding=True)
     dims = {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("sequence", min=2, max=4096)}
     try:
-        torch.onnx.export(wrapper, (example["input_ids"], example["attention_mask"]), path, dynamo=True,
-                          input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                          dynamic_shapes={"input_ids": dims, "attention_mask": dims}, optimize=optimize, verbose=False)
+        with _quiet_exporter():
+            torch.onnx.export(wrapper, (example["input_ids"], example["attention_mask"]), path, dynamo=True,
+                              input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                              dynamic_shapes={"input_ids": dims, "attention_mask": dims}, optimize=optimize,
+                              verbose=False)
     except Exception as exc:  # the exporter raises many types
         raise ExportError(f"torch.onnx.export failed: {exc}") from exc
 

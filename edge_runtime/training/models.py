@@ -167,12 +167,14 @@ def load_model(source: ModelSource, task: Task, num_labels: int = 2, tokenizer=N
             torch.manual_seed(seed)  # the new head's init is the same on every device
             verbosity = hf_logging.get_verbosity()
             hf_logging.set_verbosity_error()  # "classifier newly initialised" is expected here
+            hf_logging.disable_progress_bar()  # per-tensor loading bars are noise on a device
             try:
                 model = auto.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=dtype, **kwargs)
             except Exception as exc:
                 raise ModelLoadError(f"cannot load {source.name!r} from {source.path}: {exc}") from exc
             finally:
                 hf_logging.set_verbosity(verbosity)
+                hf_logging.enable_progress_bar()
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
