@@ -375,6 +375,7 @@ class Coordinator:
         return online
 
     def _start_round(self, round_: int, phase: str) -> None:
+        self.dropped_payloads.clear()  # ids of the last round's refused payloads: their chunks are stale now
         s = self.state
         s.update(round=round_, phase=phase, participants=self._select(round_), accepted={},
                  round_started_at=self.clock(),
@@ -464,8 +465,8 @@ class Coordinator:
         s = self.state
         if ref is None:
             ref, _ = split_payload(self._global_payload_id(), self.global_blob)
-        action = {"train": "train", "evaluate": "evaluate", "done": "done"}.get(s["phase"])
-        if action is None:
+        action = s["phase"]  # the manifest's action is the server's phase
+        if action not in ("train", "evaluate", "done"):
             return
         deadline_left = max(0.0, (s["deadline_at"] or 0) - self.clock())
         m = RoundManifest(self.run_id, s["round"], action, tuple(s["participants"]), ref, deadline_left,

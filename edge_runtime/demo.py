@@ -130,8 +130,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
         procs.append(server)
         for k, path in enumerate(data_files):
             dev_dir = path.parent
-            for stale in ("agent.json",):
-                (dev_dir / stale).unlink(missing_ok=True)
+            (dev_dir / "agent.json").unlink(missing_ok=True)  # a demo is a fresh run for every device too
             procs.append(_spawn(["edge_runtime.cli", "agent", "--broker", broker_url, "--device-id", f"dev{k:02d}",
                                  "--fleet", cfg.fleet, "--data", str(path), "--state-dir", str(dev_dir)],
                                 dev_dir / "agent.log"))

@@ -59,7 +59,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "fedavg_wordnet.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     train = TrainConfig(epochs=1, batch_size=16, lr=1e-3, max_seq_len=64)
     base = dict(model="minilm-l6", data="wordnet", devices=args.devices, rounds=args.rounds,
                 max_examples=args.max_examples, seed=args.seed, train=train)

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from edge_runtime.methods.lora import LoraMethodConfig
 from edge_runtime.simulation import SimulationConfig, prepare_devices, run_simulation

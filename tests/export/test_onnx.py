@@ -1,6 +1,5 @@
 """ONNX export of merged adapters: parity with PyTorch on tiny models, both heads."""
 
-import json
 
 import numpy as np
 import pytest
