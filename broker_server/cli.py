@@ -74,11 +74,13 @@ def add_broker_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
+    from edge_runtime.methods import METHODS
+
     p.add_argument("--model", default="minilm-l6")
     p.add_argument("--task", default="classification", choices=["classification", "causal-lm"])
     p.add_argument("--labels", default="wordnet",
                    help="the label space: 'wordnet', a data file whose labels to use, or a comma-separated list")
-    p.add_argument("--method", default="lora", choices=["lora"])
+    p.add_argument("--method", default="lora", choices=sorted(METHODS), help="PEFT method (README: Methods)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--epochs", type=float, default=1.0)
@@ -87,12 +89,15 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-seq-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a training-spec setting, e.g. fdlora.personal_epochs=2, federa.residual=false "
+                        "(repeatable; values are YAML)")
 
 
 def training_spec_from_args(args: argparse.Namespace, tokenizer_corpus: tuple[str, ...] = ()):
     from edge_runtime.methods.lora import LoraMethodConfig
     from edge_runtime.training.data import resolve_dataset
-    from edge_runtime.training.spec import TrainingSpec
+    from edge_runtime.training.spec import TrainingSpec, apply_overrides
     from edge_runtime.training.trainer import TrainConfig
 
     labels: tuple[str, ...] = ()
@@ -101,11 +106,14 @@ def training_spec_from_args(args: argparse.Namespace, tokenizer_corpus: tuple[st
             labels = tuple(x.strip() for x in args.labels.split(",") if x.strip())
         else:
             labels = resolve_dataset(args.labels).label_names
-    return TrainingSpec(model=args.model, task=args.task, labels=labels, method=args.method,
+    spec = TrainingSpec(model=args.model, task=args.task, labels=labels, method=args.method,
                         lora=LoraMethodConfig(rank=args.rank, alpha=args.lora_alpha),
                         train=TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                                           lr=args.lr, max_seq_len=args.max_seq_len),
                         seed=args.seed, tokenizer_corpus=tokenizer_corpus)
+    if getattr(args, "set", None):
+        spec = TrainingSpec.from_json(apply_overrides(spec.to_json(), args.set))
+    return spec
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -128,20 +136,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
                        seed=args.seed, training=spec.to_json())
     out_dir = Path(args.out or args.state_dir)
 
+    store = Store(Path(args.state_dir))
+
     def initial_global():
         model, _ = build_model(spec)
-        return METHODS[spec.method].trainable_state(model)
+        return METHODS[spec.method].initial_global(model, spec)
 
     def on_done(state, global_state):
         write_report(out_dir, state)
-        path = export_adapter(out_dir, state["training"], global_state)
+        path = export_adapter(out_dir, state["training"], global_state, store.read_tensors(store.global_path(0)))
         log.info("final global adapter written to %s; report in %s", path, out_dir / "report.json")
 
     transport = MqttTransport(BrokerAddress.parse(args.broker), client_id=f"server-{args.fleet}",
                               will=Will(topics.server_status_topic(args.fleet),
                                         encode_message(Status("server", False))),
                               ca_certs=args.ca_certs, certfile=args.certfile, keyfile=args.keyfile)
-    coord = Coordinator(cfg, Store(Path(args.state_dir)), transport, initial_global, on_done=on_done)
+    coord = Coordinator(cfg, store, transport, initial_global, on_done=on_done)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -24,6 +24,7 @@ from broker_server.fleet import Fleet
 from broker_server.store import Store
 from edge_runtime.algorithms.aggregation import check_compatible, weighted_mean
 from edge_runtime.errors import AggregationError, ConfigError
+from edge_runtime.methods import METHODS
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.chunking import Reassembler, parse_chunk, split_payload
 from edge_runtime.protocol.codec import decode_message, decode_tensors, encode_message, encode_tensors
@@ -90,6 +91,9 @@ class Coordinator:
             rec.online = False  # presence is re-learnt from retained status / heartbeats
         self.global_state = store.read_tensors(store.resolve(state["global_file"]))
         self.global_blob = encode_tensors(self.global_state)
+        method = METHODS.get(state["training"].get("method", "lora"))
+        # the round-0 global doubles as the run's init payload for methods whose devices need it
+        self.init_blob = store.global_path(0).read_bytes() if method is not None and method.NEEDS_INIT else None
 
     # -- state -------------------------------------------------------------------------------
     def _fresh_state(self, run_id: str, init: dict[str, torch.Tensor]) -> dict:
@@ -435,6 +439,9 @@ class Coordinator:
             return
         row["accuracy"] = _weighted(accepted, "eval_accuracy", weight="eval_n")
         row["loss"] = _weighted(accepted, "eval_loss", weight="eval_n")
+        personal = _weighted(accepted, "personal_accuracy", weight="personal_n")
+        if personal is not None:  # methods with a personal model (FDLoRA): each device's own model
+            row["personal_accuracy"] = personal
         if self.state["phase"] != "evaluate":
             self._publish_summary(row)
 
@@ -451,12 +458,22 @@ class Coordinator:
         """(Re)publish everything a late joiner needs: presence, the global adapter, the manifest."""
         f = self.cfg.fleet
         self.transport.publish(topics.server_status_topic(f), encode_message(Status("server", True)), retain=True)
+        self._init_ref(publish=True)
         ref, frames = split_payload(self._global_payload_id(), self.global_blob)
         for i, frame in enumerate(frames):
             self.transport.publish(topics.global_chunk_topic(f, i), frame, qos=1, retain=True)
         self.transport.publish(topics.global_topic(f),
                                encode_message(GlobalAnnouncement(self.run_id, self.state["round"], ref)), retain=True)
         self._publish_manifest(ref)
+
+    def _init_ref(self, publish: bool = False) -> PayloadRef | None:
+        if self.init_blob is None:
+            return None
+        ref, frames = split_payload(f"init-{self.run_id[-40:]}".replace("_", "-"), self.init_blob)
+        if publish:
+            for i, frame in enumerate(frames):
+                self.transport.publish(topics.init_chunk_topic(self.cfg.fleet, i), frame, qos=1, retain=True)
+        return ref
 
     def _global_payload_id(self) -> str:
         return f"g{max(self.state['round'] - 1, 0):05d}-{self.run_id[-20:]}".replace("_", "-")[:64]
@@ -470,7 +487,7 @@ class Coordinator:
             return
         deadline_left = max(0.0, (s["deadline_at"] or 0) - self.clock())
         m = RoundManifest(self.run_id, s["round"], action, tuple(s["participants"]), ref, deadline_left,
-                          s["training"], self.clock())
+                          s["training"], self.clock(), self._init_ref())
         self.transport.publish(topics.round_topic(self.cfg.fleet), encode_message(m), retain=True)
 
     def _publish_summary(self, row: dict) -> None:

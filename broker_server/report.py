@@ -29,15 +29,22 @@ def write_report(out_dir: Path, state: dict) -> Path:
     return out_dir / "report.json"
 
 
-def export_adapter(out_dir: Path, spec_json: dict, global_state: dict[str, torch.Tensor]) -> Path:
-    """Write the global adapter as a peft folder (``PeftModel.from_pretrained(base, path)`` loads it)."""
+def export_adapter(out_dir: Path, spec_json: dict, global_state: dict[str, torch.Tensor],
+                   init_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the global adapter as a peft folder (``PeftModel.from_pretrained(base, path)`` loads it).
+
+    ``init_state`` is the run's round-0 global, which methods with ``NEEDS_INIT`` (FeDeRA) set the
+    model up from; every method writes a plain LoRA folder for the untouched base model.
+    """
     spec = TrainingSpec.from_json(spec_json)
+    method = METHODS[spec.method]
     model, tokenizer = build_model(spec)
-    METHODS[spec.method].load_trainable_state(model, global_state)
+    method.prepare(model, spec, init_state)
+    method.load_trainable_state(model, global_state)
 
     def save(folder: Path) -> None:
-        model.save_pretrained(folder)
+        method.save_adapter(model, folder)
         tokenizer.save_pretrained(folder)
-        write_metadata(folder, spec.model, spec.task, spec.labels, seed=spec.seed)
+        write_metadata(folder, spec.model, spec.task, spec.labels, seed=spec.seed, method=spec.method)
 
     return replace_dir_atomic(Path(out_dir) / "global_adapter", save)

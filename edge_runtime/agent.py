@@ -1,16 +1,20 @@
 """The device agent: a state machine over protocol messages that trains when the server asks.
 
 connect -> hello (retained) -> wait for a round manifest naming this device -> fetch the global
-adapter (retained chunks, sha256-checked) -> evaluate it on the local test split -> train on the
-local train split -> persist the update -> upload (manifest + chunks) -> wait for the ack, re-sending
-on timeout or on a retryable reject. Local data never leaves the device; only adapter tensors do.
+adapter (retained chunks, sha256-checked; and the run's init adapter once, for methods that need
+it) -> evaluate it on the local test split -> build the device's own model where the method has
+one (FDLoRA's fusion) -> train on the local train split -> persist the update -> upload (manifest +
+chunks) -> wait for the ack, re-sending on timeout or on a retryable reject. Local data never
+leaves the device; only the method's upload tensors do.
 
-The agent's own state (last round done, the update awaiting its ack) lives in ``--state-dir``, so a
-restarted agent re-sends the same update (same idempotency key) instead of training again.
+The agent's own state (last round done, the update awaiting its ack, the run's init adapter, the
+method's personal state) lives in ``--state-dir``, so a restarted agent re-sends the same update
+(same idempotency key) instead of training again, and keeps its personal adapter.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -30,15 +34,15 @@ from edge_runtime.atomic_io import write_bytes_atomic, write_json_atomic
 from edge_runtime.device.profiler import basic_profile
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.methods import METHODS
+from edge_runtime.methods.personal import PersonalState, load_personal, save_personal
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.chunking import MAX_CHUNK_BYTES, Reassembler, split_payload
 from edge_runtime.protocol.codec import decode_message, decode_tensors, encode_message, encode_tensors
 from edge_runtime.protocol.messages import (Ack, GlobalAnnouncement, Heartbeat, Hello, ProtocolError, RoundManifest,
                                             Status, UpdateManifest, check_id)
-from edge_runtime.training.data import LocalDataset, resolve_dataset
+from edge_runtime.training.data import Splits, resolve_dataset
 from edge_runtime.training.evaluate import evaluate
 from edge_runtime.training.spec import TrainingSpec, build_model
-from edge_runtime.training.trainer import train_local
 from edge_runtime.transport.base import Transport
 
 log = logging.getLogger("edge_runtime.agent")
@@ -78,9 +82,12 @@ class Agent:
         self.manifest: RoundManifest | None = None
         self.globals = Reassembler(MAX_GLOBAL_BYTES, ttl_s=3600)
         self.global_blobs: dict[str, bytes] = {}           # payload id -> bytes (sha-checked)
+        self.inits = Reassembler(MAX_GLOBAL_BYTES, ttl_s=3600)
         self._model_key: str | None = None
         self._model = self._tokenizer = None
-        self._splits: dict[tuple, tuple[LocalDataset, LocalDataset, LocalDataset]] = {}
+        self._personal: PersonalState | None = None
+        self._personal_path: Path | None = None
+        self._splits: dict[tuple, Splits] = {}
         self._sent_at: float | None = None
 
     # -- persistence -------------------------------------------------------------------------
@@ -101,6 +108,7 @@ class Agent:
         put = lambda t, p: self.inbox.put((t, p))  # noqa: E731
         self.transport.subscribe(topics.round_topic(f), put)
         self.transport.subscribe(topics.global_wildcard(f), put)
+        self.transport.subscribe(topics.init_wildcard(f), put)
         self.transport.subscribe(topics.device_topic(f, d, "ack"), put)
         self.transport.on_connect(self._announce)
 
@@ -149,6 +157,11 @@ class Agent:
                         self.global_blobs[ref.payload_id] = whole
                         while len(self.global_blobs) > 2:
                             self.global_blobs.pop(next(iter(self.global_blobs)))
+            elif t.kind == "init/chunk":
+                if payload:
+                    ref, whole = self.inits.add("server", payload, self.clock())
+                    if whole is not None:  # kept on disk: a restarted device needs no retained copy
+                        write_bytes_atomic(self._init_path(ref.payload_id), whole)
             elif t.kind == "round" and payload:
                 self.manifest = decode_message(payload, RoundManifest)
             elif t.kind == "global" and payload:
@@ -185,32 +198,63 @@ class Agent:
         if self.cfg.device_id not in m.participants or m.round <= s["last_round_done"]:
             return False
         blob = self.global_blobs.get(m.global_payload.payload_id) if m.global_payload else None
-        if blob is None:
+        init = self._init_blob(m)
+        if blob is None or (m.init_payload is not None and init is None):
             self.activity = "fetching"
             return False
-        self._work(m, blob)
+        self._work(m, blob, init)
         return False
 
+    def _init_path(self, payload_id: str) -> Path:
+        return Path(self.cfg.state_dir) / "init" / f"{check_id('payload_id', payload_id)}.safetensors"
+
+    def _init_blob(self, m: RoundManifest) -> bytes | None:
+        """The run's init adapter named by the manifest, from disk, if it is there and intact."""
+        if m.init_payload is None:
+            return None
+        path = self._init_path(m.init_payload.payload_id)
+        if not path.exists():
+            return None
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != m.init_payload.sha256:
+            log.warning("%s does not match the manifest's init payload; fetching it again", path)
+            path.unlink(missing_ok=True)
+            return None
+        return data
+
     # -- the work of one round ---------------------------------------------------------------
-    def _prepare(self, spec: TrainingSpec):
-        key = json.dumps(spec.to_json(), sort_keys=True)
+    def _prepare(self, spec: TrainingSpec, init: bytes | None):
+        key = json.dumps(spec.to_json(), sort_keys=True) + (hashlib.sha256(init).hexdigest() if init else "")
         if key != self._model_key:
             log.info("loading %s + %s", spec.model, spec.method)
             self._model, self._tokenizer = build_model(spec)
+            METHODS[spec.method].prepare(self._model, spec, decode_tensors(init) if init else None)
             self._model_key = key
+            # the personal state belongs to the model's shape (not to one run): it outlives runs
+            digest = hashlib.sha256(json.dumps([spec.model, spec.task, spec.labels, spec.method, spec.lora.__dict__],
+                                               sort_keys=True, default=str).encode()).hexdigest()[:16]
+            self._personal_path = Path(self.cfg.state_dir) / "personal" / f"{spec.method}-{digest}.safetensors"
+            self._personal = load_personal(self._personal_path)
+            if self._personal is not None:
+                log.info("personal state loaded from %s", self._personal_path)
         skey = (tuple(spec.labels), spec.split, spec.seed)
         if skey not in self._splits:
             data = resolve_dataset(self.cfg.data, spec.labels if spec.task == "classification" else None)
             rng = np.random.default_rng([spec.seed, zlib.crc32(self.cfg.device_id.encode())])
             tr, va, te = split_train_val_test(list(range(len(data))), spec.split, rng)
-            self._splits[skey] = (data.subset(tr), data.subset(va), data.subset(te))
+            self._splits[skey] = Splits(data.subset(tr), data.subset(va), data.subset(te))
         return self._model, self._tokenizer, self._splits[skey]
 
-    def _work(self, m: RoundManifest, blob: bytes) -> None:
+    def _keep_personal(self, personal: PersonalState | None) -> None:
+        if personal is not None and self._personal_path is not None:
+            save_personal(self._personal_path, personal)
+        self._personal = personal
+
+    def _work(self, m: RoundManifest, blob: bytes, init: bytes | None) -> None:
         timings: dict[str, float] = {}
         try:
             spec = TrainingSpec.from_json(m.training)
-            model, tok, (train, _val, test) = self._prepare(spec)
+            model, tok, splits = self._prepare(spec, init)
             method = METHODS[spec.method]
             t0 = time.perf_counter()
             method.load_trainable_state(model, decode_tensors(blob))
@@ -222,19 +266,29 @@ class Agent:
             return
         self.activity = "evaluating"
         t0 = time.perf_counter()
-        ev = evaluate(model, tok, test, self.cfg.eval_batch_size, spec.train.max_seq_len)
+        ev = evaluate(model, tok, splits.test, self.cfg.eval_batch_size, spec.train.max_seq_len)
         timings["eval_s"] = time.perf_counter() - t0
         metrics = {"eval_accuracy": ev.accuracy, "eval_loss": ev.loss, "eval_n": ev.n}
+        t0 = time.perf_counter()
+        personal_metrics, personal = method.personalise(model, tok, splits, spec, self._personal,
+                                                        self.cfg.eval_batch_size)
+        if personal_metrics:
+            timings["personalise_s"] = time.perf_counter() - t0
+            metrics.update(personal_metrics)
+            self._keep_personal(personal)
+            log.info("round %d: personalised acc %.3f (fusion a=%.2f, b=%.2f)", m.round,
+                     personal_metrics["personal_accuracy"], personal_metrics["fusion_a"], personal_metrics["fusion_b"])
         update_id = f"u{uuid.uuid4().hex[:20]}"
         file = None
         n_samples = 0
         if m.action == "train":
             self.activity = "training"
             seed = spec.seed * 1_000_003 + m.round * 1009 + zlib.crc32(self.cfg.device_id.encode()) % 1000
-            res = train_local(model, tok, train, spec.train, seed=seed, progress=self.cfg.progress,
-                              desc=f"round {m.round}")
+            res, personal = method.local_train(model, tok, splits, spec, seed, self._personal,
+                                               progress=self.cfg.progress, desc=f"round {m.round}")
+            self._keep_personal(personal)
             metrics.update(train_loss=res.mean_loss, train_seconds=res.seconds, train_steps=res.steps)
-            n_samples = len(train)
+            n_samples = len(splits.train)
             timings["train_s"] = res.seconds
             t0 = time.perf_counter()
             file = Path(self.cfg.state_dir) / "pending" / f"{update_id}.safetensors"

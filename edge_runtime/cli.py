@@ -20,7 +20,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_set_option(p) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a method / training setting, e.g. fdlora.personal_epochs=2, federa.residual=false, "
+                        "train.weight_decay=0.01 (repeatable; values are YAML)")
+
+
 def _add_simulate(sub) -> None:
+    from edge_runtime.methods import METHODS
+
     p = sub.add_parser("simulate", help="federated fine-tuning of N simulated devices in one process (no broker)",
                        description="Run R rounds of federated fine-tuning with N simulated devices in this "
                                    "process: Dirichlet label split, local PEFT training, weighted FedAvg. "
@@ -31,7 +39,7 @@ def _add_simulate(sub) -> None:
                    help="'wordnet' (built-in noun supersenses) or a JSONL/CSV file (text+label or prompt+response)")
     p.add_argument("--device-data", nargs="+", default=(), metavar="FILE",
                    help="one data file per device instead of partitioning --data (sets the device count)")
-    p.add_argument("--method", default="lora", choices=["lora"])
+    p.add_argument("--method", default="lora", choices=sorted(METHODS), help="PEFT method (see README: Methods)")
     p.add_argument("--devices", type=_positive_int, default=4)
     p.add_argument("--rounds", type=_positive_int, default=3)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha of the label split (small = skewed)")
@@ -48,12 +56,16 @@ def _add_simulate(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/simulate"))
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_set_option(p)
     p.set_defaults(func=_cmd_simulate)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from edge_runtime.methods.lora import LoraMethodConfig
     from edge_runtime.simulation import SimulationConfig, run_simulation
+    from edge_runtime.training.spec import apply_overrides, dataclass_from_json
     from edge_runtime.training.trainer import TrainConfig
 
     cfg = SimulationConfig(
@@ -64,11 +76,17 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                           lr=args.lr, max_seq_len=args.max_seq_len),
         lora=LoraMethodConfig(rank=args.rank, alpha=args.lora_alpha),
     )
+    if args.set:
+        sections = ("lora", "federa", "fdlora", "train")
+        d = apply_overrides({k: dataclasses.asdict(getattr(cfg, k)) for k in sections}, args.set)
+        cfg = dataclasses.replace(cfg, **{k: dataclass_from_json(type(getattr(cfg, k)), d[k], k) for k in sections})
 
     def print_round(row: dict) -> None:
         train = f"train loss {row['train_loss']:.3f}  " if row["train_loss"] is not None else ""
+        personal = (f"personalised acc {100 * row['mean_personal_accuracy']:5.1f}%  "
+                    if "mean_personal_accuracy" in row else "")
         print(f"round {row['round']:>3}/{cfg.rounds}  global acc {100 * row['global_accuracy']:5.1f}%  "
-              f"device acc {100 * row['mean_device_accuracy']:5.1f}%  loss {row['loss']:.3f}  {train}"
+              f"device acc {100 * row['mean_device_accuracy']:5.1f}%  {personal}loss {row['loss']:.3f}  {train}"
               f"{row['seconds']:6.1f} s  up {row['bytes_up'] / 1e6:.2f} MB", flush=True)
 
     history = run_simulation(cfg, args.out, progress=not args.no_progress, on_round=print_round)
@@ -126,6 +144,8 @@ def _cmd_agent(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub) -> None:
+    from edge_runtime.methods import METHODS
+
     p = sub.add_parser("demo", help="THE main job: broker + server + N device agents over real MQTT on this machine",
                        description="Start the embedded MQTT broker, the aggregation server and N device agents as "
                                    "separate processes; federated fine-tuning of MiniLM + LoRA on WordNet "
@@ -135,6 +155,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--max-examples", type=int, default=4000)
     p.add_argument("--model", default="minilm-l6")
+    p.add_argument("--method", default="lora", choices=sorted(METHODS), help="PEFT method (README: Methods)")
     p.add_argument("--data", default="wordnet")
     p.add_argument("--broker", default=None, help="use this broker instead of starting the embedded one")
     p.add_argument("--fleet", default="demo")
@@ -153,7 +174,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     logging.getLogger("edge_runtime.transport").setLevel(logging.WARNING)  # the demo's own watcher
 
     run_demo(DemoConfig(out=args.out, devices=args.devices, rounds=args.rounds, alpha=args.alpha,
-                        max_examples=args.max_examples, model=args.model, data=args.data, broker=args.broker,
+                        max_examples=args.max_examples, model=args.model, method=args.method, data=args.data,
+                        broker=args.broker,
                         fleet=args.fleet, seed=args.seed, epochs=args.epochs, lr=args.lr,
                         batch_size=args.batch_size, max_seq_len=args.max_seq_len), echo=lambda s: print(s, flush=True))
     return 0

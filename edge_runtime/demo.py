@@ -34,6 +34,7 @@ class DemoConfig:
     alpha: float = 0.5
     max_examples: int = 4000
     model: str = "minilm-l6"
+    method: str = "lora"
     data: str = "wordnet"
     broker: str | None = None        # None: start the embedded broker
     port: int = 0                    # embedded broker port; 0 = a free one
@@ -117,8 +118,8 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
         if not watcher.wait_connected(30):
             raise RuntimeError(f"cannot connect to the broker at {broker_url}")
 
-        common = ["--model", cfg.model, "--epochs", str(cfg.epochs), "--lr", str(cfg.lr), "--batch-size",
-                  str(cfg.batch_size), "--max-seq-len", str(cfg.max_seq_len), "--seed", str(cfg.seed)]
+        common = ["--model", cfg.model, "--method", cfg.method, "--epochs", str(cfg.epochs), "--lr", str(cfg.lr),
+                  "--batch-size", str(cfg.batch_size), "--max-seq-len", str(cfg.max_seq_len), "--seed", str(cfg.seed)]
         server_dir = out / "server"
         if server_dir.exists():
             import shutil
@@ -134,7 +135,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
             procs.append(_spawn(["edge_runtime.cli", "agent", "--broker", broker_url, "--device-id", f"dev{k:02d}",
                                  "--fleet", cfg.fleet, "--data", str(path), "--state-dir", str(dev_dir)],
                                 dev_dir / "agent.log"))
-        echo(f"server and {cfg.devices} device agents started; training {cfg.model} + LoRA for {cfg.rounds} rounds")
+        echo(f"server and {cfg.devices} device agents started; training {cfg.model} + {cfg.method} for {cfg.rounds} rounds")
 
         deadline = time.monotonic() + cfg.timeout_s
         final = None

@@ -1,9 +1,10 @@
 """In-process federated simulation: N devices and a FedAvg server in one process, no broker.
 
-The same pieces the real system uses (data partitioning, the local training loop, the method's
-trainable state, weighted FedAvg) run in a loop; per round it logs global test accuracy, mean
-device accuracy, loss and seconds, then writes ``history.json``, ``accuracy.png`` and the final
-global adapter (peft format) into the output folder.
+The same pieces the real system uses (data partitioning, the method's hooks: build, initial
+global, local training, personalisation, trainable state; weighted FedAvg) run in a loop; per
+round it logs global test accuracy, mean device accuracy (the global model on each device's own
+test split), mean personalised accuracy for methods with a personal model, loss and seconds,
+then writes ``history.json``, ``accuracy.png`` and the final global adapter (peft format).
 """
 
 from __future__ import annotations
@@ -26,12 +27,16 @@ from edge_runtime.algorithms.partition import label_histogram, partition_dirichl
 from edge_runtime.errors import ConfigError
 from edge_runtime.export.metadata import write_metadata
 from edge_runtime.methods import METHODS
+from edge_runtime.methods.fdlora import FdloraConfig
+from edge_runtime.methods.federa import FederaConfig
 from edge_runtime.methods.lora import LoraMethodConfig
+from edge_runtime.methods.personal import PersonalState
 from edge_runtime.report import plot_accuracy, write_history
-from edge_runtime.training.data import LocalDataset, resolve_dataset
+from edge_runtime.training.data import LocalDataset, Splits, resolve_dataset
 from edge_runtime.training.evaluate import EvalResult, evaluate
-from edge_runtime.training.models import load_model, load_tokenizer, resolve_model_source
-from edge_runtime.training.trainer import TrainConfig, train_local
+from edge_runtime.training.models import resolve_model_source
+from edge_runtime.training.spec import TrainingSpec, build_model
+from edge_runtime.training.trainer import TrainConfig
 
 log = logging.getLogger("edge_runtime.simulate")
 
@@ -52,6 +57,8 @@ class SimulationConfig:
     eval_batch_size: int = 64
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraMethodConfig = field(default_factory=LoraMethodConfig)
+    federa: FederaConfig = field(default_factory=FederaConfig)
+    fdlora: FdloraConfig = field(default_factory=FdloraConfig)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -72,6 +79,11 @@ class DeviceData:
     train: LocalDataset
     val: LocalDataset
     test: LocalDataset
+    personal: PersonalState | None = None   # what the method keeps on the device between rounds
+
+    @property
+    def splits(self) -> Splits:
+        return Splits(self.train, self.val, self.test)
 
 
 def prepare_devices(cfg: SimulationConfig) -> list[DeviceData]:
@@ -130,13 +142,14 @@ def run_simulation(cfg: SimulationConfig, out_dir: Path | None, progress: bool =
     kind = devices[0].train.kind
     task = "classification" if kind == "classification" else "causal-lm"
     label_names = devices[0].train.label_names
-    source = resolve_model_source(cfg.model)
-    tokenizer = load_tokenizer(source, texts_for_tiny=[t for d in devices for t in d.train.inputs + d.train.targets
-                                                      if isinstance(t, str)])
+    corpus = [t for d in devices for t in d.train.inputs + d.train.targets if isinstance(t, str)]
+    spec = TrainingSpec(model=cfg.model, task=task, labels=tuple(label_names) if kind == "classification" else (),
+                        method=cfg.method, lora=cfg.lora, federa=cfg.federa, fdlora=cfg.fdlora, train=cfg.train,
+                        split=cfg.split, seed=cfg.seed,
+                        tokenizer_corpus=tuple(corpus) if resolve_model_source(cfg.model).is_tiny else ())
     method = METHODS[cfg.method]
-    model = method.build(load_model(source, task, max(len(label_names), 2), tokenizer, seed=cfg.seed),
-                         cfg.lora, task, seed=cfg.seed)
-    global_state = method.trainable_state(model)
+    model, tokenizer = build_model(spec)
+    global_state = method.initial_global(model, spec)  # devices share this model: prepared once
     update_bytes = state_nbytes(global_state)
     test_union = _concat([d.test for d in devices])
     test_sizes = [len(d.test) for d in devices]
@@ -149,10 +162,27 @@ def run_simulation(cfg: SimulationConfig, out_dir: Path | None, progress: bool =
         res = evaluate(model, tokenizer, test_union, cfg.eval_batch_size, cfg.train.max_seq_len)
         return res, _per_device_accuracy(res, test_sizes)
 
+    def personalise_all() -> dict:
+        """Each device's own model from the current global (methods with a personal part only)."""
+        rows, t0 = [], time.perf_counter()
+        for dev in devices:
+            metrics, dev.personal = method.personalise(model, tokenizer, dev.splits, spec, dev.personal,
+                                                       cfg.eval_batch_size)
+            rows.append(metrics)
+        method.load_trainable_state(model, global_state)
+        if not rows or not rows[0]:
+            return {}
+        acc = [r["personal_accuracy"] for r in rows]
+        return {"mean_personal_accuracy": float(np.nanmean(acc)), "device_personal_accuracy": acc,
+                "fusion": [(r["fusion_a"], r["fusion_b"]) for r in rows],
+                "personalise_seconds": time.perf_counter() - t0}
+
+    def row_for(r: int, res: EvalResult, dev_acc: list[float], **extra) -> dict:
+        return {"round": r, "global_accuracy": res.accuracy, "mean_device_accuracy": float(np.nanmean(dev_acc)),
+                "device_accuracy": dev_acc, "loss": res.loss, **extra, **personalise_all()}
+
     res0, dev0 = evaluate_global()
-    rounds = [{"round": 0, "global_accuracy": res0.accuracy, "mean_device_accuracy": float(np.nanmean(dev0)),
-               "device_accuracy": dev0, "loss": res0.loss, "train_loss": None, "seconds": 0.0,
-               "participants": [], "bytes_up": 0, "bytes_down": 0}]
+    rounds = [row_for(0, res0, dev0, train_loss=None, seconds=0.0, participants=[], bytes_up=0, bytes_down=0)]
     if on_round:
         on_round(rounds[0])
     rng = np.random.default_rng(cfg.seed + 1)
@@ -164,17 +194,18 @@ def run_simulation(cfg: SimulationConfig, out_dir: Path | None, progress: bool =
         for k in picked:
             dev = devices[k]
             method.load_trainable_state(model, global_state)
-            result = train_local(model, tokenizer, dev.train, cfg.train, seed=cfg.seed * 1000 + r * 100 + k,
-                                 progress=progress, desc=f"round {r} {dev.device_id}")
+            result, dev.personal = method.local_train(model, tokenizer, dev.splits, spec,
+                                                      seed=cfg.seed * 1000 + r * 100 + k, personal=dev.personal,
+                                                      progress=progress, desc=f"round {r} {dev.device_id}")
             updates.append((method.trainable_state(model), float(len(dev.train))))
             train_losses.append(result.mean_loss)
         global_state = weighted_mean(updates)
         method.load_trainable_state(model, global_state)
+        train_seconds = time.perf_counter() - t0
         res, dev_acc = evaluate_global()
-        row = {"round": r, "global_accuracy": res.accuracy, "mean_device_accuracy": float(np.nanmean(dev_acc)),
-               "device_accuracy": dev_acc, "loss": res.loss, "train_loss": float(np.mean(train_losses)),
-               "seconds": time.perf_counter() - t0, "participants": [devices[k].device_id for k in picked],
-               "bytes_up": update_bytes * len(picked), "bytes_down": update_bytes * len(picked)}
+        row = row_for(r, res, dev_acc, train_loss=float(np.mean(train_losses)), seconds=train_seconds,
+                      participants=[devices[k].device_id for k in picked], bytes_up=update_bytes * len(picked),
+                      bytes_down=update_bytes * len(picked))
         rounds.append(row)
         if on_round:
             on_round(row)
@@ -197,12 +228,15 @@ def run_simulation(cfg: SimulationConfig, out_dir: Path | None, progress: bool =
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_history(out_dir, history)
-        plot_accuracy(out_dir / "accuracy.png",
-                      {"global test accuracy": [(x["round"], x["global_accuracy"]) for x in rounds],
-                       "mean device accuracy": [(x["round"], x["mean_device_accuracy"]) for x in rounds]},
+        curves = {"global test accuracy": [(x["round"], x["global_accuracy"]) for x in rounds],
+                  "mean device accuracy": [(x["round"], x["mean_device_accuracy"]) for x in rounds]}
+        if "mean_personal_accuracy" in rounds[0]:
+            curves["mean personalised accuracy"] = [(x["round"], x["mean_personal_accuracy"]) for x in rounds]
+        plot_accuracy(out_dir / "accuracy.png", curves,
                       title=f"{cfg.model} + {cfg.method}, {len(devices)} devices, alpha={cfg.alpha}")
+
         def save_adapter(folder: Path) -> None:
-            model.save_pretrained(folder)
+            method.save_adapter(model, folder)
             tokenizer.save_pretrained(folder)
             write_metadata(folder, cfg.model, task, label_names, seed=cfg.seed)
 

@@ -25,7 +25,7 @@ from edge_runtime.methods import lora
 from edge_runtime.report import plot_accuracy
 from edge_runtime.simulation import SimulationConfig, _concat, prepare_devices, run_simulation
 from edge_runtime.training.evaluate import evaluate
-from edge_runtime.training.models import load_model, load_tokenizer, resolve_model_source
+from edge_runtime.training.spec import TrainingSpec, build_model
 from edge_runtime.training.trainer import TrainConfig, train_local
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -34,10 +34,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def run_centralized(cfg: SimulationConfig) -> list[dict]:
     devices = prepare_devices(cfg)
     train, test = _concat([d.train for d in devices]), _concat([d.test for d in devices])
-    src = resolve_model_source(cfg.model)
-    tok = load_tokenizer(src)
-    model = lora.build(load_model(src, "classification", len(train.label_names), tok, seed=cfg.seed), cfg.lora,
-                       "classification")
+    model, tok = build_model(TrainingSpec(model=cfg.model, labels=train.label_names, lora=cfg.lora, seed=cfg.seed))
     res = evaluate(model, tok, test, cfg.eval_batch_size, cfg.train.max_seq_len)
     rows = [{"epoch": 0, "accuracy": res.accuracy, "loss": res.loss, "seconds": 0.0}]
     for epoch in range(1, cfg.rounds + 1):

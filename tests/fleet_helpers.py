@@ -28,7 +28,7 @@ def toy_spec(**train) -> TrainingSpec:
 def initial_global(spec: TrainingSpec):
     def make():
         model, _ = build_model(spec)
-        return METHODS[spec.method].trainable_state(model)
+        return METHODS[spec.method].initial_global(model, spec)
     return make
 
 
@@ -37,9 +37,10 @@ def device_files(tmp: Path, n: int, rows: int = 300) -> list[Path]:
 
 
 class InProcessFleet:
-    def __init__(self, tmp: Path, n_devices: int = 3, rounds: int = 2, **server_kw) -> None:
+    def __init__(self, tmp: Path, n_devices: int = 3, rounds: int = 2, spec: TrainingSpec | None = None,
+                 **server_kw) -> None:
         self.broker = MemoryBroker()
-        self.spec = toy_spec()
+        self.spec = spec or toy_spec()
         self.cfg = ServerConfig(fleet="t", rounds=rounds, min_devices=n_devices, training=self.spec.to_json(),
                                 **({"deadline_s": 60.0} | server_kw))
         self.store = Store(tmp / "server")

@@ -1,5 +1,18 @@
-"""PEFT methods, one per module; ``METHODS`` maps a training profile's ``method`` to its module."""
+"""PEFT methods, one per module; ``METHODS`` maps a training profile's ``method`` to its module.
 
-from edge_runtime.methods import lora
+Every method module provides the same functions, so the simulator, the agent and the server
+never branch on the method:
 
-METHODS = {"lora": lora}
+- ``build(base_model, spec)``: wrap the base model (the same on the server and every device);
+- ``initial_global(model, spec)``: server, once per run: the round-0 global adapter;
+- ``NEEDS_INIT`` / ``prepare(model, spec, init)``: whether devices need that round-0 adapter
+  shipped to set the model up (FeDeRA's residual base), and the set-up;
+- ``trainable_state`` / ``load_trainable_state``: the upload, and loading a global;
+- ``personalise(...)``: a device's own model from the global one, evaluated (FDLoRA's fusion);
+- ``local_train(...)``: one round of local training;
+- ``save_adapter(model, folder)``: a plain peft LoRA folder that loads onto the untouched base.
+"""
+
+from edge_runtime.methods import fdlora, federa, lora
+
+METHODS = {"lora": lora, "federa": federa, "fdlora": fdlora}

@@ -4,20 +4,31 @@ Trainable part: LoRA A/B on the attention projections (peft's default targets fo
 architecture unless ``target_modules`` is set) plus, for classification, the task head
 (and BERT's pooler), which must be shared too or devices would disagree on the label space.
 Upload: the whole trainable state. Server: weighted FedAvg (samples as weights).
+
+Every method module has the same functions (see ``edge_runtime.methods``); this one is the
+reference, and the others reuse what they do not change.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 from torch import Tensor
 
 from edge_runtime.algorithms.aggregation import check_compatible
 from edge_runtime.errors import AggregationError, ConfigError
+from edge_runtime.training.data import Splits
+from edge_runtime.training.trainer import TrainResult, train_local
+
+if TYPE_CHECKING:
+    from edge_runtime.methods.personal import PersonalState
+    from edge_runtime.training.spec import TrainingSpec
 
 HEAD_MODULES = ("classifier", "score", "pooler")  # BERT head + pooler, Llama's score head
+NEEDS_INIT = False      # devices need nothing but the global adapter to start
 
 
 @dataclass(frozen=True)
@@ -44,29 +55,39 @@ def head_module_names(model: torch.nn.Module) -> list[str]:
     return [h for h in HEAD_MODULES if h in names]
 
 
-def build(model: torch.nn.Module, cfg: LoraMethodConfig, task: str, seed: int = 0):
+def build(model: torch.nn.Module, spec: "TrainingSpec"):
     """Wrap ``model`` in a peft LoRA model; only LoRA weights (and the head) are trainable.
 
-    LoRA A's random init is drawn from ``seed`` (the server's init is what devices start from,
-    but a reproducible init makes runs repeatable).
+    LoRA A's random init is drawn from ``spec.seed`` (the server's init is what devices start
+    from, but a reproducible init makes runs repeatable).
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
-    task_type = TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM
+    cfg = spec.lora
+    task_type = TaskType.SEQ_CLS if spec.task == "classification" else TaskType.CAUSAL_LM
     peft_cfg = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules) if cfg.target_modules else None,
-        modules_to_save=head_module_names(model) if task == "classification" else None,
+        modules_to_save=head_module_names(model) if spec.task == "classification" else None,
         task_type=task_type,
     )
     try:
         with torch.random.fork_rng():
-            torch.manual_seed(seed)
+            torch.manual_seed(spec.seed)
             return get_peft_model(model, peft_cfg)
     except ValueError as exc:
-        raise ConfigError(f"lora: cannot apply LoRA to {type(model).__name__}: {exc}") from exc
+        raise ConfigError(f"{spec.method}: cannot apply LoRA to {type(model).__name__}: {exc}") from exc
+
+
+def initial_global(model, spec: "TrainingSpec") -> dict[str, Tensor]:
+    """Server, once per run: the round-0 global adapter (may set up ``model`` as devices will)."""
+    return trainable_state(model)
+
+
+def prepare(model, spec: "TrainingSpec", init: Mapping[str, Tensor] | None) -> None:
+    """Device, once per model: apply the run's shipped initialisation (LoRA needs none)."""
 
 
 def trainable_state(model) -> dict[str, Tensor]:
@@ -85,3 +106,21 @@ def load_trainable_state(model, state: Mapping[str, Tensor]) -> None:
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise AggregationError(f"global adapter: peft did not accept keys {unexpected[:5]}")
+
+
+def personalise(model, tokenizer, splits: Splits, spec: "TrainingSpec", personal: "PersonalState | None",
+                eval_batch_size: int = 64) -> tuple[dict[str, float], "PersonalState | None"]:
+    """Device: build and evaluate the device's own model from the global one (LoRA has none)."""
+    return {}, personal
+
+
+def local_train(model, tokenizer, splits: Splits, spec: "TrainingSpec", seed: int,
+                personal: "PersonalState | None", progress: bool = False,
+                desc: str = "train") -> tuple[TrainResult, "PersonalState | None"]:
+    """Device: one round of local training; afterwards ``trainable_state(model)`` is the upload."""
+    return train_local(model, tokenizer, splits.train, spec.train, seed=seed, progress=progress, desc=desc), personal
+
+
+def save_adapter(model, folder: Path) -> None:
+    """Write the adapter as a peft folder that loads onto the untouched base model."""
+    model.save_pretrained(folder)

@@ -82,6 +82,7 @@ class RoundManifest:
     deadline_s: float                             # seconds the server waits for updates
     training: dict = field(default_factory=dict)  # model, method, labels, train + method configs
     issued_at: float = 0.0                        # server wall clock (seconds since epoch)
+    init_payload: PayloadRef | None = None        # the run's init adapter, for methods that need it (FeDeRA)
 
     def __post_init__(self) -> None:
         check_id("run_id", self.run_id)

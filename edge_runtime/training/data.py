@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import torch
 
@@ -54,6 +54,14 @@ class LocalDataset:
             self.label_names,
             self.source,
         )
+
+
+class Splits(NamedTuple):
+    """One device's own train / validation / test examples (never leave the device)."""
+
+    train: LocalDataset
+    val: LocalDataset
+    test: LocalDataset
 
 
 def _row_kind(row: dict) -> Kind | None:

@@ -7,11 +7,14 @@ validated on arrival (unknown keys and bad values are errors naming the field).
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from edge_runtime.errors import ConfigError
 from edge_runtime.methods import METHODS
+from edge_runtime.methods.fdlora import FdloraConfig
+from edge_runtime.methods.federa import FederaConfig
 from edge_runtime.methods.lora import LoraMethodConfig
 from edge_runtime.training.models import TASKS, load_model, load_tokenizer, resolve_model_source
 from edge_runtime.training.trainer import TrainConfig
@@ -24,6 +27,8 @@ class TrainingSpec:
     labels: tuple[str, ...] = ()
     method: str = "lora"
     lora: LoraMethodConfig = field(default_factory=LoraMethodConfig)
+    federa: FederaConfig = field(default_factory=FederaConfig)
+    fdlora: FdloraConfig = field(default_factory=FdloraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)   # a device's own train / val / test
     seed: int = 0
@@ -42,24 +47,31 @@ class TrainingSpec:
 
     @classmethod
     def from_json(cls, d: Any) -> "TrainingSpec":
-        if not isinstance(d, dict):
-            raise ConfigError("training must be an object")
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"training: unknown keys {unknown}")
-        kw = dict(d)
-        try:
-            if "lora" in kw:
-                kw["lora"] = LoraMethodConfig(**{k: tuple(v) if k == "target_modules" and v else v
-                                                 for k, v in kw["lora"].items()})
-            if "train" in kw:
-                kw["train"] = TrainConfig(**kw["train"])
-        except TypeError as exc:
-            raise ConfigError(f"training: {exc}") from exc
-        for key in ("labels", "split", "tokenizer_corpus"):
-            if key in kw:
-                kw[key] = tuple(kw[key])
+        return dataclass_from_json(cls, d, "training")
+
+
+def dataclass_from_json(cls, d: Any, where: str):
+    """Build the frozen dataclass ``cls`` from JSON: nested configs recursively, lists to tuples,
+    unknown keys and wrong types rejected with the dotted path of the field."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} must be an object, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}")
+    kw = {}
+    for key, value in d.items():
+        default = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
+        if default is not None and dataclasses.is_dataclass(default):
+            kw[key] = dataclass_from_json(default, value, f"{where}.{key}")
+        elif isinstance(value, list):
+            kw[key] = tuple(value)
+        else:
+            kw[key] = value
+    try:
         return cls(**kw)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
 
 
 def json_ready(obj: Any) -> Any:
@@ -70,12 +82,46 @@ def json_ready(obj: Any) -> Any:
     return obj
 
 
+_BUILD_LOCK = threading.Lock()
+
+
 def build_model(spec: TrainingSpec):
     """Load the base model + tokenizer and wrap it with the spec's method; returns (model, tokenizer).
 
     Identical on every device and on the server for the same spec (seeded head / tiny weights).
+    Seeded initialisation uses torch's global RNG, so builds in one process are serialised:
+    two threads building at once (in-process fleets) would otherwise draw each other's numbers.
     """
-    source = resolve_model_source(spec.model)
-    tokenizer = load_tokenizer(source, texts_for_tiny=spec.tokenizer_corpus)
-    base = load_model(source, spec.task, max(len(spec.labels), 2), tokenizer, seed=spec.seed)
-    return METHODS[spec.method].build(base, spec.lora, spec.task, seed=spec.seed), tokenizer
+    with _BUILD_LOCK:
+        source = resolve_model_source(spec.model)
+        tokenizer = load_tokenizer(source, texts_for_tiny=spec.tokenizer_corpus)
+        base = load_model(source, spec.task, max(len(spec.labels), 2), tokenizer, seed=spec.seed)
+        return METHODS[spec.method].build(base, spec), tokenizer
+
+
+def apply_overrides(d: dict[str, Any], items: Sequence[str], where: str = "--set") -> dict[str, Any]:
+    """``["fdlora.personal_epochs=2", "federa.residual=false"]`` applied to a spec's JSON (values parsed as YAML).
+
+    Returns a new dict; the result still goes through :meth:`TrainingSpec.from_json` validation.
+    """
+    import copy
+
+    import yaml
+
+    out = copy.deepcopy(d)
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{where} {item!r}: expected KEY=VALUE, e.g. fdlora.personal_epochs=2")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where} {item!r}: the value is not valid YAML: {exc}") from exc
+        *path, last = key.strip().split(".")
+        node = out
+        for part in path:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"{where} {item!r}: {part!r} is not a section of the training spec")
+            node = node[part]
+        node[last] = value
+    return out

@@ -28,7 +28,8 @@ ROWS = (120, 300, 600)   # different data sizes spread the devices' finishing ti
 
 
 class ProcessFleet:
-    def __init__(self, tmp: Path, broker: Mosquitto, rounds: int = 2, epochs: int = 12) -> None:
+    def __init__(self, tmp: Path, broker: Mosquitto, rounds: int = 2, epochs: int = 12,
+                 extra_server_args: tuple[str, ...] = ()) -> None:
         self.tmp, self.broker, self.rounds, self.epochs = tmp, broker, rounds, epochs
         self.state_dir = tmp / "server"
         corpus = tmp / "corpus.txt"
@@ -37,7 +38,8 @@ class ProcessFleet:
                             "--fleet", "it", "--rounds", str(rounds), "--min-devices", "3", "--quorum", "1.0",
                             "--deadline", "120", "--eval-deadline", "60", "--heartbeat-timeout", "30",
                             "--model", "tiny-llama", "--labels", "animal,food,tool", "--tokenizer-corpus", str(corpus),
-                            "--rank", "4", "--epochs", str(epochs), "--lr", "0.01", "--max-seq-len", "16"]
+                            "--rank", "4", "--epochs", str(epochs), "--lr", "0.01", "--max-seq-len", "16",
+                            *extra_server_args]
         self.files = [write_jsonl(tmp / f"dev{k}.jsonl", make_toy_rows(n, seed=k)) for k, n in enumerate(ROWS)]
         self.server: subprocess.Popen | None = None
         self.agents: dict[int, subprocess.Popen] = {}
@@ -184,3 +186,30 @@ def test_agent_killed_mid_upload_then_restarted(fleet):
     # the restarted agent re-sent the update it had persisted (same idempotency key), not a new one
     stored = fleet.state_dir / "updates" / "round_00001" / f"dev2__{pending['update_id']}.safetensors"
     assert stored.exists()
+
+
+@pytest.mark.parametrize("method", ["federa", "fdlora"])
+def test_federa_and_fdlora_over_mosquitto_with_an_agent_restart(tmp_path, mosquitto, method):
+    """The init payload (FeDeRA) and the personal state (FDLoRA) survive an agent killed between rounds."""
+    fleet = ProcessFleet(tmp_path, mosquitto, epochs=6,
+                         extra_server_args=("--method", method, "--set", "fdlora.fusion_evals=6"))
+    try:
+        fleet.start()
+        fleet.wait_for(lambda s: s["round"] >= 2 or s["phase"] == "done", "round 1 to close")
+        fleet.agents[1].send_signal(signal.SIGKILL)
+        fleet.agents[1].wait(10)
+        fleet.start_agent(1)
+        s = fleet.assert_complete_and_exactly_once()
+        assert s["training"]["method"] == method
+        if method == "federa":
+            for k in range(3):
+                inits = list((tmp_path / f"dev{k}" / "init").glob("*.safetensors"))
+                assert len(inits) == 1 and inits[0].read_bytes() == \
+                    (fleet.state_dir / "global" / "round_00000.safetensors").read_bytes()
+            cfg = json.loads((fleet.state_dir / "global_adapter" / "adapter_config.json").read_text())
+            assert cfg["r"] == 8  # exported as a plain rank-2r LoRA for the untouched base
+        else:
+            assert all(h.get("personal_accuracy") is not None for h in s["history"]), s["history"]
+            assert "personal state loaded" in fleet.log("dev1.log")  # the restarted agent kept its adapter
+    finally:
+        fleet.close()

@@ -5,13 +5,15 @@ from edge_runtime.errors import AggregationError, ConfigError
 from edge_runtime.methods import lora
 from edge_runtime.training.data import load_dataset
 from edge_runtime.training.models import load_model, load_tokenizer, resolve_model_source
+from edge_runtime.training.spec import TrainingSpec
 from edge_runtime.training.trainer import TrainConfig, train_local
 
 
 def _model(name="tiny-bert", texts=("a b c",)):
     src = resolve_model_source(name)
     tok = load_tokenizer(src, texts)
-    return lora.build(load_model(src, "classification", 3, tok), lora.LoraMethodConfig(rank=4), "classification"), tok
+    spec = TrainingSpec(model=name, labels=("a", "b", "c"), lora=lora.LoraMethodConfig(rank=4))
+    return lora.build(load_model(src, "classification", 3, tok), spec), tok
 
 
 def test_trainable_state_is_lora_plus_head_only():

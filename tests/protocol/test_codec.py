@@ -29,6 +29,9 @@ def test_update_manifest_round_trips(dev, upd, rnd, n, size, chunks, metrics):
 def test_round_manifest_round_trips(parts, rnd, action):
     m = RoundManifest("run-1", rnd, action, tuple(parts), None, 12.5, {"model": "x", "labels": ["a"]}, 1.0)
     assert decode_message(encode_message(m)) == m
+    init = PayloadRef("init-run-1", 1234, "ab" * 32, 1)
+    with_init = RoundManifest("run-1", rnd, action, tuple(parts), None, 1.0, {}, 1.0, init)
+    assert decode_message(encode_message(with_init)).init_payload == init
 
 
 def test_other_messages_round_trip():

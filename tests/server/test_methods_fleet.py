@@ -1,0 +1,88 @@
+"""FeDeRA and FDLoRA through the whole protocol path (server + agents, in-memory transport)."""
+
+import dataclasses
+import json
+
+import torch
+from safetensors.torch import load as safetensors_load
+
+from broker_server.report import export_adapter
+from edge_runtime.agent import Agent
+from edge_runtime.methods.fdlora import FdloraConfig
+from edge_runtime.methods.federa import FederaConfig
+from edge_runtime.methods.personal import load_personal
+from edge_runtime.protocol import topics
+from edge_runtime.protocol.chunking import Reassembler
+from edge_runtime.training.spec import TrainingSpec
+from edge_runtime.transport.memory import MemoryTransport
+from tests.fleet_helpers import InProcessFleet, toy_spec
+
+
+def _run(fleet: InProcessFleet, spy: MemoryTransport | None = None) -> dict:
+    if spy is not None:
+        spy.start()
+    fleet.start()
+    try:
+        fleet.wait_done(timeout=180)
+    finally:
+        fleet.close()
+        if spy is not None:
+            spy.stop(1.0)
+    return fleet.coordinator.state
+
+
+def test_federa_devices_build_identical_models_from_the_shipped_init(tmp_path):
+    spec = dataclasses.replace(toy_spec(), method="federa", federa=FederaConfig(residual=True))
+    fleet = InProcessFleet(tmp_path, n_devices=2, rounds=2, spec=spec)
+    state = _run(fleet)
+    hist = state["history"]
+    assert [h["round"] for h in hist] == [0, 1, 2] and hist[-1]["final"]
+    assert hist[2]["loss"] < hist[0]["loss"]
+    init_files = [sorted((tmp_path / f"dev{k}" / "init").glob("*.safetensors")) for k in range(2)]
+    assert all(len(f) == 1 for f in init_files)
+    assert init_files[0][0].read_bytes() == (tmp_path / "server" / "global" / "round_00000.safetensors").read_bytes()
+    # both devices' frozen (residual) base weights are bit-identical
+    m0, m1 = (dict(a._model.named_parameters()) for a in fleet.agents)
+    frozen = [k for k, p in m0.items() if not p.requires_grad]
+    assert frozen and all(torch.equal(m0[k], m1[k]) for k in frozen)
+    # the server's export is a plain LoRA for the untouched base (rank 2r)
+    init = fleet.store.read_tensors(fleet.store.global_path(0))
+    folder = export_adapter(tmp_path / "out", state["training"], fleet.coordinator.global_state, init)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 * spec.lora.rank
+
+
+def test_fdlora_personal_adapter_never_leaves_the_device_and_survives_a_restart(tmp_path):
+    spec = dataclasses.replace(toy_spec(), method="fdlora", fdlora=FdloraConfig(fusion_evals=8))
+    fleet = InProcessFleet(tmp_path, n_devices=2, rounds=2, spec=spec)
+    sent: list[tuple[str, bytes]] = []
+    spy = MemoryTransport(fleet.broker, "spy")
+    spy.subscribe(topics.device_wildcard("t", "update/chunk"), lambda t, p: sent.append((t, p)))
+    state = _run(fleet, spy)
+
+    hist = state["history"]
+    assert all(h.get("personal_accuracy") is not None for h in hist), hist
+    payloads = []
+    reasm = Reassembler(1 << 30)
+    for topic, frame in sent:
+        _, whole = reasm.add(topics.parse_topic(topic).device_id, frame, 0.0)
+        if whole is not None:
+            payloads.append(whole)
+    assert len(payloads) == 2 * 2  # 2 devices x 2 training rounds
+    global_keys = set(safetensors_load(payloads[0]))
+    for k in range(2):
+        files = list((tmp_path / f"dev{k}" / "personal").glob("*.safetensors"))
+        assert len(files) == 1
+        personal = load_personal(files[0])
+        assert personal.meta["trained"] is True and {"a", "b"} <= set(personal.meta)
+        assert set(personal.tensors) == global_keys  # same names as the upload: compare the bytes
+        secrets = [v.contiguous().numpy().tobytes() for n, v in personal.tensors.items() if "lora_B" in n]
+        assert secrets and all(v.abs().sum() > 0 for n, v in personal.tensors.items() if "lora_B" in n)
+        for blob in payloads:
+            assert set(safetensors_load(blob)) == global_keys
+            assert not any(secret in blob for secret in secrets)
+        # a restarted agent picks its personal adapter up again
+        again = Agent(fleet.agents[k].cfg, MemoryTransport(fleet.broker, f"again{k}"))
+        again._prepare(TrainingSpec.from_json(state["training"]), None)
+        assert again._personal is not None and again._personal.meta == personal.meta
+        assert all(torch.equal(again._personal.tensors[n], v) for n, v in personal.tensors.items())
