@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -67,7 +68,8 @@ def _cmd_broker(args: argparse.Namespace) -> int:
 
 
 def add_broker_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt://[user:pass@]host:port or mqtts://...")
+    p.add_argument("--broker", default=os.environ.get("EDGE_RUNTIME_BROKER", "mqtt://127.0.0.1:1883"),
+                   help="mqtt://[user:pass@]host:port or mqtts://... (default: $EDGE_RUNTIME_BROKER or localhost)")
     p.add_argument("--ca-certs", default=None, help="CA bundle for TLS (mqtts://)")
     p.add_argument("--certfile", default=None, help="client certificate for TLS")
     p.add_argument("--keyfile", default=None, help="client key for TLS")
@@ -125,6 +127,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from edge_runtime.protocol.codec import encode_message
     from edge_runtime.protocol.messages import Status
     from edge_runtime.training.spec import build_model
+    from edge_runtime.service.sdnotify import Notifier
     from edge_runtime.transport.base import Will
     from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
 
@@ -151,10 +154,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
                               will=Will(topics.server_status_topic(args.fleet),
                                         encode_message(Status("server", False))),
                               ca_certs=args.ca_certs, certfile=args.certfile, keyfile=args.keyfile)
-    coord = Coordinator(cfg, store, transport, initial_global, on_done=on_done)
+    notifier = Notifier()
+    coord = Coordinator(cfg, store, transport, initial_global, on_done=on_done, notifier=notifier)
     stop = threading.Event()
+
+    def on_signal(signum, _frame) -> None:  # the loop stops between two messages: state is always saved
+        log.info("%s: stopping", signal.Signals(signum).name)
+        notifier.stopping("stopping")
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     coord.serve(stop, exit_when_done=not args.keep_serving)
     transport.stop()
     return 0
@@ -195,9 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="broker-server", description="Aggregation server for edge-runtime fleets.")
     parser.add_argument("--version", action="version", version=f"broker-server {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="one line per event: text (journald-aware) or JSON")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="run the rounds of a federation over MQTT")
+    p = sub.add_parser("run", help="run the rounds of a federation over MQTT",
+                       description="Run the rounds. Options may come from --config FILE.yaml (keys are the option "
+                                   "names); flags typed here override the file. The broker URL defaults to "
+                                   "$EDGE_RUNTIME_BROKER.")
+    p.add_argument("--config", type=Path, default=None, help="YAML file of these options (install-service writes one)")
     add_broker_args(p)
     p.add_argument("--state-dir", type=Path, required=True, help="persistent state (resumed on restart)")
     p.add_argument("--out", type=Path, default=None, help="report + final adapter folder (default: --state-dir)")
@@ -230,13 +246,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="PATH[:WEIGHT]")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_cmd_aggregate)
+
+    from edge_runtime.cli import add_service_args
+
+    p = sub.add_parser("install-service", help="install the aggregation server as a systemd service",
+                       description="Write the systemd unit, /etc/edge-runtime/server.yaml (the options of "
+                                   "`broker-server run`) and the 0600 file /etc/default/edge-runtime-server; "
+                                   "create the user; daemon-reload.")
+    p.add_argument("--fleet", default="default")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--min-devices", type=int, default=2)
+    p.add_argument("--model", default="minilm-l6")
+    p.add_argument("--method", default="lora")
+    p.add_argument("--labels", default="wordnet")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other `broker-server run` option for the config file, e.g. deadline=900 (repeatable)")
+    add_service_args(p, "server")
+    p.set_defaults(func=_cmd_install)
+    p = sub.add_parser("uninstall-service", help="stop and remove the server's systemd service")
+    p.add_argument("--prefix", type=Path, default=None)
+    p.add_argument("--purge", action="store_true", help="also delete the server's state folder")
+    p.set_defaults(func=_cmd_uninstall)
     return parser
 
 
+def _cmd_install(args: argparse.Namespace) -> int:
+    import yaml
+
+    from edge_runtime.cli import service_options
+    from edge_runtime.service.config import options_argv, subcommand
+    from edge_runtime.service.install import install
+
+    options = {"fleet": args.fleet, "rounds": args.rounds, "min_devices": args.min_devices, "model": args.model,
+               "method": args.method, "labels": args.labels}
+    for item in args.option:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise EdgeRuntimeError(f"--option {item!r}: expected KEY=VALUE, e.g. deadline=900")
+        options[key.strip().replace("-", "_")] = yaml.safe_load(raw)
+    # the written config is checked against `run`'s options now, not at the service's first start
+    options_argv(subcommand(build_parser(), "run"), options, "install-service")
+    install(service_options(args, "server", options), prefix=args.prefix, dry_run=args.dry_run, enable=args.enable)
+    return 0
+
+
+def _cmd_uninstall(args: argparse.Namespace) -> int:
+    from edge_runtime.service.install import uninstall
+
+    uninstall("server", prefix=args.prefix, purge=args.purge)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    from edge_runtime.service.config import expand_config
+    from edge_runtime.service.logs import setup_logging
+
+    parser = build_parser()
+    try:
+        argv = expand_config(parser, list(sys.argv[1:] if argv is None else argv))
+    except EdgeRuntimeError as exc:
+        print(f"broker-server: error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
     for name in ("bitsandbytes", "amqtt", "transitions"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:

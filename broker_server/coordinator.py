@@ -30,6 +30,8 @@ from edge_runtime.protocol.chunking import Reassembler, parse_chunk, split_paylo
 from edge_runtime.protocol.codec import decode_message, decode_tensors, encode_message, encode_tensors
 from edge_runtime.protocol.messages import (Ack, GlobalAnnouncement, Heartbeat, Hello, PayloadRef, ProtocolError,
                                             RoundManifest, RoundSummary, Status, UpdateManifest, check_id)
+from edge_runtime.service import lifecycle
+from edge_runtime.service.sdnotify import Notifier
 from edge_runtime.transport.base import Transport
 
 log = logging.getLogger("broker_server.coordinator")
@@ -65,8 +67,10 @@ class Coordinator:
     def __init__(self, cfg: ServerConfig, store: Store, transport: Transport,
                  initial_global: Callable[[], dict[str, torch.Tensor]],
                  on_done: Callable[[dict, dict[str, torch.Tensor]], None] | None = None,
-                 clock: Callable[[], float] = time.time, run_id: str | None = None) -> None:
+                 clock: Callable[[], float] = time.time, run_id: str | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.cfg = cfg
+        self.notifier = notifier or Notifier({})
         self.store = store
         self.transport = transport
         self.clock = clock
@@ -112,6 +116,11 @@ class Coordinator:
         self.state["devices"] = self.fleet.to_json()
         self.store.save(self.state)
 
+    def _status_line(self) -> str:
+        s = self.state
+        return (f"run {s['run_id']}: round {s['round']} ({s['phase']}), {len(s['accepted'])}/"
+                f"{len(s['participants'])} updates, {len(self.fleet.online_ids())} device(s) online")
+
     @property
     def run_id(self) -> str:
         return self.state["run_id"]
@@ -132,7 +141,10 @@ class Coordinator:
         stop = stop or threading.Event()
         self.attach()
         self.transport.start()
+        self.notifier.ready(self._status_line())
+        self.notifier.start_watchdog(lambda: lifecycle.seconds_since_progress() < (self.notifier.watchdog_s or 1), stop)
         while not stop.is_set():
+            lifecycle.touch()
             try:
                 topic, payload = self.inbox.get(timeout=0.2)
             except queue.Empty:
@@ -385,6 +397,7 @@ class Coordinator:
                  round_started_at=self.clock(),
                  deadline_at=self.clock() + (self.cfg.deadline_s if phase == "train" else self.cfg.eval_deadline_s))
         self._save()
+        self.notifier.status(self._status_line())
         log.info("round %d (%s) started: participants %s", round_, phase, s["participants"])
         self.publish_retained()
 

@@ -40,6 +40,8 @@ from edge_runtime.protocol.chunking import MAX_CHUNK_BYTES, Reassembler, split_p
 from edge_runtime.protocol.codec import decode_message, decode_tensors, encode_message, encode_tensors
 from edge_runtime.protocol.messages import (Ack, GlobalAnnouncement, Heartbeat, Hello, ProtocolError, RoundManifest,
                                             Status, UpdateManifest, check_id)
+from edge_runtime.service import lifecycle
+from edge_runtime.service.sdnotify import Notifier
 from edge_runtime.training.data import Splits, resolve_dataset
 from edge_runtime.training.evaluate import evaluate
 from edge_runtime.training.spec import TrainingSpec, build_model
@@ -69,14 +71,17 @@ class AgentConfig:
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig, transport: Transport, clock=time.time) -> None:
+    def __init__(self, cfg: AgentConfig, transport: Transport, clock=time.time,
+                 notifier: Notifier | None = None) -> None:
         self.cfg = cfg
         self.transport = transport
         self.clock = clock
+        self.notifier = notifier or Notifier({})
         self.inbox: queue.Queue = queue.Queue()
         self.stop_event = threading.Event()
-        self.activity = "idle"
+        self._activity = "starting"
         self.state_path = Path(cfg.state_dir) / "agent.json"
+        self.status_path = Path(cfg.state_dir) / "status.json"
         self.state = self._load_state()
         self.raw_data = resolve_dataset(cfg.data)          # validated now: a bad file fails at start
         self.manifest: RoundManifest | None = None
@@ -101,6 +106,39 @@ class Agent:
 
     def _save_state(self) -> None:
         write_json_atomic(self.state_path, self.state)
+        self._write_status()
+
+    @property
+    def activity(self) -> str:
+        return self._activity
+
+    @activity.setter
+    def activity(self, value: str) -> None:
+        if value != self._activity:
+            self._activity = value
+            self._write_status()
+
+    def _write_status(self) -> None:
+        """``status.json`` for ``edge-runtime status`` and systemd's STATUS line; never fails the agent."""
+        m = self.manifest if hasattr(self, "manifest") else None
+        spec = (m.training if m else {}) or {}
+        acked = (self.state.get("results") or [None])[-1]
+        status = {"device_id": self.cfg.device_id, "fleet": self.cfg.fleet, "pid": os.getpid(),
+                  "connected": self.transport.wait_connected(0), "activity": self._activity,
+                  "run_id": self.state.get("run_id"), "server_round": m.round if m else None,
+                  "server_action": m.action if m else None, "last_round_done": self.state.get("last_round_done"),
+                  "pending_update": (self.state.get("pending") or {}).get("update_id"),
+                  "plan": {k: spec.get(k) for k in ("model", "method", "task")} | {
+                      "rank": (spec.get("lora") or {}).get("rank"),
+                      "batch_size": (spec.get("train") or {}).get("batch_size"),
+                      "max_seq_len": (spec.get("train") or {}).get("max_seq_len")} if spec else None,
+                  "last_result": acked, "updated_at": self.clock()}
+        try:
+            write_json_atomic(self.status_path, status)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.status_path, exc)
+        round_text = f"round {m.round} ({m.action})" if m else "waiting for the server"
+        self.notifier.status(f"{self._activity}; {round_text}; last round done {self.state.get('last_round_done')}")
 
     # -- transport wiring --------------------------------------------------------------------
     def attach(self) -> None:
@@ -130,8 +168,14 @@ class Agent:
         self.attach()
         self.transport.start()
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
+        self.notifier.ready(f"device {self.cfg.device_id} in fleet {self.cfg.fleet}: waiting for the server")
+        self.activity = "idle"
+        # the watchdog pings while the main loop (or a training / evaluation step in it) makes progress
+        self.notifier.start_watchdog(lambda: lifecycle.seconds_since_progress() < (self.notifier.watchdog_s or 1),
+                                     self.stop_event)
         try:
-            while not self.stop_event.is_set():
+            while not self.stop_event.is_set() and not lifecycle.STOP.is_set():
+                lifecycle.touch()
                 try:
                     topic, payload = self.inbox.get(timeout=0.2)
                     self.handle(topic, payload)
@@ -140,6 +184,11 @@ class Agent:
                 try:
                     if self.step():
                         break
+                except lifecycle.Interrupted:
+                    log.info("stop requested: abandoned round %s's local work (nothing of it was persisted or "
+                             "sent; the round is redone after a restart if it is still open)",
+                             self.manifest.round if self.manifest else "-")
+                    break
                 except Exception:  # loop boundary: log, back off, keep serving the fleet
                     log.exception("round step failed; retrying in 5 s")
                     self.stop_event.wait(5.0)
@@ -163,7 +212,10 @@ class Agent:
                     if whole is not None:  # kept on disk: a restarted device needs no retained copy
                         write_bytes_atomic(self._init_path(ref.payload_id), whole)
             elif t.kind == "round" and payload:
+                before = (self.manifest.round, self.manifest.action) if self.manifest else None
                 self.manifest = decode_message(payload, RoundManifest)
+                if before != (self.manifest.round, self.manifest.action):
+                    self._write_status()
             elif t.kind == "global" and payload:
                 decode_message(payload, GlobalAnnouncement)  # validated; the manifest names the payload
             elif t.kind == "dev/ack" and payload:
@@ -342,12 +394,19 @@ class Agent:
             t["upload_to_ack_s"] = self.clock() - t.pop("first_send_at")
         self.state.setdefault("timings", []).append({"round": pending["round"], **t})
         del self.state["timings"][:-100]
+        self.state.setdefault("results", []).append({"round": pending["round"], "accepted": ack.accepted,
+                                                     "reason": ack.reason, **pending.get("metrics", {})})
+        del self.state["results"][:-20]
         self.state.update(last_round_done=pending["round"], pending=None)
         self._save_state()
         self.activity = "idle"
 
     def shutdown(self, timeout: float = 5.0) -> None:
+        """Tell the server this device is leaving (retained offline status), persist, disconnect."""
         self.stop_event.set()
+        self.notifier.stopping("leaving the fleet")
+        self.activity = "stopped"
+        self._save_state()
         f, d = self.cfg.fleet, self.cfg.device_id
         self.transport.publish(topics.device_topic(f, d, "status"), encode_message(Status(d, False)), retain=True)
         self.transport.stop(timeout)

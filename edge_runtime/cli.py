@@ -98,7 +98,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 def _add_agent(sub) -> None:
     from broker_server.cli import add_broker_args
 
-    p = sub.add_parser("agent", help="run this device's agent: join the fleet, train when asked, upload updates")
+    p = sub.add_parser("agent", help="run this device's agent: join the fleet, train when asked, upload updates",
+                       description="Run the device agent. Options may come from --config FILE.yaml (keys are the "
+                                   "option names, e.g. device_id: jetson-07); flags typed here override the file. "
+                                   "The broker URL defaults to $EDGE_RUNTIME_BROKER.")
+    p.add_argument("--config", type=Path, default=None, help="YAML file of these options (install-service writes one)")
     add_broker_args(p)
     p.add_argument("--device-id", required=True)
     p.add_argument("--fleet", default="default")
@@ -108,7 +112,7 @@ def _add_agent(sub) -> None:
     p.add_argument("--ack-timeout", type=float, default=30.0, help="seconds before an unacked update is re-sent")
     p.add_argument("--chunk-bytes", type=int, default=256 * 1024, help="upload chunk size (<= 256 KiB)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--keep-running", action="store_true", help="stay up after the run is done")
+    p.add_argument("--keep-running", action="store_true", help="stay up after the run is done (service mode)")
     p.add_argument("--progress", action="store_true", help="progress bar for local training")
     p.set_defaults(func=_cmd_agent)
 
@@ -122,6 +126,8 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     from edge_runtime.protocol import topics
     from edge_runtime.protocol.codec import encode_message
     from edge_runtime.protocol.messages import Status
+    from edge_runtime.service import lifecycle
+    from edge_runtime.service.sdnotify import Notifier
     from edge_runtime.transport.base import Will
     from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
 
@@ -134,12 +140,127 @@ def _cmd_agent(args: argparse.Namespace) -> int:
                 encode_message(Status(args.device_id, False)))
     transport = MqttTransport(BrokerAddress.parse(args.broker), client_id=f"dev-{args.fleet}-{args.device_id}",
                               will=will, ca_certs=args.ca_certs, certfile=args.certfile, keyfile=args.keyfile)
-    agent = Agent(cfg, transport)
-    signal.signal(signal.SIGTERM, lambda *_: agent.stop_event.set())
+    agent = Agent(cfg, transport, notifier=Notifier())
+
+    def on_signal(signum, _frame) -> None:  # a safe point: the loop, or the next training / evaluation step
+        log.info("%s: stopping at the next safe point", signal.Signals(signum).name)
+        lifecycle.request_stop()
+        agent.stop_event.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
     try:
         agent.run()
     finally:
         agent.shutdown()
+    log.info("agent stopped; state in %s", args.state_dir)
+    return 0
+
+
+def _add_status(sub) -> None:
+    p = sub.add_parser("status", help="this device's agent: connected, current round, plan, last result",
+                       description="Read the agent's status.json / agent.json in --state-dir (the service's "
+                                   "state folder by default) and print them.")
+    p.add_argument("--state-dir", type=Path, default=Path("/var/lib/edge-runtime/agent"))
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_status)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+    import os
+    import time
+
+    path = args.state_dir / "status.json"
+    try:
+        status = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EdgeRuntimeError(f"{path}: no agent status here (has the agent run with --state-dir {args.state_dir}?)")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EdgeRuntimeError(f"{path}: unreadable: {exc}") from exc
+    try:
+        os.kill(int(status.get("pid", 0)), 0)
+        running = status.get("activity") != "stopped"
+    except (OSError, ValueError):
+        running = False
+    status["running"] = running
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    age = time.time() - float(status.get("updated_at") or 0)
+    plan = status.get("plan") or {}
+    print(f"device {status['device_id']} in fleet {status['fleet']}: {'running' if running else 'not running'}"
+          f" (pid {status.get('pid')}), {'connected' if status.get('connected') else 'not connected'}")
+    print(f"  activity {status.get('activity')} (updated {age:.0f} s ago); server round {status.get('server_round')} "
+          f"({status.get('server_action')}); last round done {status.get('last_round_done')}; run {status.get('run_id')}")
+    if plan:
+        print("  plan " + ", ".join(f"{k} {v}" for k, v in plan.items() if v is not None))
+    if status.get("pending_update"):
+        print(f"  update {status['pending_update']} awaiting its ack")
+    last = status.get("last_result")
+    if last:
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in last.items()
+                 if k in ("round", "accepted", "reason", "eval_accuracy", "personal_accuracy", "train_loss",
+                          "train_seconds")}
+        print("  last result " + ", ".join(f"{k} {v}" for k, v in shown.items() if v not in (None, "")))
+    return 0
+
+
+def add_service_args(p, role: str) -> None:
+    p.add_argument("--prefix", type=Path, default=None, help="write under this folder instead of / (packaging, tests)")
+    p.add_argument("--dry-run", action="store_true", help="print the files instead of writing them")
+    p.add_argument("--enable", action="store_true", help="also `systemctl enable --now` the service")
+    p.add_argument("--broker", default=None,
+                   help="broker URL (with credentials) for the 0600 environment file; an existing one is kept "
+                        "when this is not given")
+    p.add_argument("--user", default="edge-runtime", help="the dedicated system user the service runs as")
+    p.add_argument("--watchdog", type=int, default=300, help="WatchdogSec: restart after this long without progress")
+    p.add_argument("--stop-timeout", type=int, default=90, help="TimeoutStopSec")
+    p.add_argument("--memory-max", default=None, help="MemoryMax for the service, e.g. 6G")
+    p.add_argument("--log-format", dest="service_log_format", choices=["text", "json"], default="text")
+    p.add_argument("--python", default=sys.executable, help="the interpreter the unit runs (this one by default)")
+
+
+def service_options(args: argparse.Namespace, role: str, options: dict):
+    from edge_runtime.service.install import ServiceOptions
+
+    return ServiceOptions(role, options, broker=args.broker, user=args.user, python=args.python,
+                          watchdog_s=args.watchdog, stop_timeout_s=args.stop_timeout, memory_max=args.memory_max,
+                          log_format=args.service_log_format)
+
+
+def _add_install(sub) -> None:
+    p = sub.add_parser("install-service", help="install this device's agent as a systemd service",
+                       description="Write the systemd unit, /etc/edge-runtime/agent.yaml and the 0600 environment "
+                                   "file /etc/default/edge-runtime-agent; create the user; daemon-reload.")
+    p.add_argument("--device-id", required=True)
+    p.add_argument("--data", required=True, type=Path, help="the device's local data file (absolute path)")
+    p.add_argument("--fleet", default="default")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--heartbeat", type=float, default=10.0)
+    add_service_args(p, "agent")
+    p.set_defaults(func=_cmd_install)
+    u = sub.add_parser("uninstall-service", help="stop and remove the agent's systemd service")
+    u.add_argument("--prefix", type=Path, default=None)
+    u.add_argument("--purge", action="store_true", help="also delete the state folder (adapters, personal state)")
+    u.set_defaults(func=lambda a: _cmd_uninstall(a, "agent"))
+
+
+def _cmd_install(args: argparse.Namespace) -> int:
+    from edge_runtime.service.install import install
+
+    options = {"device_id": args.device_id, "data": str(args.data.resolve()), "fleet": args.fleet,
+               "keep_running": True, "heartbeat": args.heartbeat}
+    if args.threads:
+        options["threads"] = args.threads
+    install(service_options(args, "agent", options), prefix=args.prefix, dry_run=args.dry_run, enable=args.enable)
+    return 0
+
+
+def _cmd_uninstall(args: argparse.Namespace, role: str) -> int:
+    from edge_runtime.service.install import uninstall
+
+    uninstall(role, prefix=args.prefix, purge=args.purge)
     return 0
 
 
@@ -235,10 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-runtime", description="Federated fine-tuning runtime for edge devices.")
     parser.add_argument("--version", action="version", version=f"edge-runtime {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="one line per event: text (journald-aware) or JSON")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo(sub)
     _add_simulate(sub)
     _add_agent(sub)
+    _add_status(sub)
+    _add_install(sub)
     _add_export(sub)
     _add_infer(sub)
     return parser
@@ -256,9 +381,17 @@ def _quiet_third_party() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    from edge_runtime.service.config import expand_config
+    from edge_runtime.service.logs import setup_logging
+
+    parser = build_parser()
+    try:
+        argv = expand_config(parser, list(sys.argv[1:] if argv is None else argv))
+    except EdgeRuntimeError as exc:
+        print(f"edge-runtime: error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
     _quiet_third_party()
     try:
         return args.func(args)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from edge_runtime.service import lifecycle
 from edge_runtime.training.data import LocalDataset, encode_batch
 
 
@@ -27,6 +28,7 @@ def evaluate(model: torch.nn.Module, tokenizer, data: LocalDataset, batch_size: 
     total_loss, total_tokens = 0.0, 0
     per_example: list[float] = []
     for start in range(0, len(data), batch_size):
+        lifecycle.progress()
         idx = list(range(start, min(start + batch_size, len(data))))
         batch = encode_batch(tokenizer, data, idx, max_seq_len)
         labels = batch.pop("labels")

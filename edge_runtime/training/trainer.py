@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from edge_runtime.errors import ConfigError
+from edge_runtime.service import lifecycle
 from edge_runtime.training.data import LocalDataset, encode_batch
 
 
@@ -81,6 +82,7 @@ def _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar
     losses: list[float] = []
     seen = 0
     for _ in range(n_steps):
+        lifecycle.progress()  # watchdog liveness; raises Interrupted once a stop was requested
         if len(order) < cfg.batch_size:
             order += torch.randperm(len(data), generator=gen).tolist()
         batch_idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
