@@ -381,17 +381,13 @@ def _quiet_third_party() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from edge_runtime.service.config import expand_config
-    from edge_runtime.service.logs import setup_logging
+    from edge_runtime.service.config import parse_command_line
 
-    parser = build_parser()
     try:
-        argv = expand_config(parser, list(sys.argv[1:] if argv is None else argv))
-    except EdgeRuntimeError as exc:
+        args = parse_command_line(build_parser(), argv)
+    except EdgeRuntimeError as exc:  # a bad --config file
         print(f"edge-runtime: error: {exc}", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level, args.log_format)
     _quiet_third_party()
     try:
         return args.func(args)

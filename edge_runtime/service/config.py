@@ -87,3 +87,14 @@ def expand_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]
     if path is None:
         return argv
     return argv[:idx + 1] + config_argv(sub_action.choices[argv[idx]], Path(path)) + rest
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``--config`` expanded, arguments parsed, logging set up (``--log-level`` / ``--log-format``)."""
+    import sys
+
+    from edge_runtime.service.logs import setup_logging
+
+    args = parser.parse_args(expand_config(parser, list(sys.argv[1:] if argv is None else argv)))
+    setup_logging(args.log_level, args.log_format)
+    return args

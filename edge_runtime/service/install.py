@@ -105,7 +105,7 @@ Type=notify
 NotifyAccess=main
 ExecStart={exec_start}
 EnvironmentFile=-{o.env_path}
-Environment=PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+Environment=PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HOME={o.state_dir}
 User={o.user}
 Group={o.user}
 StateDirectory=edge-runtime/{o.role}

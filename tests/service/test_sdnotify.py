@@ -89,3 +89,20 @@ def test_a_reader_that_stopped_draining_never_blocks_the_sender(notify_socket):
     results = [n.status("x" * 1000) for _ in range(2000)]  # far more than a socket buffer holds
     assert time.monotonic() - t0 < 5.0
     assert results[0] is True and results[-1] is False
+
+
+def test_the_server_reports_ready_and_each_round_to_systemd(notify_socket, tmp_path):
+    from tests.fleet_helpers import InProcessFleet
+
+    path, sock = notify_socket
+    fleet = InProcessFleet(tmp_path, n_devices=2, rounds=1)
+    fleet.coordinator.notifier = Notifier({"NOTIFY_SOCKET": path})
+    fleet.start()
+    try:
+        fleet.wait_done()
+    finally:
+        fleet.close()
+    got = _drain(sock, 0.5)
+    assert got[0].startswith("READY=1\nSTATUS=run run-test: round 0 (waiting)")
+    assert any(m.startswith("STATUS=run run-test: round 1 (train)") for m in got), got
+    assert any(m.startswith("STATUS=run run-test: round 2 (evaluate)") for m in got), got
