@@ -297,6 +297,15 @@ class Agent:
             self._splits[skey] = Splits(data.subset(tr), data.subset(va), data.subset(te))
         return self._model, self._tokenizer, self._splits[skey]
 
+    def _keep_model_record(self, m: RoundManifest, blob: bytes, init: bytes | None) -> None:
+        """What this device's own model is made of (``edge-runtime device-adapter`` exports it)."""
+        folder = Path(self.cfg.state_dir) / "model"
+        write_bytes_atomic(folder / "global.safetensors", blob)
+        write_json_atomic(folder / "device.json", {
+            "run_id": m.run_id, "global_round": max(m.round - 1, 0), "training": m.training,
+            "init_file": str(self._init_path(m.init_payload.payload_id)) if init is not None else None,
+            "personal_file": str(self._personal_path) if self._personal_path else None})
+
     def _keep_personal(self, personal: PersonalState | None) -> None:
         if personal is not None and self._personal_path is not None:
             save_personal(self._personal_path, personal)
@@ -311,6 +320,7 @@ class Agent:
             t0 = time.perf_counter()
             method.load_trainable_state(model, decode_tensors(blob))
             timings["decode_s"] = time.perf_counter() - t0
+            self._keep_model_record(m, blob, init)
         except (EdgeRuntimeError, ProtocolError) as exc:
             log.error("round %d: cannot set up training: %s; waiting for the next manifest", m.round, exc)
             self.state["last_round_done"] = m.round  # do not spin on a round we cannot do

@@ -330,6 +330,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_device_adapter(sub) -> None:
+    p = sub.add_parser("device-adapter", help="this device's own model (e.g. FDLoRA's fused personal adapter) as an "
+                                              "adapter folder, from the agent's state",
+                       description="Rebuild the model the agent last used (global adapter, init, personal state "
+                                   "from --state-dir) and write it as a plain peft LoRA folder for the untouched "
+                                   "base model; `edge-runtime export` turns it into ONNX.")
+    p.add_argument("--state-dir", type=Path, default=Path("/var/lib/edge-runtime/agent"))
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_cmd_device_adapter)
+
+
+def _cmd_device_adapter(args: argparse.Namespace) -> int:
+    from edge_runtime.export.device import write_device_adapter
+
+    path = write_device_adapter(args.state_dir, args.out)
+    print(f"wrote {path} (export it with: edge-runtime export {path} --out {path}-onnx)")
+    return 0
+
+
 def _add_infer(sub) -> None:
     p = sub.add_parser("infer", help="run an ONNX export with onnxruntime on text")
     p.add_argument("export_dir", type=Path)
@@ -365,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     _add_install(sub)
     _add_export(sub)
+    _add_device_adapter(sub)
     _add_infer(sub)
     return parser
 

@@ -10,7 +10,8 @@ never branch on the method:
 - ``trainable_state`` / ``load_trainable_state``: the upload, and loading a global;
 - ``personalise(...)``: a device's own model from the global one, evaluated (FDLoRA's fusion);
 - ``local_train(...)``: one round of local training;
-- ``save_adapter(model, folder)``: a plain peft LoRA folder that loads onto the untouched base.
+- ``save_adapter(model, folder)``: a plain peft LoRA folder that loads onto the untouched base;
+  ``save_personal_adapter(model, personal, folder)``: the same for the device's own model.
 """
 
 from edge_runtime.methods import fdlora, federa, lora

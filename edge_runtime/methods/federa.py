@@ -181,3 +181,8 @@ def save_adapter(model, folder: Path) -> None:
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"),
               metadata={"format": "pt", "edge_runtime.method": "federa",
                         "edge_runtime.federa": json.dumps({"residual": model._federa_residual})})
+
+
+def save_personal_adapter(model, personal, folder: Path) -> None:
+    """The device's own model is the global one: its plain-LoRA form."""
+    save_adapter(model, folder)

@@ -124,3 +124,8 @@ def local_train(model, tokenizer, splits: Splits, spec: "TrainingSpec", seed: in
 def save_adapter(model, folder: Path) -> None:
     """Write the adapter as a peft folder that loads onto the untouched base model."""
     model.save_pretrained(folder)
+
+
+def save_personal_adapter(model, personal: "PersonalState | None", folder: Path) -> None:
+    """The device's own model as a peft folder: for LoRA, the global adapter itself."""
+    save_adapter(model, folder)

@@ -15,7 +15,30 @@ from edge_runtime.protocol import topics
 from edge_runtime.protocol.chunking import Reassembler
 from edge_runtime.training.spec import TrainingSpec
 from edge_runtime.transport.memory import MemoryTransport
+from edge_runtime.export.device import write_device_adapter
+from edge_runtime.methods import fdlora
 from tests.fleet_helpers import InProcessFleet, toy_spec
+
+
+def _assert_same_logits(agent, personal, folder):
+    from peft import PeftModel
+
+    from edge_runtime.training.models import load_model, resolve_model_source
+
+    spec = TrainingSpec.from_json(json.loads((agent.cfg.state_dir / "model" / "device.json").read_text())["training"])
+    model, tok = agent._model, agent._tokenizer
+    batch = tok(["an apple", "a hammer and a dog"], padding=True, return_tensors="pt")
+    batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    model.eval()
+    with torch.no_grad():
+        fdlora._load_adapter(model, "personal", personal.tensors, "personal")
+        fdlora._activate(model, ["personal", "global"])
+        fdlora._set_scales(model, personal.meta["a"], personal.meta["b"])
+        expected = model(**batch).logits
+        fdlora._activate(model, "global")
+        base = load_model(resolve_model_source(spec.model), spec.task, len(spec.labels), tok, seed=spec.seed)
+        got = PeftModel.from_pretrained(base, folder).eval()(**batch).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def _run(fleet: InProcessFleet, spy: MemoryTransport | None = None) -> dict:
@@ -50,6 +73,9 @@ def test_federa_devices_build_identical_models_from_the_shipped_init(tmp_path):
     folder = export_adapter(tmp_path / "out", state["training"], fleet.coordinator.global_state, init)
     cfg = json.loads((folder / "adapter_config.json").read_text())
     assert cfg["r"] == 2 * spec.lora.rank
+    # a device's own model from its state folder: the same plain-LoRA form
+    device = write_device_adapter(tmp_path / "dev0", tmp_path / "dev0-adapter")
+    assert json.loads((device / "adapter_config.json").read_text())["r"] == 2 * spec.lora.rank
 
 
 def test_fdlora_personal_adapter_never_leaves_the_device_and_survives_a_restart(tmp_path):
@@ -81,6 +107,11 @@ def test_fdlora_personal_adapter_never_leaves_the_device_and_survives_a_restart(
         for blob in payloads:
             assert set(safetensors_load(blob)) == global_keys
             assert not any(secret in blob for secret in secrets)
+        # the device's own (fused) model, exported from its state folder, computes what the device computes
+        folder = write_device_adapter(tmp_path / f"dev{k}", tmp_path / f"dev{k}-personal")
+        meta = json.loads((folder / "edge_runtime.json").read_text())
+        assert meta["personal"] is True and meta["fusion"] == {"a": personal.meta["a"], "b": personal.meta["b"]}
+        _assert_same_logits(fleet.agents[k], personal, folder)
         # a restarted agent picks its personal adapter up again
         again = Agent(fleet.agents[k].cfg, MemoryTransport(fleet.broker, f"again{k}"))
         again._prepare(TrainingSpec.from_json(state["training"]), None)
