@@ -283,8 +283,9 @@ class Agent:
             METHODS[spec.method].prepare(self._model, spec, decode_tensors(init) if init else None)
             self._model_key = key
             # the personal state belongs to the model's shape (not to one run): it outlives runs
-            digest = hashlib.sha256(json.dumps([spec.model, spec.task, spec.labels, spec.method, spec.lora.__dict__],
-                                               sort_keys=True, default=str).encode()).hexdigest()[:16]
+            version = getattr(METHODS[spec.method], "PERSONAL_FORMAT", 1)  # a new layout never reads an old file
+            digest = hashlib.sha256(json.dumps([spec.model, spec.task, spec.labels, spec.method, spec.lora.__dict__,
+                                                version], sort_keys=True, default=str).encode()).hexdigest()[:16]
             self._personal_path = Path(self.cfg.state_dir) / "personal" / f"{spec.method}-{digest}.safetensors"
             self._personal = load_personal(self._personal_path)
             if self._personal is not None:

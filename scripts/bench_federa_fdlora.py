@@ -11,7 +11,8 @@ Writes scripts/results/federa_fdlora.json (+ .png) and prints a summary. ``secon
 sum of every device's local training time in a round (devices run one after another here), so
 they compare methods' compute, not a fleet's wall clock.
 
-    python scripts/bench_federa_fdlora.py            # ~45 min on 2 CPU cores
+    python scripts/bench_federa_fdlora.py            # ~55 min on 2 CPU cores
+    python scripts/bench_federa_fdlora.py --runs fdlora@0.1   # redo one run, keep the others in the JSON
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.6, help="accuracy for rounds-to-target")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "federa_fdlora.json")
+    ap.add_argument("--runs", nargs="+", default=None, metavar="METHOD@ALPHA",
+                    help="only these runs (e.g. fdlora@0.1); the others are kept from --out (same setting)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     train = TrainConfig(epochs=1, batch_size=16, lr=1e-3, max_seq_len=64)
@@ -67,6 +70,15 @@ def main() -> None:
     plan.append((args.fdlora_alpha, "fdlora"))
     if args.fdlora_alpha not in args.alphas:
         plan.append((args.fdlora_alpha, "lora"))
+    if args.runs:
+        import json
+
+        previous = json.loads(args.out.read_text())
+        if previous["setting"] != result["setting"]:
+            raise SystemExit(f"{args.out} was measured with another setting; run all of it again")
+        result["runs"] = previous["runs"]
+        result["rerun"] = {name: time.strftime("%Y-%m-%d %H:%M") for name in args.runs}
+        plan = [(a, m) for a, m in plan if f"{m}@{a}" in args.runs]
     for alpha, method in plan:
         name = f"{method}@{alpha}"
 

@@ -10,10 +10,12 @@ with (a, b) found on the device's validation split by :func:`edge_runtime.algori
 
 Choices ([choice] in ALGORITHMS.md; fields of :class:`FdloraConfig`):
 
-- The task head is adapted like every other layer: both adapters put LoRA on the attention
-  projections *and* on the head (``classifier`` / ``score``, at full rank ``num_labels``, and
-  BERT's ``pooler.dense``) over a frozen, seeded head, instead of training the head itself. That
-  keeps the fused model exactly the formula above (a trained head could not be scaled by a or b).
+- The task head (``classifier`` / ``score``, and BERT's ``pooler.dense``) is frozen and each
+  adapter owns a full-rank delta of it (:class:`DualDeltaLinear`: W0 + a dW_P + b dW_G, bias
+  likewise), so the fused model is exactly the formula above for every layer, and training a
+  delta learns exactly as training the head itself would. (A first version put a LoRA
+  factorisation on the head instead; its global adapter learned far too slowly: 7.5% WordNet
+  accuracy after 3 rounds at alpha 0.1, where LoRA FedAvg reached 61%.)
 - Schedule per round on a device: (1) with the freshly received G, search (a, b) and evaluate
   the fused model on the device's test split (``personal_accuracy``); (2) train P alone for
   ``warmup_epochs`` the first time, ``personal_epochs`` afterwards (0 turns it off); (3) train G
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
     from edge_runtime.training.spec import TrainingSpec
 
 NEEDS_INIT = False
+PERSONAL_FORMAT = 2                 # layout of the saved personal state (2: full-rank head deltas)
 GLOBAL, PERSONAL = "global", "personal"
 
 
@@ -67,34 +70,65 @@ class FdloraConfig:
             raise ConfigError(f"fdlora.fusion_l1 must be >= 0, got {self.fusion_l1!r}")
 
 
-def _targets(model: torch.nn.Module, spec: "TrainingSpec") -> tuple[list[str], dict[str, int], dict[str, float]]:
-    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+class DualDeltaLinear(torch.nn.Module):
+    """A frozen linear layer plus one full-rank delta per adapter: W0 + sum(scale_k * dW_k) (bias likewise)."""
 
-    cfg = spec.lora
-    targets = list(cfg.target_modules or defaults.get(model.config.model_type, []))
-    if not targets:
-        raise ConfigError(f"fdlora: no default LoRA targets for model type {model.config.model_type!r}; "
-                          "set lora.target_modules")
-    ranks, alphas = {}, {}
-    if spec.task == "classification":
-        for name, module in model.named_modules():
-            if not isinstance(module, torch.nn.Linear):
-                continue
-            if name in ("classifier", "score"):  # the head's delta at full rank
-                targets.append(name)
-                ranks[name] = module.out_features
-                alphas[name] = cfg.alpha * module.out_features / cfg.rank
-            elif name.endswith("pooler.dense"):
-                targets.append(name)
-    return targets, ranks, alphas
+    def __init__(self, base: torch.nn.Linear) -> None:
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.weight_delta = torch.nn.ParameterDict(
+            {n: torch.nn.Parameter(torch.zeros_like(base.weight)) for n in (GLOBAL, PERSONAL)})
+        self.bias_delta = torch.nn.ParameterDict(
+            {n: torch.nn.Parameter(torch.zeros_like(base.bias)) for n in (GLOBAL, PERSONAL)}
+            if base.bias is not None else {})
+        self.scales = {GLOBAL: 1.0, PERSONAL: 1.0}
+        self.active: list[str] = [GLOBAL]
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.base.weight + sum(self.scales[n] * self.weight_delta[n] for n in self.active)
+        b = None
+        if self.base.bias is not None:
+            b = self.base.bias + sum(self.scales[n] * self.bias_delta[n] for n in self.active)
+        return torch.nn.functional.linear(x, w, b)
+
+    def delta_state(self, adapter: str) -> dict[str, Tensor]:
+        out = {"weight": self.weight_delta[adapter]}
+        if self.base.bias is not None:
+            out["bias"] = self.bias_delta[adapter]
+        return out
+
+    def fused(self, a: float, b: float) -> dict[str, Tensor]:
+        """The plain layer's weight (and bias) at scales a (personal), b (global)."""
+        out = {"weight": self.base.weight + a * self.weight_delta[PERSONAL] + b * self.weight_delta[GLOBAL]}
+        if self.base.bias is not None:
+            out["bias"] = self.base.bias + a * self.bias_delta[PERSONAL] + b * self.bias_delta[GLOBAL]
+        return out
+
+
+def _heads(model: torch.nn.Module) -> dict[str, DualDeltaLinear]:
+    """{module path in the base model: head layer}."""
+    return {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, DualDeltaLinear)}
+
+
+def _wrap_heads(model: torch.nn.Module) -> None:
+    """Replace the task head's linear layers by :class:`DualDeltaLinear` (in place)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+             and (n in ("classifier", "score") or n.endswith("pooler.dense"))]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, DualDeltaLinear(getattr(parent, child)))
 
 
 def build(model: torch.nn.Module, spec: "TrainingSpec"):
     from peft import LoraConfig, get_peft_model
 
-    targets, ranks, alphas = _targets(model, spec)
+    if spec.task == "classification":
+        _wrap_heads(model)
     peft_cfg = LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-                          target_modules=targets, rank_pattern=ranks, alpha_pattern=alphas)
+                          target_modules=list(spec.lora.target_modules) if spec.lora.target_modules else None)
     try:
         with torch.random.fork_rng():
             torch.manual_seed(spec.seed)
@@ -113,10 +147,17 @@ def _activate(model, adapters: str | list[str]) -> None:
     from peft.tuners.lora import LoraLayer
 
     model.base_model.set_adapter(adapters)
+    active = [adapters] if isinstance(adapters, str) else list(adapters)
     for module in model.modules():
         if isinstance(module, LoraLayer):
             for name in (GLOBAL, PERSONAL):
                 module.set_scale(name, 1.0)
+        elif isinstance(module, DualDeltaLinear):
+            module.active = active
+            module.scales = {GLOBAL: 1.0, PERSONAL: 1.0}
+            for name in (GLOBAL, PERSONAL):
+                for p in module.delta_state(name).values():
+                    p.requires_grad_(name in active)
 
 
 def _set_scales(model, a: float, b: float) -> None:
@@ -126,21 +167,38 @@ def _set_scales(model, a: float, b: float) -> None:
         if isinstance(module, LoraLayer):
             module.set_scale(PERSONAL, a)
             module.set_scale(GLOBAL, b)
+        elif isinstance(module, DualDeltaLinear):
+            module.scales = {PERSONAL: a, GLOBAL: b}
+
+
+HEAD_PREFIX = "head_delta."   # state keys of the head deltas: head_delta.<module path>.<weight|bias>
 
 
 def _adapter_state(model, adapter: str) -> dict[str, Tensor]:
+    """One adapter's tensors: its LoRA A / B (peft names, adapter name stripped) and its head deltas."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
+    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
+    for name, head in _heads(model).items():
+        for kind, v in head.delta_state(adapter).items():
+            state[f"{HEAD_PREFIX}{name}.{kind}"] = v.detach().clone()
+    return state
 
 
 def _load_adapter(model, adapter: str, state: Mapping[str, Tensor], where: str) -> None:
     from peft import set_peft_model_state_dict
 
     check_compatible(_adapter_state(model, adapter), state, where=where)
-    result = set_peft_model_state_dict(model, dict(state), adapter_name=adapter)
+    lora_part = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
+    result = set_peft_model_state_dict(model, lora_part, adapter_name=adapter)
     if getattr(result, "unexpected_keys", []):
         raise AggregationError(f"{where}: peft did not accept keys {result.unexpected_keys[:5]}")
+    heads = _heads(model)
+    with torch.no_grad():
+        for k, v in state.items():
+            if k.startswith(HEAD_PREFIX):
+                name, _, kind = k.removeprefix(HEAD_PREFIX).rpartition(".")
+                heads[name].delta_state(adapter)[kind].copy_(v)
 
 
 def initial_global(model, spec: "TrainingSpec") -> dict[str, Tensor]:
@@ -218,44 +276,66 @@ def local_train(model, tokenizer, splits: Splits, spec: "TrainingSpec", seed: in
                        g_res.seconds + p_res.seconds), personal
 
 
-def _write_peft_folder(folder: Path, cfg, state: dict[str, Tensor], **meta: str) -> None:
+def _write_plain_lora(model, lora_state: dict[str, Tensor], rank: int, alpha: float,
+                      heads: dict[str, dict[str, Tensor]], folder: Path, method: str) -> None:
+    """A peft folder for the untouched base: LoRA on the attention, the (fused) head as modules_to_save."""
     from safetensors.torch import save_file
 
+    cfg = copy.deepcopy(model.peft_config[GLOBAL])
+    cfg.r, cfg.lora_alpha = rank, alpha
+    state = dict(lora_state)
+    if heads:
+        cfg.modules_to_save = sorted({"pooler" if n.endswith("pooler.dense") else n for n in heads})
+        for name, tensors in heads.items():
+            for kind, v in tensors.items():
+                state[f"base_model.model.{name}.{kind}"] = v.detach()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = copy.deepcopy(cfg)
     cfg.save_pretrained(str(folder))
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"),
-              metadata={"format": "pt", **meta})
+              metadata={"format": "pt", "edge_runtime.method": method})
 
 
 def save_adapter(model, folder: Path) -> None:
     """The global adapter alone, as a plain peft LoRA folder for the untouched base."""
-    _write_peft_folder(folder, model.peft_config[GLOBAL], trainable_state(model), **{"edge_runtime.method": "fdlora"})
+    lora_state = {k: v for k, v in trainable_state(model).items() if not k.startswith(HEAD_PREFIX)}
+    cfg = model.peft_config[GLOBAL]
+    with torch.no_grad():
+        heads = {n: h.fused(0.0, 1.0) for n, h in _heads(model).items()}
+    _write_plain_lora(model, lora_state, cfg.r, cfg.lora_alpha, heads, folder, "fdlora")
 
 
-def fused_lora_state(model, personal: PersonalState) -> tuple[dict[str, Tensor], object]:
-    """The device's fused model as one plain LoRA: B' = [a B_P, b B_G], A' = [A_P; A_G], ranks and alphas x2."""
+def fused_lora_state(model, personal: PersonalState) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+    """The device's fused model as one plain LoRA (B' = [a B_P, b B_G], A' = [A_P; A_G]) plus its fused head."""
     a, b = float(personal.meta.get("a", 1.0)), float(personal.meta.get("b", 1.0))
-    g = trainable_state(model)
+    g = _adapter_state(model, GLOBAL)
     check_compatible(g, personal.tensors, where="personal adapter")
     state = {}
     for k, vg in g.items():
         vp = personal.tensors[k]
+        if k.startswith(HEAD_PREFIX):
+            continue
         if k.endswith("lora_A.weight"):
             state[k] = torch.cat([vp, vg], dim=0)
         elif k.endswith("lora_B.weight"):
             state[k] = torch.cat([a * vp, b * vg], dim=1)
         else:
             raise AggregationError(f"fdlora: unexpected adapter tensor {k}")
-    cfg = copy.deepcopy(model.peft_config[GLOBAL])
-    cfg.r, cfg.lora_alpha = 2 * cfg.r, 2 * cfg.lora_alpha
-    cfg.rank_pattern = {k: 2 * v for k, v in (cfg.rank_pattern or {}).items()}
-    cfg.alpha_pattern = {k: 2 * v for k, v in (cfg.alpha_pattern or {}).items()}
-    return state, cfg
+    heads: dict[str, dict[str, Tensor]] = {}
+    with torch.no_grad():
+        for name, head in _heads(model).items():
+            heads[name] = {}
+            for kind, vg in head.delta_state(GLOBAL).items():
+                base = getattr(head.base, kind)
+                heads[name][kind] = base + a * personal.tensors[f"{HEAD_PREFIX}{name}.{kind}"] + b * vg
+    return state, heads
 
 
-def save_personal_adapter(model, personal: PersonalState, folder: Path) -> None:
-    """The device's own (fused) model as a plain peft LoRA folder for the untouched base."""
-    state, cfg = fused_lora_state(model, personal)
-    _write_peft_folder(folder, cfg, state, **{"edge_runtime.method": "fdlora-personal"})
+def save_personal_adapter(model, personal: PersonalState | None, folder: Path) -> None:
+    """The device's own (fused) model as a plain peft LoRA folder for the untouched base (rank 2r)."""
+    if personal is None:
+        save_adapter(model, folder)
+        return
+    state, heads = fused_lora_state(model, personal)
+    cfg = model.peft_config[GLOBAL]
+    _write_plain_lora(model, state, 2 * cfg.r, 2 * cfg.lora_alpha, heads, folder, "fdlora-personal")

@@ -64,3 +64,30 @@ def test_minilm_adapter_exports_to_onnx_with_parity(tmp_path):
     assert ad.onnx_bytes < res.onnx_bytes / 50      # the adapter file is a small fraction of the model
     (label2, prob2), = OnnxPredictor(tmp_path / "onnx-adapter").classify(["a domesticated carnivorous mammal"])
     assert label2 == label and abs(prob2 - prob) < 1e-3
+
+
+@pytest.mark.parametrize("name, task", [("minilm-l6", "classification"), ("smollm2-135m", "causal-lm")])
+def test_federa_on_pretrained_weights_keeps_the_base_model_at_round0(name, task):
+    """The pretrained weights' principal components go to LoRA; the residual keeps the outputs."""
+    from edge_runtime.methods import federa
+    from edge_runtime.training.spec import TrainingSpec, build_model
+
+    spec = TrainingSpec(model=name, task=task, labels=("a", "b", "c") if task == "classification" else (),
+                        method="federa", lora=LoraMethodConfig(rank=8, dropout=0.0))
+    model, tok = build_model(spec)
+    model.eval()
+    batch = tok(["a domesticated carnivorous mammal", "The capital of France is"], padding=True,
+                return_tensors="pt")
+    batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.inference_mode():
+        base = model(**batch).logits
+    init = federa.initial_global(model, spec)
+    with torch.inference_mode():
+        after = model(**batch).logits
+    assert (after - base).abs().max() < 1e-3 * base.abs().max()
+    # the adapter holds a real share of each weight: the top-8 singular directions
+    layer = next(layer for _, layer in federa.lora_layers(model))
+    delta = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    residual = layer.get_base_layer().weight
+    assert delta.norm() > 0.1 * (delta + residual).norm()
+    assert all(torch.isfinite(v).all() for v in init.values())

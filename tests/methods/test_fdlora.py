@@ -14,6 +14,12 @@ from edge_runtime.training.spec import TrainingSpec, build_model
 from edge_runtime.training.trainer import TrainConfig
 
 
+def fdlora_layers(model):
+    from peft.tuners.lora import LoraLayer
+
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer))
+
+
 @pytest.fixture
 def setup(toy_jsonl):
     ds = load_dataset(toy_jsonl)
@@ -28,15 +34,16 @@ def setup(toy_jsonl):
     return spec, model, tok, splits
 
 
-def test_upload_is_the_global_adapter_only_and_the_head_is_adapted_not_trained(setup):
+def test_upload_is_the_global_adapter_only_with_a_full_rank_head_delta(setup):
     spec, model, tok, splits = setup
     state = fdlora.trainable_state(model)
-    assert any(k.endswith("classifier.lora_B.weight") for k in state)
-    assert all("lora_" in k for k in state)  # no full head copy: the head is frozen + LoRA
     head = model.get_base_model().classifier
-    assert head.lora_A["global"].weight.shape[0] == len(spec.labels)  # the head's delta at full rank
+    assert isinstance(head, fdlora.DualDeltaLinear)
+    assert state["head_delta.classifier.weight"].shape == head.base.weight.shape  # full rank, like the head
+    assert all("lora_" in k or k.startswith("head_delta.") for k in state)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".global." in n for n in trainable)
+    assert trainable and all(".global" in n for n in trainable)
+    assert not head.base.weight.requires_grad
 
 
 def test_local_train_trains_both_but_uploads_only_global(setup):
@@ -62,7 +69,9 @@ def test_fusion_never_worse_than_the_better_adapter_alone(setup):
     assert 0 <= metrics["fusion_a"] <= spec.fdlora.fusion_max and 0 <= metrics["fusion_b"] <= spec.fdlora.fusion_max
     assert personal.meta["a"] == metrics["fusion_a"]
     # the model is left with the global adapter alone, at scale 1, for evaluation and upload
-    layer = model.get_base_model().classifier
+    head = model.get_base_model().classifier
+    assert head.active == ["global"] and head.scales == {"global": 1.0, "personal": 1.0}
+    _, layer = next(fdlora_layers(model))
     assert layer.active_adapters == ["global"] and layer.scaling["global"] == pytest.approx(
         layer.lora_alpha["global"] / layer.r["global"])
 
