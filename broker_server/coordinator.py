@@ -8,6 +8,7 @@ server killed at any instant neither loses an acked update nor counts one twice.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import queue
@@ -22,9 +23,9 @@ import torch
 
 from broker_server.fleet import Fleet
 from broker_server.store import Store
-from edge_runtime.algorithms.aggregation import check_compatible, weighted_mean
+from edge_runtime.algorithms.aggregation import Update, check_compatible
 from edge_runtime.errors import AggregationError, ConfigError
-from edge_runtime.methods import METHODS
+from edge_runtime.methods import METHODS, scoring
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.chunking import Reassembler, parse_chunk, split_payload
 from edge_runtime.protocol.codec import decode_message, decode_tensors, encode_message, encode_tensors
@@ -32,6 +33,7 @@ from edge_runtime.protocol.messages import (Ack, GlobalAnnouncement, Heartbeat, 
                                             RoundManifest, RoundSummary, Status, UpdateManifest, check_id)
 from edge_runtime.service import lifecycle
 from edge_runtime.service.sdnotify import Notifier
+from edge_runtime.training.spec import TrainingSpec
 from edge_runtime.transport.base import Transport
 
 log = logging.getLogger("broker_server.coordinator")
@@ -81,6 +83,7 @@ class Coordinator:
         self.orphans: dict[tuple[str, str], bytes] = {}            # payloads that beat their manifest
         self.dropped_payloads: set[tuple[str, str]] = set()
         self._dirty_fleet_at = 0.0
+        self._global_digest: tuple[bytes | None, str] = (None, "")
         state = store.load()
         if state is None:
             state = self._fresh_state(run_id or f"run-{int(clock())}", initial_global())
@@ -95,9 +98,12 @@ class Coordinator:
             rec.online = False  # presence is re-learnt from retained status / heartbeats
         self.global_state = store.read_tensors(store.resolve(state["global_file"]))
         self.global_blob = encode_tensors(self.global_state)
-        method = METHODS.get(state["training"].get("method", "lora"))
+        self.method = METHODS[state["training"].get("method", "lora")]
+        self.spec = TrainingSpec.from_json(state["training"])
         # the round-0 global doubles as the run's init payload for methods whose devices need it
-        self.init_blob = store.global_path(0).read_bytes() if method is not None and method.NEEDS_INIT else None
+        self.init_blob = store.global_path(0).read_bytes() if self.method.NEEDS_INIT else None
+        # server-side optimiser state of the method (FedPepTAO's momentum, control variates): per round, like globals
+        self.server_state = store.read_tensors(store.resolve(state["server_file"])) if state.get("server_file") else {}
 
     # -- state -------------------------------------------------------------------------------
     def _fresh_state(self, run_id: str, init: dict[str, torch.Tensor]) -> dict:
@@ -246,7 +252,7 @@ class Coordinator:
             return False, f"update is for run {m.run_id}, this server runs {self.run_id}"
         if not self.fleet.known(m.device_id):
             return False, f"unknown device {m.device_id}: send hello first"
-        if s["phase"] not in ("train", "evaluate"):
+        if s["phase"] not in ("score", "train", "evaluate"):
             return False, f"no round is open (phase {s['phase']})"
         if m.round < s["round"]:
             return False, f"stale update: round {m.round} is over, the current round is {s['round']}"
@@ -266,7 +272,14 @@ class Coordinator:
             if m.n_samples < 1:
                 return False, f"n_samples must be >= 1 for a training update, got {m.n_samples}"
         elif m.payload is not None:
-            return False, "an evaluation round takes metrics only, no payload"
+            return False, f"a{'n evaluation' if s['phase'] == 'evaluate' else ' score'} round takes metrics only, no payload"
+        elif s["phase"] == "score":
+            if m.n_samples < 1:
+                return False, f"a score report needs n_samples >= 1 (its weight), got {m.n_samples}"
+            try:  # refused here, with a reason, rather than failing the round at close
+                self.method.select(self.global_state, [(m.metrics, float(m.n_samples))], self.spec)
+            except (AggregationError, ConfigError) as exc:
+                return False, f"bad score report: {exc}"
         return None
 
     def _drop_payload(self, device_id: str, payload_id: str) -> None:
@@ -357,8 +370,9 @@ class Coordinator:
         s = self.state
         if s["phase"] == "waiting":
             if len(self.fleet.online_ids()) >= self.cfg.min_devices:
-                self._start_round(1, "train")
-        elif s["phase"] in ("train", "evaluate"):
+                # methods that score layers first (FedPepTAO) open with a score round 0
+                self._start_round(0, "score") if scoring(self.method) else self._start_round(1, "train")
+        elif s["phase"] in ("score", "train", "evaluate"):
             self._maybe_close(now)
 
     def _quorum_count(self) -> int:
@@ -377,7 +391,7 @@ class Coordinator:
             # not enough updates: keep what was accepted, open the round to every online device again
             extra = sorted(online - set(participants))
             s["participants"] = sorted(set(participants) | online)
-            s["deadline_at"] = now + (self.cfg.deadline_s if s["phase"] == "train" else self.cfg.eval_deadline_s)
+            s["deadline_at"] = now + (self.cfg.eval_deadline_s if s["phase"] == "evaluate" else self.cfg.deadline_s)
             log.warning("round %d: %d/%d updates at the deadline; extending, adding %s", s["round"], len(accepted),
                         self._quorum_count(), extra)
             self._save()
@@ -395,7 +409,7 @@ class Coordinator:
         s = self.state
         s.update(round=round_, phase=phase, participants=self._select(round_), accepted={},
                  round_started_at=self.clock(),
-                 deadline_at=self.clock() + (self.cfg.deadline_s if phase == "train" else self.cfg.eval_deadline_s))
+                 deadline_at=self.clock() + (self.cfg.eval_deadline_s if phase == "evaluate" else self.cfg.deadline_s))
         self._save()
         self.notifier.status(self._status_line())
         log.info("round %d (%s) started: participants %s", round_, phase, s["participants"])
@@ -404,6 +418,9 @@ class Coordinator:
     def _close_round(self, now: float) -> None:
         s = self.state
         r, accepted = s["round"], s["accepted"]
+        if s["phase"] == "score":
+            self._close_score_round(accepted)
+            return
         self._record_eval(r - 1, accepted)
         if s["phase"] == "evaluate":
             s["history"][-1]["final"] = True
@@ -415,9 +432,14 @@ class Coordinator:
             self._publish_manifest()
             log.info("run %s done after %d rounds", self.run_id, self.cfg.rounds)
             return
-        updates = [(self.store.read_tensors(self.store.resolve(a["file"])), float(a["n_samples"]))
-                   for a in accepted.values()]
-        new_global = weighted_mean(updates)
+        updates = [Update(dev, self.store.read_tensors(self.store.resolve(a["file"])), float(a["n_samples"]),
+                          int(a["metrics"].get("train_steps", 0))) for dev, a in sorted(accepted.items())]
+        new_global, self.server_state = self.method.aggregate(self.global_state, updates, self.server_state,
+                                                              self.spec, len(self.fleet.devices))
+        if self.server_state:  # written before the state points at it: a crash redoes the round from the old one
+            server_path = self.store.root / "server" / f"round_{r:05d}.safetensors"
+            self.store.write_tensors(server_path, self.server_state)
+            s["server_file"] = self.store.relative(server_path)
         path = self.store.global_path(r)
         self.global_blob = self.store.write_tensors(path, new_global)
         self.global_state = new_global
@@ -427,6 +449,7 @@ class Coordinator:
         s["history"].append({
             "round": r, "participants": list(s["participants"]), "accepted": sorted(accepted),
             "weights": {d: a["n_samples"] for d, a in accepted.items()},
+            "steps": {d: int(a["metrics"].get("train_steps", 0)) for d, a in accepted.items()},
             "bytes_up": sum(a["bytes"] for a in accepted.values()),
             "bytes_down": len(self.global_blob) * len(s["participants"]),
             "seconds": now - s["round_started_at"],
@@ -439,6 +462,17 @@ class Coordinator:
         else:
             self._start_round(r + 1, "train")
         self._prune(r)
+
+    def _close_score_round(self, accepted: dict) -> None:
+        """Score round: the devices' layer scores give the global its layout; training starts."""
+        reports = [(a["metrics"], float(a["n_samples"])) for _, a in sorted(accepted.items())]
+        new_global, info = self.method.select(self.global_state, reports, self.spec)
+        path = self.store.global_path(0)
+        self.global_blob = self.store.write_tensors(path, new_global)
+        self.global_state = new_global
+        self.state["selection"] = {**info, "devices": sorted(accepted)}
+        log.info("score round closed (%d device(s)): shared layers %s", len(accepted), info.get("shared_layers"))
+        self._start_round(1, "train")
 
     def _record_eval(self, global_round: int, accepted: dict) -> None:
         """Devices evaluated the global they received (the one after ``global_round``): fill that row in."""
@@ -465,6 +499,8 @@ class Coordinator:
         old = self.store.root / "updates" / f"round_{closed_round - 2:05d}"
         if closed_round >= 2 and old.exists():
             shutil.rmtree(old, ignore_errors=True)
+        if closed_round >= 2:  # the method's server state: the current one and the one before suffice
+            (self.store.root / "server" / f"round_{closed_round - 2:05d}.safetensors").unlink(missing_ok=True)
 
     # -- outbound ----------------------------------------------------------------------------
     def publish_retained(self) -> None:
@@ -489,14 +525,18 @@ class Coordinator:
         return ref
 
     def _global_payload_id(self) -> str:
-        return f"g{max(self.state['round'] - 1, 0):05d}-{self.run_id[-20:]}".replace("_", "-")[:64]
+        # named by its content too: a score round replaces round 0's global, and a cached copy must not stand in
+        if self._global_digest[0] is not self.global_blob:
+            self._global_digest = (self.global_blob, hashlib.sha256(self.global_blob).hexdigest()[:10])
+        name = f"g{max(self.state['round'] - 1, 0):05d}-{self._global_digest[1]}-{self.run_id[-20:]}"
+        return name.replace("_", "-")[:64]
 
     def _publish_manifest(self, ref: PayloadRef | None = None) -> None:
         s = self.state
         if ref is None:
             ref, _ = split_payload(self._global_payload_id(), self.global_blob)
         action = s["phase"]  # the manifest's action is the server's phase
-        if action not in ("train", "evaluate", "done"):
+        if action not in ("score", "train", "evaluate", "done"):
             return
         deadline_left = max(0.0, (s["deadline_at"] or 0) - self.clock())
         m = RoundManifest(self.run_id, s["round"], action, tuple(s["participants"]), ref, deadline_left,

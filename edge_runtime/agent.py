@@ -284,8 +284,9 @@ class Agent:
             self._model_key = key
             # the personal state belongs to the model's shape (not to one run): it outlives runs
             version = getattr(METHODS[spec.method], "PERSONAL_FORMAT", 1)  # a new layout never reads an old file
+            extra = getattr(METHODS[spec.method], "personal_key", lambda _: [])(spec)  # the method's own settings
             digest = hashlib.sha256(json.dumps([spec.model, spec.task, spec.labels, spec.method, spec.lora.__dict__,
-                                                version], sort_keys=True, default=str).encode()).hexdigest()[:16]
+                                                version, *extra], sort_keys=True, default=str).encode()).hexdigest()[:16]
             self._personal_path = Path(self.cfg.state_dir) / "personal" / f"{spec.method}-{digest}.safetensors"
             self._personal = load_personal(self._personal_path)
             if self._personal is not None:
@@ -327,6 +328,21 @@ class Agent:
             self.state["last_round_done"] = m.round  # do not spin on a round we cannot do
             self._save_state()
             return
+        if m.action == "score":  # the run's score round: layer scores from one batch, nothing trained or sent
+            self.activity = "scoring"
+            t0 = time.perf_counter()
+            try:
+                metrics = method.score(model, tok, splits, spec, seed=spec.seed * 1000 + zlib.crc32(
+                    self.cfg.device_id.encode()) % 1000)
+            except EdgeRuntimeError as exc:
+                log.error("round %d: cannot score layers: %s", m.round, exc)
+                self.state["last_round_done"] = m.round
+                self._save_state()
+                return
+            timings["score_s"] = time.perf_counter() - t0
+            log.info("score round: %d layer scores from one batch in %.1f s", len(metrics), timings["score_s"])
+            self._set_pending(m, None, len(splits.train), metrics, timings)
+            return
         self.activity = "evaluating"
         t0 = time.perf_counter()
         ev = evaluate(model, tok, splits.test, self.cfg.eval_batch_size, spec.train.max_seq_len)
@@ -339,8 +355,8 @@ class Agent:
             timings["personalise_s"] = time.perf_counter() - t0
             metrics.update(personal_metrics)
             self._keep_personal(personal)
-            log.info("round %d: personalised acc %.3f (fusion a=%.2f, b=%.2f)", m.round,
-                     personal_metrics["personal_accuracy"], personal_metrics["fusion_a"], personal_metrics["fusion_b"])
+            log.info("round %d: personalised acc %.3f (%s)", m.round, personal_metrics["personal_accuracy"],
+                     ", ".join(f"{k} {v:.3g}" for k, v in personal_metrics.items() if k != "personal_accuracy"))
         update_id = f"u{uuid.uuid4().hex[:20]}"
         file = None
         n_samples = 0
@@ -359,7 +375,12 @@ class Agent:
             timings["encode_s"] = time.perf_counter() - t0
             log.info("round %d: global acc %.3f on %d local test examples; trained %d steps in %.1f s "
                      "(loss %.3f)", m.round, ev.accuracy, ev.n, res.steps, res.seconds, res.mean_loss)
-        self.state["pending"] = {"run_id": m.run_id, "round": m.round, "update_id": update_id,
+        self._set_pending(m, file, n_samples, metrics, timings, update_id)
+
+    def _set_pending(self, m: RoundManifest, file: Path | None, n_samples: int, metrics: dict, timings: dict,
+                     update_id: str | None = None) -> None:
+        self.state["pending"] = {"run_id": m.run_id, "round": m.round,
+                                 "update_id": update_id or f"u{uuid.uuid4().hex[:20]}",
                                  "file": str(file) if file else None, "n_samples": n_samples, "metrics": metrics,
                                  "timings": timings}
         self._save_state()

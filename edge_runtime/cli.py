@@ -77,7 +77,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         lora=LoraMethodConfig(rank=args.rank, alpha=args.lora_alpha),
     )
     if args.set:
-        sections = ("lora", "federa", "fdlora", "train")
+        sections = ("lora", "federa", "fdlora", "prompt", "fedpeptao", "train")
         d = apply_overrides({k: dataclasses.asdict(getattr(cfg, k)) for k in sections}, args.set)
         cfg = dataclasses.replace(cfg, **{k: dataclass_from_json(type(getattr(cfg, k)), d[k], k) for k in sections})
 

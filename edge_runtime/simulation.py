@@ -21,15 +21,17 @@ import numpy as np
 import torch
 from safetensors.torch import save as safetensors_save
 
-from edge_runtime.algorithms.aggregation import weighted_mean
+from edge_runtime.algorithms.aggregation import Update
 from edge_runtime.atomic_io import replace_dir_atomic
 from edge_runtime.algorithms.partition import label_histogram, partition_dirichlet, split_train_val_test
 from edge_runtime.errors import ConfigError
 from edge_runtime.export.metadata import write_metadata
-from edge_runtime.methods import METHODS
+from edge_runtime.methods import METHODS, scoring
 from edge_runtime.methods.fdlora import FdloraConfig
 from edge_runtime.methods.federa import FederaConfig
+from edge_runtime.methods.fedpeptao import FedPepTAOConfig
 from edge_runtime.methods.lora import LoraMethodConfig
+from edge_runtime.methods.prompt import PromptConfig
 from edge_runtime.methods.personal import PersonalState
 from edge_runtime.report import plot_accuracy, write_history
 from edge_runtime.training.data import LocalDataset, Splits, resolve_dataset
@@ -59,6 +61,8 @@ class SimulationConfig:
     lora: LoraMethodConfig = field(default_factory=LoraMethodConfig)
     federa: FederaConfig = field(default_factory=FederaConfig)
     fdlora: FdloraConfig = field(default_factory=FdloraConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    fedpeptao: FedPepTAOConfig = field(default_factory=FedPepTAOConfig)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -144,12 +148,21 @@ def run_simulation(cfg: SimulationConfig, out_dir: Path | None, progress: bool =
     label_names = devices[0].train.label_names
     corpus = [t for d in devices for t in d.train.inputs + d.train.targets if isinstance(t, str)]
     spec = TrainingSpec(model=cfg.model, task=task, labels=tuple(label_names) if kind == "classification" else (),
-                        method=cfg.method, lora=cfg.lora, federa=cfg.federa, fdlora=cfg.fdlora, train=cfg.train,
+                        method=cfg.method, lora=cfg.lora, federa=cfg.federa, fdlora=cfg.fdlora, prompt=cfg.prompt,
+                        fedpeptao=cfg.fedpeptao, train=cfg.train,
                         split=cfg.split, seed=cfg.seed,
                         tokenizer_corpus=tuple(corpus) if resolve_model_source(cfg.model).is_tiny else ())
     method = METHODS[cfg.method]
     model, tokenizer = build_model(spec)
     global_state = method.initial_global(model, spec)  # devices share this model: prepared once
+    selection = None
+    if scoring(method):  # a score round: each device scores layers on its data, the server picks
+        reports = [(method.score(model, tokenizer, d.splits, spec, seed=cfg.seed * 1000 + k), float(len(d.train)))
+                   for k, d in enumerate(devices)]
+        global_state, selection = method.select(global_state, reports, spec)
+        method.load_trainable_state(model, global_state)
+        log.info("score round: shared layers %s", selection.get("shared_layers"))
+    server_state: dict = {}
     update_bytes = state_nbytes(global_state)
     test_union = _concat([d.test for d in devices])
     test_sizes = [len(d.test) for d in devices]
@@ -174,7 +187,7 @@ def run_simulation(cfg: SimulationConfig, out_dir: Path | None, progress: bool =
             return {}
         acc = [r["personal_accuracy"] for r in rows]
         return {"mean_personal_accuracy": float(np.nanmean(acc)), "device_personal_accuracy": acc,
-                "fusion": [(r["fusion_a"], r["fusion_b"]) for r in rows],
+                **({"fusion": [(r["fusion_a"], r["fusion_b"]) for r in rows]} if "fusion_a" in rows[0] else {}),
                 "personalise_seconds": time.perf_counter() - t0}
 
     def row_for(r: int, res: EvalResult, dev_acc: list[float], **extra) -> dict:
@@ -197,15 +210,15 @@ def run_simulation(cfg: SimulationConfig, out_dir: Path | None, progress: bool =
             result, dev.personal = method.local_train(model, tokenizer, dev.splits, spec,
                                                       seed=cfg.seed * 1000 + r * 100 + k, personal=dev.personal,
                                                       progress=progress, desc=f"round {r} {dev.device_id}")
-            updates.append((method.trainable_state(model), float(len(dev.train))))
+            updates.append(Update(dev.device_id, method.trainable_state(model), float(len(dev.train)), result.steps))
             train_losses.append(result.mean_loss)
-        global_state = weighted_mean(updates)
+        global_state, server_state = method.aggregate(global_state, updates, server_state, spec, len(devices))
         method.load_trainable_state(model, global_state)
         train_seconds = time.perf_counter() - t0
         res, dev_acc = evaluate_global()
         row = row_for(r, res, dev_acc, train_loss=float(np.mean(train_losses)), seconds=train_seconds,
-                      participants=[devices[k].device_id for k in picked], bytes_up=update_bytes * len(picked),
-                      bytes_down=update_bytes * len(picked))
+                      participants=[devices[k].device_id for k in picked], bytes_up=sum(state_nbytes(u.tensors) for u in updates),
+                      bytes_down=state_nbytes(global_state) * len(picked))
         rounds.append(row)
         if on_round:
             on_round(row)
@@ -221,6 +234,7 @@ def run_simulation(cfg: SimulationConfig, out_dir: Path | None, progress: bool =
                             if kind == "classification" else None),
         "trainable_params": n_params,
         "update_bytes": update_bytes,
+        "selection": selection,
         "rounds": rounds,
         "total_seconds": time.perf_counter() - t_start,
     }

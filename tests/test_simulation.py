@@ -97,3 +97,24 @@ def test_federa_simulation_starts_from_the_base_model_and_learns(toy_jsonl, tmp_
     # residual form: the round-0 model is the base model, exactly what LoRA (B = 0) starts from
     assert hist["rounds"][0]["loss"] == pytest.approx(lora_hist["rounds"][0]["loss"], abs=1e-4)
     assert hist["rounds"][1]["loss"] < hist["rounds"][0]["loss"]
+
+
+def test_fedpeptao_uploads_fewer_prompt_bytes_than_full_deep_prompts_and_learns(toy_jsonl, tmp_path):
+    from edge_runtime.methods.fedpeptao import FedPepTAOConfig
+    from edge_runtime.methods.prompt import PromptConfig
+
+    # prompts move a tiny random model far less than LoRA does: a mild, near-IID setting shows the signal
+    train = TrainConfig(epochs=3, batch_size=16, lr=1e-2, max_seq_len=16)
+    full = SimulationConfig(model="tiny-llama", data=str(toy_jsonl), devices=3, rounds=2, alpha=1.0,
+                            method="prompt", max_examples=None, train=train, prompt=PromptConfig(length=4))
+    fpt = SimulationConfig(**{**full.__dict__, "method": "fedpeptao",
+                              "fedpeptao": FedPepTAOConfig(control_variates=False)})
+    h_full = run_simulation(full, None, progress=False)
+    h = run_simulation(fpt, tmp_path, progress=False)
+    assert h_full["selection"] is None and h["selection"]["shared_layers"] in ([0], [1])
+    for hist in (h_full, h):
+        assert hist["rounds"][-1]["loss"] < hist["rounds"][0]["loss"]
+    assert h["rounds"][1]["bytes_up"] < h_full["rounds"][1]["bytes_up"]   # one of two layers' prompts
+    assert "mean_personal_accuracy" in h["rounds"][-1]
+    cfg = json.loads((tmp_path / "global_adapter" / "prompt_config.json").read_text())
+    assert cfg["layers"] == h["selection"]["shared_layers"]

@@ -6,6 +6,7 @@ Shared by the in-process simulation and the aggregation server.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
@@ -60,3 +61,19 @@ def weighted_mean(updates: Sequence[tuple[StateDict, float]]) -> dict[str, Tenso
                 acc += state[name].detach().to(torch.float64) * (w / total)
         out[name] = acc.to(ref.dtype)
     return out
+
+
+@dataclass(frozen=True)
+class Update:
+    """One device's accepted update as the server's aggregation sees it."""
+
+    device_id: str
+    tensors: StateDict
+    n_samples: float          # FedAvg weight
+    steps: int = 0            # local optimizer steps behind it (FedPepTAO's K_k)
+
+
+def fedavg(global_state: StateDict, updates: Sequence[Update], server_state: dict[str, Tensor] | None,
+           spec, fleet_size: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The default ``aggregate`` hook of a method: weighted FedAvg, no server state."""
+    return weighted_mean([(u.tensors, u.n_samples) for u in updates]), {}

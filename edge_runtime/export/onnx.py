@@ -30,6 +30,7 @@ import torch
 from edge_runtime.atomic_io import replace_dir_atomic
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.export.metadata import read_metadata, write_metadata
+from edge_runtime.methods import prompt
 from edge_runtime.training.models import load_model, load_tokenizer, resolve_model_source
 
 log = logging.getLogger("edge_runtime.export")
@@ -62,6 +63,8 @@ class _LogitsOnly(torch.nn.Module):
 def load_merged(adapter_dir: Path, meta: dict, tokenizer_corpus: Sequence[str] = ()):
     """The base model in fp32 with the adapter merged in; returns (model, tokenizer)."""
     model, tok = load_with_adapter(adapter_dir, meta, tokenizer_corpus)
+    if not hasattr(model, "merge_and_unload"):  # prompts: nothing to merge, the prefixes are part of the graph
+        return model.eval(), tok
     return model.merge_and_unload().eval(), tok
 
 
@@ -77,6 +80,13 @@ def load_with_adapter(adapter_dir: Path, meta: dict, tokenizer_corpus: Sequence[
     else:
         tok = load_tokenizer(src, tokenizer_corpus)
     base = load_model(src, meta["task"], max(len(meta.get("labels", [])), 2), tok, seed=meta.get("seed", 0))
+    if (Path(adapter_dir) / prompt.CONFIG_FILE).exists():  # deep prompts (prompt, FedPepTAO): prefixes per layer
+        model = prompt.load_prompts(base, Path(adapter_dir))
+        for p in model.parameters():  # the prefixes and the head are the adapter's (overridable) tensors
+            p.requires_grad_(False)
+        for p in [*prompt.prompt_parameters(model).values(), *prompt.head_parameters(model).values()]:
+            p.requires_grad_(True)
+        return model.eval(), tok
     model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)  # keeps adapter tensors as parameters
     return model.eval(), tok
 

@@ -10,10 +10,20 @@ never branch on the method:
 - ``trainable_state`` / ``load_trainable_state``: the upload, and loading a global;
 - ``personalise(...)``: a device's own model from the global one, evaluated (FDLoRA's fusion);
 - ``local_train(...)``: one round of local training;
-- ``save_adapter(model, folder)``: a plain peft LoRA folder that loads onto the untouched base;
+- ``aggregate(global, updates, server_state, spec, fleet_size)``: server, one round's new global
+  and server-side state (FedAvg for most; FedPepTAO's adaptive update keeps momentum there);
+- ``SCORING`` (optional, default False) / ``score(...)`` / ``select(...)``: a score round before
+  training whose per-device reports the server turns into the global's layout (FedPepTAO);
+- ``save_adapter(model, folder)``: an adapter folder that loads onto the untouched base
+  (peft LoRA, or a prompt folder for the prompt methods);
   ``save_personal_adapter(model, personal, folder)``: the same for the device's own model.
 """
 
-from edge_runtime.methods import fdlora, federa, lora
+from edge_runtime.methods import fdlora, federa, fedpeptao, lora, prompt
 
-METHODS = {"lora": lora, "federa": federa, "fdlora": fdlora}
+METHODS = {"lora": lora, "federa": federa, "fdlora": fdlora, "prompt": prompt, "fedpeptao": fedpeptao}
+
+
+def scoring(method) -> bool:
+    """Whether ``method`` starts its runs with a score round (``SCORING``; False when absent)."""
+    return bool(getattr(method, "SCORING", False))

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 from torch import Tensor
 
-from edge_runtime.algorithms.aggregation import check_compatible
+from edge_runtime.algorithms.aggregation import check_compatible, fedavg
 from edge_runtime.algorithms.fusion import search_fusion
 from edge_runtime.errors import AggregationError, ConfigError
 from edge_runtime.methods.personal import PersonalState
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from edge_runtime.training.spec import TrainingSpec
 
 NEEDS_INIT = False
+aggregate = fedavg                  # the server averages the global adapters only
 PERSONAL_FORMAT = 2                 # layout of the saved personal state (2: full-rank head deltas)
 GLOBAL, PERSONAL = "global", "personal"
 

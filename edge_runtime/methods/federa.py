@@ -49,6 +49,7 @@ NEEDS_INIT = True   # devices build W_res from the server's shipped (A0, B0)
 ADAPTER = "default"
 local_train = lora.local_train     # training, upload and aggregation are LoRA's
 personalise = lora.personalise
+aggregate = lora.aggregate
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 from torch import Tensor
 
-from edge_runtime.algorithms.aggregation import check_compatible
+from edge_runtime.algorithms.aggregation import check_compatible, fedavg
 from edge_runtime.errors import AggregationError, ConfigError
 from edge_runtime.training.data import Splits
 from edge_runtime.training.trainer import TrainResult, train_local
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 HEAD_MODULES = ("classifier", "score", "pooler")  # BERT head + pooler, Llama's score head
 NEEDS_INIT = False      # devices need nothing but the global adapter to start
+aggregate = fedavg      # server: weighted FedAvg, no server-side state
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,7 @@ class RoundManifest:
     TYPE: ClassVar[str] = "round"
     run_id: str
     round: int
-    action: str                                   # "train" | "evaluate" | "done"
+    action: str                                   # "score" | "train" | "evaluate" | "done"
     participants: tuple[str, ...]
     global_payload: PayloadRef | None
     deadline_s: float                             # seconds the server waits for updates
@@ -87,8 +87,8 @@ class RoundManifest:
     def __post_init__(self) -> None:
         check_id("run_id", self.run_id)
         _check_round(self.round)
-        if self.action not in ("train", "evaluate", "done"):
-            raise ProtocolError(f"round.action must be train / evaluate / done, got {self.action!r:.40}")
+        if self.action not in ("score", "train", "evaluate", "done"):
+            raise ProtocolError(f"round.action must be score / train / evaluate / done, got {self.action!r:.40}")
         for d in self.participants:
             check_id("participant", d)
 

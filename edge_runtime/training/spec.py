@@ -14,8 +14,10 @@ from typing import Any, Sequence
 from edge_runtime.errors import ConfigError
 from edge_runtime.methods import METHODS
 from edge_runtime.methods.fdlora import FdloraConfig
+from edge_runtime.methods.fedpeptao import FedPepTAOConfig
 from edge_runtime.methods.federa import FederaConfig
 from edge_runtime.methods.lora import LoraMethodConfig
+from edge_runtime.methods.prompt import PromptConfig
 from edge_runtime.training.models import TASKS, load_model, load_tokenizer, resolve_model_source
 from edge_runtime.training.trainer import TrainConfig
 
@@ -29,6 +31,8 @@ class TrainingSpec:
     lora: LoraMethodConfig = field(default_factory=LoraMethodConfig)
     federa: FederaConfig = field(default_factory=FederaConfig)
     fdlora: FdloraConfig = field(default_factory=FdloraConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    fedpeptao: FedPepTAOConfig = field(default_factory=FedPepTAOConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)   # a device's own train / val / test
     seed: int = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -51,15 +52,20 @@ class TrainResult:
 
 
 def train_local(model: torch.nn.Module, tokenizer, data: LocalDataset, cfg: TrainConfig,
-                seed: int, progress: bool = False, desc: str = "train") -> TrainResult:
+                seed: int, progress: bool = False, desc: str = "train",
+                optimizer: torch.optim.Optimizer | None = None,
+                after_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train ``model``'s trainable parameters on ``data`` for ``cfg.steps_for(len(data))`` steps.
 
-    A fresh AdamW each call; batches are drawn from a seeded shuffle, reshuffled per epoch.
+    A fresh AdamW each call unless the method passes its own ``optimizer`` (one whose state
+    persists across rounds); ``after_step(i)`` runs after each optimizer step (a method's
+    correction, e.g. control variates). Batches come from a seeded shuffle, reshuffled per epoch.
     """
     if len(data) == 0:
         raise ConfigError("train_local: the device has no training examples")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     n_steps = cfg.steps_for(len(data))
     bar = None
@@ -71,17 +77,18 @@ def train_local(model: torch.nn.Module, tokenizer, data: LocalDataset, cfg: Trai
     start = time.perf_counter()
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # dropout masks: the same seed trains the same way
-        losses, seen = _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar)
+        losses, seen = _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar, after_step)
     if bar is not None:
         bar.close()
     return TrainResult(n_steps, seen, sum(losses) / len(losses), time.perf_counter() - start)
 
 
-def _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar) -> tuple[list[float], int]:
+def _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar,
+               after_step=None) -> tuple[list[float], int]:
     order: list[int] = []
     losses: list[float] = []
     seen = 0
-    for _ in range(n_steps):
+    for i in range(n_steps):
         lifecycle.progress()  # watchdog liveness; raises Interrupted once a stop was requested
         if len(order) < cfg.batch_size:
             order += torch.randperm(len(data), generator=gen).tolist()
@@ -93,6 +100,8 @@ def _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
+        if after_step is not None:
+            after_step(i)
         losses.append(loss.item())
         seen += len(batch_idx)
         if bar is not None:

@@ -18,7 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from edge_runtime.algorithms.aggregation import weighted_mean
+from edge_runtime.algorithms.aggregation import Update
+from edge_runtime.methods import METHODS
+from edge_runtime.training.spec import TrainingSpec
 from tests.conftest import make_toy_rows, write_jsonl
 from tests.fleet_helpers import TOY_CORPUS
 from tests.integration.mosquitto import Mosquitto
@@ -101,13 +103,20 @@ class ProcessFleet:
             # recompute FedAvg from the accepted update files: each counted exactly once
             files = sorted((self.state_dir / "updates" / f"round_{h['round']:05d}").glob("*.safetensors"))
             assert sorted(f.name.split("__")[0] for f in files) == ["dev0", "dev1", "dev2"]
-            expected = weighted_mean([(load_file(f), h["weights"][f.name.split("__")[0]]) for f in files])
+            method = METHODS[s["training"]["method"]]
+            ups = [Update(d, load_file(f), h["weights"][d], h["steps"][d])
+                   for f in files for d in [f.name.split("__")[0]]]
+            before = self.state_dir / "server" / f"round_{h['round'] - 1:05d}.safetensors"
+            expected, _ = method.aggregate(load_file(self.state_dir / "global" / f"round_{h['round'] - 1:05d}.safetensors"),
+                                           ups, load_file(before) if before.exists() else {},
+                                           TrainingSpec.from_json(s["training"]), len(s["devices"]))
             got = load_file(self.state_dir / "global" / f"round_{h['round']:05d}.safetensors")
             for k in expected:
                 torch.testing.assert_close(got[k], expected[k])
         assert all(d["rounds_done"] == self.rounds for d in s["devices"].values())
         assert hist[-1]["final"] and hist[-1]["accuracy"] is not None
-        assert (self.state_dir / "global_adapter" / "adapter_model.safetensors").exists()
+        adapter = self.state_dir / "global_adapter"
+        assert (adapter / "adapter_model.safetensors").exists() or (adapter / "prompts.safetensors").exists()
         return s
 
 
@@ -188,9 +197,10 @@ def test_agent_killed_mid_upload_then_restarted(fleet):
     assert stored.exists()
 
 
-@pytest.mark.parametrize("method", ["federa", "fdlora"])
-def test_federa_and_fdlora_over_mosquitto_with_an_agent_restart(tmp_path, mosquitto, method):
-    """The init payload (FeDeRA) and the personal state (FDLoRA) survive an agent killed between rounds."""
+@pytest.mark.parametrize("method", ["federa", "fdlora", "fedpeptao"])
+def test_methods_over_mosquitto_with_an_agent_restart(tmp_path, mosquitto, method):
+    """The init payload (FeDeRA), the personal state (FDLoRA; FedPepTAO's personal prompts and AdamW
+    moments) and the server's optimiser state survive an agent killed between rounds."""
     fleet = ProcessFleet(tmp_path, mosquitto, epochs=6,
                          extra_server_args=("--method", method, "--set", "fdlora.fusion_evals=6"))
     try:
@@ -211,5 +221,10 @@ def test_federa_and_fdlora_over_mosquitto_with_an_agent_restart(tmp_path, mosqui
         else:
             assert all(h.get("personal_accuracy") is not None for h in s["history"]), s["history"]
             assert "personal state loaded" in fleet.log("dev1.log")  # the restarted agent kept its adapter
+        if method == "fedpeptao":  # a score round chose the shared layer; the export holds it alone
+            shared = s["selection"]["shared_layers"]
+            assert s["selection"]["devices"] == ["dev0", "dev1", "dev2"] and len(shared) == 1
+            cfg = json.loads((fleet.state_dir / "global_adapter" / "prompt_config.json").read_text())
+            assert cfg["layers"] == shared
     finally:
         fleet.close()

@@ -43,11 +43,10 @@ class FakeDevice:
         return self.acks.get(timeout=timeout)
 
 
-@pytest.fixture
-def server(tmp_path):
+def _serve(tmp_path, spec, rounds: int, phase: str):
+    """A coordinator serving in a thread, two fake devices said hello, the first round open in ``phase``."""
     broker = MemoryBroker()
-    spec = toy_spec()
-    cfg = ServerConfig(fleet=F, rounds=3, min_devices=2, deadline_s=300, max_update_bytes=200_000,
+    cfg = ServerConfig(fleet=F, rounds=rounds, min_devices=2, deadline_s=300, max_update_bytes=200_000,
                        training=spec.to_json())
     coord = Coordinator(cfg, Store(tmp_path / "server"), MemoryTransport(broker, "server"), initial_global(spec),
                         run_id="run-test")
@@ -58,12 +57,22 @@ def server(tmp_path):
     for d in devs:
         d.hello()
     deadline = time.monotonic() + 10
-    while coord.phase != "train":
+    while coord.phase != phase:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+    def close():
+        stop.set()
+        th.join(5)
+
+    return coord, devs, broker, close
+
+
+@pytest.fixture
+def server(tmp_path):
+    coord, devs, broker, close = _serve(tmp_path, toy_spec(), 3, "train")
     yield coord, devs, broker, tmp_path / "server"
-    stop.set()
-    th.join(5)
+    close()
 
 
 def _state(path):
@@ -224,3 +233,40 @@ def test_server_keeps_serving_after_bad_input(server):
     assert devs[0].ack().accepted
     _wait_round(coord, 2)
     assert sorted(_state(path)["history"][-1]["accepted"]) == ["d0", "d1"]
+
+
+def test_bad_score_reports_are_refused_and_good_ones_choose_the_layers(tmp_path):
+    import dataclasses
+
+    from edge_runtime.methods.prompt import PromptConfig
+
+    spec = dataclasses.replace(toy_spec(), method="fedpeptao", prompt=PromptConfig(length=2))
+    coord, devs, broker, close = _serve(tmp_path, spec, 1, "score")
+    try:
+        def report(dev, uid, metrics, n=10, blob=None):
+            ref, frames = split_payload(uid, blob, 1000) if blob is not None else (None, [])
+            dev.t.publish(topics.device_topic(F, dev.id, "update"),
+                          encode_message(UpdateManifest("run-test", dev.id, 0, uid, ref, n, metrics)))
+            for f in frames:
+                dev.t.publish(topics.device_topic(F, dev.id, "update/chunk"), f)
+            return dev.ack()
+
+        bad = [({"layer_score.0": 1.0}, 10, None, "lacks a score"),              # layer 1 missing
+               ({"layer_score.0": 1.0, "layer_score.1": "high"}, 10, None, "lacks a score"),  # NaN: the codec refuses
+               ({"layer_score.0": 1.0, "layer_score.1": 2.0}, 0, None, "n_samples"),
+               ({"layer_score.0": 1.0, "layer_score.1": 2.0}, 10, b"x" * 10, "metrics only")]
+        for i, (metrics, n, blob, reason) in enumerate(bad):
+            ack = report(devs[0], f"bad{i}", metrics, n, blob)
+            assert not ack.accepted and reason in ack.reason, ack
+        assert coord.state["phase"] == "score" and coord.state["accepted"] == {}
+        assert report(devs[0], "ok0", {"layer_score.0": 1.0, "layer_score.1": 5.0}, 10).accepted
+        assert report(devs[1], "ok1", {"layer_score.0": 4.0, "layer_score.1": 3.0}, 30).accepted
+        _wait_round(coord, 1)
+        # (10 * [1, 5] + 30 * [4, 3]) / 40 = [3.25, 3.5]: layer 1 wins; the global keeps its prompt only
+        assert coord.state["selection"]["shared_layers"] == [1]
+        assert coord.state["selection"]["layer_scores"] == pytest.approx([3.25, 3.5])
+        assert {k for k in coord.global_state if "prompt." in k} == {"prompt.1", "cv.prompt.1"}
+        m = decode_message(broker.retained[topics.round_topic(F)], RoundManifest)
+        assert m.action == "train" and m.round == 1
+    finally:
+        close()

@@ -54,6 +54,20 @@ def _run(fleet: InProcessFleet, spy: MemoryTransport | None = None) -> dict:
     return fleet.coordinator.state
 
 
+def _run_with_spy(fleet: InProcessFleet) -> tuple[dict, list[bytes]]:
+    """Run the fleet with a subscriber that reassembles every uploaded payload, as the bytes sent."""
+    sent: list[tuple[str, bytes]] = []
+    spy = MemoryTransport(fleet.broker, "spy")
+    spy.subscribe(topics.device_wildcard("t", "update/chunk"), lambda t, p: sent.append((t, p)))
+    state = _run(fleet, spy)
+    payloads, reasm = [], Reassembler(1 << 30)
+    for topic, frame in sent:
+        _, whole = reasm.add(topics.parse_topic(topic).device_id, frame, 0.0)
+        if whole is not None:
+            payloads.append(whole)
+    return state, payloads
+
+
 def test_federa_devices_build_identical_models_from_the_shipped_init(tmp_path):
     spec = dataclasses.replace(toy_spec(), method="federa", federa=FederaConfig(residual=True))
     fleet = InProcessFleet(tmp_path, n_devices=2, rounds=2, spec=spec)
@@ -81,19 +95,10 @@ def test_federa_devices_build_identical_models_from_the_shipped_init(tmp_path):
 def test_fdlora_personal_adapter_never_leaves_the_device_and_survives_a_restart(tmp_path):
     spec = dataclasses.replace(toy_spec(), method="fdlora", fdlora=FdloraConfig(fusion_evals=8))
     fleet = InProcessFleet(tmp_path, n_devices=2, rounds=2, spec=spec)
-    sent: list[tuple[str, bytes]] = []
-    spy = MemoryTransport(fleet.broker, "spy")
-    spy.subscribe(topics.device_wildcard("t", "update/chunk"), lambda t, p: sent.append((t, p)))
-    state = _run(fleet, spy)
+    state, payloads = _run_with_spy(fleet)
 
     hist = state["history"]
     assert all(h.get("personal_accuracy") is not None for h in hist), hist
-    payloads = []
-    reasm = Reassembler(1 << 30)
-    for topic, frame in sent:
-        _, whole = reasm.add(topics.parse_topic(topic).device_id, frame, 0.0)
-        if whole is not None:
-            payloads.append(whole)
     assert len(payloads) == 2 * 2  # 2 devices x 2 training rounds
     global_keys = set(safetensors_load(payloads[0]))
     for k in range(2):
@@ -117,3 +122,43 @@ def test_fdlora_personal_adapter_never_leaves_the_device_and_survives_a_restart(
         again._prepare(TrainingSpec.from_json(state["training"]), None)
         assert again._personal is not None and again._personal.meta == personal.meta
         assert all(torch.equal(again._personal.tensors[n], v) for n, v in personal.tensors.items())
+
+
+def test_fedpeptao_scores_then_uploads_only_the_shared_layers(tmp_path):
+    from edge_runtime.methods.fedpeptao import FedPepTAOConfig
+    from edge_runtime.methods.prompt import PromptConfig
+
+    spec = dataclasses.replace(toy_spec(lr=4e-2), method="fedpeptao", prompt=PromptConfig(length=3),
+                               fedpeptao=FedPepTAOConfig())
+    fleet = InProcessFleet(tmp_path, n_devices=2, rounds=2, spec=spec)
+    state, payloads = _run_with_spy(fleet)
+
+    sel = state["selection"]
+    assert sel["devices"] == ["dev0", "dev1"] and len(sel["shared_layers"]) == 1 and len(sel["layer_scores"]) == 2
+    shared = sel["shared_layers"][0]
+    hist = state["history"]
+    assert [h["round"] for h in hist] == [0, 1, 2] and hist[-1]["final"]
+    assert all(h.get("personal_accuracy") is not None for h in hist)
+    payloads = [safetensors_load(b) for b in payloads]
+    assert len(payloads) == 2 * 2   # the score round sends metrics only
+    for p in payloads:
+        assert {k for k in p if "prompt." in k} == {f"prompt.{shared}", f"cv.prompt.{shared}"}
+    # the server's optimiser state is persisted per round and names both devices' control variates
+    server = fleet.store.read_tensors(fleet.store.resolve(state["server_file"]))
+    assert int(server["round"]) == 2 and {f"ck.dev0.prompt.{shared}", f"ck.dev1.prompt.{shared}"} <= set(server)
+    # each device's personal layer and AdamW moments are on its disk, and a restart reads them back
+    for k in range(2):
+        files = list((tmp_path / f"dev{k}" / "personal").glob("fedpeptao-*.safetensors"))
+        assert len(files) == 1
+        personal = load_personal(files[0])
+        own = f"prompt.{1 - shared}"
+        assert own in personal.tensors and personal.meta["steps_total"] > 0
+        assert not any(torch.equal(personal.tensors[own], p[f"prompt.{shared}"]) for p in payloads)
+        again = Agent(fleet.agents[k].cfg, MemoryTransport(fleet.broker, f"again{k}"))
+        again._prepare(TrainingSpec.from_json(state["training"]), None)
+        assert again._personal is not None and again._personal.meta == personal.meta
+    # the server's global export and a device's own model are prompt folders that export to ONNX
+    folder = export_adapter(tmp_path / "out", state["training"], fleet.coordinator.global_state, None)
+    assert json.loads((folder / "prompt_config.json").read_text())["layers"] == [shared]
+    device = write_device_adapter(tmp_path / "dev0", tmp_path / "dev0-adapter")
+    assert json.loads((device / "prompt_config.json").read_text())["layers"] == [0, 1]
