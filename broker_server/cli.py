@@ -88,7 +88,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None,
+                   help="local learning rate (default: the method's: 1e-3 for LoRA methods, 4e-2 for prompts)")
     p.add_argument("--max-seq-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -97,6 +98,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
 
 
 def training_spec_from_args(args: argparse.Namespace, tokenizer_corpus: tuple[str, ...] = ()):
+    from edge_runtime.methods import default_lr
     from edge_runtime.methods.lora import LoraMethodConfig
     from edge_runtime.training.data import resolve_dataset
     from edge_runtime.training.spec import TrainingSpec, apply_overrides
@@ -111,7 +113,7 @@ def training_spec_from_args(args: argparse.Namespace, tokenizer_corpus: tuple[st
     spec = TrainingSpec(model=args.model, task=args.task, labels=labels, method=args.method,
                         lora=LoraMethodConfig(rank=args.rank, alpha=args.lora_alpha),
                         train=TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-                                          lr=args.lr, max_seq_len=args.max_seq_len),
+                                          lr=default_lr(args.method, args.lr), max_seq_len=args.max_seq_len),
                         seed=args.seed, tokenizer_corpus=tokenizer_corpus)
     if getattr(args, "set", None):
         spec = TrainingSpec.from_json(apply_overrides(spec.to_json(), args.set))

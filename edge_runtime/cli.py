@@ -49,7 +49,8 @@ def _add_simulate(sub) -> None:
     p.add_argument("--epochs", type=float, default=1.0, help="local epochs per round")
     p.add_argument("--max-steps", type=int, default=None, help="cap on local steps per round")
     p.add_argument("--batch-size", type=_positive_int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None,
+                   help="local learning rate (default: the method's: 1e-3 for LoRA methods, 4e-2 for prompts)")
     p.add_argument("--max-seq-len", type=_positive_int, default=64)
     p.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank")
     p.add_argument("--lora-alpha", type=float, default=16.0)
@@ -63,6 +64,7 @@ def _add_simulate(sub) -> None:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from edge_runtime.methods import default_lr
     from edge_runtime.methods.lora import LoraMethodConfig
     from edge_runtime.simulation import SimulationConfig, run_simulation
     from edge_runtime.training.spec import apply_overrides, dataclass_from_json
@@ -73,7 +75,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         devices=len(args.device_data) or args.devices, rounds=args.rounds, alpha=args.alpha,
         max_examples=args.max_examples or None, participation=args.participation, seed=args.seed,
         train=TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-                          lr=args.lr, max_seq_len=args.max_seq_len),
+                          lr=default_lr(args.method, args.lr), max_seq_len=args.max_seq_len),
         lora=LoraMethodConfig(rank=args.rank, alpha=args.lora_alpha),
     )
     if args.set:
@@ -281,7 +283,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--broker", default=None, help="use this broker instead of starting the embedded one")
     p.add_argument("--fleet", default="demo")
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None,
+                   help="local learning rate (default: the method's: 1e-3 for LoRA methods, 4e-2 for prompts)")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--max-seq-len", type=_positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -291,13 +294,14 @@ def _add_demo(sub) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from edge_runtime.demo import DemoConfig, run_demo
+    from edge_runtime.methods import default_lr
 
     logging.getLogger("edge_runtime.transport").setLevel(logging.WARNING)  # the demo's own watcher
 
     run_demo(DemoConfig(out=args.out, devices=args.devices, rounds=args.rounds, alpha=args.alpha,
                         max_examples=args.max_examples, model=args.model, method=args.method, data=args.data,
                         broker=args.broker,
-                        fleet=args.fleet, seed=args.seed, epochs=args.epochs, lr=args.lr,
+                        fleet=args.fleet, seed=args.seed, epochs=args.epochs, lr=default_lr(args.method, args.lr),
                         batch_size=args.batch_size, max_seq_len=args.max_seq_len), echo=lambda s: print(s, flush=True))
     return 0
 

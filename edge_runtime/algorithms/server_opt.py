@@ -41,10 +41,10 @@ class ServerOptConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ConfigError(f"server update must be one of {MODES}, got {self.mode!r}")
+            raise ConfigError(f"fedpeptao.server.mode must be one of {MODES}, got {self.mode!r}")
         if not (self.lr > 0 and 0 < self.lr_decay <= 1 and 0 <= self.lr_min <= self.lr and 0 <= self.beta < 1
                 and self.momentum_lr > 0):
-            raise ConfigError(f"bad server optimiser settings: {self}")
+            raise ConfigError(f"fedpeptao.server: lr > 0, 0 < lr_decay <= 1, 0 <= lr_min <= lr, 0 <= beta < 1 and momentum_lr > 0 are required, got {self}")
 
 
 def server_update(global_state: Mapping[str, Tensor], updates: Sequence[Update], state: Mapping[str, Tensor],

@@ -27,3 +27,8 @@ METHODS = {"lora": lora, "federa": federa, "fdlora": fdlora, "prompt": prompt, "
 def scoring(method) -> bool:
     """Whether ``method`` starts its runs with a score round (``SCORING``; False when absent)."""
     return bool(getattr(method, "SCORING", False))
+
+
+def default_lr(method: str, lr: float | None = None) -> float:
+    """``lr`` if given, else the method's local learning rate (``DEFAULT_LR``; 1e-3 when absent)."""
+    return lr if lr is not None else float(getattr(METHODS[method], "DEFAULT_LR", 1e-3))

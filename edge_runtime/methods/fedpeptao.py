@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from edge_runtime.training.spec import TrainingSpec
 
 NEEDS_INIT = False
+DEFAULT_LR = prompt.DEFAULT_LR
 SCORING = True            # the run starts with a score round (devices report layer scores)
 PERSONAL_FORMAT = 1
 SCORE_KEY = "layer_score."

@@ -44,6 +44,7 @@ HEAD_MODULES = ("classifier", "score")
 CONFIG_FILE = "prompt_config.json"  # an adapter folder of prompts (instead of peft's adapter_config.json)
 WEIGHTS_FILE = "prompts.safetensors"
 NEEDS_INIT = False
+DEFAULT_LR = 4e-2                   # the FedPepTAO authors' device lr; prompts need far more than LoRA
 aggregate = fedavg
 
 
