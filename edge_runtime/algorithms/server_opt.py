@@ -44,7 +44,8 @@ class ServerOptConfig:
             raise ConfigError(f"fedpeptao.server.mode must be one of {MODES}, got {self.mode!r}")
         if not (self.lr > 0 and 0 < self.lr_decay <= 1 and 0 <= self.lr_min <= self.lr and 0 <= self.beta < 1
                 and self.momentum_lr > 0):
-            raise ConfigError(f"fedpeptao.server: lr > 0, 0 < lr_decay <= 1, 0 <= lr_min <= lr, 0 <= beta < 1 and momentum_lr > 0 are required, got {self}")
+            raise ConfigError(f"fedpeptao.server needs lr > 0, 0 < lr_decay <= 1, 0 <= lr_min <= lr, 0 <= beta < 1 "
+                              f"and momentum_lr > 0; got {self}")
 
 
 def server_update(global_state: Mapping[str, Tensor], updates: Sequence[Update], state: Mapping[str, Tensor],
