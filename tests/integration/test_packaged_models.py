@@ -91,3 +91,34 @@ def test_federa_on_pretrained_weights_keeps_the_base_model_at_round0(name, task)
     residual = layer.get_base_layer().weight
     assert delta.norm() > 0.1 * (delta + residual).norm()
     assert all(torch.isfinite(v).all() for v in init.values())
+
+
+def test_minilm_fedpeptao_round_and_its_prompts_export_to_onnx(tmp_path):
+    from edge_runtime.export.onnx import OnnxPredictor, export_merged
+
+    cfg = SimulationConfig(model="minilm-l6", data="wordnet", method="fedpeptao", devices=2, rounds=1,
+                           max_examples=300, train=TrainConfig(max_steps=5, batch_size=16, lr=4e-2, max_seq_len=32))
+    hist = run_simulation(cfg, tmp_path, progress=False)
+    assert len(hist["selection"]["shared_layers"]) == 3 and len(hist["selection"]["layer_scores"]) == 6
+    res = export_merged(tmp_path / "global_adapter", tmp_path / "onnx")
+    assert res.max_abs_diff < 1e-4                 # the prefixes are in the graph, parity-checked
+    (label, prob), = OnnxPredictor(res.path).classify(["a domesticated carnivorous mammal"])
+    assert label.startswith("noun.") and 0 < prob <= 1
+
+
+def test_smollm2_deep_prompts_steer_the_pretrained_model():
+    from edge_runtime.methods import prompt
+    from edge_runtime.training.spec import TrainingSpec, build_model
+
+    model, tok = build_model(TrainingSpec(model="smollm2-135m", task="causal-lm", method="prompt"))
+    model.eval()
+    ids = tok("The capital of France is", return_tensors="pt")
+    prompt.set_active(model, [])   # no prefixes: exactly the pretrained model
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=3, do_sample=False)
+        plain = model(**ids).logits
+    assert "Paris" in tok.decode(out[0][ids["input_ids"].shape[1]:])
+    prompt.set_active(model, range(30))
+    with torch.inference_mode():
+        prefixed = model(**ids).logits
+    assert len(prompt.prompt_parameters(model)) == 30 and (prefixed - plain).abs().max() > 1e-2
