@@ -231,6 +231,27 @@ def service_options(args: argparse.Namespace, role: str, options: dict):
                           log_format=args.service_log_format)
 
 
+def _add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="this device's memory, CPUs, disk, GPU / Jetson and a compute probe",
+                       description="Profile the device a training plan has to fit: memory (or --memory-budget), "
+                                   "CPUs, free disk, CUDA device, Jetson board, matmul GFLOP/s (about 1-2 s).")
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="act as a device with this much memory for training, e.g. 2GiB")
+    p.add_argument("--no-probe", action="store_true", help="skip the compute probe")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_profile)
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    import json
+
+    from edge_runtime.device.profiler import profile_device
+
+    prof = profile_device(memory_budget=args.memory_budget, probe_compute=not args.no_probe)
+    print(json.dumps(prof.to_json(), indent=2) if args.json else prof.summary())
+    return 0
+
+
 def _add_install(sub) -> None:
     p = sub.add_parser("install-service", help="install this device's agent as a systemd service",
                        description="Write the systemd unit, /etc/edge-runtime/agent.yaml and the 0600 environment "
@@ -386,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(sub)
     _add_agent(sub)
     _add_status(sub)
+    _add_profile(sub)
     _add_install(sub)
     _add_export(sub)
     _add_device_adapter(sub)

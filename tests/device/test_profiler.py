@@ -1,0 +1,77 @@
+"""The device profiler: tegrastats lines, Jetson detection from a fake root, sizes, the budget."""
+
+import json
+
+import pytest
+
+from edge_runtime.device.profiler import parse_size, parse_tegrastats, profile_device, read_jetson
+from edge_runtime.errors import ConfigError
+
+ORIN = ("11-23-2026 10:15:42 RAM 2448/7620MB (lfb 2x4MB) SWAP 0/3810MB (cached 0MB) "
+        "CPU [1%@1510,0%@1510,2%@1510,0%@1510,off,off] EMC_FREQ 0%@2133 GR3D_FREQ 37%@[305] NVENC off NVDEC off "
+        "VIC off OFA off APE 200 cpu@48.25C soc2@47.5C soc0@48.093C gpu@48.125C tj@48.25C soc1@47.281C "
+        "VDD_IN 4046mW/4046mW VDD_CPU_GPU_CV 484mW/484mW VDD_SOC 1452mW/1452mW")
+NANO = ("RAM 1733/3964MB (lfb 72x4MB) SWAP 0/1982MB (cached 0MB) IRAM 0/252kB(lfb 252kB) "
+        "CPU [12%@1479,2%@1479,5%@1479,1%@1479] EMC_FREQ 3%@1600 GR3D_FREQ 0%@921 APE 25 PLL@31.5C CPU@33C "
+        "PMIC@100C GPU@32.5C AO@40.5C thermal@32.75C POM_5V_IN 2454/2454 POM_5V_GPU 0/0 POM_5V_CPU 327/327")
+
+
+def test_orin_line():
+    s = parse_tegrastats(ORIN)
+    assert (s["ram_used_mb"], s["ram_total_mb"], s["swap_used_mb"], s["swap_total_mb"]) == (2448, 7620, 0, 3810)
+    assert s["cpu"][:2] == [{"load": 1, "mhz": 1510}, {"load": 0, "mhz": 1510}] and s["cpu"][4:] == [None, None]
+    assert (s["gpu_load"], s["gpu_mhz"], s["emc_load"]) == (37, 305, 0)
+    assert s["temperatures"]["gpu"] == 48.125 and s["temperatures"]["tj"] == 48.25 and len(s["temperatures"]) == 6
+    assert s["power_mw"] == {"VDD_IN": (4046, 4046), "VDD_CPU_GPU_CV": (484, 484), "VDD_SOC": (1452, 1452)}
+
+
+def test_nano_line():
+    s = parse_tegrastats(NANO)
+    assert (s["ram_used_mb"], s["ram_total_mb"]) == (1733, 3964)
+    assert [c["mhz"] for c in s["cpu"]] == [1479] * 4 and [c["load"] for c in s["cpu"]] == [12, 2, 5, 1]
+    assert (s["gpu_load"], s["gpu_mhz"], s["emc_load"]) == (0, 921, 3)
+    assert s["temperatures"] == {"PLL": 31.5, "CPU": 33.0, "PMIC": 100.0, "GPU": 32.5, "AO": 40.5, "thermal": 32.75}
+    assert s["power_mw"]["POM_5V_IN"] == (2454, 2454) and s["power_mw"]["POM_5V_GPU"] == (0, 0)
+
+
+def test_a_line_without_ram_is_refused_and_partial_lines_parse():
+    with pytest.raises(ConfigError, match="not a tegrastats line"):
+        parse_tegrastats("hello world")
+    assert parse_tegrastats("RAM 10/20MB") == {"ram_used_mb": 10, "ram_total_mb": 20}
+
+
+def test_jetson_detection_from_a_board_root(tmp_path):
+    (tmp_path / "proc/device-tree").mkdir(parents=True)
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "proc/device-tree/model").write_bytes(b"NVIDIA Jetson Orin Nano Developer Kit\x00")
+    (tmp_path / "etc/nv_tegra_release").write_text(
+        "# R36 (release), REVISION: 3.0, GCID: 36191598, BOARD: generic, EABI: aarch64, DATE: Mon May  6 17:34:21 UTC 2024\n")
+    assert read_jetson(tmp_path) == ("NVIDIA Jetson Orin Nano Developer Kit", "R36 (release), REVISION: 3.0")
+    p = profile_device(probe_compute=False, root=tmp_path)
+    assert p.is_jetson and p.jetson_model.startswith("NVIDIA Jetson")
+
+
+def test_not_a_jetson(tmp_path):
+    (tmp_path / "proc/device-tree").mkdir(parents=True)
+    (tmp_path / "proc/device-tree/model").write_bytes(b"Raspberry Pi 5 Model B Rev 1.0\x00")
+    assert read_jetson(tmp_path) == (None, None)
+
+
+def test_sizes():
+    assert parse_size("2GiB") == 2 * 1024**3 and parse_size("1.5 GB") == 1_500_000_000
+    assert parse_size("512MiB") == 512 * 1024**2 and parse_size(4096) == 4096 and parse_size("4096") == 4096
+    for bad in ("2 GiBs", "-1GB", "lots", "0"):
+        with pytest.raises(ConfigError):
+            parse_size(bad)
+
+
+def test_budget_makes_the_device_act_smaller_and_the_probe_measures(tmp_path):
+    p = profile_device(memory_budget="2GiB", root=tmp_path)
+    assert p.training_memory == 2 * 1024**3 and p.memory_total > 0 and p.cpu_count >= 1
+    assert p.gflops_fp32 is not None and p.gflops_fp32 > 0.1
+    assert p.cuda is None or p.cuda.total_memory > 0
+    d = json.loads(json.dumps(p.to_json()))
+    assert d["training_memory"] == 2 * 1024**3 and d["memory_budget"] == 2 * 1024**3
+    assert "--memory-budget" in p.summary()
+    huge = profile_device(memory_budget="64TiB", probe_compute=False, root=tmp_path)
+    assert any("larger than this device" in n for n in huge.notes)
