@@ -252,6 +252,63 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="the training plan that fits a device (or a device class, or a budget)",
+                       description="Price every plan (quantization, rank, batch, sequence length, checkpointing) "
+                                   "with the memory model and pick the one that keeps most of the training profile "
+                                   "under the budget, with the reasons.")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--device-class", default=None, help="a class from profiles/devices (name or YAML file)")
+    where.add_argument("--memory-budget", default=None, metavar="SIZE", help="plan for this much memory, e.g. 2GiB")
+    p.add_argument("--profile", default="lora-minilm", help="training profile (name in profiles/training or YAML file)")
+    p.add_argument("--num-labels", type=_positive_int, default=26, help="classes of the task (WordNet: 26)")
+    p.add_argument("--margin", type=float, default=0.15, help="headroom kept free (fraction of the budget)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_plan)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from edge_runtime.device.memory_model import load_arch
+    from edge_runtime.device.planner import Capabilities, choose_plan, request_from_spec
+    from edge_runtime.device.profiler import format_size, profile_device
+    from edge_runtime.device.profiles import find_device_class, find_training_profile
+
+    profile = find_training_profile(args.profile)
+    spec = profile.spec(labels=tuple(f"label-{i}" for i in range(args.num_labels)))
+    if args.device_class:
+        dc = find_device_class(args.device_class)
+        budget, caps, where = dc.budget, Capabilities(dc.accelerator, dc.fp16, dc.bitsandbytes, dc.gflops_fp32), dc.name
+    else:
+        prof = profile_device(memory_budget=args.memory_budget)
+        cuda = prof.cuda is not None
+        caps = Capabilities("cuda" if cuda else "cpu", bool(cuda and prof.cuda.fast_fp16), _bitsandbytes_runs(),
+                            prof.gflops_fp16 or prof.gflops_fp32 or 50.0)
+        budget, where = prof.training_memory, "this device" + (" (--memory-budget)" if args.memory_budget else "")
+    choice = choose_plan(load_arch(spec.model), budget, request_from_spec(spec), caps, margin=args.margin)
+    if args.json:
+        print(json.dumps({"device": where, "profile": profile.name, "capabilities": dataclasses.asdict(caps),
+                          **choice.to_json()}, indent=2))
+        return 0
+    print(f"{profile.name} ({spec.model}, {spec.method}) on {where}")
+    for line in choice.reasons:
+        print(f"  {line}")
+    print("  predicted peak: " + ", ".join(f"{k} {format_size(v)}" for k, v in choice.predicted.as_dict().items()))
+    return 0
+
+
+def _bitsandbytes_runs() -> bool:
+    import importlib
+
+    try:
+        importlib.import_module("bitsandbytes")
+    except Exception:  # a missing or broken wheel (e.g. no CUDA match on a Jetson): plan without it
+        return False
+    return True
+
+
 def _add_install(sub) -> None:
     p = sub.add_parser("install-service", help="install this device's agent as a systemd service",
                        description="Write the systemd unit, /etc/edge-runtime/agent.yaml and the 0600 environment "
@@ -408,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_agent(sub)
     _add_status(sub)
     _add_profile(sub)
+    _add_plan(sub)
     _add_install(sub)
     _add_export(sub)
     _add_device_adapter(sub)

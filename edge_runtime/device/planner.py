@@ -1,0 +1,149 @@
+"""Choose a training plan that fits a device: quantization, LoRA rank, batch, sequence length,
+gradient checkpointing (and the layer-drop ratio once DropPEFT uses it).
+
+Every candidate is priced by :mod:`edge_runtime.device.memory_model`; those whose predicted peak
+stays under ``budget x (1 - margin)`` are ranked by what they keep of the training profile's
+request (sequence length first, as truncation loses data; then weight precision; then rank; then
+batch size) and, among equals, by estimated throughput. The choice comes with its reasons.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from edge_runtime.device.memory_model import Arch, Breakdown, Coefficients, Plan, predict_peak
+from edge_runtime.device.profiler import format_size
+from edge_runtime.errors import ConfigError
+
+QUALITY = {"fp32": 3, "fp16": 3, "int8": 2, "nf4": 1}   # fp16 on a GPU loses ~nothing for training adapters
+SLOWDOWN = {"fp32": 1.0, "fp16": 0.5, "int8": 1.6, "nf4": 1.4}  # vs fp32 per FLOP (fp16: GPUs with fast half)
+PROMPT_METHODS = ("prompt", "fedpeptao")
+
+
+class PlanError(ConfigError):
+    """No plan fits the budget."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the device can run: from a live profile or a device class."""
+
+    accelerator: str = "cpu"        # "cpu" or "cuda"
+    fp16: bool = False
+    bitsandbytes: bool = False
+    gflops_fp32: float = 50.0
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the training profile asks for (the planner never goes above it)."""
+
+    method: str = "lora"
+    task: str = "classification"
+    num_labels: int = 26
+    rank: int = 8
+    prompt_length: int = 20
+    batch_size: int = 16
+    seq_len: int = 64
+    layer_drop: float = 0.0
+
+
+@dataclass(frozen=True)
+class PlanChoice:
+    plan: Plan
+    predicted: Breakdown
+    budget: int
+    limit: int                      # budget x (1 - margin)
+    seconds_per_step: float         # estimate, for ranking
+    reasons: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> dict:
+        return {"plan": asdict(self.plan), "predicted": self.predicted.as_dict(), "budget": self.budget,
+                "limit": self.limit, "seconds_per_step": self.seconds_per_step, "reasons": list(self.reasons)}
+
+
+def _halvings(top: int, floor: int) -> list[int]:
+    out, v = [], top
+    while v >= floor:
+        out.append(v)
+        v //= 2
+    return out or [top]
+
+
+def step_seconds(arch: Arch, plan: Plan, caps: Capabilities) -> float:
+    """A rough step-time estimate: forward + input-gradient backward through the kept blocks
+    (+ a recomputed forward with checkpointing), at the device's matmul speed."""
+    tokens = plan.batch_size * plan.seq_len
+    passes = 3 + (1 if plan.checkpointing else 0)
+    flops = 2 * passes * plan.kept_layers(arch) * arch.block_linear_params() * tokens
+    speed = caps.gflops_fp32 * 1e9 / SLOWDOWN[plan.quantization]
+    return flops / speed
+
+
+def candidates(req: Request, caps: Capabilities) -> list[Plan]:
+    quants = ["fp32"]
+    if caps.accelerator == "cuda" and caps.fp16:
+        quants.append("fp16")
+    if caps.bitsandbytes:
+        quants += ["int8", "nf4"]
+    ranks = [req.rank] if req.method in PROMPT_METHODS else _halvings(req.rank, 2)
+    out = []
+    for q in quants:
+        for rank in ranks:
+            for seq in _halvings(req.seq_len, 16):
+                for bs in _halvings(req.batch_size, 1):
+                    for ckpt in (False, True):
+                        out.append(Plan(quantization=q, method=req.method, rank=rank, prompt_length=req.prompt_length,
+                                        batch_size=bs, seq_len=seq, layer_drop=req.layer_drop, checkpointing=ckpt))
+    return out
+
+
+def choose_plan(arch: Arch, budget: int, req: Request, caps: Capabilities = Capabilities(), margin: float = 0.15,
+                coef: Coefficients = Coefficients()) -> PlanChoice:
+    """The best plan whose predicted peak is under ``budget * (1 - margin)``; PlanError if none is."""
+    if budget <= 0 or not 0 <= margin < 1:
+        raise ConfigError(f"budget must be > 0 and margin in [0, 1), got {budget}, {margin}")
+    limit = int(budget * (1 - margin))
+    priced = [(p, predict_peak(arch, p, req.task, req.num_labels, coef)) for p in candidates(req, caps)]
+    fitting = [(p, b) for p, b in priced if b.total <= limit]
+    if not fitting:
+        smallest = min(priced, key=lambda pb: pb[1].total)
+        raise PlanError(f"no plan fits {format_size(limit)} ({format_size(budget)} less a {margin:.0%} margin): the "
+                        f"smallest, {_describe(smallest[0])}, needs {format_size(smallest[1].total)}")
+
+    def key(pb):
+        p, _ = pb
+        return (p.seq_len, QUALITY[p.quantization], p.rank, p.batch_size,
+                -step_seconds(arch, p, caps))
+
+    plan, pred = max(fitting, key=key)
+    reasons = [f"budget {format_size(budget)}, planning under {format_size(limit)} ({margin:.0%} margin)",
+               f"chosen: {_describe(plan)}, predicted peak {format_size(pred.total)}"]
+    asked = Plan(quantization="fp32", method=req.method, rank=req.rank, prompt_length=req.prompt_length,
+                 batch_size=req.batch_size, seq_len=req.seq_len, layer_drop=req.layer_drop)
+    if plan != asked:
+        full = predict_peak(arch, asked, req.task, req.num_labels, coef)
+        reasons.append(f"the request as asked ({_describe(asked)}) needs {format_size(full.total)}")
+        for what, got, want in (("sequence length", plan.seq_len, req.seq_len), ("rank", plan.rank, req.rank),
+                                ("batch size", plan.batch_size, req.batch_size)):
+            if got != want:
+                reasons.append(f"{what} {want} -> {got} to fit")
+        if plan.quantization != "fp32":
+            reasons.append(f"base weights in {plan.quantization}: "
+                           + ("faster on this GPU" if plan.quantization == "fp16" else "smaller, to fit"))
+        if plan.checkpointing:
+            reasons.append("gradient checkpointing: activations recomputed instead of stored (~33% more compute)")
+    return PlanChoice(plan, pred, budget, limit, step_seconds(arch, plan, caps), tuple(reasons))
+
+
+def _describe(p: Plan) -> str:
+    adapter = f"prompts {p.prompt_length}" if p.method in PROMPT_METHODS else f"rank {p.rank}"
+    return (f"{p.quantization}, {adapter}, batch {p.batch_size}, seq {p.seq_len}"
+            + (", checkpointing" if p.checkpointing else "") + (f", layer-drop {p.layer_drop}" if p.layer_drop else ""))
+
+
+def request_from_spec(spec) -> Request:
+    """The request a :class:`~edge_runtime.training.spec.TrainingSpec` makes."""
+    return Request(method=spec.method, task=spec.task, num_labels=max(len(spec.labels), 2), rank=spec.lora.rank,
+                   prompt_length=spec.prompt.length or 20, batch_size=spec.train.batch_size,
+                   seq_len=spec.train.max_seq_len)

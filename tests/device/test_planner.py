@@ -1,0 +1,71 @@
+"""The planner never exceeds the budget it was given (property test), and steps down sensibly."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_runtime.device.memory_model import Arch, Plan, predict_peak
+from edge_runtime.device.planner import Capabilities, PlanError, Request, choose_plan
+
+MINILM = Arch("bert", 6, 384, 1536, 12, 12, 30522, 512, False)
+SMOLLM2 = Arch("llama", 30, 576, 1536, 9, 3, 49152, 8192, True)
+
+
+@settings(max_examples=150, deadline=None)
+@given(budget=st.integers(min_value=50 * 2**20, max_value=80 * 2**30),
+       arch=st.sampled_from([MINILM, SMOLLM2]),
+       method=st.sampled_from(["lora", "fdlora", "fedpeptao"]),
+       task=st.sampled_from(["classification", "causal-lm"]),
+       caps=st.builds(Capabilities, accelerator=st.sampled_from(["cpu", "cuda"]), fp16=st.booleans(),
+                      bitsandbytes=st.booleans()),
+       batch=st.sampled_from([1, 4, 16, 32]), seq=st.sampled_from([32, 64, 256]),
+       margin=st.floats(min_value=0.0, max_value=0.5))
+def test_never_over_budget(budget, arch, method, task, caps, batch, seq, margin):
+    req = Request(method=method, task=task, batch_size=batch, seq_len=seq)
+    try:
+        choice = choose_plan(arch, budget, req, caps, margin=margin)
+    except PlanError as exc:
+        assert "no plan fits" in str(exc)
+        return
+    assert choice.predicted.total <= budget * (1 - margin)
+    assert choice.predicted == predict_peak(arch, choice.plan, task, req.num_labels)
+    p = choice.plan
+    assert p.batch_size <= batch and p.seq_len <= seq and p.rank <= req.rank
+    if not caps.bitsandbytes:
+        assert p.quantization in ("fp32", "fp16")
+
+
+def test_a_roomy_device_gets_the_request_as_asked():
+    choice = choose_plan(MINILM, 16 * 2**30, Request(batch_size=16, seq_len=64))
+    assert choice.plan == Plan(quantization="fp32", rank=8, batch_size=16, seq_len=64)
+    assert len(choice.reasons) == 2   # nothing given up
+
+
+def test_a_tight_device_steps_down_and_says_why():
+    roomy = choose_plan(SMOLLM2, 64 * 2**30, Request(task="causal-lm", batch_size=32, seq_len=256))
+    tight_budget = int(roomy.predicted.total * 0.6)
+    tight = choose_plan(SMOLLM2, tight_budget, Request(task="causal-lm", batch_size=32, seq_len=256), margin=0.0)
+    assert tight.predicted.total <= tight_budget < roomy.predicted.total
+    assert tight.plan != roomy.plan and any("to fit" in r or "checkpointing" in r for r in tight.reasons)
+    # quantization is only used where bitsandbytes runs, and then it lets the sequence length stay
+    q = choose_plan(SMOLLM2, tight_budget, Request(task="causal-lm", batch_size=32, seq_len=256),
+                    Capabilities(bitsandbytes=True), margin=0.0)
+    assert q.plan.seq_len >= tight.plan.seq_len
+
+
+def test_an_impossible_budget_is_a_clear_error():
+    with pytest.raises(PlanError, match="no plan fits .* the smallest, fp32"):
+        choose_plan(SMOLLM2, 100 * 2**20, Request(task="causal-lm"))
+
+
+def test_more_memory_never_gives_a_worse_plan():
+    req = Request(task="causal-lm", batch_size=16, seq_len=128)
+    last = None
+    for gib in (1, 1.5, 2, 3, 4, 8, 16):
+        try:
+            p = choose_plan(SMOLLM2, int(gib * 2**30), req).plan
+        except PlanError:
+            continue
+        key = (p.seq_len, p.rank, p.batch_size)
+        assert last is None or key >= last
+        last = key
