@@ -83,6 +83,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", default="wordnet",
                    help="the label space: 'wordnet', a data file whose labels to use, or a comma-separated list")
     p.add_argument("--method", default="lora", choices=sorted(METHODS), help="PEFT method (README: Methods)")
+    p.add_argument("--quantization", default="fp32", choices=["fp32", "nf4", "int8"],
+                   help="store the frozen base's linear weights in NF4 / int8 (bitsandbytes; fp32 if it cannot run)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--epochs", type=float, default=1.0)
@@ -111,6 +113,7 @@ def training_spec_from_args(args: argparse.Namespace, tokenizer_corpus: tuple[st
         else:
             labels = resolve_dataset(args.labels).label_names
     spec = TrainingSpec(model=args.model, task=args.task, labels=labels, method=args.method,
+                        quantization=args.quantization,
                         lora=LoraMethodConfig(rank=args.rank, alpha=args.lora_alpha),
                         train=TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                                           lr=default_lr(args.method, args.lr), max_seq_len=args.max_seq_len),

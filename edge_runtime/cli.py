@@ -40,6 +40,8 @@ def _add_simulate(sub) -> None:
     p.add_argument("--device-data", nargs="+", default=(), metavar="FILE",
                    help="one data file per device instead of partitioning --data (sets the device count)")
     p.add_argument("--method", default="lora", choices=sorted(METHODS), help="PEFT method (see README: Methods)")
+    p.add_argument("--quantization", default="fp32", choices=["fp32", "nf4", "int8"],
+                   help="store the frozen base's linear weights in NF4 / int8 (bitsandbytes; fp32 if it cannot run)")
     p.add_argument("--devices", type=_positive_int, default=4)
     p.add_argument("--rounds", type=_positive_int, default=3)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha of the label split (small = skewed)")
@@ -72,6 +74,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     cfg = SimulationConfig(
         model=args.model, data=args.data, device_data=tuple(args.device_data), method=args.method,
+        quantization=args.quantization,
         devices=len(args.device_data) or args.devices, rounds=args.rounds, alpha=args.alpha,
         max_examples=args.max_examples or None, participation=args.participation, seed=args.seed,
         train=TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
@@ -300,13 +303,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _bitsandbytes_runs() -> bool:
-    import importlib
+    from edge_runtime.training.models import bitsandbytes_problem
 
-    try:
-        importlib.import_module("bitsandbytes")
-    except Exception:  # a missing or broken wheel (e.g. no CUDA match on a Jetson): plan without it
-        return False
-    return True
+    return bitsandbytes_problem() is None
 
 
 def _add_install(sub) -> None:
@@ -357,6 +356,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--max-examples", type=int, default=4000)
     p.add_argument("--model", default="minilm-l6")
     p.add_argument("--method", default="lora", choices=sorted(METHODS), help="PEFT method (README: Methods)")
+    p.add_argument("--quantization", default="fp32", choices=["fp32", "nf4", "int8"],
+                   help="store the frozen base's linear weights in NF4 / int8 (bitsandbytes; fp32 if it cannot run)")
     p.add_argument("--data", default="wordnet")
     p.add_argument("--broker", default=None, help="use this broker instead of starting the embedded one")
     p.add_argument("--fleet", default="demo")
@@ -378,6 +379,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(DemoConfig(out=args.out, devices=args.devices, rounds=args.rounds, alpha=args.alpha,
                         max_examples=args.max_examples, model=args.model, method=args.method, data=args.data,
+                        quantization=args.quantization,
                         broker=args.broker,
                         fleet=args.fleet, seed=args.seed, epochs=args.epochs, lr=default_lr(args.method, args.lr),
                         batch_size=args.batch_size, max_seq_len=args.max_seq_len), echo=lambda s: print(s, flush=True))

@@ -35,6 +35,7 @@ class DemoConfig:
     max_examples: int = 4000
     model: str = "minilm-l6"
     method: str = "lora"
+    quantization: str = "fp32"
     data: str = "wordnet"
     broker: str | None = None        # None: start the embedded broker
     port: int = 0                    # embedded broker port; 0 = a free one
@@ -118,8 +119,9 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
         if not watcher.wait_connected(30):
             raise RuntimeError(f"cannot connect to the broker at {broker_url}")
 
-        common = ["--model", cfg.model, "--method", cfg.method, "--epochs", str(cfg.epochs), "--lr", str(cfg.lr),
-                  "--batch-size", str(cfg.batch_size), "--max-seq-len", str(cfg.max_seq_len), "--seed", str(cfg.seed)]
+        common = ["--model", cfg.model, "--method", cfg.method, "--quantization", cfg.quantization,
+                  "--epochs", str(cfg.epochs), "--lr", str(cfg.lr), "--batch-size", str(cfg.batch_size),
+                  "--max-seq-len", str(cfg.max_seq_len), "--seed", str(cfg.seed)]
         server_dir = out / "server"
         if server_dir.exists():
             import shutil

@@ -49,6 +49,7 @@ class SimulationConfig:
     data: str = "wordnet"                      # built-in name or a JSONL/CSV path
     device_data: tuple[str, ...] = ()          # one file per device instead of partitioning `data`
     method: str = "lora"
+    quantization: str = "fp32"                 # the base's linear weights: fp32, nf4, int8
     devices: int = 4
     rounds: int = 3
     alpha: float = 0.5                         # Dirichlet concentration of the label split
@@ -148,7 +149,7 @@ def run_simulation(cfg: SimulationConfig, out_dir: Path | None, progress: bool =
     label_names = devices[0].train.label_names
     corpus = [t for d in devices for t in d.train.inputs + d.train.targets if isinstance(t, str)]
     spec = TrainingSpec(model=cfg.model, task=task, labels=tuple(label_names) if kind == "classification" else (),
-                        method=cfg.method, lora=cfg.lora, federa=cfg.federa, fdlora=cfg.fdlora, prompt=cfg.prompt,
+                        method=cfg.method, quantization=cfg.quantization, lora=cfg.lora, federa=cfg.federa, fdlora=cfg.fdlora, prompt=cfg.prompt,
                         fedpeptao=cfg.fedpeptao, train=cfg.train,
                         split=cfg.split, seed=cfg.seed,
                         tokenizer_corpus=tuple(corpus) if resolve_model_source(cfg.model).is_tiny else ())

@@ -149,9 +149,53 @@ def load_tokenizer(source: ModelSource, texts_for_tiny: Iterable[str] = ()):
     return tok
 
 
+QUANTIZATIONS = ("fp32", "nf4", "int8")
+HEAD_MODULES = ("classifier", "pooler", "score", "lm_head")   # never quantized: trained, or tiny
+
+
+def bitsandbytes_problem() -> str | None:
+    """None if bitsandbytes can quantize here, else why not (a missing or broken wheel, e.g. on a Jetson)."""
+    import importlib
+
+    try:
+        importlib.import_module("bitsandbytes")
+    except Exception as exc:  # ImportError, or a RuntimeError from a wheel built for another CUDA
+        return f"bitsandbytes cannot run here ({type(exc).__name__}: {str(exc)[:200]})"
+    return None
+
+
+def _quantize(model: torch.nn.Module, quantization: str) -> torch.nn.Module:
+    """Replace the blocks' linear layers with bitsandbytes NF4 / int8 ones (the head stays fp32)."""
+    import bitsandbytes as bnb
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    targets = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and not any(part in HEAD_MODULES for part in n.split("."))]
+    for name, lin in targets:
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        if quantization == "nf4":
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                  compute_dtype=torch.float32, quant_type="nf4", device="meta")
+            q.weight = bnb.nn.Params4bit(lin.weight.data.float(), requires_grad=False, quant_type="nf4")
+        else:
+            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                    has_fp16_weights=False, device="meta")
+            q.weight = bnb.nn.Int8Params(lin.weight.data.float(), requires_grad=False, has_fp16_weights=False)
+        if lin.bias is not None:
+            q.bias = torch.nn.Parameter(lin.bias.data.float(), requires_grad=False)
+        setattr(parent, name.rsplit(".", 1)[-1], q.to(device))   # moving quantizes
+    return model
+
+
 def load_model(source: ModelSource, task: Task, num_labels: int = 2, tokenizer=None,
-               dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
-    """Load the base model for ``task``; the task head (if new) is initialised from ``seed``."""
+               dtype: torch.dtype = torch.float32, seed: int = 0, quantization: str = "fp32") -> torch.nn.Module:
+    """Load the base model for ``task``; the task head (if new) is initialised from ``seed``.
+
+    ``quantization`` ``nf4`` / ``int8`` stores the transformer blocks' linear weights with
+    bitsandbytes (CPU and CUDA); embeddings, norms and the task head stay in full precision.
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -177,4 +221,9 @@ def load_model(source: ModelSource, task: Task, num_labels: int = 2, tokenizer=N
                 hf_logging.enable_progress_bar()
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if quantization != "fp32":
+        problem = bitsandbytes_problem()
+        if problem:
+            raise ModelLoadError(f"{problem}; train this base in fp32 (quantization: fp32)")
+        model = _quantize(model, quantization)
     return model

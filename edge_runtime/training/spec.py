@@ -7,6 +7,7 @@ validated on arrival (unknown keys and bad values are errors naming the field).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -18,8 +19,11 @@ from edge_runtime.methods.fedpeptao import FedPepTAOConfig
 from edge_runtime.methods.federa import FederaConfig
 from edge_runtime.methods.lora import LoraMethodConfig
 from edge_runtime.methods.prompt import PromptConfig
-from edge_runtime.training.models import TASKS, load_model, load_tokenizer, resolve_model_source
+from edge_runtime.training.models import (QUANTIZATIONS, TASKS, bitsandbytes_problem, load_model, load_tokenizer,
+                                          resolve_model_source)
 from edge_runtime.training.trainer import TrainConfig
+
+log = logging.getLogger("edge_runtime.training")
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class TrainingSpec:
     task: str = "classification"
     labels: tuple[str, ...] = ()
     method: str = "lora"
+    quantization: str = "fp32"   # the frozen base's linear weights: fp32, nf4 or int8 (bitsandbytes)
     lora: LoraMethodConfig = field(default_factory=LoraMethodConfig)
     federa: FederaConfig = field(default_factory=FederaConfig)
     fdlora: FdloraConfig = field(default_factory=FdloraConfig)
@@ -43,6 +48,8 @@ class TrainingSpec:
             raise ConfigError(f"training.task must be one of {TASKS}, got {self.task!r}")
         if self.method not in METHODS:
             raise ConfigError(f"training.method must be one of {sorted(METHODS)}, got {self.method!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"training.quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.task == "classification" and len(self.labels) < 2:
             raise ConfigError(f"training.labels must list >= 2 labels for classification, got {list(self.labels)}")
 
@@ -99,7 +106,12 @@ def build_model(spec: TrainingSpec):
     with _BUILD_LOCK:
         source = resolve_model_source(spec.model)
         tokenizer = load_tokenizer(source, texts_for_tiny=spec.tokenizer_corpus)
-        base = load_model(source, spec.task, max(len(spec.labels), 2), tokenizer, seed=spec.seed)
+        quantization = spec.quantization
+        if quantization != "fp32" and (problem := bitsandbytes_problem()):
+            log.warning("%s: training %s with an fp32 base instead of %s", problem, spec.model, quantization)
+            quantization = "fp32"   # same adapter shapes: the device still takes part in the round
+        base = load_model(source, spec.task, max(len(spec.labels), 2), tokenizer, seed=spec.seed,
+                          quantization=quantization)
         return METHODS[spec.method].build(base, spec), tokenizer
 
 
