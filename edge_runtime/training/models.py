@@ -184,7 +184,21 @@ def _quantize(model: torch.nn.Module, quantization: str) -> torch.nn.Module:
         if lin.bias is not None:
             q.bias = torch.nn.Parameter(lin.bias.data.float(), requires_grad=False)
         setattr(parent, name.rsplit(".", 1)[-1], q.to(device))   # moving quantizes
+    _release_freed_memory()
     return model
+
+
+def _release_freed_memory() -> None:
+    """Hand the freed fp32 weights back to the OS (glibc keeps freed heap memory otherwise, and the
+    process's RSS, what the OS and the OOM killer see, would not shrink after quantizing)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
 
 
 def load_model(source: ModelSource, task: Task, num_labels: int = 2, tokenizer=None,
