@@ -206,6 +206,65 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_push_profile(args: argparse.Namespace) -> int:
+    """Publish a device profile (retained) to one device or the whole fleet and report the acks."""
+    import hashlib
+    import queue
+
+    from edge_runtime.device.profiles import read_yaml
+    from edge_runtime.protocol import topics
+    from edge_runtime.protocol.codec import decode_message, encode_message
+    from edge_runtime.protocol.messages import ProfileAck, ProfilePush, ProtocolError
+    from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
+
+    profile = read_yaml(args.file)   # syntax is checked here; what it says is for the device to judge
+    digest = hashlib.sha256(json.dumps(profile, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    push = ProfilePush(f"p{digest}-{int(time.time())}", json.loads(json.dumps(profile, default=str)), time.time())
+    acks: queue.Queue = queue.Queue()
+    transport = MqttTransport(BrokerAddress.parse(args.broker), client_id=f"push-{args.fleet}-{os.getpid()}",
+                              ca_certs=args.ca_certs, certfile=args.certfile, keyfile=args.keyfile)
+
+    def on_ack(_topic: str, payload: bytes) -> None:
+        try:
+            ack = decode_message(payload, ProfileAck)
+        except ProtocolError:
+            return
+        if ack.profile_id == push.profile_id:
+            acks.put(ack)
+
+    transport.subscribe(topics.device_wildcard(args.fleet, "profile/ack"), on_ack)
+    transport.start()
+    try:
+        if not transport.wait_connected(15):
+            raise EdgeRuntimeError(f"cannot connect to the broker at {args.broker}")
+        topic = (topics.device_topic(args.fleet, args.device, "profile") if args.device
+                 else topics.fleet_profile_topic(args.fleet))
+        transport.publish(topic, encode_message(push), qos=1, retain=True)
+        print(f"pushed {args.file} as {push.profile_id} to {args.device or 'every device of ' + args.fleet}", flush=True)
+        deadline, seen, ok = time.monotonic() + args.wait, set(), True
+        while time.monotonic() < deadline:
+            try:
+                ack = acks.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if ack.device_id in seen:
+                continue
+            seen.add(ack.device_id)
+            ok = ok and ack.accepted
+            verdict = (f"accepted, in force from round {ack.applies_from_round}" if ack.accepted
+                       else f"REJECTED: {ack.reason} (its previous profile stays in force)")
+            print(f"  {ack.device_id}: {verdict}", flush=True)
+            if args.device:
+                break
+        if args.device and not seen:
+            print(f"  no answer from {args.device} in {args.wait:.0f} s: the profile is retained, and it will be "
+                  f"judged when the device connects", flush=True)
+            return 2
+        return 0 if ok else 1
+    finally:
+        transport.stop(2.0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="broker-server", description="Aggregation server for edge-runtime fleets.")
     parser.add_argument("--version", action="version", version=f"broker-server {__version__}")
@@ -234,6 +293,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-corpus", default=None, help=argparse.SUPPRESS)  # tiny test models only
     add_training_args(p)
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("push-profile", help="push a device profile (retained) to a device or the whole fleet",
+                       description="Publish a device profile YAML (name, description, training: {train: {...}, "
+                                   "quantization}) retained to one device or every device; each device validates it "
+                                   "against the run, applies it from its next round and acks, or refuses it with the "
+                                   "reason and keeps its previous profile.")
+    p.add_argument("file", type=Path)
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--device", default=None, help="the device id")
+    target.add_argument("--all", action="store_true", help="every device of the fleet")
+    p.add_argument("--fleet", default="default")
+    p.add_argument("--wait", type=float, default=20.0, help="seconds to wait for acks")
+    add_broker_args(p)
+    p.set_defaults(func=_cmd_push_profile)
 
     p = sub.add_parser("status", help="devices and rounds of a server's state directory")
     p.add_argument("--state-dir", type=Path, required=True)

@@ -38,8 +38,8 @@ from edge_runtime.methods.personal import PersonalState, load_personal, save_per
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.chunking import MAX_CHUNK_BYTES, Reassembler, split_payload
 from edge_runtime.protocol.codec import decode_message, decode_tensors, encode_message, encode_tensors
-from edge_runtime.protocol.messages import (Ack, GlobalAnnouncement, Heartbeat, Hello, ProtocolError, RoundManifest,
-                                            Status, UpdateManifest, check_id)
+from edge_runtime.protocol.messages import (Ack, GlobalAnnouncement, Heartbeat, Hello, ProfileAck, ProfilePush,
+                                            ProtocolError, RoundManifest, Status, UpdateManifest, check_id)
 from edge_runtime.service import lifecycle
 from edge_runtime.service.sdnotify import Notifier
 from edge_runtime.training.data import Splits, resolve_dataset
@@ -94,6 +94,8 @@ class Agent:
         self._personal_path: Path | None = None
         self._splits: dict[tuple, Splits] = {}
         self._sent_at: float | None = None
+        self.profile_path = Path(cfg.state_dir) / "profile.json"
+        self.profile = self._load_profile()                # the device profile in force (pushed, validated)
 
     # -- persistence -------------------------------------------------------------------------
     def _load_state(self) -> dict:
@@ -103,6 +105,15 @@ class Agent:
             except (OSError, json.JSONDecodeError) as exc:
                 raise EdgeRuntimeError(f"{self.state_path}: unreadable agent state: {exc}") from exc
         return {"run_id": None, "last_round_done": -1, "pending": None}
+
+    def _load_profile(self) -> dict | None:
+        if not self.profile_path.exists():
+            return None
+        try:
+            return json.loads(self.profile_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise EdgeRuntimeError(f"{self.profile_path}: unreadable device profile: {exc}; move it away "
+                                   f"to drop it") from exc
 
     def _save_state(self) -> None:
         write_json_atomic(self.state_path, self.state)
@@ -132,7 +143,9 @@ class Agent:
                       "rank": (spec.get("lora") or {}).get("rank"),
                       "batch_size": (spec.get("train") or {}).get("batch_size"),
                       "max_seq_len": (spec.get("train") or {}).get("max_seq_len")} if spec else None,
-                  "last_result": acked, "updated_at": self.clock()}
+                  "last_result": acked, "updated_at": self.clock(),
+                  "profile": ({k: self.profile.get(k) for k in ("name", "profile_id", "applies_from_round")}
+                              if getattr(self, "profile", None) else None)}
         try:
             write_json_atomic(self.status_path, status)
         except OSError as exc:
@@ -148,6 +161,8 @@ class Agent:
         self.transport.subscribe(topics.global_wildcard(f), put)
         self.transport.subscribe(topics.init_wildcard(f), put)
         self.transport.subscribe(topics.device_topic(f, d, "ack"), put)
+        self.transport.subscribe(topics.device_topic(f, d, "profile"), put)
+        self.transport.subscribe(topics.fleet_profile_topic(f), put)
         self.transport.on_connect(self._announce)
 
     def _announce(self) -> None:
@@ -155,6 +170,7 @@ class Agent:
         hello = Hello(d, basic_profile(), __version__, len(self.raw_data), self.state["last_round_done"])
         self.transport.publish(topics.device_topic(f, d, "hello"), encode_message(hello), retain=True)
         self.transport.publish(topics.device_topic(f, d, "status"), encode_message(Status(d, True)), retain=True)
+        self._write_status()   # "connected" in status.json follows the connection
 
     def _heartbeats(self) -> None:
         f, d = self.cfg.fleet, self.cfg.device_id
@@ -220,8 +236,40 @@ class Agent:
                 decode_message(payload, GlobalAnnouncement)  # validated; the manifest names the payload
             elif t.kind == "dev/ack" and payload:
                 self._on_ack(decode_message(payload, Ack))
+            elif t.kind in ("profile", "dev/profile") and payload:
+                self._on_profile(decode_message(payload, ProfilePush))
         except ProtocolError as exc:
             log.warning("ignored a bad message on %s: %s", topic, exc)
+
+    def _on_profile(self, push: ProfilePush) -> None:
+        """A pushed device profile: validated against the run's spec, persisted, in force from the next
+        round; a bad one is refused with the reason and the profile in force stays."""
+        from edge_runtime.device.profiles import ProfileError, validate_device_profile
+
+        current = self.profile or {}
+        if current.get("profile_id") == push.profile_id:
+            accepted, reason, applies = True, "already in force", current.get("applies_from_round", 0)
+        elif current and push.sent_at < current.get("sent_at", 0):
+            accepted, reason, applies = False, "older than the profile in force", 0
+        else:
+            try:
+                spec = TrainingSpec.from_json(self.manifest.training) if self.manifest else None
+                overrides = validate_device_profile(push.profile, spec, where=f"profile {push.profile_id}")
+            except (ProfileError, EdgeRuntimeError) as exc:
+                log.warning("refused device profile %s: %s (the profile in force stays)", push.profile_id, exc)
+                accepted, reason, applies = False, str(exc), 0
+            else:
+                applies = (self.manifest.round + 1) if self.manifest else 0
+                self.profile = {"profile_id": push.profile_id, "name": push.profile["name"], "overrides": overrides,
+                                "applies_from_round": applies, "sent_at": push.sent_at, "received_at": self.clock()}
+                write_json_atomic(self.profile_path, self.profile)
+                self._write_status()
+                log.info("device profile %s (%s) accepted: %s from round %d", push.profile["name"], push.profile_id,
+                         overrides, applies)
+                accepted, reason = True, ""
+        ack = ProfileAck(self.cfg.device_id, push.profile_id, accepted, reason[:500], applies)
+        self.transport.publish(topics.device_topic(self.cfg.fleet, self.cfg.device_id, "profile/ack"),
+                               encode_message(ack))
 
     def step(self) -> bool:
         """Advance the state machine once; True when the run is over and the agent should exit."""
@@ -317,6 +365,10 @@ class Agent:
         timings: dict[str, float] = {}
         try:
             spec = TrainingSpec.from_json(m.training)
+            if self.profile and m.round >= self.profile.get("applies_from_round", 0):
+                from edge_runtime.device.profiles import apply_device_profile
+
+                spec = apply_device_profile(spec, self.profile["overrides"])
             model, tok, splits = self._prepare(spec, init)
             method = METHODS[spec.method]
             t0 = time.perf_counter()

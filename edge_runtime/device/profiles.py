@@ -193,3 +193,65 @@ def find_training_profile(name_or_path: str, root: Path = PROFILES_DIR) -> Train
     if name_or_path not in profiles:
         raise ProfileError(f"no training profile {name_or_path!r}; known: {sorted(profiles)}")
     return profiles[name_or_path]
+
+
+# -- device profiles (pushed to a running device) -------------------------------------------------
+DEVICE_TRAINING_KEYS = ("train", "quantization")   # what may differ between devices of one run
+DEVICE_PROFILE_KEYS = ("name", "description", "training")
+
+
+def validate_device_profile(profile: Any, spec=None, where: str = "profile"):
+    """The training overrides of a device profile, checked against ``spec`` (the run's spec, or a
+    default one): only local settings that leave the adapter's layout alone (``train.*``,
+    ``quantization``) may differ per device; the rest is the server's to decide for the fleet."""
+    from edge_runtime.training.spec import TrainingSpec, apply_overrides
+
+    if not isinstance(profile, dict):
+        raise ProfileError(f"{where}: expected a mapping, got {type(profile).__name__}")
+    unknown = sorted(set(profile) - set(DEVICE_PROFILE_KEYS))
+    if unknown:
+        raise ProfileError(f"{where}: unknown key(s) {unknown} (allowed: {list(DEVICE_PROFILE_KEYS)})")
+    name = profile.get("name")
+    if not isinstance(name, str) or not name:
+        raise ProfileError(f"{where}: name: expected a non-empty string, got {name!r}")
+    training = profile.get("training", {})
+    if not isinstance(training, dict):
+        raise ProfileError(f"{where}: training: expected a mapping, got {training!r}")
+    fleet_wide = sorted(set(training) - set(DEVICE_TRAINING_KEYS))
+    if fleet_wide:
+        raise ProfileError(f"{where}: training.{fleet_wide[0]}: set by the server for the whole fleet (it shapes "
+                           f"the adapter every device uploads); a device profile may set only "
+                           f"{list(DEVICE_TRAINING_KEYS)}")
+    base = spec if spec is not None else TrainingSpec(labels=("label-a", "label-b"))
+    items = [f"train.{k}={_yaml_scalar(v)}" for k, v in (training.get("train") or {}).items()]
+    if "train" in training and not isinstance(training["train"], dict):
+        raise ProfileError(f"{where}: training.train: expected a mapping, got {training['train']!r}")
+    if "quantization" in training:
+        items.append(f"quantization={_yaml_scalar(training['quantization'])}")
+    try:
+        result = TrainingSpec.from_json(apply_overrides(base.to_json(), items, where=f"{where}:"))
+    except ConfigError as exc:
+        raise ProfileError(f"{where}: {exc}") from exc
+    from edge_runtime.methods import METHODS
+
+    if result.quantization != "fp32" and not getattr(METHODS[result.method], "QUANTIZED_BASE", True):
+        raise ProfileError(f"{where}: training.quantization: {result.method} cannot train on a "
+                           f"{result.quantization} base (this run's method needs the float weights)")
+    return {"train": dict(training.get("train") or {}), **({"quantization": training["quantization"]}
+                                                          if "quantization" in training else {})}
+
+
+def _yaml_scalar(value: Any) -> str:
+    import json
+
+    return json.dumps(value)   # JSON is YAML: the value round-trips with its type
+
+
+def apply_device_profile(spec, overrides: dict):
+    """``spec`` with a validated device profile's overrides applied."""
+    from edge_runtime.training.spec import TrainingSpec, apply_overrides
+
+    items = [f"train.{k}={_yaml_scalar(v)}" for k, v in overrides.get("train", {}).items()]
+    if "quantization" in overrides:
+        items.append(f"quantization={_yaml_scalar(overrides['quantization'])}")
+    return TrainingSpec.from_json(apply_overrides(spec.to_json(), items)) if items else spec

@@ -50,6 +50,7 @@ ADAPTER = "default"
 local_train = lora.local_train     # training, upload and aggregation are LoRA's
 personalise = lora.personalise
 aggregate = lora.aggregate
+QUANTIZED_BASE = False             # the residual W - s*B0*A0 needs the float weight
 
 
 @dataclass(frozen=True)

@@ -200,7 +200,40 @@ class RoundSummary:
     final: bool = False
 
 
+@dataclass(frozen=True)
+class ProfilePush:
+    """Operator -> device(s), retained: a device training profile (``{"name", "training": {...}}``),
+    validated by the device, applied from its next round, answered with a :class:`ProfileAck`."""
+
+    TYPE: ClassVar[str] = "profile"
+    profile_id: str
+    profile: dict
+    sent_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_id("profile_id", self.profile_id)
+        if not isinstance(self.profile, dict):
+            raise ProtocolError("profile.profile must be an object")
+
+
+@dataclass(frozen=True)
+class ProfileAck:
+    """Device -> operator: the pushed profile is in force from ``applies_from_round``, or why it was refused
+    (the previous profile then stays in force)."""
+
+    TYPE: ClassVar[str] = "profile_ack"
+    device_id: str
+    profile_id: str
+    accepted: bool
+    reason: str = ""
+    applies_from_round: int = 0
+
+    def __post_init__(self) -> None:
+        check_id("device_id", self.device_id)
+        check_id("profile_id", self.profile_id)
+
+
 MESSAGE_TYPES: dict[str, type] = {cls.TYPE: cls for cls in
                                   (Hello, RoundManifest, GlobalAnnouncement, UpdateManifest, Ack, Heartbeat,
-                                   Status, RoundSummary)}
+                                   Status, RoundSummary, ProfilePush, ProfileAck)}
 Message = Any  # one of MESSAGE_TYPES' classes

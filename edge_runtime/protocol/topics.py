@@ -15,7 +15,9 @@ Layout (``<fleet>`` isolates fleets sharing a broker; ``v1`` is the protocol ver
     efl/v1/<fleet>/dev/<device>/update           device -> server, UpdateManifest
     efl/v1/<fleet>/dev/<device>/update/chunk     device -> server, update chunks
     efl/v1/<fleet>/dev/<device>/ack              server -> device, Ack
-    efl/v1/<fleet>/dev/<device>/profile          server -> device, retained training profile
+    efl/v1/<fleet>/profile                       operator -> all devices, retained ProfilePush
+    efl/v1/<fleet>/dev/<device>/profile          operator -> one device, retained ProfilePush
+    efl/v1/<fleet>/dev/<device>/profile/ack      device -> operator, ProfileAck (accepted or why not)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from edge_runtime.protocol.messages import ProtocolError, check_id
 
 ROOT = "efl/v1"
-DEVICE_KINDS = ("hello", "status", "heartbeat", "update", "update/chunk", "ack", "profile")
+DEVICE_KINDS = ("hello", "status", "heartbeat", "update", "update/chunk", "ack", "profile", "profile/ack")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,10 @@ def init_wildcard(fleet: str) -> str:
     return f"{_fleet(fleet)}/init/#"
 
 
+def fleet_profile_topic(fleet: str) -> str:
+    return f"{_fleet(fleet)}/profile"
+
+
 def summary_topic(fleet: str) -> str:
     return f"{_fleet(fleet)}/summary"
 
@@ -91,7 +97,7 @@ def parse_topic(topic: str) -> Topic:
     if len(parts) < 4 or "/".join(parts[:2]) != ROOT:
         raise ProtocolError(f"topic {topic!r:.120} is not under {ROOT}/")
     fleet, rest = check_id("fleet", parts[2]), parts[3:]
-    if rest in (["round"], ["global"], ["summary"], ["server", "status"]):
+    if rest in (["round"], ["global"], ["summary"], ["profile"], ["server", "status"]):
         return Topic(fleet, "/".join(rest))
     if len(rest) == 3 and rest[0] in ("global", "init") and rest[1] == "chunk" and rest[2].isdigit():
         return Topic(fleet, f"{rest[0]}/chunk", index=int(rest[2]))

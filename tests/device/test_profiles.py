@@ -86,3 +86,20 @@ def test_duplicate_names_and_unknown_lookups(tmp_path):
         device_classes(tmp_path)
     with pytest.raises(ProfileError, match="no device class 'toaster'"):
         find_device_class("toaster")
+
+
+def test_device_profiles_may_change_local_settings_only():
+    from edge_runtime.device.profiles import apply_device_profile, validate_device_profile
+    from edge_runtime.training.spec import TrainingSpec
+
+    spec = TrainingSpec(labels=("a", "b"), method="federa")
+    good = {"name": "small", "training": {"train": {"batch_size": 4, "max_seq_len": 32}}}
+    overrides = validate_device_profile(good, spec)
+    applied = apply_device_profile(spec, overrides)
+    assert (applied.train.batch_size, applied.train.max_seq_len, applied.method) == (4, 32, "federa")
+    with pytest.raises(ProfileError, match="training.lora: set by the server for the whole fleet"):
+        validate_device_profile({"name": "x", "training": {"lora": {"rank": 4}}}, spec)
+    with pytest.raises(ProfileError, match="federa cannot train on a nf4 base"):
+        validate_device_profile({"name": "x", "training": {"quantization": "nf4"}}, spec)
+    assert validate_device_profile({"name": "x", "training": {"quantization": "nf4"}},
+                                   TrainingSpec(labels=("a", "b")))["quantization"] == "nf4"
