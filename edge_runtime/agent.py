@@ -14,6 +14,7 @@ method's personal state) lives in ``--state-dir``, so a restarted agent re-sends
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ from edge_runtime import __version__
 from edge_runtime.algorithms.partition import split_train_val_test
 from edge_runtime.atomic_io import write_bytes_atomic, write_json_atomic
 from edge_runtime.device.profiler import basic_profile
+from edge_runtime.device.profiles import apply_device_profile
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.methods import METHODS
 from edge_runtime.methods.personal import PersonalState, load_personal, save_personal
@@ -64,10 +66,14 @@ class AgentConfig:
     chunk_bytes: int = MAX_CHUNK_BYTES   # smaller chunks for links / brokers with small message limits
     exit_when_done: bool = True
     progress: bool = False
+    plan: str = "auto"                   # "auto": fit batch / sequence / checkpointing / quantization to memory
+    memory_budget: int | None = None     # act as a device with this much memory (bytes)
 
     def __post_init__(self) -> None:
         check_id("device_id", self.device_id)
         check_id("fleet", self.fleet)
+        if self.plan not in ("auto", "off"):
+            raise EdgeRuntimeError(f"plan must be 'auto' or 'off', got {self.plan!r}")
 
 
 class Agent:
@@ -94,6 +100,8 @@ class Agent:
         self._personal_path: Path | None = None
         self._splits: dict[tuple, Splits] = {}
         self._sent_at: float | None = None
+        self._device = None                                # (capabilities, budget), measured once
+        self.plan_choice = None                            # the planner's last choice (status.json shows it)
         self.profile_path = Path(cfg.state_dir) / "profile.json"
         self.profile = self._load_profile()                # the device profile in force (pushed, validated)
 
@@ -105,6 +113,10 @@ class Agent:
             except (OSError, json.JSONDecodeError) as exc:
                 raise EdgeRuntimeError(f"{self.state_path}: unreadable agent state: {exc}") from exc
         return {"run_id": None, "last_round_done": -1, "pending": None}
+
+    def _forget_attempt(self) -> None:
+        if self.state.pop("attempt", None) is not None:
+            self._save_state()
 
     def _load_profile(self) -> dict | None:
         if not self.profile_path.exists():
@@ -145,7 +157,11 @@ class Agent:
                       "max_seq_len": (spec.get("train") or {}).get("max_seq_len")} if spec else None,
                   "last_result": acked, "updated_at": self.clock(),
                   "profile": ({k: self.profile.get(k) for k in ("name", "profile_id", "applies_from_round")}
-                              if getattr(self, "profile", None) else None)}
+                              if getattr(self, "profile", None) else None),
+                  "fitted_plan": ({**dataclasses.asdict(self.plan_choice.plan),
+                                   "predicted_peak": self.plan_choice.predicted.total,
+                                   "budget": self.plan_choice.budget}
+                                  if getattr(self, "plan_choice", None) else None)}
         try:
             write_json_atomic(self.status_path, status)
         except OSError as exc:
@@ -201,11 +217,13 @@ class Agent:
                     if self.step():
                         break
                 except lifecycle.Interrupted:
+                    self._forget_attempt()   # a clean stop is not a failed try
                     log.info("stop requested: abandoned round %s's local work (nothing of it was persisted or "
                              "sent; the round is redone after a restart if it is still open)",
                              self.manifest.round if self.manifest else "-")
                     break
                 except Exception:  # loop boundary: log, back off, keep serving the fleet
+                    self._forget_attempt()
                     log.exception("round step failed; retrying in 5 s")
                     self.stop_event.wait(5.0)
         finally:
@@ -324,7 +342,8 @@ class Agent:
 
     # -- the work of one round ---------------------------------------------------------------
     def _prepare(self, spec: TrainingSpec, init: bytes | None):
-        key = json.dumps(spec.to_json(), sort_keys=True) + (hashlib.sha256(init).hexdigest() if init else "")
+        shape = {k: v for k, v in spec.to_json().items() if k != "train"}   # local settings do not shape the model
+        key = json.dumps(shape, sort_keys=True) + (hashlib.sha256(init).hexdigest() if init else "")
         if key != self._model_key:
             log.info("loading %s + %s", spec.model, spec.method)
             self._model, self._tokenizer = build_model(spec)
@@ -366,9 +385,8 @@ class Agent:
         try:
             spec = TrainingSpec.from_json(m.training)
             if self.profile and m.round >= self.profile.get("applies_from_round", 0):
-                from edge_runtime.device.profiles import apply_device_profile
-
                 spec = apply_device_profile(spec, self.profile["overrides"])
+            spec = self._plan(spec, m)
             model, tok, splits = self._prepare(spec, init)
             method = METHODS[spec.method]
             t0 = time.perf_counter()
@@ -415,8 +433,7 @@ class Agent:
         if m.action == "train":
             self.activity = "training"
             seed = spec.seed * 1_000_003 + m.round * 1009 + zlib.crc32(self.cfg.device_id.encode()) % 1000
-            res, personal = method.local_train(model, tok, splits, spec, seed, self._personal,
-                                               progress=self.cfg.progress, desc=f"round {m.round}")
+            model, spec, res, personal = self._train_fitting(m, spec, init, blob, seed)
             self._keep_personal(personal)
             metrics.update(train_loss=res.mean_loss, train_seconds=res.seconds, train_steps=res.steps)
             n_samples = len(splits.train)
@@ -428,6 +445,78 @@ class Agent:
             log.info("round %d: global acc %.3f on %d local test examples; trained %d steps in %.1f s "
                      "(loss %.3f)", m.round, ev.accuracy, ev.n, res.steps, res.seconds, res.mean_loss)
         self._set_pending(m, file, n_samples, metrics, timings, update_id)
+
+    # -- fitting the device ------------------------------------------------------------------------
+    def _capabilities(self):
+        if self._device is None:
+            from edge_runtime.device.planner import Capabilities
+            from edge_runtime.device.profiler import profile_device
+            from edge_runtime.training.models import bitsandbytes_problem
+
+            prof = profile_device(memory_budget=self.cfg.memory_budget, disk_path=self.cfg.state_dir)
+            caps = Capabilities("cuda" if prof.cuda else "cpu", False, bitsandbytes_problem() is None,
+                                prof.gflops_fp32 or 50.0)   # fp16 training is not a plan option yet
+            self._device = (caps, prof.training_memory)
+        return self._device
+
+    def _plan(self, spec: TrainingSpec, m: RoundManifest) -> TrainingSpec:
+        """The spec with the local settings that fit this device (``--plan auto``), a step below the
+        last try if that try died during this very round (the OOM killer leaves no exception)."""
+        from edge_runtime.device.memory_model import load_arch
+        from edge_runtime.device.planner import PlanError, choose_plan, plan_of, plan_overrides, request_from_spec
+        from edge_runtime.device.planner import step_down
+
+        attempt = self.state.get("attempt")
+        if attempt and attempt.get("run_id") == m.run_id and attempt.get("round") == m.round:
+            caps, _ = self._capabilities()
+            last = apply_device_profile(spec, attempt["overrides"])
+            smaller = step_down(plan_of(last), caps)
+            if smaller is not None:
+                log.warning("round %d: the last try (%s) did not finish; stepping down to %s", m.round,
+                            attempt["overrides"], plan_overrides(smaller))
+                return apply_device_profile(spec, plan_overrides(smaller))
+        if self.cfg.plan == "off" or m.action != "train":
+            return spec
+        caps, budget = self._capabilities()
+        try:
+            choice = choose_plan(load_arch(spec.model), budget, request_from_spec(spec), caps)
+        except (PlanError, EdgeRuntimeError, OSError) as exc:
+            log.warning("no plan fits this device (%s); training as asked", exc)
+            return spec
+        if self.plan_choice is None or choice.plan != self.plan_choice.plan:
+            log.info("plan: %s", "; ".join(choice.reasons))
+        self.plan_choice = choice
+        return apply_device_profile(spec, plan_overrides(choice.plan))
+
+    def _train_fitting(self, m: RoundManifest, spec: TrainingSpec, init: bytes | None, blob: bytes, seed: int):
+        """Local training; an out-of-memory error steps the plan down and retries the round."""
+        import gc
+
+        import torch
+
+        from edge_runtime.device.planner import plan_of, plan_overrides, step_down
+
+        oom = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), MemoryError) if t is not None)
+        while True:
+            model, tok, splits = self._prepare(spec, init)
+            method = METHODS[spec.method]
+            self.state["attempt"] = {"run_id": m.run_id, "round": m.round, "overrides": plan_overrides(plan_of(spec))}
+            self._save_state()   # a try the OOM killer ends is stepped down after the restart
+            try:
+                res, personal = method.local_train(model, tok, splits, spec, seed, self._personal,
+                                                   progress=self.cfg.progress, desc=f"round {m.round}")
+                self.state.pop("attempt", None)
+                return model, spec, res, personal
+            except oom as exc:
+                smaller = step_down(plan_of(spec), self._capabilities()[0])
+                if smaller is None:
+                    raise EdgeRuntimeError(f"round {m.round}: out of memory even at the smallest plan") from exc
+                log.warning("round %d: out of memory (%s) with %s; retrying with %s", m.round,
+                            str(exc)[:120], plan_overrides(plan_of(spec)), plan_overrides(smaller))
+                spec = apply_device_profile(spec, plan_overrides(smaller))
+                gc.collect()
+                model, _, _ = self._prepare(spec, init)
+                METHODS[spec.method].load_trainable_state(model, decode_tensors(blob))   # undo the partial steps
 
     def _set_pending(self, m: RoundManifest, file: Path | None, n_samples: int, metrics: dict, timings: dict,
                      update_id: str | None = None) -> None:

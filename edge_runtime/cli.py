@@ -119,6 +119,10 @@ def _add_agent(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--keep-running", action="store_true", help="stay up after the run is done (service mode)")
     p.add_argument("--progress", action="store_true", help="progress bar for local training")
+    p.add_argument("--plan", default="auto", choices=["auto", "off"],
+                   help="auto: fit batch, sequence length, checkpointing and quantization to this device's memory")
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="act as a device with this much memory for training, e.g. 2GiB")
     p.set_defaults(func=_cmd_agent)
 
 
@@ -128,6 +132,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     import torch
 
     from edge_runtime.agent import Agent, AgentConfig
+    from edge_runtime.device.profiler import parse_size
     from edge_runtime.protocol import topics
     from edge_runtime.protocol.codec import encode_message
     from edge_runtime.protocol.messages import Status
@@ -140,7 +145,8 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = AgentConfig(device_id=args.device_id, data=args.data, state_dir=args.state_dir, fleet=args.fleet,
                       heartbeat_s=args.heartbeat, ack_timeout_s=args.ack_timeout, chunk_bytes=args.chunk_bytes,
-                      exit_when_done=not args.keep_running, progress=args.progress)
+                      exit_when_done=not args.keep_running, progress=args.progress, plan=args.plan,
+                      memory_budget=parse_size(args.memory_budget) if args.memory_budget else None)
     will = Will(topics.device_topic(args.fleet, args.device_id, "status"),
                 encode_message(Status(args.device_id, False)))
     transport = MqttTransport(BrokerAddress.parse(args.broker), client_id=f"dev-{args.fleet}-{args.device_id}",

@@ -9,7 +9,7 @@ batch size) and, among equals, by estimated throughput. The choice comes with it
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from edge_runtime.device.memory_model import Arch, Breakdown, Coefficients, Plan, predict_peak
 from edge_runtime.device.profiler import format_size
@@ -46,6 +46,7 @@ class Request:
     batch_size: int = 16
     seq_len: int = 64
     layer_drop: float = 0.0
+    fixed_rank: bool = False        # a federated device must keep the fleet's adapter shapes
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def candidates(req: Request, caps: Capabilities) -> list[Plan]:
         quants.append("fp16")
     if caps.bitsandbytes:
         quants += ["int8", "nf4"]
-    ranks = [req.rank] if req.method in PROMPT_METHODS else _halvings(req.rank, 2)
+    ranks = [req.rank] if req.method in PROMPT_METHODS or req.fixed_rank else _halvings(req.rank, 2)
     out = []
     for q in quants:
         for rank in ranks:
@@ -136,6 +137,36 @@ def choose_plan(arch: Arch, budget: int, req: Request, caps: Capabilities = Capa
     return PlanChoice(plan, pred, budget, limit, step_seconds(arch, plan, caps), tuple(reasons))
 
 
+def step_down(plan: Plan, caps: Capabilities = Capabilities()) -> Plan | None:
+    """The next smaller plan after an out-of-memory failure (None when nothing is left to give up):
+    halve the batch, then recompute activations, then halve the sequence, then quantize the base."""
+    if plan.batch_size > 1:
+        return replace(plan, batch_size=plan.batch_size // 2)
+    if not plan.checkpointing:
+        return replace(plan, checkpointing=True)
+    if plan.seq_len > 16:
+        return replace(plan, seq_len=max(16, plan.seq_len // 2))
+    if caps.bitsandbytes and plan.quantization in ("fp32", "fp16"):
+        return replace(plan, quantization="int8")
+    if caps.bitsandbytes and plan.quantization == "int8":
+        return replace(plan, quantization="nf4")
+    return None
+
+
+def plan_overrides(plan: Plan) -> dict:
+    """A plan as device-profile overrides of a training spec (the adapter's layout untouched)."""
+    return {"train": {"batch_size": plan.batch_size, "max_seq_len": plan.seq_len,
+                      "gradient_checkpointing": plan.checkpointing},
+            "quantization": plan.quantization if plan.quantization in ("nf4", "int8") else "fp32"}
+
+
+def plan_of(spec) -> Plan:
+    """The plan a training spec runs (what a step-down starts from)."""
+    return Plan(quantization=spec.quantization, method=spec.method, rank=spec.lora.rank,
+                prompt_length=spec.prompt.length or 20, batch_size=spec.train.batch_size,
+                seq_len=spec.train.max_seq_len, checkpointing=spec.train.gradient_checkpointing)
+
+
 def _describe(p: Plan) -> str:
     adapter = f"prompts {p.prompt_length}" if p.method in PROMPT_METHODS else f"rank {p.rank}"
     return (f"{p.quantization}, {adapter}, batch {p.batch_size}, seq {p.seq_len}"
@@ -146,4 +177,4 @@ def request_from_spec(spec) -> Request:
     """The request a :class:`~edge_runtime.training.spec.TrainingSpec` makes."""
     return Request(method=spec.method, task=spec.task, num_labels=max(len(spec.labels), 2), rank=spec.lora.rank,
                    prompt_length=spec.prompt.length or 20, batch_size=spec.train.batch_size,
-                   seq_len=spec.train.max_seq_len)
+                   seq_len=spec.train.max_seq_len, fixed_rank=True)

@@ -25,6 +25,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_seq_len: int = 64            # tokens
     grad_clip: float = 1.0           # max global grad norm; 0 disables
+    gradient_checkpointing: bool = False   # recompute activations in backward: less memory, ~1/3 more compute
 
     def __post_init__(self) -> None:
         if not self.epochs > 0:
@@ -74,6 +75,7 @@ def train_local(model: torch.nn.Module, tokenizer, data: LocalDataset, cfg: Trai
 
         bar = tqdm(total=n_steps, desc=desc, leave=False, unit="step")
     model.train()
+    _set_checkpointing(model, cfg.gradient_checkpointing)
     start = time.perf_counter()
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # dropout masks: the same seed trains the same way
@@ -81,6 +83,20 @@ def train_local(model: torch.nn.Module, tokenizer, data: LocalDataset, cfg: Trai
     if bar is not None:
         bar.close()
     return TrainResult(n_steps, seen, sum(losses) / len(losses), time.perf_counter() - start)
+
+
+def _set_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(base, "gradient_checkpointing_enable"):
+        return
+    flag = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"   # renamed in transformers 5
+    active = bool(getattr(base, flag, False))
+    if on and not active:
+        # non-reentrant: works with a frozen embedding (no input that requires grad) and with peft
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif not on and active:
+        base.gradient_checkpointing_disable()
 
 
 def _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar,

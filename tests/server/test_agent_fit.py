@@ -1,0 +1,75 @@
+"""A device fits the run to its memory: the planner's local settings, an out-of-memory step-down
+that keeps the round, and a step-down after a try that died (the OOM killer raises nothing)."""
+
+import dataclasses
+import math
+
+import torch
+
+from edge_runtime.agent import Agent, AgentConfig
+from edge_runtime.methods import lora
+from edge_runtime.protocol.messages import RoundManifest
+from edge_runtime.training.spec import TrainingSpec
+from edge_runtime.transport.memory import MemoryBroker, MemoryTransport
+from tests.conftest import make_toy_rows, write_jsonl
+from tests.fleet_helpers import InProcessFleet
+
+
+def _manifest(spec: TrainingSpec, round_: int = 1) -> RoundManifest:
+    return RoundManifest("run-x", round_, "train", ("d0",), None, 60.0, spec.to_json())
+
+
+def test_a_small_budget_shrinks_local_settings_but_not_the_adapter(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", make_toy_rows(30))
+    agent = Agent(AgentConfig("d0", str(data), tmp_path / "d0", memory_budget=600 * 2**20),
+                  MemoryTransport(MemoryBroker(), "d0"))
+    spec = TrainingSpec(model="minilm-l6", labels=tuple(f"l{i}" for i in range(26)))
+    fitted = agent._plan(spec, _manifest(spec))
+    assert fitted.train.batch_size < spec.train.batch_size
+    assert fitted.lora == spec.lora and fitted.method == spec.method   # what every device uploads is unchanged
+    assert agent.plan_choice.predicted.total <= 600 * 2**20 * 0.85
+    roomy = Agent(AgentConfig("d1", str(data), tmp_path / "d1", memory_budget=16 * 2**30),
+                  MemoryTransport(MemoryBroker(), "d1"))
+    assert roomy._plan(spec, _manifest(spec)).train == spec.train   # the request as asked
+    off = Agent(AgentConfig("d2", str(data), tmp_path / "d2", plan="off", memory_budget=600 * 2**20),
+                MemoryTransport(MemoryBroker(), "d2"))
+    assert off._plan(spec, _manifest(spec)) == spec
+
+
+def test_out_of_memory_steps_down_and_keeps_the_round(tmp_path, monkeypatch):
+    real = lora.local_train
+    seen = []
+
+    def tight(model, tok, splits, spec, *a, **kw):   # this "device" cannot hold a batch above 4
+        seen.append(spec.train.batch_size)
+        if spec.train.batch_size > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (test: batch > 4 does not fit)")
+        return real(model, tok, splits, spec, *a, **kw)
+
+    monkeypatch.setattr(lora, "local_train", tight)
+    fleet = InProcessFleet(tmp_path, n_devices=2, rounds=1)
+    fleet.start()
+    try:
+        fleet.wait_done(timeout=180)
+    finally:
+        fleet.close()
+    row = fleet.coordinator.state["history"][1]
+    assert sorted(row["accepted"]) == ["dev0", "dev1"]            # nobody lost the round
+    assert sorted(seen, reverse=True) == [16, 16, 8, 8, 4, 4]      # each device: 16 -> 8 -> 4, then it trained
+    epochs = fleet.spec.train.epochs
+    for dev, agent in zip(("dev0", "dev1"), fleet.agents):
+        n_train = len(next(iter(agent._splits.values())).train)
+        assert row["steps"][dev] == math.ceil(epochs * n_train / 4)
+        assert "attempt" not in agent.state                      # the marker is gone after success
+
+
+def test_a_try_that_died_is_stepped_down_after_the_restart(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", make_toy_rows(30))
+    agent = Agent(AgentConfig("d0", str(data), tmp_path / "d0", plan="off"), MemoryTransport(MemoryBroker(), "d0"))
+    spec = TrainingSpec(model="tiny-llama", labels=("animal", "food", "tool"))
+    agent.state["attempt"] = {"run_id": "run-x", "round": 1,
+                              "overrides": {"train": {"batch_size": 16, "max_seq_len": 64,
+                                                      "gradient_checkpointing": False}, "quantization": "fp32"}}
+    assert agent._plan(spec, _manifest(spec, 1)).train.batch_size == 8     # the killed try's plan, one step down
+    assert agent._plan(spec, _manifest(spec, 2)).train.batch_size == 16    # another round: as asked
+    assert dataclasses.replace(spec) == spec
