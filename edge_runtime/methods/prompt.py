@@ -136,7 +136,7 @@ def attach(model: nn.Module, length: int, init_std: float, seed: int, layers: It
     mods = attention_modules(model)
     wanted = set(range(len(mods)) if layers is None else layers)
     gen = torch.Generator().manual_seed(int(seed) + 7919)
-    dtype = next(model.parameters()).dtype
+    dtype = model.get_input_embeddings().weight.dtype   # not a quantized block's uint8 storage
     for i, mod in enumerate(mods):
         values = torch.randn(length, 2, _kv_dim(mod), generator=gen) * init_std  # drawn for every layer: stable
         if i in wanted:
