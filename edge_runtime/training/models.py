@@ -177,6 +177,9 @@ def _quantize(model: torch.nn.Module, quantization: str) -> torch.nn.Module:
             q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
                                   compute_dtype=torch.float32, quant_type="nf4", device="meta")
             q.weight = bnb.nn.Params4bit(lin.weight.data.float(), requires_grad=False, quant_type="nf4")
+            # bitsandbytes repacks the weight in place for its CPU bf16 kernel on the first no-grad
+            # forward (evaluation), which fails for small layers and leaves training a repacked weight
+            q.support_avx512bf16_for_cpu = False
         else:
             q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
                                     has_fp16_weights=False, device="meta")

@@ -36,6 +36,10 @@ def test_lora_trains_on_a_quantized_base(name, quantization):
     assert not isinstance(head.modules_to_save["default"], kind)
     enc = tok(["the dog sits", "a red bus", "oak pine"], padding=True, return_tensors="pt")
     batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.tensor([0, 1, 2])}
+    model.eval()
+    with torch.no_grad():   # a device evaluates the global first: the base must stay trainable after that
+        before = model(**batch).logits
+    model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(10):
@@ -45,6 +49,7 @@ def test_lora_trains_on_a_quantized_base(name, quantization):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
+    assert torch.isfinite(before).all()
 
 
 def test_quantized_bases_are_smaller():
