@@ -428,13 +428,16 @@ def _add_device_adapter(sub) -> None:
                                    "base model; `edge-runtime export` turns it into ONNX.")
     p.add_argument("--state-dir", type=Path, default=Path("/var/lib/edge-runtime/agent"))
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--which", default="personal", choices=["personal", "global"],
+                   help="the device's own model, or the global adapter in the same tensor layout (so both "
+                        "export into one --format adapter base graph)")
     p.set_defaults(func=_cmd_device_adapter)
 
 
 def _cmd_device_adapter(args: argparse.Namespace) -> int:
     from edge_runtime.export.device import write_device_adapter
 
-    path = write_device_adapter(args.state_dir, args.out)
+    path = write_device_adapter(args.state_dir, args.out, args.which)
     print(f"wrote {path} (export it with: edge-runtime export {path} --out {path}-onnx)")
     return 0
 

@@ -22,7 +22,11 @@ from edge_runtime.protocol.codec import decode_tensors
 from edge_runtime.training.spec import TrainingSpec, build_model
 
 
-def write_device_adapter(state_dir: Path, out: Path) -> Path:
+def write_device_adapter(state_dir: Path, out: Path, which: str = "personal") -> Path:
+    """``which="personal"``: the device's own model; ``"global"``: the global adapter it received, in
+    the same tensor layout as its personal one (FDLoRA: rank 2r), so both share one ONNX base graph."""
+    if which not in ("personal", "global"):
+        raise ConfigError(f"which must be 'personal' or 'global', got {which!r}")
     record_path = Path(state_dir) / "model" / "device.json"
     try:
         record = json.loads(record_path.read_text(encoding="utf-8"))
@@ -39,10 +43,15 @@ def write_device_adapter(state_dir: Path, out: Path) -> Path:
     personal = load_personal(Path(record["personal_file"])) if record.get("personal_file") else None
 
     def save(folder: Path) -> None:
-        method.save_personal_adapter(model, personal, folder)
+        if which == "personal":
+            method.save_personal_adapter(model, personal, folder)
+        else:
+            getattr(method, "save_global_adapter_like_personal", lambda m, _p, f: method.save_adapter(m, f))(
+                model, personal, folder)
         tokenizer.save_pretrained(folder)
         write_metadata(folder, spec.model, spec.task, spec.labels, seed=spec.seed, method=spec.method,
-                       personal=personal is not None, run_id=record["run_id"], global_round=record["global_round"],
+                       personal=which == "personal" and personal is not None, run_id=record["run_id"],
+                       global_round=record["global_round"],
                        fusion={k: personal.meta[k] for k in ("a", "b") if k in personal.meta} if personal else None)
 
     return replace_dir_atomic(Path(out), save)

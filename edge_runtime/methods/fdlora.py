@@ -332,6 +332,18 @@ def fused_lora_state(model, personal: PersonalState) -> tuple[dict[str, Tensor],
     return state, heads
 
 
+def save_global_adapter_like_personal(model, personal: PersonalState | None, folder: Path) -> None:
+    """The global adapter alone in the personal adapter's rank-2r layout (B' = [0, B_G], the head at
+    W0 + dW_G): with the same tensor shapes, both export into one ``--format adapter`` base graph,
+    so a device serves its personal model and the global one from one base file."""
+    if personal is None:
+        save_adapter(model, folder)
+        return
+    state, heads = fused_lora_state(model, PersonalState(personal.tensors, {**personal.meta, "a": 0.0, "b": 1.0}))
+    cfg = model.peft_config[GLOBAL]
+    _write_plain_lora(model, state, 2 * cfg.r, 2 * cfg.lora_alpha, heads, folder, "fdlora-global")
+
+
 def save_personal_adapter(model, personal: PersonalState | None, folder: Path) -> None:
     """The device's own (fused) model as a plain peft LoRA folder for the untouched base (rank 2r)."""
     if personal is None:

@@ -41,6 +41,26 @@ def _assert_same_logits(agent, personal, folder):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+def _assert_global_logits(agent, folder):
+    """The rank-2r global folder computes what the device's model computes with the global adapter alone."""
+    from peft import PeftModel
+
+    from edge_runtime.training.models import load_model, resolve_model_source
+
+    spec = TrainingSpec.from_json(json.loads((agent.cfg.state_dir / "model" / "device.json").read_text())["training"])
+    model, tok = agent._model, agent._tokenizer
+    batch = tok(["an apple", "a hammer and a dog"], padding=True, return_tensors="pt")
+    batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    model.eval()
+    with torch.no_grad():
+        fdlora._activate(model, "global")
+        fdlora._set_scales(model, 0.0, 1.0)
+        expected = model(**batch).logits
+        base = load_model(resolve_model_source(spec.model), spec.task, len(spec.labels), tok, seed=spec.seed)
+        got = PeftModel.from_pretrained(base, folder).eval()(**batch).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
 def _run(fleet: InProcessFleet, spy: MemoryTransport | None = None) -> dict:
     if spy is not None:
         spy.start()
@@ -117,6 +137,20 @@ def test_fdlora_personal_adapter_never_leaves_the_device_and_survives_a_restart(
         meta = json.loads((folder / "edge_runtime.json").read_text())
         assert meta["personal"] is True and meta["fusion"] == {"a": personal.meta["a"], "b": personal.meta["b"]}
         _assert_same_logits(fleet.agents[k], personal, folder)
+        if k == 0:  # personal and global served from one ONNX base graph: same layout, no re-export
+            from edge_runtime.export.onnx import OnnxPredictor, export_adapter
+
+            glob = write_device_adapter(tmp_path / "dev0", tmp_path / "dev0-global", which="global")
+            onnx_dir = tmp_path / "dev0-onnx"
+            export_adapter(folder, onnx_dir, name="personal")
+            base_mtime = (onnx_dir / "base.onnx").stat().st_mtime_ns
+            res = export_adapter(glob, onnx_dir, name="global")   # parity-checked against PyTorch inside
+            assert res.max_abs_diff < 1e-4 and (onnx_dir / "base.onnx").stat().st_mtime_ns == base_mtime
+            texts = ["an apple", "a hammer and a dog"]
+            personal_logits = OnnxPredictor(onnx_dir, adapter="personal").logits(texts)
+            global_logits = OnnxPredictor(onnx_dir, adapter="global").logits(texts)
+            assert abs(personal_logits - global_logits).max() > 1e-4   # two different models, one base file
+            _assert_global_logits(fleet.agents[k], glob)
         # a restarted agent picks its personal adapter up again
         again = Agent(fleet.agents[k].cfg, MemoryTransport(fleet.broker, f"again{k}"))
         again._prepare(TrainingSpec.from_json(state["training"]), None)
