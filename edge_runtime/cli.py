@@ -205,7 +205,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"  activity {status.get('activity')} (updated {age:.0f} s ago); server round {status.get('server_round')} "
           f"({status.get('server_action')}); last round done {status.get('last_round_done')}; run {status.get('run_id')}")
     if plan:
-        print("  plan " + ", ".join(f"{k} {v}" for k, v in plan.items() if v is not None))
+        print("  run's spec " + ", ".join(f"{k} {v}" for k, v in plan.items() if v is not None))
+    fitted = status.get("fitted_plan")
+    if fitted:
+        print(f"  fitted to this device: {fitted['quantization']}, batch {fitted['batch_size']}, sequence "
+              f"{fitted['seq_len']}{', checkpointing' if fitted.get('checkpointing') else ''}; predicted peak "
+              f"{fitted['predicted_peak'] / 2**20:.0f} MiB of a {fitted['budget'] / 2**20:.0f} MiB budget")
+    profile = status.get("profile")
+    if profile:
+        print(f"  device profile {profile.get('name')} ({profile.get('profile_id')}), from round "
+              f"{profile.get('applies_from_round')}")
     if status.get("pending_update"):
         print(f"  update {status['pending_update']} awaiting its ack")
     last = status.get("last_result")
