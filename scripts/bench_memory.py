@@ -56,6 +56,8 @@ def worker(point: dict) -> dict:
         fill = {"input_ids": tok.pad_token_id or 0, "attention_mask": 1, "labels": -100}
         batch = {k: torch.nn.functional.pad(v, (0, pad_to), value=fill.get(k, 0)) if v.dim() == 2 else v
                  for k, v in batch.items()}
+    if task == "causal-lm":   # next-token loss on every real token of the gloss
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     if cuda:
         batch = {k: v.cuda() for k, v in batch.items()}
     peak, stop = [proc.memory_info().rss], threading.Event()
