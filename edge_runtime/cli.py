@@ -298,11 +298,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     spec = profile.spec(labels=tuple(f"label-{i}" for i in range(args.num_labels)))
     if args.device_class:
         dc = find_device_class(args.device_class)
-        budget, caps, where = dc.budget, Capabilities(dc.accelerator, dc.fp16, dc.bitsandbytes, dc.gflops_fp32), dc.name
+        budget, where = dc.budget, dc.name
+        # fp16 training is not a plan the runtime executes yet: plan what an agent would run
+        caps = Capabilities(dc.accelerator, False, dc.bitsandbytes, dc.gflops_fp32)
     else:
         prof = profile_device(memory_budget=args.memory_budget)
         cuda = prof.cuda is not None
-        caps = Capabilities("cuda" if cuda else "cpu", bool(cuda and prof.cuda.fast_fp16), _bitsandbytes_runs(),
+        caps = Capabilities("cuda" if cuda else "cpu", False, _bitsandbytes_runs(),
                             prof.gflops_fp16 or prof.gflops_fp32 or 50.0)
         budget, where = prof.training_memory, "this device" + (" (--memory-budget)" if args.memory_budget else "")
     choice = choose_plan(load_arch(spec.model), budget, request_from_spec(spec), caps, margin=args.margin)

@@ -21,17 +21,17 @@ def _manifest(spec: TrainingSpec, round_: int = 1) -> RoundManifest:
 
 def test_a_small_budget_shrinks_local_settings_but_not_the_adapter(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", make_toy_rows(30))
-    agent = Agent(AgentConfig("d0", str(data), tmp_path / "d0", memory_budget=600 * 2**20),
+    agent = Agent(AgentConfig("d0", str(data), tmp_path / "d0", memory_budget=800 * 2**20),
                   MemoryTransport(MemoryBroker(), "d0"))
     spec = TrainingSpec(model="minilm-l6", labels=tuple(f"l{i}" for i in range(26)))
     fitted = agent._plan(spec, _manifest(spec))
-    assert fitted.train.batch_size < spec.train.batch_size
+    assert fitted.train.batch_size < spec.train.batch_size or fitted.train.gradient_checkpointing
     assert fitted.lora == spec.lora and fitted.method == spec.method   # what every device uploads is unchanged
-    assert agent.plan_choice.predicted.total <= 600 * 2**20 * 0.85
+    assert agent.plan_choice.predicted.total <= 800 * 2**20 * 0.85
     roomy = Agent(AgentConfig("d1", str(data), tmp_path / "d1", memory_budget=16 * 2**30),
                   MemoryTransport(MemoryBroker(), "d1"))
     assert roomy._plan(spec, _manifest(spec)).train == spec.train   # the request as asked
-    off = Agent(AgentConfig("d2", str(data), tmp_path / "d2", plan="off", memory_budget=600 * 2**20),
+    off = Agent(AgentConfig("d2", str(data), tmp_path / "d2", plan="off", memory_budget=800 * 2**20),
                 MemoryTransport(MemoryBroker(), "d2"))
     assert off._plan(spec, _manifest(spec)) == spec
 
