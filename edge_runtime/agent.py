@@ -82,6 +82,7 @@ class Agent:
         self.cfg = cfg
         self.transport = transport
         self.clock = clock
+        self._status_lock = threading.Lock()   # status.json is written from the loop and the transport thread
         self.notifier = notifier or Notifier({})
         self.inbox: queue.Queue = queue.Queue()
         self.stop_event = threading.Event()
@@ -141,33 +142,35 @@ class Agent:
             self._activity = value
             self._write_status()
 
-    def _write_status(self) -> None:
+    def _write_status(self, connected: bool | None = None) -> None:
         """``status.json`` for ``edge-runtime status`` and systemd's STATUS line; never fails the agent."""
-        m = self.manifest if hasattr(self, "manifest") else None
-        spec = (m.training if m else {}) or {}
-        acked = (self.state.get("results") or [None])[-1]
-        status = {"device_id": self.cfg.device_id, "fleet": self.cfg.fleet, "pid": os.getpid(),
-                  "connected": self.transport.wait_connected(0), "activity": self._activity,
-                  "run_id": self.state.get("run_id"), "server_round": m.round if m else None,
-                  "server_action": m.action if m else None, "last_round_done": self.state.get("last_round_done"),
-                  "pending_update": (self.state.get("pending") or {}).get("update_id"),
-                  "plan": {k: spec.get(k) for k in ("model", "method", "task")} | {
-                      "rank": (spec.get("lora") or {}).get("rank"),
-                      "batch_size": (spec.get("train") or {}).get("batch_size"),
-                      "max_seq_len": (spec.get("train") or {}).get("max_seq_len")} if spec else None,
-                  "last_result": acked, "updated_at": self.clock(),
-                  "profile": ({k: self.profile.get(k) for k in ("name", "profile_id", "applies_from_round")}
-                              if getattr(self, "profile", None) else None),
-                  "fitted_plan": ({**dataclasses.asdict(self.plan_choice.plan),
-                                   "predicted_peak": self.plan_choice.predicted.total,
-                                   "budget": self.plan_choice.budget}
-                                  if getattr(self, "plan_choice", None) else None)}
-        try:
-            write_json_atomic(self.status_path, status)
-        except OSError as exc:
-            log.warning("cannot write %s: %s", self.status_path, exc)
-        round_text = f"round {m.round} ({m.action})" if m else "waiting for the server"
-        self.notifier.status(f"{self._activity}; {round_text}; last round done {self.state.get('last_round_done')}")
+        with self._status_lock:   # computed and written under one lock: the last write is the freshest
+            m = self.manifest if hasattr(self, "manifest") else None
+            spec = (m.training if m else {}) or {}
+            acked = (self.state.get("results") or [None])[-1]
+            status = {"device_id": self.cfg.device_id, "fleet": self.cfg.fleet, "pid": os.getpid(),
+                      "connected": self.transport.wait_connected(0) if connected is None else connected,
+                      "activity": self._activity,
+                      "run_id": self.state.get("run_id"), "server_round": m.round if m else None,
+                      "server_action": m.action if m else None, "last_round_done": self.state.get("last_round_done"),
+                      "pending_update": (self.state.get("pending") or {}).get("update_id"),
+                      "plan": {k: spec.get(k) for k in ("model", "method", "task")} | {
+                          "rank": (spec.get("lora") or {}).get("rank"),
+                          "batch_size": (spec.get("train") or {}).get("batch_size"),
+                          "max_seq_len": (spec.get("train") or {}).get("max_seq_len")} if spec else None,
+                      "last_result": acked, "updated_at": self.clock(),
+                      "profile": ({k: self.profile.get(k) for k in ("name", "profile_id", "applies_from_round")}
+                                  if getattr(self, "profile", None) else None),
+                      "fitted_plan": ({**dataclasses.asdict(self.plan_choice.plan),
+                                       "predicted_peak": self.plan_choice.predicted.total,
+                                       "budget": self.plan_choice.budget}
+                                      if getattr(self, "plan_choice", None) else None)}
+            try:
+                write_json_atomic(self.status_path, status)
+            except OSError as exc:
+                log.warning("cannot write %s: %s", self.status_path, exc)
+            round_text = f"round {m.round} ({m.action})" if m else "waiting for the server"
+            self.notifier.status(f"{self._activity}; {round_text}; last round done {self.state.get('last_round_done')}")
 
     # -- transport wiring --------------------------------------------------------------------
     def attach(self) -> None:
@@ -186,7 +189,7 @@ class Agent:
         hello = Hello(d, basic_profile(), __version__, len(self.raw_data), self.state["last_round_done"])
         self.transport.publish(topics.device_topic(f, d, "hello"), encode_message(hello), retain=True)
         self.transport.publish(topics.device_topic(f, d, "status"), encode_message(Status(d, True)), retain=True)
-        self._write_status()   # "connected" in status.json follows the connection
+        self._write_status(connected=True)   # called on connect: the flag may not be set yet
 
     def _heartbeats(self) -> None:
         f, d = self.cfg.fleet, self.cfg.device_id
