@@ -385,18 +385,24 @@ def _add_demo(sub) -> None:
     p.add_argument("--max-seq-len", type=_positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="every device acts as one with this much memory (its agent fits the plan to it), e.g. 2GiB")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from edge_runtime.demo import DemoConfig, run_demo
+    from edge_runtime.device.profiler import parse_size
     from edge_runtime.methods import default_lr
+
+    if args.memory_budget:
+        parse_size(args.memory_budget)   # a bad size fails here, not in every agent's log
 
     logging.getLogger("edge_runtime.transport").setLevel(logging.WARNING)  # the demo's own watcher
 
     run_demo(DemoConfig(out=args.out, devices=args.devices, rounds=args.rounds, alpha=args.alpha,
                         max_examples=args.max_examples, model=args.model, method=args.method, data=args.data,
-                        quantization=args.quantization,
+                        quantization=args.quantization, memory_budget=args.memory_budget,
                         broker=args.broker,
                         fleet=args.fleet, seed=args.seed, epochs=args.epochs, lr=default_lr(args.method, args.lr),
                         batch_size=args.batch_size, max_seq_len=args.max_seq_len), echo=lambda s: print(s, flush=True))

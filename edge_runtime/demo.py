@@ -41,6 +41,7 @@ class DemoConfig:
     port: int = 0                    # embedded broker port; 0 = a free one
     fleet: str = "demo"
     seed: int = 0
+    memory_budget: str | None = None   # each device acts as one with this much memory (e.g. "2GiB")
     epochs: float = 1.0
     lr: float = 1e-3
     batch_size: int = 16
@@ -135,7 +136,8 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
             dev_dir = path.parent
             (dev_dir / "agent.json").unlink(missing_ok=True)  # a demo is a fresh run for every device too
             procs.append(_spawn(["edge_runtime.cli", "agent", "--broker", broker_url, "--device-id", f"dev{k:02d}",
-                                 "--fleet", cfg.fleet, "--data", str(path), "--state-dir", str(dev_dir)],
+                                 "--fleet", cfg.fleet, "--data", str(path), "--state-dir", str(dev_dir),
+                                 *(["--memory-budget", cfg.memory_budget] if cfg.memory_budget else [])],
                                 dev_dir / "agent.log"))
         echo(f"server and {cfg.devices} device agents started; training {cfg.model} + {cfg.method} for {cfg.rounds} rounds")
 
