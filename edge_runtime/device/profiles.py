@@ -177,22 +177,22 @@ def training_profiles(root: Path = PROFILES_DIR) -> dict[str, TrainingProfile]:
     return _load_all(Path(root) / "training", load_training_profile)
 
 
-def find_device_class(name_or_path: str, root: Path = PROFILES_DIR) -> DeviceClass:
+def _find(name_or_path: str, loader, load_all, what: str):
+    """A YAML file by path, or a shipped profile by name."""
     if name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path:
-        return load_device_class(Path(name_or_path))
-    classes = device_classes(root)
-    if name_or_path not in classes:
-        raise ProfileError(f"no device class {name_or_path!r}; known: {sorted(classes)}")
-    return classes[name_or_path]
+        return loader(Path(name_or_path))
+    known = load_all()
+    if name_or_path not in known:
+        raise ProfileError(f"no {what} {name_or_path!r}; known: {sorted(known)}")
+    return known[name_or_path]
+
+
+def find_device_class(name_or_path: str, root: Path = PROFILES_DIR) -> DeviceClass:
+    return _find(name_or_path, load_device_class, lambda: device_classes(root), "device class")
 
 
 def find_training_profile(name_or_path: str, root: Path = PROFILES_DIR) -> TrainingProfile:
-    if name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path:
-        return load_training_profile(Path(name_or_path))
-    profiles = training_profiles(root)
-    if name_or_path not in profiles:
-        raise ProfileError(f"no training profile {name_or_path!r}; known: {sorted(profiles)}")
-    return profiles[name_or_path]
+    return _find(name_or_path, load_training_profile, lambda: training_profiles(root), "training profile")
 
 
 # -- device profiles (pushed to a running device) -------------------------------------------------
@@ -223,11 +223,9 @@ def validate_device_profile(profile: Any, spec=None, where: str = "profile"):
                            f"the adapter every device uploads); a device profile may set only "
                            f"{list(DEVICE_TRAINING_KEYS)}")
     base = spec if spec is not None else TrainingSpec(labels=("label-a", "label-b"))
-    items = [f"train.{k}={_yaml_scalar(v)}" for k, v in (training.get("train") or {}).items()]
     if "train" in training and not isinstance(training["train"], dict):
         raise ProfileError(f"{where}: training.train: expected a mapping, got {training['train']!r}")
-    if "quantization" in training:
-        items.append(f"quantization={_yaml_scalar(training['quantization'])}")
+    items = _override_items(training)
     try:
         result = TrainingSpec.from_json(apply_overrides(base.to_json(), items, where=f"{where}:"))
     except ConfigError as exc:
@@ -241,17 +239,19 @@ def validate_device_profile(profile: Any, spec=None, where: str = "profile"):
                                                           if "quantization" in training else {})}
 
 
-def _yaml_scalar(value: Any) -> str:
+def _override_items(overrides: dict) -> list[str]:
+    """``{"train": {...}, "quantization": ...}`` as ``--set`` items (values as JSON, which is YAML)."""
     import json
 
-    return json.dumps(value)   # JSON is YAML: the value round-trips with its type
+    items = [f"train.{k}={json.dumps(v)}" for k, v in (overrides.get("train") or {}).items()]
+    if "quantization" in overrides:
+        items.append(f"quantization={json.dumps(overrides['quantization'])}")
+    return items
 
 
 def apply_device_profile(spec, overrides: dict):
     """``spec`` with a validated device profile's overrides applied."""
     from edge_runtime.training.spec import TrainingSpec, apply_overrides
 
-    items = [f"train.{k}={_yaml_scalar(v)}" for k, v in overrides.get("train", {}).items()]
-    if "quantization" in overrides:
-        items.append(f"quantization={_yaml_scalar(overrides['quantization'])}")
+    items = _override_items(overrides)
     return TrainingSpec.from_json(apply_overrides(spec.to_json(), items)) if items else spec

@@ -103,14 +103,8 @@ def _params_by_key(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def initial_prompts(model: nn.Module, spec: "TrainingSpec") -> dict[str, Tensor]:
     """The seeded round-0 prompts of every layer (what a device's personal layers start from)."""
-    n = _n_layers(model)
-    gen = torch.Generator().manual_seed(int(spec.seed) + 7919)   # the draw order of prompt.attach
-    length = spec.prompt.length_for(model)
-    out = {}
-    for i, mod in enumerate(prompt.attention_modules(model)):
-        out[f"prompt.{i}"] = torch.randn(length, 2, prompt._kv_dim(mod), generator=gen) * spec.prompt.init_std
-    assert len(out) == n
-    return out
+    values = prompt.draw_prompts(model, spec.prompt.length_for(model), spec.prompt.init_std, spec.seed)
+    return {f"prompt.{i}": v for i, v in enumerate(values)}
 
 
 def _with_cv(model: nn.Module, params: dict[str, Tensor], spec: "TrainingSpec",

@@ -135,14 +135,19 @@ def attach(model: nn.Module, length: int, init_std: float, seed: int, layers: It
     _register()
     mods = attention_modules(model)
     wanted = set(range(len(mods)) if layers is None else layers)
-    gen = torch.Generator().manual_seed(int(seed) + 7919)
     dtype = model.get_input_embeddings().weight.dtype   # not a quantized block's uint8 storage
-    for i, mod in enumerate(mods):
-        values = torch.randn(length, 2, _kv_dim(mod), generator=gen) * init_std  # drawn for every layer: stable
+    for i, (mod, values) in enumerate(zip(mods, draw_prompts(model, length, init_std, seed))):
         if i in wanted:
             setattr(mod, PARAM, nn.Parameter(values.to(dtype)))
             mod.edge_prompt_on = True
     model.set_attn_implementation(ATTN_IMPL)
+
+
+def draw_prompts(model: nn.Module, length: int, init_std: float, seed: int) -> list[Tensor]:
+    """The seeded initial prefix of every layer (all are drawn, so a layer's values do not depend on
+    which others get a prefix)."""
+    gen = torch.Generator().manual_seed(int(seed) + 7919)
+    return [torch.randn(length, 2, _kv_dim(mod), generator=gen) * init_std for mod in attention_modules(model)]
 
 
 def set_active(model: nn.Module, active: Iterable[int]) -> None:

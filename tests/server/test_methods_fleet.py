@@ -20,7 +20,9 @@ from edge_runtime.methods import fdlora
 from tests.fleet_helpers import InProcessFleet, toy_spec
 
 
-def _assert_same_logits(agent, personal, folder):
+def _assert_folder_matches_device(agent, folder, set_up):
+    """The adapter folder, loaded onto the untouched base, computes what the agent's model computes
+    once ``set_up(model)`` has switched it to the model under test."""
     from peft import PeftModel
 
     from edge_runtime.training.models import load_model, resolve_model_source
@@ -31,34 +33,31 @@ def _assert_same_logits(agent, personal, folder):
     batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     model.eval()
     with torch.no_grad():
-        fdlora._load_adapter(model, "personal", personal.tensors, "personal")
-        fdlora._activate(model, ["personal", "global"])
-        fdlora._set_scales(model, personal.meta["a"], personal.meta["b"])
+        set_up(model)
         expected = model(**batch).logits
         fdlora._activate(model, "global")
         base = load_model(resolve_model_source(spec.model), spec.task, len(spec.labels), tok, seed=spec.seed)
         got = PeftModel.from_pretrained(base, folder).eval()(**batch).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def _assert_same_logits(agent, personal, folder):
+    """The fused personal folder computes the device's fused model at its own (a, b)."""
+    def fused(model):
+        fdlora._load_adapter(model, "personal", personal.tensors, "personal")
+        fdlora._activate(model, ["personal", "global"])
+        fdlora._set_scales(model, personal.meta["a"], personal.meta["b"])
+
+    _assert_folder_matches_device(agent, folder, fused)
 
 
 def _assert_global_logits(agent, folder):
     """The rank-2r global folder computes what the device's model computes with the global adapter alone."""
-    from peft import PeftModel
-
-    from edge_runtime.training.models import load_model, resolve_model_source
-
-    spec = TrainingSpec.from_json(json.loads((agent.cfg.state_dir / "model" / "device.json").read_text())["training"])
-    model, tok = agent._model, agent._tokenizer
-    batch = tok(["an apple", "a hammer and a dog"], padding=True, return_tensors="pt")
-    batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    model.eval()
-    with torch.no_grad():
+    def global_only(model):
         fdlora._activate(model, "global")
         fdlora._set_scales(model, 0.0, 1.0)
-        expected = model(**batch).logits
-        base = load_model(resolve_model_source(spec.model), spec.task, len(spec.labels), tok, seed=spec.seed)
-        got = PeftModel.from_pretrained(base, folder).eval()(**batch).logits
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+    _assert_folder_matches_device(agent, folder, global_only)
 
 
 def _run(fleet: InProcessFleet, spy: MemoryTransport | None = None) -> dict:
