@@ -182,8 +182,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if state is None:
         raise EdgeRuntimeError(f"{args.state_dir}: no server state here")
     if args.json:
-        print(json.dumps({k: state[k] for k in ("run_id", "round", "phase", "participants", "accepted", "devices",
-                                                 "history", "rejects")}, indent=2))
+        print(json.dumps({k: state.get(k) for k in ("run_id", "round", "phase", "participants", "accepted", "devices",
+                                                     "history", "rejects", "configurator")}, indent=2))
         return 0
     now = time.time()
     print(f"run {state['run_id']}  fleet {state['fleet_name']}  round {state['round']}  phase {state['phase']}  "
@@ -199,11 +199,34 @@ def _cmd_status(args: argparse.Namespace) -> int:
         tl = f"{h['train_loss']:.3f}" if h["train_loss"] is not None else "-"
         print(f"{h['round']:>5}{len(h['accepted']):>9}{h['bytes_up'] / 1e6:>8.2f}{h['bytes_down'] / 1e6:>9.2f}"
               f"{h['seconds']:>9.1f}{acc:>10}{tl:>12}")
+    _print_configurator(state)
     if state["rejects"]:
         print(f"\nlast rejects ({len(state['rejects'])}):")
         for r in state["rejects"][-5:]:
             print(f"  round {r['round']} {r['from']} {r['update_id']}: {r['reason']}")
     return 0
+
+
+def _print_configurator(state: dict) -> None:
+    """The configurator's choices (DropPEFT's bandit): this round's offer and each round's pick and reward."""
+    rows = [h for h in state["history"] if h.get("configurator")]
+    current = state.get("configurator") or {}
+    if not rows and not current:
+        return
+    print("\nconfigurator (layer-drop ratio / shape per device; reward = val-loss gain per second, round-normalised)")
+    devices = sorted({d for h in rows for d in h["configurator"]["assignments"]} | set(current))
+    print(f"{'device':<16}" + "".join(f"{'round ' + str(h['round']):>22}" for h in rows)
+          + (f"{'now (round ' + str(state['round']) + ')':>22}" if current else ""))
+    for d in devices:
+        cells = []
+        for h in rows:
+            a, r = h["configurator"]["assignments"].get(d), h["configurator"].get("rewards", {}).get(d)
+            cells.append(f"{a['ratio']:.1f} {a['shape'][:4]} r={r:+.2f}" if a and r is not None
+                         else f"{a['ratio']:.1f} {a['shape'][:4]}" if a else "-")
+        if current:
+            a = current.get(d)
+            cells.append(f"{a['ratio']:.1f} {a['shape'][:4]} ({len(a['feasible'])} fit)" if a else "-")
+        print(f"{d:<16}" + "".join(f"{c:>22}" for c in cells))
 
 
 def _cmd_push_profile(args: argparse.Namespace) -> int:

@@ -271,6 +271,12 @@ class Coordinator:
                 return False, f"update declares {m.payload.size} bytes, over the {self.cfg.max_update_bytes}-byte limit"
             if m.n_samples < 1:
                 return False, f"n_samples must be >= 1 for a training update, got {m.n_samples}"
+            if hasattr(self.method, "check_update"):   # numbers the method's aggregation needs (DropPEFT's steps)
+                try:
+                    self.method.check_update(m.metrics, int(m.metrics.get("train_steps", 0) or 0), self.global_state,
+                                             self.spec)
+                except (AggregationError, ConfigError, TypeError, ValueError) as exc:
+                    return False, f"bad update metrics: {exc}"
         elif m.payload is not None:
             return False, f"a{'n evaluation' if s['phase'] == 'evaluate' else ' score'} round takes metrics only, no payload"
         elif s["phase"] == "score":
@@ -391,6 +397,7 @@ class Coordinator:
             # not enough updates: keep what was accepted, open the round to every online device again
             extra = sorted(online - set(participants))
             s["participants"] = sorted(set(participants) | online)
+            self._assign(extra)
             s["deadline_at"] = now + (self.cfg.eval_deadline_s if s["phase"] == "evaluate" else self.cfg.deadline_s)
             log.warning("round %d: %d/%d updates at the deadline; extending, adding %s", s["round"], len(accepted),
                         self._quorum_count(), extra)
@@ -408,12 +415,28 @@ class Coordinator:
         self.dropped_payloads.clear()  # ids of the last round's refused payloads: their chunks are stale now
         s = self.state
         s.update(round=round_, phase=phase, participants=self._select(round_), accepted={},
-                 round_started_at=self.clock(),
+                 round_started_at=self.clock(), assignments={}, configurator={},
                  deadline_at=self.clock() + (self.cfg.eval_deadline_s if phase == "evaluate" else self.cfg.deadline_s))
+        if phase == "train":
+            self._assign(s["participants"])
         self._save()
         self.notifier.status(self._status_line())
         log.info("round %d (%s) started: participants %s", round_, phase, s["participants"])
         self.publish_retained()
+
+    def _assign(self, devices: list[str]) -> None:
+        """The method's per-device settings for ``devices`` this round (DropPEFT's bandit: dropout
+        configurations that fit each device's memory); earlier assignments of the round stay."""
+        s = self.state
+        if s["phase"] != "train" or not devices or not hasattr(self.method, "assign"):
+            return
+        profiles = {d: (self.fleet.devices[d].profile if d in self.fleet.devices else {}) for d in devices}
+        overrides, info = self.method.assign(self.server_state, profiles, self.spec, s["round"])
+        s["assignments"] = {**overrides, **s.get("assignments", {})}
+        s["configurator"] = {**info, **s.get("configurator", {})}
+        for d in devices:
+            if d in info:
+                log.info("round %d: %s gets %s", s["round"], d, overrides[d])
 
     def _close_round(self, now: float) -> None:
         s = self.state
@@ -433,7 +456,7 @@ class Coordinator:
             log.info("run %s done after %d rounds", self.run_id, self.cfg.rounds)
             return
         updates = [Update(dev, self.store.read_tensors(self.store.resolve(a["file"])), float(a["n_samples"]),
-                          int(a["metrics"].get("train_steps", 0))) for dev, a in sorted(accepted.items())]
+                          int(a["metrics"].get("train_steps", 0)), a["metrics"]) for dev, a in sorted(accepted.items())]
         new_global, self.server_state = self.method.aggregate(self.global_state, updates, self.server_state,
                                                               self.spec, len(self.fleet.devices))
         if self.server_state:  # written before the state points at it: a crash redoes the round from the old one
@@ -454,7 +477,8 @@ class Coordinator:
             "bytes_down": len(self.global_blob) * len(s["participants"]),
             "seconds": now - s["round_started_at"],
             "train_loss": _weighted(accepted, "train_loss"), "train_seconds": _weighted(accepted, "train_seconds"),
-            "accuracy": None, "loss": None, "final": False})
+            "accuracy": None, "loss": None, "final": False,
+            **({"configurator": self._configurator_row(updates)} if s.get("configurator") else {})})
         s["global_file"] = self.store.relative(path)
         log.info("round %d closed: %d update(s) averaged", r, len(accepted))
         if r >= self.cfg.rounds:
@@ -462,6 +486,15 @@ class Coordinator:
         else:
             self._start_round(r + 1, "train")
         self._prune(r)
+
+    def _configurator_row(self, updates: list[Update]) -> dict:
+        """What the configurator offered this round, what each device reported and earned."""
+        keys = getattr(self.method, "ROUND_METRICS", ())
+        return {"assignments": self.state["configurator"],
+                "rewards": self.method.rewards(updates) if hasattr(self.method, "rewards") else {},
+                "reports": {u.device_id: {k: v for k, v in u.metrics.items()
+                                          if k in keys or any(p.endswith(".") and k.startswith(p) for p in keys)}
+                            for u in updates}}
 
     def _close_score_round(self, accepted: dict) -> None:
         """Score round: the devices' layer scores give the global its layout; training starts."""
@@ -540,7 +573,7 @@ class Coordinator:
             return
         deadline_left = max(0.0, (s["deadline_at"] or 0) - self.clock())
         m = RoundManifest(self.run_id, s["round"], action, tuple(s["participants"]), ref, deadline_left,
-                          s["training"], self.clock(), self._init_ref())
+                          s["training"], self.clock(), self._init_ref(), s.get("assignments") or {})
         self.transport.publish(topics.round_topic(self.cfg.fleet), encode_message(m), retain=True)
 
     def _publish_summary(self, row: dict) -> None:

@@ -21,6 +21,14 @@ def write_report(out_dir: Path, state: dict) -> Path:
     hist = state["history"]
     report = {"run_id": state["run_id"], "fleet": state["fleet_name"], "training": state["training"],
               "rounds": hist, "devices": state["devices"], "rejects": state["rejects"]}
+    picks = {}   # the configurator's choices (DropPEFT): per device, each round's (ratio, shape, reward)
+    for h in hist:
+        conf = h.get("configurator") or {}
+        for dev, a in conf.get("assignments", {}).items():
+            picks.setdefault(dev, []).append({"round": h["round"], "ratio": a["ratio"], "shape": a["shape"],
+                                              "reward": conf.get("rewards", {}).get(dev)})
+    if picks:
+        report["configurator"] = picks
     write_json_atomic(out_dir / "report.json", report)
     pts = [(h["round"], h["accuracy"]) for h in hist if h["accuracy"] is not None]
     spec = state["training"]

@@ -34,8 +34,8 @@ from edge_runtime.algorithms.partition import split_train_val_test
 from edge_runtime.atomic_io import write_bytes_atomic, write_json_atomic
 from edge_runtime.device.profiler import basic_profile
 from edge_runtime.device.profiles import apply_device_profile
-from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.methods import METHODS
+from edge_runtime.errors import ConfigError, EdgeRuntimeError
+from edge_runtime.methods import METHODS, with_assignment
 from edge_runtime.methods.personal import PersonalState, load_personal, save_personal
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.chunking import MAX_CHUNK_BYTES, Reassembler, split_payload
@@ -186,7 +186,8 @@ class Agent:
 
     def _announce(self) -> None:
         f, d = self.cfg.fleet, self.cfg.device_id
-        hello = Hello(d, basic_profile(), __version__, len(self.raw_data), self.state["last_round_done"])
+        profile = {**basic_profile(), **({"memory_budget": self.cfg.memory_budget} if self.cfg.memory_budget else {})}
+        hello = Hello(d, profile, __version__, len(self.raw_data), self.state["last_round_done"])
         self.transport.publish(topics.device_topic(f, d, "hello"), encode_message(hello), retain=True)
         self.transport.publish(topics.device_topic(f, d, "status"), encode_message(Status(d, True)), retain=True)
         self._write_status(connected=True)   # called on connect: the flag may not be set yet
@@ -346,6 +347,8 @@ class Agent:
     # -- the work of one round ---------------------------------------------------------------
     def _prepare(self, spec: TrainingSpec, init: bytes | None):
         shape = {k: v for k, v in spec.to_json().items() if k != "train"}   # local settings do not shape the model
+        for section, keys in getattr(METHODS[spec.method], "ASSIGNABLE", {}).items():   # nor per-round assignments
+            shape[section] = {k: v for k, v in shape[section].items() if k not in keys}
         key = json.dumps(shape, sort_keys=True) + (hashlib.sha256(init).hexdigest() if init else "")
         if key != self._model_key:
             log.info("loading %s + %s", spec.model, spec.method)
@@ -389,6 +392,7 @@ class Agent:
             spec = TrainingSpec.from_json(m.training)
             if self.profile and m.round >= self.profile.get("applies_from_round", 0):
                 spec = apply_device_profile(spec, self.profile["overrides"])
+            spec = self._assigned(spec, m)
             spec = self._plan(spec, m)
             model, tok, splits = self._prepare(spec, init)
             method = METHODS[spec.method]
@@ -438,6 +442,7 @@ class Agent:
             seed = spec.seed * 1_000_003 + m.round * 1009 + zlib.crc32(self.cfg.device_id.encode()) % 1000
             model, spec, res, personal = self._train_fitting(m, spec, init, blob, seed)
             self._keep_personal(personal)
+            metrics.update(res.metrics)
             metrics.update(train_loss=res.mean_loss, train_seconds=res.seconds, train_steps=res.steps)
             n_samples = len(splits.train)
             timings["train_s"] = res.seconds
@@ -450,6 +455,20 @@ class Agent:
         self._set_pending(m, file, n_samples, metrics, timings, update_id)
 
     # -- fitting the device ------------------------------------------------------------------------
+    def _assigned(self, spec: TrainingSpec, m: RoundManifest) -> TrainingSpec:
+        """The spec with the server's assignment for this device this round (DropPEFT's dropout
+        configuration); a bad one is logged and ignored (the profile's own values train)."""
+        assignment = m.assignments.get(self.cfg.device_id)
+        if not assignment or m.action != "train":
+            return spec
+        try:
+            out = with_assignment(spec, assignment)
+        except ConfigError as exc:
+            log.warning("round %d: ignoring the server's assignment: %s", m.round, exc)
+            return spec
+        log.info("round %d: the server assigned %s", m.round, assignment)
+        return out
+
     def _capabilities(self):
         if self._device is None:
             from edge_runtime.device.planner import Capabilities

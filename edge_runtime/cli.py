@@ -48,6 +48,9 @@ def _add_simulate(sub) -> None:
     p.add_argument("--max-examples", type=int, default=4000,
                    help="use a random subset of this many examples of --data (0 = all)")
     p.add_argument("--participation", type=float, default=1.0, help="fraction of devices picked each round")
+    p.add_argument("--device-memory", default="", metavar="SIZE[,SIZE...]",
+                   help="memory each simulated device may train in, cycled over the devices (e.g. 1GiB,600MiB); "
+                        "DropPEFT's configurator never offers a device a configuration that does not fit")
     p.add_argument("--epochs", type=float, default=1.0, help="local epochs per round")
     p.add_argument("--max-steps", type=int, default=None, help="cap on local steps per round")
     p.add_argument("--batch-size", type=_positive_int, default=16)
@@ -67,6 +70,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     import dataclasses
 
     from edge_runtime.methods import default_lr
+    from edge_runtime.device.profiler import parse_size
     from edge_runtime.methods.lora import LoraMethodConfig
     from edge_runtime.simulation import SimulationConfig, run_simulation
     from edge_runtime.training.spec import apply_overrides, dataclass_from_json
@@ -77,12 +81,13 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         quantization=args.quantization,
         devices=len(args.device_data) or args.devices, rounds=args.rounds, alpha=args.alpha,
         max_examples=args.max_examples or None, participation=args.participation, seed=args.seed,
+        device_memory=tuple(parse_size(s) for s in args.device_memory.split(",") if s.strip()),
         train=TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                           lr=default_lr(args.method, args.lr), max_seq_len=args.max_seq_len),
         lora=LoraMethodConfig(rank=args.rank, alpha=args.lora_alpha),
     )
     if args.set:
-        sections = ("lora", "federa", "fdlora", "prompt", "fedpeptao", "train")
+        sections = ("lora", "federa", "fdlora", "prompt", "fedpeptao", "droppeft", "train")
         d = apply_overrides({k: dataclasses.asdict(getattr(cfg, k)) for k in sections}, args.set)
         cfg = dataclasses.replace(cfg, **{k: dataclass_from_json(type(getattr(cfg, k)), d[k], k) for k in sections})
 

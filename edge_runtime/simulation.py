@@ -26,7 +26,8 @@ from edge_runtime.atomic_io import replace_dir_atomic
 from edge_runtime.algorithms.partition import label_histogram, partition_dirichlet, split_train_val_test
 from edge_runtime.errors import ConfigError
 from edge_runtime.export.metadata import write_metadata
-from edge_runtime.methods import METHODS, scoring
+from edge_runtime.methods import METHODS, scoring, with_assignment
+from edge_runtime.methods.droppeft import DropPEFTConfig
 from edge_runtime.methods.fdlora import FdloraConfig
 from edge_runtime.methods.federa import FederaConfig
 from edge_runtime.methods.fedpeptao import FedPepTAOConfig
@@ -55,6 +56,7 @@ class SimulationConfig:
     alpha: float = 0.5                         # Dirichlet concentration of the label split
     max_examples: int | None = 4000            # random subset of `data` before partitioning
     participation: float = 1.0                 # fraction of devices sampled each round
+    device_memory: tuple[int, ...] = ()        # bytes each device may train in (cycled); () = unknown
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     seed: int = 0
     eval_batch_size: int = 64
@@ -64,6 +66,7 @@ class SimulationConfig:
     fdlora: FdloraConfig = field(default_factory=FdloraConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     fedpeptao: FedPepTAOConfig = field(default_factory=FedPepTAOConfig)
+    droppeft: DropPEFTConfig = field(default_factory=DropPEFTConfig)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -74,6 +77,8 @@ class SimulationConfig:
             raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
         if not 0 < self.participation <= 1:
             raise ConfigError(f"participation must be in (0, 1], got {self.participation}")
+        if any(not isinstance(m, int) or m <= 0 for m in self.device_memory):
+            raise ConfigError(f"device_memory must be positive byte counts, got {list(self.device_memory)}")
         if self.max_examples is not None and self.max_examples < 1:
             raise ConfigError(f"max_examples must be >= 1 or None, got {self.max_examples}")
 
@@ -150,7 +155,7 @@ def run_simulation(cfg: SimulationConfig, out_dir: Path | None, progress: bool =
     corpus = [t for d in devices for t in d.train.inputs + d.train.targets if isinstance(t, str)]
     spec = TrainingSpec(model=cfg.model, task=task, labels=tuple(label_names) if kind == "classification" else (),
                         method=cfg.method, quantization=cfg.quantization, lora=cfg.lora, federa=cfg.federa, fdlora=cfg.fdlora, prompt=cfg.prompt,
-                        fedpeptao=cfg.fedpeptao, train=cfg.train,
+                        fedpeptao=cfg.fedpeptao, droppeft=cfg.droppeft, train=cfg.train,
                         split=cfg.split, seed=cfg.seed,
                         tokenizer_corpus=tuple(corpus) if resolve_model_source(cfg.model).is_tiny else ())
     method = METHODS[cfg.method]
@@ -204,22 +209,32 @@ def run_simulation(cfg: SimulationConfig, out_dir: Path | None, progress: bool =
     for r in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
         picked = sorted(rng.choice(len(devices), n_pick, replace=False).tolist())
+        assignments, chosen = ({}, {}) if not hasattr(method, "assign") else method.assign(
+            server_state, {devices[k].device_id: _sim_profile(cfg, k) for k in picked}, spec, r)
         updates, train_losses = [], []
         for k in picked:
             dev = devices[k]
             method.load_trainable_state(model, global_state)
-            result, dev.personal = method.local_train(model, tokenizer, dev.splits, spec,
+            result, dev.personal = method.local_train(model, tokenizer, dev.splits,
+                                                      with_assignment(spec, assignments.get(dev.device_id)),
                                                       seed=cfg.seed * 1000 + r * 100 + k, personal=dev.personal,
                                                       progress=progress, desc=f"round {r} {dev.device_id}")
-            updates.append(Update(dev.device_id, method.trainable_state(model), float(len(dev.train)), result.steps))
+            updates.append(Update(dev.device_id, method.trainable_state(model), float(len(dev.train)), result.steps,
+                                  {**result.metrics, "train_seconds": result.seconds}))
             train_losses.append(result.mean_loss)
+        if chosen or hasattr(method, "rewards"):   # the configurator's choices (DropPEFT) and what they earned
+            configurator = {"assignments": chosen, **({"rewards": method.rewards(updates)} if hasattr(method, "rewards") else {}),
+                            "train_seconds": {u.device_id: u.metrics["train_seconds"] for u in updates}}
+        else:
+            configurator = None
         global_state, server_state = method.aggregate(global_state, updates, server_state, spec, len(devices))
         method.load_trainable_state(model, global_state)
         train_seconds = time.perf_counter() - t0
         res, dev_acc = evaluate_global()
         row = row_for(r, res, dev_acc, train_loss=float(np.mean(train_losses)), seconds=train_seconds,
                       participants=[devices[k].device_id for k in picked], bytes_up=sum(state_nbytes(u.tensors) for u in updates),
-                      bytes_down=state_nbytes(global_state) * len(picked))
+                      bytes_down=state_nbytes(global_state) * len(picked),
+                      **({"configurator": configurator} if configurator else {}))
         rounds.append(row)
         if on_round:
             on_round(row)
@@ -258,6 +273,11 @@ def run_simulation(cfg: SimulationConfig, out_dir: Path | None, progress: bool =
         replace_dir_atomic(out_dir / "global_adapter", save_adapter)
         history["adapter_dir"] = str(out_dir / "global_adapter")
     return history
+
+
+def _sim_profile(cfg: SimulationConfig, k: int) -> dict:
+    """What simulated device ``k`` would say in its hello about memory (``device_memory``, cycled)."""
+    return {"memory_budget": cfg.device_memory[k % len(cfg.device_memory)]} if cfg.device_memory else {}
 
 
 def _shard_ranges(devices: list[DeviceData]) -> list[list[int]]:

@@ -6,7 +6,7 @@ Shared by the in-process simulation and the aggregation server.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
@@ -63,6 +63,36 @@ def weighted_mean(updates: Sequence[tuple[StateDict, float]]) -> dict[str, Tenso
     return out
 
 
+def masked_weighted_mean(global_state: StateDict, updates: Sequence[tuple[StateDict, Mapping[str, float]]]
+                         ) -> dict[str, Tensor]:
+    """Per-tensor FedAvg over the updates that trained each tensor.
+
+    ``updates``: (state, weights) pairs where ``weights[name]`` (>= 0, missing = 0) is how much that
+    update's ``name`` counts. ``name`` becomes ``sum_k w_k theta_k / sum_k w_k``; a tensor with no
+    weight anywhere keeps its value in ``global_state``. Accumulates in float64.
+    """
+    if not updates:
+        raise AggregationError("no updates to aggregate")
+    for k, (state, weights) in enumerate(updates):
+        check_compatible(global_state, state, where=f"update {k}")
+        bad = {n: w for n, w in weights.items() if not math.isfinite(float(w)) or float(w) < 0}
+        if bad:
+            raise AggregationError(f"update {k}: weights must be finite and >= 0, got {dict(list(bad.items())[:3])}")
+    out: dict[str, Tensor] = {}
+    for name, ref in global_state.items():
+        pairs = [(state[name], float(weights.get(name, 0.0))) for state, weights in updates]
+        total = sum(w for _, w in pairs)
+        if total <= 0:
+            out[name] = ref.detach().clone()
+            continue
+        acc = torch.zeros(ref.shape, dtype=torch.float64)
+        for t, w in pairs:
+            if w:
+                acc += t.detach().to(torch.float64) * (w / total)
+        out[name] = acc.to(ref.dtype)
+    return out
+
+
 @dataclass(frozen=True)
 class Update:
     """One device's accepted update as the server's aggregation sees it."""
@@ -71,6 +101,7 @@ class Update:
     tensors: StateDict
     n_samples: float          # FedAvg weight
     steps: int = 0            # local optimizer steps behind it (FedPepTAO's K_k)
+    metrics: Mapping[str, float] = field(default_factory=dict)   # what the device reported with it
 
 
 def fedavg(global_state: StateDict, updates: Sequence[Update], server_state: dict[str, Tensor] | None,

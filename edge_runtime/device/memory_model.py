@@ -111,7 +111,7 @@ class Plan:
             raise ConfigError(f"bad plan: {self}")
 
     def kept_layers(self, arch: Arch) -> int:
-        return max(1, math.ceil(arch.layers * (1 - self.layer_drop)))
+        return max(1, math.ceil(arch.layers * (1 - self.layer_drop) - 1e-9))   # 1e-9: 30 x 0.4 is 12.000...02
 
 
 @dataclass(frozen=True)

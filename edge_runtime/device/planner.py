@@ -1,5 +1,6 @@
 """Choose a training plan that fits a device: quantization, LoRA rank, batch, sequence length,
-gradient checkpointing (and the layer-drop ratio once DropPEFT uses it).
+gradient checkpointing, at the training profile's layer-drop ratio (DropPEFT; the server's
+configurator picks the ratio per device, among those that fit).
 
 Every candidate is priced by :mod:`edge_runtime.device.memory_model`; those whose predicted peak
 stays under ``budget x (1 - margin)`` are ranked by what they keep of the training profile's
@@ -164,7 +165,13 @@ def plan_of(spec) -> Plan:
     """The plan a training spec runs (what a step-down starts from)."""
     return Plan(quantization=spec.quantization, method=spec.method, rank=spec.lora.rank,
                 prompt_length=spec.prompt.length or 20, batch_size=spec.train.batch_size,
-                seq_len=spec.train.max_seq_len, checkpointing=spec.train.gradient_checkpointing)
+                seq_len=spec.train.max_seq_len, layer_drop=_layer_drop(spec),
+                checkpointing=spec.train.gradient_checkpointing)
+
+
+def _layer_drop(spec) -> float:
+    """The mean share of blocks a step skips (DropPEFT's configured ratio; 0 for other methods)."""
+    return float(spec.droppeft.ratio) if spec.method == "droppeft" else 0.0
 
 
 def _describe(p: Plan) -> str:
@@ -177,4 +184,4 @@ def request_from_spec(spec) -> Request:
     """The request a :class:`~edge_runtime.training.spec.TrainingSpec` makes."""
     return Request(method=spec.method, task=spec.task, num_labels=max(len(spec.labels), 2), rank=spec.lora.rank,
                    prompt_length=spec.prompt.length or 20, batch_size=spec.train.batch_size,
-                   seq_len=spec.train.max_seq_len, fixed_rank=True)
+                   seq_len=spec.train.max_seq_len, layer_drop=_layer_drop(spec), fixed_rank=True)

@@ -83,6 +83,7 @@ class RoundManifest:
     training: dict = field(default_factory=dict)  # model, method, labels, train + method configs
     issued_at: float = 0.0                        # server wall clock (seconds since epoch)
     init_payload: PayloadRef | None = None        # the run's init adapter, for methods that need it (FeDeRA)
+    assignments: dict = field(default_factory=dict)   # device -> its spec overrides this round (DropPEFT)
 
     def __post_init__(self) -> None:
         check_id("run_id", self.run_id)
@@ -91,6 +92,12 @@ class RoundManifest:
             raise ProtocolError(f"round.action must be score / train / evaluate / done, got {self.action!r:.40}")
         for d in self.participants:
             check_id("participant", d)
+        if not isinstance(self.assignments, dict):
+            raise ProtocolError(f"round.assignments must be an object, got {type(self.assignments).__name__}")
+        for d, a in self.assignments.items():
+            check_id("assignments device", d)
+            if not isinstance(a, dict):
+                raise ProtocolError(f"round.assignments[{d}] must be an object, got {type(a).__name__}")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from edge_runtime.errors import ConfigError
 from edge_runtime.methods import METHODS
+from edge_runtime.methods.droppeft import DropPEFTConfig
 from edge_runtime.methods.fdlora import FdloraConfig
 from edge_runtime.methods.fedpeptao import FedPepTAOConfig
 from edge_runtime.methods.federa import FederaConfig
@@ -38,6 +39,7 @@ class TrainingSpec:
     fdlora: FdloraConfig = field(default_factory=FdloraConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     fedpeptao: FedPepTAOConfig = field(default_factory=FedPepTAOConfig)
+    droppeft: DropPEFTConfig = field(default_factory=DropPEFTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)   # a device's own train / val / test
     seed: int = 0

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager
 
 import torch
 
@@ -50,17 +51,20 @@ class TrainResult:
     examples: int        # examples seen (with repeats)
     mean_loss: float
     seconds: float
+    metrics: dict = field(default_factory=dict)   # method-specific numbers reported with the update
 
 
 def train_local(model: torch.nn.Module, tokenizer, data: LocalDataset, cfg: TrainConfig,
                 seed: int, progress: bool = False, desc: str = "train",
                 optimizer: torch.optim.Optimizer | None = None,
-                after_step: Callable[[int], None] | None = None) -> TrainResult:
+                after_step: Callable[[int], None] | None = None,
+                step_context: Callable[[int], ContextManager] | None = None) -> TrainResult:
     """Train ``model``'s trainable parameters on ``data`` for ``cfg.steps_for(len(data))`` steps.
 
     A fresh AdamW each call unless the method passes its own ``optimizer`` (one whose state
     persists across rounds); ``after_step(i)`` runs after each optimizer step (a method's
-    correction, e.g. control variates). Batches come from a seeded shuffle, reshuffled per epoch.
+    correction, e.g. control variates); ``step_context(i)`` wraps step ``i``'s forward and backward
+    (DropPEFT runs only some blocks). Batches come from a seeded shuffle, reshuffled per epoch.
     """
     if len(data) == 0:
         raise ConfigError("train_local: the device has no training examples")
@@ -79,7 +83,8 @@ def train_local(model: torch.nn.Module, tokenizer, data: LocalDataset, cfg: Trai
     start = time.perf_counter()
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # dropout masks: the same seed trains the same way
-        losses, seen = _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar, after_step)
+        losses, seen = _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar, after_step,
+                                  step_context)
     if bar is not None:
         bar.close()
     return TrainResult(n_steps, seen, sum(losses) / len(losses), time.perf_counter() - start)
@@ -100,7 +105,7 @@ def _set_checkpointing(model: torch.nn.Module, on: bool) -> None:
 
 
 def _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar,
-               after_step=None) -> tuple[list[float], int]:
+               after_step=None, step_context=None) -> tuple[list[float], int]:
     order: list[int] = []
     losses: list[float] = []
     seen = 0
@@ -110,9 +115,10 @@ def _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar
             order += torch.randperm(len(data), generator=gen).tolist()
         batch_idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
         batch = encode_batch(tokenizer, data, batch_idx, cfg.max_seq_len)
-        loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with step_context(i) if step_context is not None else contextlib.nullcontext():
+            loss = model(**batch).loss
+            loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()

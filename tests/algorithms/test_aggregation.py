@@ -70,3 +70,18 @@ def test_bad_weights_rejected(weights):
 def test_empty_rejected():
     with pytest.raises(AggregationError, match="no updates"):
         weighted_mean([])
+
+
+def test_masked_weighted_mean_on_hand_numbers():
+    from edge_runtime.algorithms.aggregation import masked_weighted_mean
+
+    g = {"x": torch.tensor([1.0, 1.0]), "y": torch.tensor([5.0])}
+    a = {"x": torch.tensor([3.0, 0.0]), "y": torch.tensor([9.0])}
+    b = {"x": torch.tensor([6.0, 3.0]), "y": torch.tensor([7.0])}
+    out = masked_weighted_mean(g, [(a, {"x": 1.0}), (b, {"x": 2.0, "y": 0.0})])
+    assert out["x"].tolist() == [5.0, 2.0]      # (1*3 + 2*6)/3, (1*0 + 2*3)/3
+    assert out["y"].tolist() == [5.0]            # nobody's weight: the global stays
+    with pytest.raises(AggregationError, match="weights"):
+        masked_weighted_mean(g, [(a, {"x": float("nan")})])
+    with pytest.raises(AggregationError, match="shape"):
+        masked_weighted_mean(g, [({"x": torch.zeros(3), "y": torch.zeros(1)}, {"x": 1.0})])

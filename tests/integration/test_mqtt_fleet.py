@@ -104,7 +104,8 @@ class ProcessFleet:
             files = sorted((self.state_dir / "updates" / f"round_{h['round']:05d}").glob("*.safetensors"))
             assert sorted(f.name.split("__")[0] for f in files) == ["dev0", "dev1", "dev2"]
             method = METHODS[s["training"]["method"]]
-            ups = [Update(d, load_file(f), h["weights"][d], h["steps"][d])
+            reports = (h.get("configurator") or {}).get("reports", {})   # DropPEFT's per-block step counts
+            ups = [Update(d, load_file(f), h["weights"][d], h["steps"][d], reports.get(d, {}))
                    for f in files for d in [f.name.split("__")[0]]]
             before = self.state_dir / "server" / f"round_{h['round'] - 1:05d}.safetensors"
             expected, _ = method.aggregate(load_file(self.state_dir / "global" / f"round_{h['round'] - 1:05d}.safetensors"),

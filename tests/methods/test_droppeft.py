@@ -1,0 +1,226 @@
+"""DropPEFT on a device and on the server: dropped blocks cost nothing, keep-frequencies follow the
+configuration, aggregation knows who trained what, the bandit's offers fit the device."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from edge_runtime.algorithms.aggregation import Update
+from edge_runtime.algorithms.layer_dropout import drop_probabilities
+from edge_runtime.errors import AggregationError, ConfigError
+from edge_runtime.methods import droppeft, lora, with_assignment
+from edge_runtime.methods.droppeft import DropPEFTConfig
+from edge_runtime.methods.lora import LoraMethodConfig
+from edge_runtime.training.data import Splits, encode_batch, load_dataset
+from edge_runtime.training.models import build_tiny_model
+from edge_runtime.training.spec import TrainingSpec, build_model
+from edge_runtime.training.trainer import TrainConfig
+from tests.conftest import make_toy_rows, write_jsonl
+from tests.fleet_helpers import TOY_CORPUS, TOY_WORDS
+
+LABELS = tuple(sorted(TOY_WORDS))
+
+
+def _spec(model="tiny-llama", **dp) -> TrainingSpec:
+    return TrainingSpec(model=model, labels=LABELS, method="droppeft", lora=LoraMethodConfig(rank=4),
+                        droppeft=DropPEFTConfig(**dp), tokenizer_corpus=TOY_CORPUS,
+                        train=TrainConfig(max_steps=12, batch_size=8, lr=1e-2, max_seq_len=16))
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    path = write_jsonl(tmp_path_factory.mktemp("dp") / "d.jsonl", make_toy_rows(80, seed=5))
+    data = load_dataset(path, sorted(TOY_WORDS))
+    return Splits(data.subset(range(56)), data.subset(range(56, 68)), data.subset(range(68, 80)))
+
+
+def _four_block_model(name: str, spec: TrainingSpec):
+    _, tok = build_model(spec)   # the tokenizer (and its vocabulary) the spec's model would have
+    base = build_tiny_model(name, "classification", len(tok), num_labels=len(LABELS), layers=4, seed=1)
+    return droppeft.build(base, spec), tok
+
+
+def _block_params(model, l: int) -> list[torch.nn.Parameter]:
+    _, _, blocks, _ = droppeft.find_blocks(model)
+    return [p for p in blocks[l].parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
+def test_a_dropped_block_runs_nothing_stores_nothing_and_gets_no_gradient(name, splits):
+    spec = _spec(name)
+    model, tok = _four_block_model(name, spec)
+    _, _, blocks, path = droppeft.find_blocks(model)
+    assert len(blocks) == 4 and path.endswith(("encoder.layer", "model.layers"))
+    batch = encode_batch(tok, splits.train, list(range(8)), 16)
+    calls = []
+    for l, b in enumerate(blocks):
+        b.register_forward_hook(lambda m, i, o, l=l: calls.append(l))
+
+    def saved_bytes(kept) -> int:
+        """Bytes of the tensors autograd keeps for backward (the stored activations), measured."""
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), droppeft.run_only(model, kept):
+            loss = model(**batch).loss
+        loss.backward()
+        return sum(seen.values())
+
+    full = saved_bytes([0, 1, 2, 3])
+    assert calls == [0, 1, 2, 3]
+    three = saved_bytes([0, 1, 3])
+    assert calls == [0, 1, 3]                       # block 2 did no forward compute
+    assert all(p.grad is None for p in _block_params(model, 2))
+    for l in (0, 1, 3):   # (lora_A's gradient is 0 while lora_B is still 0; B's is not)
+        assert all(p.grad is not None for p in _block_params(model, l))
+        assert any(p.grad.abs().sum() > 0 for p in _block_params(model, l))
+    one = saved_bytes([1])
+    assert calls == [1]
+    per_block = full - three
+    assert per_block > 0
+    # each dropped block saves exactly one block's activations: 3 dropped cost 3 blocks less
+    assert full - one == pytest.approx(3 * per_block, rel=0.02)
+    # after the step, every block runs again (evaluation and export use the whole model)
+    model.eval()
+    calls.clear()
+    with torch.no_grad():
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+    assert calls == [0, 1, 2, 3]
+
+
+def test_keep_frequency_in_training_matches_the_configured_probabilities(splits):
+    spec = _spec(ratio=0.5, shape="increasing", bandit=False)
+    spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, epochs=40.0, max_steps=200, lr=1e-4))
+    model, tok = _four_block_model("tiny-llama", spec)
+    res, _ = droppeft.local_train(model, tok, splits, spec, seed=3, personal=None)
+    probs = drop_probabilities(4, 0.5, "increasing")
+    steps = [res.metrics[f"layer_steps.{l}"] for l in range(4)]
+    assert res.steps == 200 and res.metrics["kept_max"] == 2
+    for l in range(4):   # 200 draws: binomial sd <= 0.036; 3 sd
+        assert steps[l] / 200 == pytest.approx(1 - probs[l], abs=0.11)
+    assert sum(steps) == 200 * 2                  # exactly sum(1 - p_l) = 2 blocks every step
+    assert steps[0] > steps[3]                    # deep blocks dropped more often
+
+
+def test_aggregation_averages_each_block_over_who_trained_it():
+    g = {"base_model.model.model.layers.0.q.lora_A.weight": torch.tensor([0.0]),
+         "base_model.model.model.layers.1.q.lora_A.weight": torch.tensor([10.0]),
+         "base_model.model.score.weight": torch.tensor([0.0])}
+    k0, k1, head = list(g)
+    a = Update("a", {k0: torch.tensor([1.0]), k1: torch.tensor([10.0]), head: torch.tensor([1.0])}, 100, 10,
+               {"layer_steps.0": 10, "layer_steps.1": 0})
+    b = Update("b", {k0: torch.tensor([4.0]), k1: torch.tensor([10.0]), head: torch.tensor([4.0])}, 50, 5,
+               {"layer_steps.0": 1, "layer_steps.1": 0})
+    c = Update("c", {k0: torch.tensor([7.0]), k1: torch.tensor([10.0]), head: torch.tensor([7.0])}, 100, 20,
+               {"layer_steps.0": 0, "layer_steps.1": 0})
+    spec = _spec(bandit=False)
+    new, _ = droppeft.aggregate(g, [a, b, c], {}, spec, 3)
+    # block 0: a weighs 100 x 10/10 = 100, b 50 x 1/5 = 10, c trained it 0 steps -> 0
+    assert new[k0].item() == pytest.approx((100 * 1.0 + 10 * 4.0) / 110)
+    # block 1: nobody trained it: the previous global value stays
+    assert new[k1].item() == 10.0
+    # the head trains every step: plain FedAvg by samples
+    assert new[head].item() == pytest.approx((100 * 1 + 50 * 4 + 100 * 7) / 250)
+    # a report without the step counts is refused (the coordinator rejects such an update)
+    with pytest.raises(AggregationError, match="layer_steps.1"):
+        droppeft.check_update({"layer_steps.0": 3}, 3, g, spec)
+    with pytest.raises(AggregationError, match="not a step count"):
+        droppeft.check_update({"layer_steps.0": 4, "layer_steps.1": 0}, 3, g, spec)
+
+
+def test_at_ratio_zero_droppeft_is_lora_fedavg(splits):
+    from edge_runtime.algorithms.aggregation import fedavg
+
+    spec = _spec(ratio=0.0, bandit=False)
+    model, tok = build_model(spec)   # the base wrapped by the spec's method
+    g = droppeft.initial_global(model, spec)
+    ups = []
+    for k in range(2):
+        droppeft.load_trainable_state(model, g)
+        res, _ = droppeft.local_train(model, tok, splits, spec, seed=k, personal=None)
+        ups.append(Update(f"d{k}", droppeft.trainable_state(model), 10.0 * (k + 1), res.steps, res.metrics))
+    got, _ = droppeft.aggregate(g, ups, {}, spec, 2)
+    want, _ = fedavg(g, ups, {}, spec, 2)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k])
+    # and with every block kept the training is LoRA's, step for step
+    lspec = dataclasses.replace(spec, method="lora")
+    lmodel, _ = build_model(lspec)
+    lora.load_trainable_state(lmodel, g)
+    lora.local_train(lmodel, tok, splits, lspec, seed=1, personal=None)
+    for k, v in lora.trainable_state(lmodel).items():
+        torch.testing.assert_close(v, ups[1].tensors[k])
+
+
+def test_personal_top_blocks_stay_on_the_device(splits):
+    spec = _spec(ratio=0.2, personal_layers=1, bandit=False)
+    model, tok = build_model(spec)   # the base wrapped by the spec's method
+    g = droppeft.initial_global(model, spec)
+    assert g and not any(droppeft.layer_of(k) == 1 for k in g)     # tiny-llama: 2 blocks, block 1 personal
+    droppeft.load_trainable_state(model, g)
+    res, personal = droppeft.local_train(model, tok, splits, spec, seed=0, personal=None)
+    assert personal is not None and set(personal.tensors) == set(model._dp_init)
+    moved = [k for k in personal.tensors if "lora_B" in k and personal.tensors[k].abs().sum() > 0]
+    assert moved                                                   # the personal block trained
+    up = droppeft.trainable_state(model)
+    assert set(up) == set(g)
+    blobs = {v.numpy().tobytes() for v in up.values()}
+    assert not any(personal.tensors[k].numpy().tobytes() in blobs for k in moved)
+    # loading a global resets the personal block to the base; personalise puts the device's back
+    droppeft.load_trainable_state(model, g)
+    assert all(torch.equal(lora.trainable_state(model)[k], v) for k, v in model._dp_init.items())
+    metrics, _ = droppeft.personalise(model, tok, splits, spec, personal)
+    assert 0 <= metrics["personal_accuracy"] <= 1
+    assert all(torch.equal(lora.trainable_state(model)[k], personal.tensors[k]) for k in moved)
+
+
+def test_the_bandit_offers_only_arms_that_fit_and_learns_from_rewards():
+    spec = TrainingSpec(model="minilm-l6", labels=("a", "b", "c"), method="droppeft",
+                        train=TrainConfig(batch_size=16, max_seq_len=64))
+    arms = spec.droppeft.arms()
+    peaks = droppeft.arm_peaks(spec)
+    assert arms[0] == (0.0, "uniform") and len(arms) == 7
+    assert peaks[0] > peaks[1] > peaks[3] > peaks[5]                   # more dropped, less memory
+    # a budget between the 0.4 and 0.6 arms' peaks (after the margin): only the 0.6 arms fit
+    budget = int((peaks[3] + peaks[5]) / 2 / (1 - spec.droppeft.memory_margin))
+    devices = {"small": {"memory_budget": budget}, "big": {"memory_total": 8 << 30, "memory_available": 6 << 30}}
+    state: dict = {}
+    offered = {"small": set(), "big": set()}
+    for r in range(1, 25):
+        overrides, info = droppeft.assign(state, devices, spec, r)
+        assert set(info["small"]["feasible"]) == {5, 6}
+        for d in devices:
+            offered[d].add(info[d]["arm"])
+            assert overrides[d] == {"droppeft": {"ratio": info[d]["ratio"], "shape": info[d]["shape"]}}
+        # synthetic reward: the 0.4 / uniform arm is best everywhere, the 0.6 / increasing one second
+        ups = [Update(d, {}, 10, 10, {"drop_ratio": info[d]["ratio"],
+                                      "drop_shape": ["uniform", "increasing"].index(info[d]["shape"]),
+                                      "val_loss_before": 2.0,
+                                      "val_loss_after": 2.0 - {3: 0.9, 6: 0.5}.get(info[d]["arm"], 0.1),
+                                      "train_seconds": 1.0}) for d in devices]
+        _, state = droppeft.aggregate({}, ups, state, dataclasses.replace(spec), 2)
+    assert offered["small"] <= {5, 6}                                  # never an arm that does not fit
+    assert offered["big"] == set(range(7))                             # every arm tried where all fit
+    final, _ = droppeft.assign(state, devices, spec, 25)
+    assert final["big"]["droppeft"] == {"ratio": 0.4, "shape": "uniform"}
+    assert final["small"]["droppeft"] == {"ratio": 0.6, "shape": "increasing"}
+    assert set(droppeft.bandit_state(state, spec)) == {"small", "big"}
+
+
+def test_assignments_change_only_what_the_server_may_set():
+    spec = _spec()
+    got = with_assignment(spec, {"droppeft": {"ratio": 0.4, "shape": "increasing"}})
+    assert (got.droppeft.ratio, got.droppeft.shape) == (0.4, "increasing") and got.lora == spec.lora
+    with pytest.raises(ConfigError, match="not something the server may set"):
+        with_assignment(spec, {"lora": {"rank": 2}})
+    with pytest.raises(ConfigError, match="not something the server may set"):
+        with_assignment(spec, {"droppeft": {"personal_layers": 1}})
+    with pytest.raises(ConfigError, match="ratio"):
+        with_assignment(spec, {"droppeft": {"ratio": 1.5}})
+    assert with_assignment(spec, None) is spec
