@@ -53,7 +53,7 @@ from bench_federa_fdlora import KEEP, to_target  # noqa: E402  (a sibling script
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = {  # model -> (devices, rounds, max_examples, max_seq_len, batch_size, target accuracy)
     "minilm-l6": (8, 5, 4000, 64, 16, 0.6),
-    "smollm2-135m": (4, 3, 1000, 32, 8, 0.3),
+    "smollm2-135m": (4, 3, 1000, 32, 8, 0.45),
 }
 
 
@@ -129,6 +129,11 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--extra-rounds", type=int, default=2, help="DropPEFT rounds beyond LoRA's")
     ap.add_argument("--memory-steps", type=int, default=6)
+    ap.add_argument("--arms-only", action="store_true",
+                    help="only measure every arm's peak memory and step time (no federated runs)")
+    ap.add_argument("--fixed", type=float, nargs="+", default=None, metavar="RATIO",
+                    help="only federated runs of DropPEFT at these fixed ratios (uniform, no bandit), "
+                         "LoRA's number of rounds: what a ratio costs in accuracy and buys in seconds")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "droppeft.json")
     args = ap.parse_args()
@@ -139,11 +144,31 @@ def main() -> None:
     result = {"alpha": args.alpha, "threads": torch.get_num_threads(), "runs": {}, "memory": {}}
     if args.out.exists():  # other models' runs measured before are kept
         old = json.loads(args.out.read_text())
-        result["runs"], result["memory"] = old.get("runs", {}), old.get("memory", {})
+        result.update({k: v for k, v in old.items() if k not in ("alpha", "threads", "total_seconds")})
     t_all = time.perf_counter()
+    if args.arms_only:
+        result.setdefault("arms", {})
+        for model in args.models:
+            result["arms"][model] = measure_arms(model, SETTINGS[model][4], SETTINGS[model][3], args.memory_steps)
+        result["total_seconds"] = time.perf_counter() - t_all
+        write_json_atomic(args.out, result)
+        return
     for model in args.models:
         devices, rounds, max_examples, seq, bs, target = SETTINGS[model]
         train = TrainConfig(epochs=1, batch_size=bs, lr=1e-3, max_seq_len=seq)
+        if args.fixed:
+            for ratio in args.fixed:
+                cfg = SimulationConfig(model=model, data="wordnet", devices=devices, max_examples=max_examples,
+                                       alpha=args.alpha, seed=args.seed, train=train, method="droppeft",
+                                       rounds=rounds, droppeft=DropPEFTConfig(ratio=ratio, bandit=False))
+                hist = run_simulation(cfg, None, progress=False)
+                kept = [{k: r[k] for k in KEEP if k in r} for r in hist["rounds"]]
+                result.setdefault("fixed", {})[f"{ratio}@{model}"] = {
+                    "ratio": ratio, "rounds": kept, "to_target_global": to_target(kept, "global_accuracy", target)}
+                print(f"fixed {ratio} {model}: " + " / ".join(f"{100 * r['global_accuracy']:.1f}" for r in kept)
+                      + "  seconds " + " / ".join(f"{r['seconds']:.0f}" for r in kept[1:]), flush=True)
+                write_json_atomic(args.out, result)
+            continue
         base = dict(model=model, data="wordnet", devices=devices, max_examples=max_examples, alpha=args.alpha,
                     seed=args.seed, train=train)
         for method, n_rounds in (("lora", rounds), ("droppeft", rounds + args.extra_rounds)):
@@ -195,6 +220,25 @@ def main() -> None:
         plot_time(args.out.parent / f"droppeft_{model}_seconds.png", lora_run, dp_run, target, model)
         print(json.dumps(result["summary_" + model], indent=2))
     print(f"wrote {args.out} in {result['total_seconds']:.0f} s")
+
+
+def measure_arms(model: str, bs: int, seq: int, steps: int) -> list[dict]:
+    """Every arm of the default arm set: measured peak, training increment and step time, against
+    LoRA (every block), one fresh process each."""
+    rows = []
+    lora_point = {"model": model, "method": "lora", "ratio": 0.0, "shape": "uniform", "batch": bs, "seq": seq,
+                  "steps": steps}
+    base = measure(lora_point)
+    for ratio, shape in DropPEFTConfig().arms():
+        m = measure({**lora_point, "method": "droppeft", "ratio": ratio, "shape": shape}) if ratio else base
+        row = {"ratio": ratio, "shape": shape, **m, "predicted": predicted_peak(model, ratio, bs, seq)}
+        if "peak" in m and "peak" in base:
+            row.update(peak_vs_lora=m["peak"] / base["peak"], increment_vs_lora=m["increment"] / base["increment"],
+                       step_speedup=base["step_seconds"] / m["step_seconds"])
+        rows.append(row)
+        print(f"{model} {ratio:.1f}/{shape}: peak {m.get('peak', 0) / 2**20:.0f} MiB, training increment "
+              f"{m.get('increment', 0) / 2**20:.0f} MiB, step {m.get('step_seconds', 0):.3f} s", flush=True)
+    return rows
 
 
 def summarise(lora_run: dict, dp_run: dict, mem: dict) -> dict:

@@ -118,3 +118,33 @@ def test_fedpeptao_uploads_fewer_prompt_bytes_than_full_deep_prompts_and_learns(
     assert "mean_personal_accuracy" in h["rounds"][-1]
     cfg = json.loads((tmp_path / "global_adapter" / "prompt_config.json").read_text())
     assert cfg["layers"] == h["selection"]["shared_layers"]
+
+
+def test_droppeft_simulation_learns_and_its_configurator_respects_device_memory(toy_jsonl, tmp_path):
+    from edge_runtime.methods.droppeft import DropPEFTConfig
+
+    cfg = SimulationConfig(model="tiny-llama", data=str(toy_jsonl), devices=3, rounds=2, alpha=1.0,
+                           max_examples=None, method="droppeft", train=FAST, lora=LoraMethodConfig(rank=4),
+                           droppeft=DropPEFTConfig(ratios=(0.0, 0.5), shapes=("uniform",)))
+    hist = run_simulation(cfg, None, progress=False)   # memory unknown: every arm may be offered
+    spec_peaks = None
+    for r in hist["rounds"][1:]:
+        conf = r["configurator"]
+        assert set(conf["assignments"]) == {"dev00", "dev01", "dev02"} and set(conf["rewards"]) == set(conf["assignments"])
+        spec_peaks = [a["predicted_peak"] for a in conf["assignments"].values()]
+    arms_r1 = sorted(a["arm"] for a in hist["rounds"][1]["configurator"]["assignments"].values())
+    assert arms_r1 == [0, 0, 1] or arms_r1 == [0, 1, 1]   # round 1 spreads the devices over both arms
+    assert hist["rounds"][-1]["global_accuracy"] > hist["rounds"][0]["global_accuracy"] + 0.25
+    # a budget only the 0.5 arm fits (tiny-llama: 2 blocks; 0.5 keeps 1): device 0 is never offered ratio 0
+    low, high = min(spec_peaks), max(spec_peaks)
+    assert low < high
+    budget = int((low + high) / 2 / (1 - cfg.droppeft.memory_margin))
+    small = SimulationConfig(**{**cfg.__dict__, "device_memory": (budget, 64 << 30, 64 << 30), "rounds": 1})
+    hist = run_simulation(small, tmp_path, progress=False)
+    for r in hist["rounds"][1:]:
+        a = r["configurator"]["assignments"]
+        assert a["dev00"]["feasible"] == [1] and a["dev00"]["ratio"] == 0.5 and a["dev00"]["budget"] == budget
+        assert a["dev01"]["feasible"] == [0, 1]
+    assert (tmp_path / "global_adapter" / "adapter_model.safetensors").is_file()   # a plain LoRA folder
+    cfgj = json.loads((tmp_path / "global_adapter" / "adapter_config.json").read_text())
+    assert cfgj["peft_type"] == "LORA"

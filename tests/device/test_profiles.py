@@ -25,9 +25,11 @@ def test_every_shipped_profile_loads():
     assert classes["jetson-nano-4gb"].budget == 4 * 1024**3 - int(1.2 * 1024**3)
     profiles = training_profiles()
     methods = {p.training["method"] for p in profiles.values()}
-    assert {"lora", "federa", "fdlora", "prompt", "fedpeptao"} <= methods   # one per method at least
+    assert {"lora", "federa", "fdlora", "prompt", "fedpeptao", "droppeft"} <= methods   # one per method at least
     spec = profiles["fedpeptao-minilm"].spec(labels=("x", "y"))
     assert spec.method == "fedpeptao" and spec.fedpeptao.share_ratio == 0.5 and spec.labels == ("x", "y")
+    spec = profiles["droppeft-minilm"].spec(labels=("x", "y"))
+    assert spec.method == "droppeft" and spec.droppeft.ratios == (0.0, 0.2, 0.4, 0.6) and len(spec.droppeft.arms()) == 7
     assert find_device_class("x86-cpu-box").accelerator == "cpu"
     assert find_training_profile("lora-minilm").training["lora"]["rank"] == 8
 

@@ -31,8 +31,9 @@ ROWS = (120, 300, 600)   # different data sizes spread the devices' finishing ti
 
 class ProcessFleet:
     def __init__(self, tmp: Path, broker: Mosquitto, rounds: int = 2, epochs: int = 12,
-                 extra_server_args: tuple[str, ...] = ()) -> None:
+                 extra_server_args: tuple[str, ...] = (), agent_args: dict[int, tuple[str, ...]] | None = None) -> None:
         self.tmp, self.broker, self.rounds, self.epochs = tmp, broker, rounds, epochs
+        self.agent_args = agent_args or {}
         self.state_dir = tmp / "server"
         corpus = tmp / "corpus.txt"
         corpus.write_text(" ".join(TOY_CORPUS))
@@ -58,7 +59,7 @@ class ProcessFleet:
         self.agents[k] = self._spawn(
             ["edge_runtime.cli", "agent", "--broker", self.broker.url, "--device-id", f"dev{k}", "--fleet", "it",
              "--data", str(self.files[k]), "--state-dir", str(self.tmp / f"dev{k}"), "--ack-timeout", "4",
-             "--heartbeat", "1", "--chunk-bytes", "4096"], f"dev{k}.log", env)
+             "--heartbeat", "1", "--chunk-bytes", "4096", *self.agent_args.get(k, ())], f"dev{k}.log", env)
         return self.agents[k]
 
     def start(self) -> None:
@@ -229,3 +230,47 @@ def test_methods_over_mosquitto_with_an_agent_restart(tmp_path, mosquitto, metho
             assert cfg["layers"] == shared
     finally:
         fleet.close()
+
+
+def test_droppeft_over_mosquitto_offers_only_fitting_configurations(tmp_path, mosquitto):
+    """The server's bandit assigns each device a dropout configuration in the manifest; a device with
+    little memory is only offered the arms that fit it; devices train what they were assigned; the
+    dropout-aware aggregation is reproduced from the stored updates; status and report show it."""
+    from edge_runtime.methods import droppeft
+    from edge_runtime.training.trainer import TrainConfig
+
+    spec = TrainingSpec(model="tiny-llama", labels=("animal", "food", "tool"), method="droppeft",
+                        train=TrainConfig(batch_size=16, max_seq_len=16))
+    peaks = droppeft.arm_peaks(spec)
+    arms = spec.droppeft.arms()
+    small = int((max(peaks) + min(peaks)) / 2 / (1 - spec.droppeft.memory_margin))   # only the lightest arms fit
+    fits = {a for a, p in enumerate(peaks) if p <= small * (1 - spec.droppeft.memory_margin)}
+    assert fits and len(fits) < len(arms)
+    fleet = ProcessFleet(tmp_path, mosquitto, rounds=2, epochs=4, extra_server_args=("--method", "droppeft"),
+                         agent_args={0: ("--memory-budget", str(small))})
+    try:
+        fleet.start()
+        s = fleet.assert_complete_and_exactly_once()
+    finally:
+        fleet.close()
+    tried = set()
+    for h in s["history"][1:]:
+        conf = h["configurator"]
+        assert set(conf["assignments"]) == {"dev0", "dev1", "dev2"}
+        assert set(conf["assignments"]["dev0"]["feasible"]) == fits and conf["assignments"]["dev0"]["arm"] in fits
+        assert conf["assignments"]["dev0"]["budget"] == small
+        for dev, a in conf["assignments"].items():   # each device trained what it was assigned
+            rep = conf["reports"][dev]
+            assert (rep["drop_ratio"], ["uniform", "increasing", "decreasing"][int(rep["drop_shape"])]) == \
+                (a["ratio"], a["shape"])
+            assert all(f"layer_steps.{l}" in rep for l in range(2)) and "val_loss_after" in rep
+            tried.add(a["arm"])
+        assert set(conf["rewards"]) == {"dev0", "dev1", "dev2"}
+    assert len(tried) >= 4                          # round 1 spread the devices over different arms
+    bandit_files = sorted((fleet.state_dir / "server").glob("*.safetensors"))
+    assert bandit_files and set(droppeft.bandit_state(load_file(bandit_files[-1]), spec)) == {"dev0", "dev1", "dev2"}
+    out = subprocess.run([sys.executable, "-m", "broker_server.cli", "status", "--state-dir", str(fleet.state_dir)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "configurator" in out.stdout and "dev0" in out.stdout, out.stdout
+    report = json.loads((fleet.state_dir / "report.json").read_text())
+    assert [p["round"] for p in report["configurator"]["dev0"]] == [1, 2]

@@ -270,3 +270,49 @@ def test_bad_score_reports_are_refused_and_good_ones_choose_the_layers(tmp_path)
         assert m.action == "train" and m.round == 1
     finally:
         close()
+
+
+def test_droppeft_updates_without_block_step_counts_are_refused_and_assignments_travel(tmp_path):
+    import dataclasses
+
+    from edge_runtime.protocol.codec import encode_tensors
+
+    spec = dataclasses.replace(toy_spec(), method="droppeft")
+    coord, devs, broker, close = _serve(tmp_path, spec, 1, "train")
+    try:
+        m = decode_message(broker.retained[topics.round_topic(F)], RoundManifest)
+        assert set(m.assignments) == {"d0", "d1"}                     # each participant's configuration
+        assert all(set(a["droppeft"]) == {"ratio", "shape"} for a in m.assignments.values())
+        assert coord.state["configurator"]["d0"]["feasible"]
+
+        def send(dev, uid, metrics):
+            blob = encode_tensors(_good(coord))
+            ref, frames = split_payload(uid, blob, 1000)
+            dev.t.publish(topics.device_topic(F, dev.id, "update"),
+                          encode_message(UpdateManifest("run-test", dev.id, 1, uid, ref, 10, metrics)))
+            for f in frames:
+                dev.t.publish(topics.device_topic(F, dev.id, "update/chunk"), f)
+            return dev.ack()
+
+        base = {"train_steps": 4, "drop_ratio": 0.0, "drop_shape": 0, "train_seconds": 1.0}
+        for metrics, reason in (({**base}, "layer_steps.0"),
+                                ({**base, "layer_steps.0": 4, "layer_steps.1": 9}, "not a step count"),
+                                ({**base, "layer_steps.0": 4, "layer_steps.1": 2.5}, "not a step count")):
+            ack = send(devs[0], f"bad{len(reason)}{len(metrics)}", metrics)
+            assert not ack.accepted and reason in ack.reason, ack
+        assert coord.state["accepted"] == {}
+        good = {**base, "layer_steps.0": 4, "layer_steps.1": 2, "val_loss_before": 2.0, "val_loss_after": 1.5}
+        assert send(devs[0], "ok0", good).accepted and send(devs[1], "ok1", good).accepted
+        _wait_round(coord, 2)
+        row = coord.state["history"][-1]
+        assert row["configurator"]["reports"]["d0"]["layer_steps.1"] == 2 and set(row["configurator"]["rewards"]) == {"d0", "d1"}
+    finally:
+        close()
+
+
+def test_round_manifest_assignments_are_validated():
+    from edge_runtime.protocol.messages import ProtocolError
+
+    for bad in ({"no spaces!": {}}, {"d0": 3}, ["d0"]):
+        with pytest.raises(ProtocolError, match="assignments"):
+            RoundManifest("run-1", 1, "train", ("d0",), None, 10.0, {}, 0.0, None, bad)
