@@ -24,6 +24,8 @@ Writes scripts/results/droppeft.json and droppeft_<model>.png.
 
     python scripts/bench_droppeft.py                      # MiniLM and SmolLM2 (~35 min on 2 CPU cores)
     python scripts/bench_droppeft.py --models minilm-l6   # MiniLM only
+    python scripts/bench_droppeft.py --arms-only          # every arm's memory and step time (~4 min)
+    python scripts/bench_droppeft.py --models minilm-l6 --fixed 0.4 0.6   # fixed ratios, no bandit (~10 min)
 """
 
 from __future__ import annotations
@@ -167,6 +169,7 @@ def main() -> None:
                     "ratio": ratio, "rounds": kept, "to_target_global": to_target(kept, "global_accuracy", target)}
                 print(f"fixed {ratio} {model}: " + " / ".join(f"{100 * r['global_accuracy']:.1f}" for r in kept)
                       + "  seconds " + " / ".join(f"{r['seconds']:.0f}" for r in kept[1:]), flush=True)
+                result["total_seconds"] = time.perf_counter() - t_all
                 write_json_atomic(args.out, result)
             continue
         base = dict(model=model, data="wordnet", devices=devices, max_examples=max_examples, alpha=args.alpha,

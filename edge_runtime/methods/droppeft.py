@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
