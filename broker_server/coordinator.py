@@ -24,7 +24,7 @@ import torch
 from broker_server.fleet import Fleet
 from broker_server.store import Store
 from edge_runtime.algorithms.aggregation import Update, check_compatible
-from edge_runtime.errors import AggregationError, ConfigError
+from edge_runtime.errors import AggregationError, ConfigError, EdgeRuntimeError
 from edge_runtime.methods import METHODS, scoring
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.chunking import Reassembler, parse_chunk, split_payload
@@ -431,7 +431,12 @@ class Coordinator:
         if s["phase"] != "train" or not devices or not hasattr(self.method, "assign"):
             return
         profiles = {d: (self.fleet.devices[d].profile if d in self.fleet.devices else {}) for d in devices}
-        overrides, info = self.method.assign(self.server_state, profiles, self.spec, s["round"])
+        try:
+            overrides, info = self.method.assign(self.server_state, profiles, self.spec, s["round"])
+        except (EdgeRuntimeError, OSError, ValueError) as exc:   # e.g. the model's config unreadable for the memory model
+            log.error("round %d: the configurator failed (%s); devices train with the profile's own settings",
+                      s["round"], exc)
+            return
         s["assignments"] = {**overrides, **s.get("assignments", {})}
         s["configurator"] = {**info, **s.get("configurator", {})}
         for d in devices:

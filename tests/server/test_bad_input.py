@@ -316,3 +316,20 @@ def test_round_manifest_assignments_are_validated():
     for bad in ({"no spaces!": {}}, {"d0": 3}, ["d0"]):
         with pytest.raises(ProtocolError, match="assignments"):
             RoundManifest("run-1", 1, "train", ("d0",), None, 10.0, {}, 0.0, None, bad)
+
+
+def test_a_failing_configurator_leaves_the_round_running_without_assignments(tmp_path, monkeypatch):
+    import dataclasses
+
+    from edge_runtime.methods import droppeft
+
+    def unreadable(spec):
+        raise OSError("config.json: permission denied")
+
+    monkeypatch.setattr(droppeft, "arm_peaks", unreadable)
+    coord, devs, broker, close = _serve(tmp_path, dataclasses.replace(toy_spec(), method="droppeft"), 1, "train")
+    try:
+        m = decode_message(broker.retained[topics.round_topic(F)], RoundManifest)
+        assert m.action == "train" and m.assignments == {} and coord.state["configurator"] == {}
+    finally:
+        close()
