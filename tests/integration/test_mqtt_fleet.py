@@ -95,15 +95,18 @@ class ProcessFleet:
                 p.kill()
                 p.wait(10)
 
-    def assert_complete_and_exactly_once(self) -> dict:
+    def assert_complete_and_exactly_once(self, every_device_every_round: bool = True) -> dict:
+        """``every_device_every_round=False``: a device that was offline when a round started (after a
+        broker restart its reconnect may lose the race with the round's close) may sit that round out."""
         s = self.wait_for(lambda s: s["phase"] == "done", "the run to finish")
         hist = s["history"]
         assert [h["round"] for h in hist] == list(range(self.rounds + 1))
         for h in hist[1:]:
-            assert sorted(h["accepted"]) == ["dev0", "dev1", "dev2"], h
+            expected_devices = ["dev0", "dev1", "dev2"] if every_device_every_round else sorted(h["participants"])
+            assert sorted(h["accepted"]) == expected_devices, h
             # recompute FedAvg from the accepted update files: each counted exactly once
             files = sorted((self.state_dir / "updates" / f"round_{h['round']:05d}").glob("*.safetensors"))
-            assert sorted(f.name.split("__")[0] for f in files) == ["dev0", "dev1", "dev2"]
+            assert sorted(f.name.split("__")[0] for f in files) == expected_devices
             method = METHODS[s["training"]["method"]]
             reports = (h.get("configurator") or {}).get("reports", {})   # DropPEFT's per-block step counts
             ups = [Update(d, load_file(f), h["weights"][d], h["steps"][d], reports.get(d, {}))
@@ -115,7 +118,9 @@ class ProcessFleet:
             got = load_file(self.state_dir / "global" / f"round_{h['round']:05d}.safetensors")
             for k in expected:
                 torch.testing.assert_close(got[k], expected[k])
-        assert all(d["rounds_done"] == self.rounds for d in s["devices"].values())
+        assert all(d["rounds_done"] == sum(name in h["accepted"] for h in hist[1:]) for name, d in s["devices"].items())
+        if every_device_every_round:
+            assert all(d["rounds_done"] == self.rounds for d in s["devices"].values())
         assert hist[-1]["final"] and hist[-1]["accuracy"] is not None
         adapter = self.state_dir / "global_adapter"
         assert (adapter / "adapter_model.safetensors").exists() or (adapter / "prompts.safetensors").exists()
@@ -164,7 +169,9 @@ def test_broker_restart_mid_round(fleet, mosquitto):
     fleet.wait_for(lambda s: s["phase"] == "train" and s["round"] == 1 and len(s["accepted"]) >= 1,
                    "a first accepted update in round 1")
     mosquitto.restart(down_s=2.0)
-    fleet.assert_complete_and_exactly_once()
+    s = fleet.assert_complete_and_exactly_once(every_device_every_round=False)
+    # the round the restart hit was completed by all three (acked updates kept, the others re-sent)
+    assert s["history"][1]["accepted"] == ["dev0", "dev1", "dev2"]
 
 
 def test_server_sigkill_mid_round_then_restart(fleet):
