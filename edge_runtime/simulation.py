@@ -222,11 +222,10 @@ def run_simulation(cfg: SimulationConfig, out_dir: Path | None, progress: bool =
             updates.append(Update(dev.device_id, method.trainable_state(model), float(len(dev.train)), result.steps,
                                   {**result.metrics, "train_seconds": result.seconds}))
             train_losses.append(result.mean_loss)
-        if chosen or hasattr(method, "rewards"):   # the configurator's choices (DropPEFT) and what they earned
-            configurator = {"assignments": chosen, **({"rewards": method.rewards(updates)} if hasattr(method, "rewards") else {}),
+        configurator = None   # the configurator's choices (DropPEFT) and what they earned
+        if hasattr(method, "assign"):
+            configurator = {"assignments": chosen, "rewards": getattr(method, "rewards", lambda _: {})(updates),
                             "train_seconds": {u.device_id: u.metrics["train_seconds"] for u in updates}}
-        else:
-            configurator = None
         global_state, server_state = method.aggregate(global_state, updates, server_state, spec, len(devices))
         method.load_trainable_state(model, global_state)
         train_seconds = time.perf_counter() - t0

@@ -132,8 +132,9 @@ def find_blocks(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList, str]:
 
 @contextlib.contextmanager
 def run_only(model: nn.Module, kept: Sequence[int]):
-    """Within the block, the model runs only blocks ``kept`` (in order); all of them again after."""
-    parent, attr, blocks, _ = find_blocks(model)
+    """Within the block, the model runs only blocks ``kept`` (in order); all of them again after.
+    Per training step: the blocks' place is the one :func:`build` found, not searched again."""
+    parent, attr, blocks = getattr(model, "_dp_blocks", None) or find_blocks(model)[:3]
     setattr(parent, attr, nn.ModuleList([blocks[i] for i in sorted(kept)]))
     try:
         yield
@@ -166,7 +167,8 @@ def _is_personal(key: str, personal: set[int]) -> bool:
 # -- hooks -------------------------------------------------------------------------------------
 def build(model: nn.Module, spec: "TrainingSpec"):
     model = lora.build(model, spec)
-    _, _, blocks, path = find_blocks(model)
+    parent, attr, blocks, path = find_blocks(model)
+    model._dp_blocks = (parent, attr, blocks)
     model._dp_spec = spec
     model._dp_personal = _personal_blocks(len(blocks), spec)
     full = lora.trainable_state(model)
@@ -233,8 +235,7 @@ def local_train(model, tokenizer, splits: Splits, spec: "TrainingSpec", seed: in
     before and after (the configurator's reward)."""
     cfg = _cfg(spec)
     _load_personal(model, personal)
-    _, _, blocks, _ = find_blocks(model)
-    n = len(blocks)
+    n = len(model._dp_blocks[2])
     probs = drop_probabilities(n, cfg.ratio, cfg.shape, cfg.cap)
     before = _val_loss(model, tokenizer, splits, spec) if cfg.bandit else None
     gen = torch.Generator().manual_seed(seed * 7919 + 17)
@@ -363,7 +364,7 @@ def aggregate(global_state: Mapping[str, Tensor], updates: Sequence[Update], ser
 
 def device_budget(profile: Mapping) -> int | None:
     """The memory a device says training may use (its hello): ``memory_budget``, else available."""
-    for key in ("memory_budget", "training_memory", "memory_available"):
+    for key in ("memory_budget", "memory_available"):
         v = profile.get(key) if isinstance(profile, Mapping) else None
         if isinstance(v, (int, float)) and v > 0:
             return int(v)
