@@ -25,7 +25,9 @@ def broker_config(host: str, port: int) -> dict:
 
 
 async def _serve(host: str, port: int, stop: asyncio.Event) -> None:
-    from amqtt.broker import Broker
+    from edge_runtime.deps import require
+
+    Broker = require("amqtt.broker", "the embedded MQTT broker").Broker
 
     broker = Broker(broker_config(host, port))
     await broker.start()

@@ -17,8 +17,9 @@ def plot_accuracy(path: Path, curves: Mapping[str, Sequence[tuple[float, float]]
     """Save a line plot of ``{label: [(x, accuracy), ...]}`` (accuracy in [0, 1]) as PNG."""
     import io
 
-    import matplotlib
+    from edge_runtime.deps import require
 
+    matplotlib = require("matplotlib", "plotting")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -10,6 +10,7 @@ comes from the data. Every error names the file, the key and the value; unknown 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,15 @@ import yaml
 from edge_runtime.device.profiler import parse_size
 from edge_runtime.errors import ConfigError
 
-PROFILES_DIR = Path(__file__).resolve().parents[2] / "profiles"
+
+
+def shipped_profiles_dir() -> Path:
+    """The shipped ``profiles/`` folder: package data ``edge_runtime.profiles`` (the repository's top-level
+    ``profiles/`` in a checkout or editable install, the copy inside the wheel otherwise)."""
+    return Path(str(resources.files("edge_runtime.profiles")))
+
+
+PROFILES_DIR = shipped_profiles_dir()
 
 
 class ProfileError(ConfigError):

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from edge_runtime.atomic_io import replace_dir_atomic
+from edge_runtime.deps import require
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.export.metadata import read_metadata, write_metadata
 from edge_runtime.methods import prompt
@@ -109,6 +110,8 @@ def _quiet_exporter():
 
 
 def _export(wrapper: torch.nn.Module, tok, path: Path, optimize: bool) -> None:
+    for module in ("onnx", "onnxscript"):   # the dynamo exporter's own imports, checked with a clear message
+        require(module, "ONNX export")
     example = tok(list(PARITY_TEXTS), return_tensors="pt", padding=True)
     dims = {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("sequence", min=2, max=4096)}
     try:
@@ -191,10 +194,10 @@ def write_adapter_file(path: Path, tensors: dict[str, np.ndarray]) -> Path:
 def export_adapter(adapter_dir: Path, out_dir: Path, name: str = "global", tolerance: float = 1e-4) -> ExportResult:
     """Write ``<name>.onnx_adapter`` into ``out_dir``; export ``base.onnx`` there first unless it exists
     for the same base model and adapter layout (then nothing is re-exported)."""
-    import onnx
-    import onnxruntime as ort
-
     from edge_runtime.protocol.messages import check_id
+
+    onnx = require("onnx", "ONNX adapter export")
+    ort = require("onnxruntime", "ONNX adapter export")
 
     check_id("adapter name", name)
     t0 = time.perf_counter()

@@ -159,7 +159,11 @@ def bitsandbytes_problem() -> str | None:
 
     try:
         importlib.import_module("bitsandbytes")
-    except Exception as exc:  # ImportError, or a RuntimeError from a wheel built for another CUDA
+    except ModuleNotFoundError:
+        from edge_runtime.deps import install_hint
+
+        return f"bitsandbytes is not installed ({install_hint('bitsandbytes')})"
+    except Exception as exc:  # a RuntimeError from a wheel built for another CUDA, ...
         return f"bitsandbytes cannot run here ({type(exc).__name__}: {str(exc)[:200]})"
     return None
 
