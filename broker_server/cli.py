@@ -152,7 +152,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     def on_done(state, global_state):
         write_report(out_dir, state)
-        path = export_adapter(out_dir, state["training"], global_state, store.read_tensors(store.global_path(0)))
+        path = export_adapter(out_dir, state["training"], global_state, store.read_tensors(store.global_path(0)),
+                              state)
         log.info("final global adapter written to %s; report in %s", path, out_dir / "report.json")
 
     transport = MqttTransport(BrokerAddress.parse(args.broker), client_id=f"server-{args.fleet}",

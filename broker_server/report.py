@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from edge_runtime.atomic_io import replace_dir_atomic, write_json_atomic
-from edge_runtime.export.metadata import write_metadata
+from edge_runtime.export.adapter_folder import finish_adapter_folder
 from edge_runtime.methods import METHODS
 from edge_runtime.report import plot_accuracy
 from edge_runtime.training.spec import TrainingSpec, build_model
@@ -38,7 +38,7 @@ def write_report(out_dir: Path, state: dict) -> Path:
 
 
 def export_adapter(out_dir: Path, spec_json: dict, global_state: dict[str, torch.Tensor],
-                   init_state: dict[str, torch.Tensor] | None = None) -> Path:
+                   init_state: dict[str, torch.Tensor] | None = None, state: dict | None = None) -> Path:
     """Write the global adapter as a peft folder (``PeftModel.from_pretrained(base, path)`` loads it).
 
     ``init_state`` is the run's round-0 global, which methods with ``NEEDS_INIT`` (FeDeRA) set the
@@ -50,9 +50,17 @@ def export_adapter(out_dir: Path, spec_json: dict, global_state: dict[str, torch
     method.prepare(model, spec, init_state)
     method.load_trainable_state(model, global_state)
 
+    card = {}
+    if state is not None:   # the model card's run facts: rounds, devices, the final global's accuracy
+        hist = [h for h in state.get("history", []) if h.get("round", 0) > 0]
+        accs = [h["accuracy"] for h in hist if h.get("accuracy") is not None]
+        card = {"rounds": len(hist), "devices": len(state.get("devices", {})), "run_id": state.get("run_id"),
+                "accuracy": accs[-1] if accs else None,
+                "accuracy_on": "the devices' own test splits, weighted by size"}
+
     def save(folder: Path) -> None:
         method.save_adapter(model, folder)
-        tokenizer.save_pretrained(folder)
-        write_metadata(folder, spec.model, spec.task, spec.labels, seed=spec.seed, method=spec.method)
+        finish_adapter_folder(folder, model=spec.model, task=spec.task, labels=spec.labels, method=spec.method,
+                              tokenizer=tokenizer, card=card, seed=spec.seed)
 
     return replace_dir_atomic(Path(out_dir) / "global_adapter", save)

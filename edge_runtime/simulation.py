@@ -25,7 +25,7 @@ from edge_runtime.algorithms.aggregation import Update
 from edge_runtime.atomic_io import replace_dir_atomic
 from edge_runtime.algorithms.partition import label_histogram, partition_dirichlet, split_train_val_test
 from edge_runtime.errors import ConfigError
-from edge_runtime.export.metadata import write_metadata
+from edge_runtime.export.adapter_folder import finish_adapter_folder
 from edge_runtime.methods import METHODS, scoring, with_assignment
 from edge_runtime.methods.droppeft import DropPEFTConfig
 from edge_runtime.methods.fdlora import FdloraConfig
@@ -264,10 +264,13 @@ def run_simulation(cfg: SimulationConfig, out_dir: Path | None, progress: bool =
         plot_accuracy(out_dir / "accuracy.png", curves,
                       title=f"{cfg.model} + {cfg.method}, {len(devices)} devices, alpha={cfg.alpha}")
 
+        card = {"rounds": cfg.rounds, "devices": len(devices), "accuracy": rounds[-1]["global_accuracy"],
+                "accuracy_on": "the union of the simulated devices' test splits"}
+
         def save_adapter(folder: Path) -> None:
             method.save_adapter(model, folder)
-            tokenizer.save_pretrained(folder)
-            write_metadata(folder, cfg.model, task, label_names, seed=cfg.seed)
+            finish_adapter_folder(folder, model=cfg.model, task=task, labels=label_names, method=cfg.method,
+                                  tokenizer=tokenizer, card=card, seed=cfg.seed)
 
         replace_dir_atomic(out_dir / "global_adapter", save_adapter)
         history["adapter_dir"] = str(out_dir / "global_adapter")

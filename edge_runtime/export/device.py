@@ -15,7 +15,7 @@ from pathlib import Path
 
 from edge_runtime.atomic_io import replace_dir_atomic
 from edge_runtime.errors import ConfigError
-from edge_runtime.export.metadata import write_metadata
+from edge_runtime.export.adapter_folder import finish_adapter_folder
 from edge_runtime.methods import METHODS
 from edge_runtime.methods.personal import load_personal
 from edge_runtime.protocol.codec import decode_tensors
@@ -48,9 +48,9 @@ def write_device_adapter(state_dir: Path, out: Path, which: str = "personal") ->
         else:
             getattr(method, "save_global_adapter_like_personal", lambda m, _p, f: method.save_adapter(m, f))(
                 model, personal, folder)
-        tokenizer.save_pretrained(folder)
-        write_metadata(folder, spec.model, spec.task, spec.labels, seed=spec.seed, method=spec.method,
-                       personal=which == "personal" and personal is not None, run_id=record["run_id"],
+        finish_adapter_folder(folder, model=spec.model, task=spec.task, labels=spec.labels, method=spec.method,
+                              tokenizer=tokenizer, card={"run_id": record["run_id"]}, seed=spec.seed,
+                              personal=which == "personal" and personal is not None, run_id=record["run_id"],
                        global_round=record["global_round"],
                        fusion={k: personal.meta[k] for k in ("a", "b") if k in personal.meta} if personal else None)
 
