@@ -53,10 +53,14 @@ def run_broker(host: str = "127.0.0.1", port: int = 1883) -> None:
         loop.close()
 
 
-def wait_for_port(host: str, port: int, timeout: float = 20.0) -> None:
-    """Block until something accepts TCP connections on ``host:port`` (or raise TimeoutError)."""
+def wait_for_port(host: str, port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    """Block until something accepts TCP connections on ``host:port`` (or raise TimeoutError); with ``proc``,
+    raise ChildProcessError at once if that process (the one meant to listen) exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ChildProcessError(f"the broker process exited with code {proc.returncode} before listening on "
+                                    f"{host}:{port}")
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
@@ -76,8 +80,8 @@ def start_broker_process(host: str, port: int, log_file=None) -> subprocess.Pope
     proc = subprocess.Popen([sys.executable, "-m", "broker_server.cli", "broker", "--host", host, "--port", str(port)],
                             stdout=log_file or subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        wait_for_port(host, port)
-    except TimeoutError:
+        wait_for_port(host, port, proc=proc)
+    except (TimeoutError, ChildProcessError):
         proc.kill()
         raise
     return proc

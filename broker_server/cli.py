@@ -81,7 +81,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="minilm-l6")
     p.add_argument("--task", default="classification", choices=["classification", "causal-lm"])
     p.add_argument("--labels", default="wordnet",
-                   help="the label space: 'wordnet', a data file whose labels to use, or a comma-separated list")
+                   help="the label space: 'wordnet', a label file (labels.json: a JSON list; .txt: one a line), a "
+                        "data file whose labels to use, or a comma-separated list; it must cover every device's labels")
     p.add_argument("--method", default="lora", choices=sorted(METHODS), help="PEFT method (README: Methods)")
     p.add_argument("--quantization", default="fp32", choices=["fp32", "nf4", "int8"],
                    help="store the frozen base's linear weights in NF4 / int8 (bitsandbytes; fp32 if it cannot run)")
@@ -102,16 +103,13 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
 def training_spec_from_args(args: argparse.Namespace, tokenizer_corpus: tuple[str, ...] = ()):
     from edge_runtime.methods import default_lr
     from edge_runtime.methods.lora import LoraMethodConfig
-    from edge_runtime.training.data import resolve_dataset
+    from edge_runtime.training.data import resolve_labels
     from edge_runtime.training.spec import TrainingSpec, apply_overrides
     from edge_runtime.training.trainer import TrainConfig
 
     labels: tuple[str, ...] = ()
     if args.task == "classification":
-        if "," in args.labels:
-            labels = tuple(x.strip() for x in args.labels.split(",") if x.strip())
-        else:
-            labels = resolve_dataset(args.labels).label_names
+        labels = resolve_labels(args.labels)
     spec = TrainingSpec(model=args.model, task=args.task, labels=labels, method=args.method,
                         quantization=args.quantization,
                         lora=LoraMethodConfig(rank=args.rank, alpha=args.lora_alpha),
@@ -292,9 +290,6 @@ def _cmd_push_profile(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="broker-server", description="Aggregation server for edge-runtime fleets.")
     parser.add_argument("--version", action="version", version=f"broker-server {__version__}")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    parser.add_argument("--log-format", default="text", choices=["text", "json"],
-                        help="one line per event: text (journald-aware) or JSON")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run the rounds of a federation over MQTT",
@@ -369,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", type=Path, default=None)
     p.add_argument("--purge", action="store_true", help="also delete the server's state folder")
     p.set_defaults(func=_cmd_uninstall)
-    return parser
+    from edge_runtime.service.config import finish_parser
+
+    return finish_parser(parser)
 
 
 def _cmd_install(args: argparse.Namespace) -> int:

@@ -30,11 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime import __version__
-from edge_runtime.algorithms.partition import split_train_val_test
 from edge_runtime.atomic_io import write_bytes_atomic, write_json_atomic
 from edge_runtime.device.profiler import basic_profile
 from edge_runtime.device.profiles import apply_device_profile
-from edge_runtime.errors import ConfigError, EdgeRuntimeError
+from edge_runtime.errors import ConfigError, DataError, EdgeRuntimeError
 from edge_runtime.methods import METHODS, with_assignment
 from edge_runtime.methods.personal import PersonalState, load_personal, save_personal
 from edge_runtime.protocol import topics
@@ -44,7 +43,7 @@ from edge_runtime.protocol.messages import (Ack, GlobalAnnouncement, Heartbeat, 
                                             ProtocolError, RoundManifest, Status, UpdateManifest, check_id)
 from edge_runtime.service import lifecycle
 from edge_runtime.service.sdnotify import Notifier
-from edge_runtime.training.data import Splits, resolve_dataset
+from edge_runtime.training.data import Splits, device_splits, resolve_dataset
 from edge_runtime.training.evaluate import evaluate
 from edge_runtime.training.spec import TrainingSpec, build_model
 from edge_runtime.transport.base import Transport
@@ -68,6 +67,8 @@ class AgentConfig:
     progress: bool = False
     plan: str = "auto"                   # "auto": fit batch / sequence / checkpointing / quantization to memory
     memory_budget: int | None = None     # act as a device with this much memory (bytes)
+    test_data: str | None = None         # the device's own held-out test file (else 10% of ``data``)
+    val_data: str | None = None          # the device's own validation file (else 10% of ``data``)
 
     def __post_init__(self) -> None:
         check_id("device_id", self.device_id)
@@ -91,6 +92,9 @@ class Agent:
         self.status_path = Path(cfg.state_dir) / "status.json"
         self.state = self._load_state()
         self.raw_data = resolve_dataset(cfg.data)          # validated now: a bad file fails at start
+        for extra in (cfg.test_data, cfg.val_data):
+            if extra:
+                resolve_dataset(extra)
         self.manifest: RoundManifest | None = None
         self.globals = Reassembler(MAX_GLOBAL_BYTES, ttl_s=3600)
         self.global_blobs: dict[str, bytes] = {}           # payload id -> bytes (sha-checked)
@@ -368,10 +372,15 @@ class Agent:
                 log.info("personal state loaded from %s", self._personal_path)
         skey = (tuple(spec.labels), spec.split, spec.seed)
         if skey not in self._splits:
-            data = resolve_dataset(self.cfg.data, spec.labels if spec.task == "classification" else None)
+            labels = spec.labels if spec.task == "classification" else None
+            data = resolve_dataset(self.cfg.data, labels)
+            own = {k: resolve_dataset(getattr(self.cfg, f"{k}_data"), labels) if getattr(self.cfg, f"{k}_data")
+                   else None for k in ("test", "val")}
+            for k, d in own.items():
+                if d is not None and d.kind != data.kind:
+                    raise DataError(f"{d.source}: {d.kind} rows, but --data holds {data.kind} rows")
             rng = np.random.default_rng([spec.seed, zlib.crc32(self.cfg.device_id.encode())])
-            tr, va, te = split_train_val_test(list(range(len(data))), spec.split, rng)
-            self._splits[skey] = Splits(data.subset(tr), data.subset(va), data.subset(te))
+            self._splits[skey] = device_splits(data, spec.split, rng, **own)
         return self._model, self._tokenizer, self._splits[skey]
 
     def _keep_model_record(self, m: RoundManifest, blob: bytes, init: bytes | None) -> None:
@@ -547,7 +556,7 @@ class Agent:
         self.state["pending"] = {"run_id": m.run_id, "round": m.round,
                                  "update_id": update_id or f"u{uuid.uuid4().hex[:20]}",
                                  "file": str(file) if file else None, "n_samples": n_samples, "metrics": metrics,
-                                 "timings": timings}
+                                 "timings": timings, "action": m.action}
         self._save_state()
         self._sent_at = None
 
@@ -575,8 +584,9 @@ class Agent:
         pending = self.state["pending"]
         if pending is None or ack.update_id != pending["update_id"] or ack.device_id != self.cfg.device_id:
             return
+        what = {"evaluate": "final evaluation", "score": "layer scores"}.get(pending.get("action"), "update")
         if ack.accepted:
-            log.info("round %d: update %s accepted%s", ack.round, ack.update_id,
+            log.info("round %d: %s %s accepted%s", ack.round, what, ack.update_id,
                      " (duplicate)" if ack.reason == "duplicate" else "")
         elif ack.retry:
             log.warning("round %d: update %s rejected (%s); re-sending", ack.round, ack.update_id, ack.reason)

@@ -39,6 +39,10 @@ def _add_simulate(sub) -> None:
                    help="'wordnet' (built-in noun supersenses) or a JSONL/CSV file (text+label or prompt+response)")
     p.add_argument("--device-data", nargs="+", default=(), metavar="FILE",
                    help="one data file per device instead of partitioning --data (sets the device count)")
+    p.add_argument("--device-test-data", nargs="+", default=(), metavar="FILE",
+                   help="each device's own test file, in --device-data order (else 10%% of its --device-data)")
+    p.add_argument("--device-val-data", nargs="+", default=(), metavar="FILE",
+                   help="each device's own validation file, in --device-data order (else 10%% of its --device-data)")
     p.add_argument("--method", default="lora", choices=sorted(METHODS), help="PEFT method (see README: Methods)")
     p.add_argument("--quantization", default="fp32", choices=["fp32", "nf4", "int8"],
                    help="store the frozen base's linear weights in NF4 / int8 (bitsandbytes; fp32 if it cannot run)")
@@ -78,6 +82,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     cfg = SimulationConfig(
         model=args.model, data=args.data, device_data=tuple(args.device_data), method=args.method,
+        device_test_data=tuple(args.device_test_data), device_val_data=tuple(args.device_val_data),
         quantization=args.quantization,
         devices=len(args.device_data) or args.devices, rounds=args.rounds, alpha=args.alpha,
         max_examples=args.max_examples or None, participation=args.participation, seed=args.seed,
@@ -117,6 +122,10 @@ def _add_agent(sub) -> None:
     p.add_argument("--device-id", required=True)
     p.add_argument("--fleet", default="default")
     p.add_argument("--data", required=True, help="this device's local JSONL / CSV data file")
+    p.add_argument("--test-data", default=None, metavar="FILE",
+                   help="this device's own held-out test file (default: 10%% of --data is held out)")
+    p.add_argument("--val-data", default=None, metavar="FILE",
+                   help="this device's own validation file (default: 10%% of --data)")
     p.add_argument("--state-dir", type=Path, required=True, help="the agent's persistent state")
     p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats")
     p.add_argument("--ack-timeout", type=float, default=30.0, help="seconds before an unacked update is re-sent")
@@ -151,7 +160,8 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     cfg = AgentConfig(device_id=args.device_id, data=args.data, state_dir=args.state_dir, fleet=args.fleet,
                       heartbeat_s=args.heartbeat, ack_timeout_s=args.ack_timeout, chunk_bytes=args.chunk_bytes,
                       exit_when_done=not args.keep_running, progress=args.progress, plan=args.plan,
-                      memory_budget=parse_size(args.memory_budget) if args.memory_budget else None)
+                      memory_budget=parse_size(args.memory_budget) if args.memory_budget else None,
+                      test_data=args.test_data, val_data=args.val_data)
     will = Will(topics.device_topic(args.fleet, args.device_id, "status"),
                 encode_message(Status(args.device_id, False)))
     transport = MqttTransport(BrokerAddress.parse(args.broker), client_id=f"dev-{args.fleet}-{args.device_id}",
@@ -336,6 +346,8 @@ def _add_install(sub) -> None:
                                    "file /etc/default/edge-runtime-agent; create the user; daemon-reload.")
     p.add_argument("--device-id", required=True)
     p.add_argument("--data", required=True, type=Path, help="the device's local data file (absolute path)")
+    p.add_argument("--test-data", type=Path, default=None, help="the device's own held-out test file")
+    p.add_argument("--val-data", type=Path, default=None, help="the device's own validation file")
     p.add_argument("--fleet", default="default")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--heartbeat", type=float, default=10.0)
@@ -354,6 +366,9 @@ def _cmd_install(args: argparse.Namespace) -> int:
                "keep_running": True, "heartbeat": args.heartbeat}
     if args.threads:
         options["threads"] = args.threads
+    for key in ("test_data", "val_data"):
+        if getattr(args, key):
+            options[key] = str(getattr(args, key).resolve())
     install(service_options(args, "agent", options), prefix=args.prefix, dry_run=args.dry_run, enable=args.enable)
     return 0
 
@@ -425,17 +440,48 @@ def _add_export(sub) -> None:
                    help="merged: one model.onnx; adapter: base.onnx once + <name>.onnx_adapter per adapter")
     p.add_argument("--name", default="global", help="adapter name with --format adapter (e.g. global, personal)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit diff| ONNX vs PyTorch (fp32)")
+    p.add_argument("--model", default=None,
+                   help="the adapter's base model (a peft folder without edge_runtime.json, e.g. from elsewhere): "
+                        "minilm-l6 | smollm2-135m | a HF model folder | a .gguf file")
+    p.add_argument("--task", default="classification", choices=["classification", "causal-lm"],
+                   help="with --model: the adapter's task")
+    p.add_argument("--labels", default=None,
+                   help="with --model and classification: the label space in the head's order (wordnet, labels.json, "
+                        "a data file or a,b,c)")
     p.set_defaults(func=_cmd_export)
+
+
+def _export_meta(args: argparse.Namespace) -> dict | None:
+    """Metadata for a peft folder that has no edge_runtime.json (``--model`` / ``--task`` / ``--labels``)."""
+    from edge_runtime.export.metadata import FILE
+    from edge_runtime.training.data import resolve_labels
+
+    if args.model is None:
+        if args.labels is not None:
+            raise EdgeRuntimeError("--labels goes with --model (the adapter's base model)")
+        return None
+    if (args.adapter / FILE).exists():
+        raise EdgeRuntimeError(f"{args.adapter / FILE} already says which model, task and labels this adapter has; "
+                               f"drop --model / --task / --labels")
+    labels: tuple[str, ...] = ()
+    if args.task == "classification":
+        if args.labels is None:
+            raise EdgeRuntimeError("--model with --task classification needs --labels (the head's label order)")
+        labels = resolve_labels(args.labels)
+    return {"model": args.model, "task": args.task, "labels": list(labels)}
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from edge_runtime.export.onnx import export_adapter, export_merged
 
+    if not args.adapter.is_dir():
+        raise EdgeRuntimeError(f"{args.adapter}: no such adapter folder")
+    meta = _export_meta(args)
     if args.format == "merged":
-        res = export_merged(args.adapter, args.out, args.tolerance)
+        res = export_merged(args.adapter, args.out, args.tolerance, meta=meta)
         what = res.path / "model.onnx"
     else:
-        res = export_adapter(args.adapter, args.out, args.name, args.tolerance)
+        res = export_adapter(args.adapter, args.out, args.name, args.tolerance, meta=meta)
         what = res.path / f"{args.name}.onnx_adapter"
     print(f"exported {what} ({res.onnx_bytes / 1e6:.2f} MB) in {res.seconds:.1f} s; "
           f"onnxruntime vs PyTorch max |diff| {res.max_abs_diff:.2e}")
@@ -489,9 +535,6 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-runtime", description="Federated fine-tuning runtime for edge devices.")
     parser.add_argument("--version", action="version", version=f"edge-runtime {__version__}")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    parser.add_argument("--log-format", default="text", choices=["text", "json"],
-                        help="one line per event: text (journald-aware) or JSON")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo(sub)
     _add_simulate(sub)
@@ -503,7 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_device_adapter(sub)
     _add_infer(sub)
-    return parser
+    from edge_runtime.service.config import finish_parser
+
+    return finish_parser(parser)
 
 
 def _quiet_third_party() -> None:

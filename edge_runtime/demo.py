@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import socket
 import subprocess
 import sys
 import time
@@ -20,10 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.algorithms.partition import partition_dirichlet
+from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.codec import decode_message
 from edge_runtime.protocol.messages import RoundSummary
-from edge_runtime.training.data import resolve_dataset
+from edge_runtime.training.data import LocalDataset, resolve_dataset
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,57 @@ def export_and_try(out: Path, cfg: DemoConfig, echo) -> dict:
             "predicted": label, "probability": prob, "truth": truth}
 
 
+class DemoError(EdgeRuntimeError):
+    """The demo cannot start, or a process of it died; the message says what to do."""
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return "    (no log written)"
+    return "\n".join(f"    {line}" for line in text[-lines:]) or "    (the log is empty)"
+
+
+def validate(cfg: DemoConfig) -> LocalDataset:
+    """Everything the demo's processes would otherwise fail on one by one, checked before any starts."""
+    from edge_runtime.deps import require
+    from edge_runtime.methods import METHODS
+    from edge_runtime.training.models import resolve_model_source
+    from edge_runtime.training.spec import TrainingSpec
+    from edge_runtime.transport.mqtt import BrokerAddress
+
+    if cfg.method not in METHODS:
+        raise DemoError(f"unknown method {cfg.method!r}; known: {sorted(METHODS)}")
+    resolve_model_source(cfg.model)                       # names the package / pip command when missing
+    full = resolve_dataset(cfg.data)                      # every bad row, with file and line
+    if full.kind != "classification":
+        raise DemoError(f"{cfg.data}: the demo runs a classification federation (text + label rows); for "
+                        f"prompt + response data use edge-runtime simulate, or broker-server run + agents")
+    n = min(len(full), cfg.max_examples or len(full))
+    if n < 10 * cfg.devices:
+        raise DemoError(f"{n} examples for {cfg.devices} devices: each device needs at least 10 "
+                        f"(raise --max-examples or lower --devices)")
+    TrainingSpec(model=cfg.model, labels=full.label_names, method=cfg.method, quantization=cfg.quantization)
+    if cfg.quantization != "fp32" and not getattr(METHODS[cfg.method], "QUANTIZED_BASE", True):
+        raise DemoError(f"{cfg.method} cannot train on a {cfg.quantization} base (it needs the float weights); "
+                        f"use --quantization fp32, or --method lora")
+    if cfg.memory_budget:
+        from edge_runtime.device.profiler import parse_size
+
+        parse_size(cfg.memory_budget)
+    if cfg.broker is None:
+        require("amqtt.broker", "the embedded MQTT broker")
+    else:
+        addr = BrokerAddress.parse(cfg.broker)
+        try:
+            socket.create_connection((addr.host, addr.port), timeout=5).close()
+        except OSError as exc:
+            raise DemoError(f"cannot reach the broker at {addr}: {exc.strerror or exc}; start it, or drop --broker "
+                            f"to use the embedded one") from exc
+    return full
+
+
 def _spawn(args: list[str], log_path: Path, threads: int = 1) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
                TOKENIZERS_PARALLELISM="false")
@@ -98,6 +151,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
 
     t0 = time.perf_counter()
+    validate(cfg)
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []
@@ -105,7 +159,13 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
         if cfg.broker is None:
             port = cfg.port or free_port()
             broker_url = f"mqtt://127.0.0.1:{port}"
-            procs.append(start_broker_process("127.0.0.1", port, open(out / "broker.log", "ab")))
+            try:
+                procs.append(start_broker_process("127.0.0.1", port, open(out / "broker.log", "ab")))
+            except (TimeoutError, ChildProcessError) as exc:
+                raise DemoError(f"the embedded MQTT broker did not start: {exc}. The end of {out / 'broker.log'}:\n"
+                                f"{log_tail(out / 'broker.log')}\nFix: reinstall its package (pip install amqtt), "
+                                f"or run your own broker (apt-get install mosquitto) and pass --broker "
+                                f"mqtt://127.0.0.1:1883") from exc
             echo(f"embedded MQTT broker (amqtt) on {broker_url}")
         else:
             broker_url = cfg.broker
@@ -118,7 +178,9 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
         watcher.subscribe(topics.summary_topic(cfg.fleet), lambda t, p: summaries.put(p))
         watcher.start()
         if not watcher.wait_connected(30):
-            raise RuntimeError(f"cannot connect to the broker at {broker_url}")
+            raise DemoError(f"cannot connect to the broker at {broker_url}"
+                            + (f"; the end of {out / 'broker.log'}:\n{log_tail(out / 'broker.log')}"
+                               if cfg.broker is None else ""))
 
         common = ["--model", cfg.model, "--method", cfg.method, "--quantization", cfg.quantization,
                   "--epochs", str(cfg.epochs), "--lr", str(cfg.lr), "--batch-size", str(cfg.batch_size),
@@ -143,11 +205,23 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
 
         deadline = time.monotonic() + cfg.timeout_s
         final = None
+        agents = list(zip(procs[-cfg.devices:], data_files))
         while final is None:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the demo did not finish in {cfg.timeout_s:.0f} s; see {out}/server.log")
+                raise DemoError(f"the demo did not finish in {cfg.timeout_s:.0f} s; the end of {out}/server.log:\n"
+                                f"{log_tail(out / 'server.log')}")
             if server.poll() is not None and summaries.empty():
-                raise RuntimeError(f"the server exited with code {server.returncode}; see {out}/server.log")
+                raise DemoError(f"the aggregation server exited with code {server.returncode}; the end of "
+                                f"{out}/server.log:\n{log_tail(out / 'server.log')}\nFix what it names and rerun "
+                                f"(the demo starts a fresh run each time)")
+            for proc, path in agents:
+                if proc.poll() not in (None, 0):
+                    log_path = path.parent / "agent.log"
+                    raise DemoError(f"device agent {path.parent.name} exited with code {proc.returncode}; the end "
+                                    f"of {log_path}:\n{log_tail(log_path)}")
+            if cfg.broker is None and procs[0].poll() is not None:
+                raise DemoError(f"the embedded MQTT broker exited with code {procs[0].returncode}; the end of "
+                                f"{out / 'broker.log'}:\n{log_tail(out / 'broker.log')}")
             try:
                 s = decode_message(summaries.get(timeout=1.0), RoundSummary)
             except queue.Empty:

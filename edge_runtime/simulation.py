@@ -35,7 +35,7 @@ from edge_runtime.methods.lora import LoraMethodConfig
 from edge_runtime.methods.prompt import PromptConfig
 from edge_runtime.methods.personal import PersonalState
 from edge_runtime.report import plot_accuracy, write_history
-from edge_runtime.training.data import LocalDataset, Splits, resolve_dataset
+from edge_runtime.training.data import LocalDataset, Splits, device_splits, resolve_dataset
 from edge_runtime.training.evaluate import EvalResult, evaluate
 from edge_runtime.training.models import resolve_model_source
 from edge_runtime.training.spec import TrainingSpec, build_model
@@ -49,6 +49,8 @@ class SimulationConfig:
     model: str = "minilm-l6"
     data: str = "wordnet"                      # built-in name or a JSONL/CSV path
     device_data: tuple[str, ...] = ()          # one file per device instead of partitioning `data`
+    device_test_data: tuple[str, ...] = ()     # each device's own test file (else 10% of its device_data)
+    device_val_data: tuple[str, ...] = ()      # each device's own validation file (else 10% of its device_data)
     method: str = "lora"
     quantization: str = "fp32"                 # the base's linear weights: fp32, nf4, int8
     devices: int = 4
@@ -99,14 +101,26 @@ class DeviceData:
 def prepare_devices(cfg: SimulationConfig) -> list[DeviceData]:
     """Load the data and give each simulated device its own train / val / test split."""
     rng = np.random.default_rng(cfg.seed)
+    own = {"test": cfg.device_test_data, "val": cfg.device_val_data}   # a device's own held-out files
+    for k, files in own.items():
+        if files and len(files) != len(cfg.device_data):
+            raise ConfigError(f"device_{k}_data: {len(files)} file(s) for {len(cfg.device_data)} device_data "
+                              f"file(s); give one per device, in the same order")
     if cfg.device_data:
-        sets = [resolve_dataset(p) for p in cfg.device_data]
+        every = [*cfg.device_data, *cfg.device_test_data, *cfg.device_val_data]
+        sets = [resolve_dataset(p) for p in every]
         if len({d.kind for d in sets}) != 1:
-            raise ConfigError("device_data files mix classification and generation rows")
+            raise ConfigError("device data files mix classification and generation rows")
         if sets[0].kind == "classification":  # one label space for the whole federation
             names = sorted({n for d in sets for n in d.label_names})
-            sets = [resolve_dataset(p, names) for p in cfg.device_data]
-        shards = [(d, list(range(len(d)))) for d in sets]
+            sets = [resolve_dataset(p, names) for p in every]
+        n = len(cfg.device_data)
+        tests, vals = sets[n:n + len(cfg.device_test_data)], sets[n + len(cfg.device_test_data):]
+        devices = []
+        for k, ds in enumerate(sets[:n]):
+            sp = device_splits(ds, cfg.split, rng, test=tests[k] if tests else None, val=vals[k] if vals else None)
+            devices.append(DeviceData(f"dev{k:02d}", sp.train, sp.val, sp.test))
+        return devices
     else:
         full = resolve_dataset(cfg.data)
         if cfg.max_examples is not None and cfg.max_examples < len(full):
@@ -116,6 +130,8 @@ def prepare_devices(cfg: SimulationConfig) -> list[DeviceData]:
                                         min_per_device=min(10, len(full) // cfg.devices))
         else:  # no labels to skew: an even random split
             parts = [p.tolist() for p in np.array_split(rng.permutation(len(full)), cfg.devices)]
+        if cfg.device_test_data or cfg.device_val_data:
+            raise ConfigError("device_test_data / device_val_data go with device_data (one file per device)")
         shards = [(full, p) for p in parts]
     devices = []
     for k, (ds, idx) in enumerate(shards):

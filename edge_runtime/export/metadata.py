@@ -20,8 +20,8 @@ def read_metadata(folder: Path) -> dict:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise ConfigError(f"{path} is missing: not an edge-runtime adapter or export folder "
-                          f"(pass --model / --task / --labels)") from exc
+        raise ConfigError(f"{path} is missing: not an edge-runtime adapter or export folder (for a peft "
+                          f"folder from elsewhere, `edge-runtime export` takes --model, --task and --labels)") from exc
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{path}: unreadable: {exc}") from exc
     if not isinstance(meta, dict) or "model" not in meta or "task" not in meta:

@@ -153,9 +153,10 @@ def _onnx_size(path: Path, stem: str) -> int:
     return sum(f.stat().st_size for f in path.glob(f"{stem}*"))  # the graph + its external weights file
 
 
-def export_merged(adapter_dir: Path, out_dir: Path, tolerance: float = 1e-4) -> ExportResult:
+def export_merged(adapter_dir: Path, out_dir: Path, tolerance: float = 1e-4, meta: dict | None = None) -> ExportResult:
+    """``meta`` (model, task, labels) stands in for the folder's ``edge_runtime.json`` (a peft folder from elsewhere)."""
     t0 = time.perf_counter()
-    meta = read_metadata(adapter_dir)
+    meta = meta or read_metadata(adapter_dir)
     model, tok = load_merged(Path(adapter_dir), meta)
     wrapper = _LogitsOnly(model).eval()
 
@@ -191,7 +192,8 @@ def write_adapter_file(path: Path, tensors: dict[str, np.ndarray]) -> Path:
     return path
 
 
-def export_adapter(adapter_dir: Path, out_dir: Path, name: str = "global", tolerance: float = 1e-4) -> ExportResult:
+def export_adapter(adapter_dir: Path, out_dir: Path, name: str = "global", tolerance: float = 1e-4,
+                   meta: dict | None = None) -> ExportResult:
     """Write ``<name>.onnx_adapter`` into ``out_dir``; export ``base.onnx`` there first unless it exists
     for the same base model and adapter layout (then nothing is re-exported)."""
     from edge_runtime.protocol.messages import check_id
@@ -201,7 +203,7 @@ def export_adapter(adapter_dir: Path, out_dir: Path, name: str = "global", toler
 
     check_id("adapter name", name)
     t0 = time.perf_counter()
-    meta = read_metadata(adapter_dir)
+    meta = meta or read_metadata(adapter_dir)
     model, tok = load_with_adapter(Path(adapter_dir), meta)
     wrapper = _LogitsOnly(model).eval()
     tensors = _adapter_tensors(wrapper)
@@ -249,6 +251,12 @@ class OnnxPredictor:
         from transformers import AutoTokenizer
 
         self.dir = Path(export_dir)
+        if not self.dir.is_dir():
+            raise ExportError(f"{self.dir}: no such export folder")
+        if not any((self.dir / f).exists() for f in ("model.onnx", "base.onnx")):
+            hint = (f" (it is an adapter folder: export it first with edge-runtime export {self.dir} "
+                    f"--out {self.dir}-onnx)") if (self.dir / "edge_runtime.json").exists() else ""
+            raise ExportError(f"{self.dir} is not an ONNX export: no model.onnx or base.onnx in it{hint}")
         self.meta = read_metadata(export_dir)
         self.tok = AutoTokenizer.from_pretrained(export_dir)
         adapter_format = self.meta.get("format") == "adapter"

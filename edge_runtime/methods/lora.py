@@ -40,8 +40,11 @@ class LoraMethodConfig:
     alpha: float = 16.0
     dropout: float = 0.05
     target_modules: tuple[str, ...] | None = None
+    train_pooler: bool = True   # BERT's pooler (147,840 of MiniLM's 231,578 trainable parameters) trained + shared
 
     def __post_init__(self) -> None:
+        if not isinstance(self.train_pooler, bool):
+            raise ConfigError(f"lora.train_pooler must be true or false, got {self.train_pooler!r}")
         if not isinstance(self.rank, int) or self.rank <= 0:
             raise ConfigError(f"lora.rank must be a positive integer, got {self.rank!r}")
         if not self.alpha > 0:
@@ -71,7 +74,8 @@ def build(model: torch.nn.Module, spec: "TrainingSpec"):
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules) if cfg.target_modules else None,
-        modules_to_save=head_module_names(model) if spec.task == "classification" else None,
+        modules_to_save=[h for h in head_module_names(model) if h != "pooler" or cfg.train_pooler]
+        if spec.task == "classification" else None,
         task_type=task_type,
     )
     try:

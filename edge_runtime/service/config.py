@@ -89,6 +89,32 @@ def expand_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]
     return argv[:idx + 1] + config_argv(sub_action.choices[argv[idx]], Path(path)) + rest
 
 
+LOG_OPTIONS = (("--log-level", {"choices": ["DEBUG", "INFO", "WARNING", "ERROR"], "default": "INFO",
+                                 "help": "what to log"}),
+               ("--log-format", {"choices": ["text", "json"], "default": "text",
+                                 "help": "one line per event: text (journald-aware) or JSON"}))
+
+
+def finish_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Every (sub)command shows its defaults in ``--help``, and takes ``--log-level`` / ``--log-format``
+    before or after the subcommand's name (``edge-runtime agent ... --log-format json``)."""
+    for opt, kw in LOG_OPTIONS:
+        parser.add_argument(opt, **kw)
+    parsers = [parser]
+    while parsers:
+        p = parsers.pop()
+        p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    taken = {s for a in sub._actions for s in a.option_strings}
+                    for opt, kw in LOG_OPTIONS:
+                        if opt not in taken:   # SUPPRESS: given here it wins, not given it leaves the top-level value
+                            sub.add_argument(opt, **{**kw, "default": argparse.SUPPRESS})
+                    parsers.append(sub)
+    return parser
+
+
 def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """``--config`` expanded, arguments parsed, logging set up (``--log-level`` / ``--log-format``)."""
     import sys

@@ -173,16 +173,21 @@ def _encode_labels(labels: list, label_names: Sequence[str] | None, path: Path) 
     if label_names is not None:
         names = tuple(label_names)
         index = {n: i for i, n in enumerate(names)}
-        ids = []
-        for i, lab in enumerate(labels):
-            if isinstance(lab, int):
-                if lab >= len(names):
-                    raise DataError(f"{path}: row {i + 1}: label id {lab} outside the {len(names)} configured labels")
+        ids, outside, rows = [], set(), 0
+        for lab in labels:
+            if isinstance(lab, int) and lab < len(names):
                 ids.append(lab)
-            elif lab in index:
+            elif isinstance(lab, str) and lab in index:
                 ids.append(index[lab])
             else:
-                raise DataError(f"{path}: row {i + 1}: label {lab!r} is not one of the configured labels {list(names)[:8]}...")
+                outside.add(lab)
+                rows += 1
+        if outside:
+            shown = sorted(map(repr, outside))
+            raise DataError(f"{path}: {rows} row(s) have labels outside the run's {len(names)} labels: "
+                            f"{', '.join(shown[:10])}{' ...' if len(shown) > 10 else ''}; the run's label space "
+                            f"(the server's --labels, e.g. a label list file labels.json) must cover every device's "
+                            f"labels")
         return names, tuple(ids)
     if all(isinstance(lab, int) for lab in labels):
         return tuple(str(i) for i in range(max(labels) + 1)), tuple(labels)
@@ -209,6 +214,53 @@ def resolve_dataset(spec: str, label_names: Sequence[str] | None = None) -> Loca
     if spec in BUILTIN_DATASETS:
         return load_builtin(spec)
     return load_dataset(spec, label_names)
+
+
+def device_splits(data: LocalDataset, fractions: tuple[float, float, float], rng,
+                  test: LocalDataset | None = None, val: LocalDataset | None = None) -> Splits:
+    """A device's train / validation / test: carved from ``data`` by ``fractions``, except the parts the
+    device has its own files for (``test`` / ``val``), which are used whole and carve nothing out of ``data``."""
+    from edge_runtime.algorithms.partition import split_train_val_test
+
+    f_train, f_val, f_test = fractions
+    f_val, f_test = (0.0 if val is not None else f_val), (0.0 if test is not None else f_test)
+    total = f_train + f_val + f_test
+    tr, va, te = split_train_val_test(list(range(len(data))), (f_train / total, f_val / total, f_test / total), rng)
+    return Splits(data.subset(tr), val if val is not None else data.subset(va),
+                  test if test is not None else data.subset(te))
+
+
+def resolve_labels(spec: str) -> tuple[str, ...]:
+    """A run's label space from ``spec``: ``wordnet``; a label file (``.json``: a list of strings, ``.txt``: one
+    label a line); a data file (its labels: every device's data must lie within them); or ``a,b,c``."""
+    if spec in BUILTIN_DATASETS:
+        return load_builtin(spec).label_names
+    path = Path(spec)
+    if path.suffix.lower() in (".json", ".txt") and path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+            labels = json.loads(text) if path.suffix.lower() == ".json" else [x.strip() for x in text.splitlines()]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"{path}: cannot read the label list: {exc}") from exc
+        if path.suffix.lower() == ".txt":
+            labels = [x for x in labels if x]
+        if not isinstance(labels, list) or not all(isinstance(x, str) and x.strip() for x in labels):
+            raise DataError(f"{path}: a label file must hold a JSON list of non-empty strings (or, as .txt, one "
+                            f"label a line)")
+        if len(set(labels)) != len(labels):
+            dup = sorted({x for x in labels if labels.count(x) > 1})
+            raise DataError(f"{path}: labels listed twice: {dup[:5]}")
+        if len(labels) < 2:
+            raise DataError(f"{path}: a classification run needs at least 2 labels, got {len(labels)}")
+        return tuple(labels)
+    if path.is_file():
+        return load_dataset(path).label_names
+    if "," in spec:
+        labels = tuple(x.strip() for x in spec.split(",") if x.strip())
+        if len(labels) >= 2:
+            return labels
+    raise DataError(f"labels {spec!r}: not 'wordnet', a label file (.json list / .txt lines), a data file "
+                    f"or a comma-separated list of at least 2 labels")
 
 
 def encode_batch(tokenizer, dataset: LocalDataset, indices: Sequence[int], max_length: int) -> dict[str, torch.Tensor]:

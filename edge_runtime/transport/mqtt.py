@@ -37,11 +37,18 @@ class BrokerAddress:
 
     @classmethod
     def parse(cls, url: str) -> "BrokerAddress":
+        form = "expected mqtt://[user:pass@]host[:port] or mqtts://..."
+        if not isinstance(url, str) or not url.strip():
+            raise ConfigError(f"broker URL is empty ({form})")
+        if "://" not in url and ("/" in url or (url.count(":") > 1 and not url.startswith("["))):   # 'mqtt//host:1883', 'mqtt:host:1883'
+            raise ConfigError(f"broker URL {url!r} is malformed ({form})")
         u = urlparse(url if "://" in url else f"mqtt://{url}")
         if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
             raise ConfigError(f"broker URL scheme must be mqtt:// or mqtts://, got {url!r}")
         if not u.hostname:
-            raise ConfigError(f"broker URL has no host: {url!r}")
+            raise ConfigError(f"broker URL has no host: {url!r} ({form})")
+        if u.path not in ("", "/") or u.query or u.fragment or u.params:
+            raise ConfigError(f"broker URL {url!r} has a path or query after host:port ({form})")
         tls = u.scheme in ("mqtts", "ssl")
         try:
             port = u.port or (8883 if tls else 1883)
