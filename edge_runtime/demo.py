@@ -49,6 +49,7 @@ class DemoConfig:
     batch_size: int = 16
     max_seq_len: int = 64
     timeout_s: float = 1800.0
+    server_args: tuple[str, ...] = ()  # more `broker-server run` flags, e.g. ("--deadline", "600")
 
 
 def write_device_data(cfg: DemoConfig) -> list[Path]:
@@ -155,6 +156,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []
+    watcher = None
     try:
         if cfg.broker is None:
             port = cfg.port or free_port()
@@ -192,7 +194,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
             shutil.rmtree(server_dir)  # a demo is a fresh run
         server = _spawn(["broker_server.cli", "run", "--broker", broker_url, "--state-dir", str(server_dir),
                          "--out", str(out), "--fleet", cfg.fleet, "--rounds", str(cfg.rounds), "--min-devices",
-                         str(cfg.devices), "--labels", cfg.data, *common], out / "server.log")
+                         str(cfg.devices), "--labels", cfg.data, *common, *cfg.server_args], out / "server.log")
         procs.append(server)
         for k, path in enumerate(data_files):
             dev_dir = path.parent
@@ -234,7 +236,6 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
             if s.final:
                 final = s
         server.wait(timeout=120)
-        watcher.stop()
         report = json.loads((out / "report.json").read_text())
         report["onnx"] = export_and_try(out, cfg, echo)
         report["demo_seconds"] = time.perf_counter() - t0
@@ -242,6 +243,8 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
              f"global adapter {out / 'global_adapter'}, ONNX model {out / 'onnx' / 'model.onnx'}")
         return report
     finally:
+        if watcher is not None:
+            watcher.stop()
         for p in reversed(procs):
             if p.poll() is None:
                 p.terminate()

@@ -42,6 +42,6 @@ def require(module: str, purpose: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as exc:
-        missing = exc.name or module
+        missing = (exc.name or module).split(".")[0]
         raise MissingDependency(f"{purpose} needs the Python package {missing!r}, which is not installed: "
                                 f"{install_hint(missing)}") from exc

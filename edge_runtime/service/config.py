@@ -105,6 +105,8 @@ def finish_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p = parsers.pop()
         p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
         for action in p._actions:
+            if action.help is None and action.option_strings and action.default not in (None, argparse.SUPPRESS):
+                action.help = "(default: %(default)s)"   # the formatter skips options without a help text
             if isinstance(action, argparse._SubParsersAction):
                 for sub in action.choices.values():
                     taken = {s for a in sub._actions for s in a.option_strings}
