@@ -325,9 +325,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     choice = choose_plan(load_arch(spec.model), budget, request_from_spec(spec), caps, margin=args.margin)
     if args.json:
         print(json.dumps({"device": where, "profile": profile.name, "capabilities": dataclasses.asdict(caps),
+                          **({"unsupported": dc.unsupported} if args.device_class and dc.unsupported else {}),
                           **choice.to_json()}, indent=2))
         return 0
     print(f"{profile.name} ({spec.model}, {spec.method}) on {where}")
+    if args.device_class and dc.unsupported:
+        print(f"  NOTE: edge-runtime cannot run on {dc.name}: {dc.unsupported}; this plan is what would fit it")
     for line in choice.reasons:
         print(f"  {line}")
     print("  predicted peak: " + ", ".join(f"{k} {format_size(v)}" for k, v in choice.predicted.as_dict().items()))

@@ -82,6 +82,7 @@ class DeviceClass:
     cpu_cores: int
     gflops_fp32: float                # nominal; ranks plans on one class, not across classes
     cuda_capability: tuple[int, int] | None = None
+    unsupported: str = ""             # why edge-runtime cannot run on this class (it stays a planning target)
     source: str = ""
 
     @property
@@ -94,7 +95,7 @@ def load_device_class(path: Path) -> DeviceClass:
     path = Path(path)
     data = read_yaml(path)
     names = {f.name for f in fields(DeviceClass)} - {"source"}
-    _check_keys(path, data, names, names - {"cuda_capability", "description"})
+    _check_keys(path, data, names, names - {"cuda_capability", "description", "unsupported"})
     name = _typed(path, "name", data["name"], str, "a string")
     memory = _size(path, "memory", data["memory"])
     reserved = _size(path, "reserved", data["reserved"])
@@ -120,7 +121,9 @@ def load_device_class(path: Path) -> DeviceClass:
                        integrated_gpu=_typed(path, "integrated_gpu", data["integrated_gpu"], bool, "true or false"),
                        fp16=_typed(path, "fp16", data["fp16"], bool, "true or false"),
                        bitsandbytes=_typed(path, "bitsandbytes", data["bitsandbytes"], bool, "true or false"),
-                       cpu_cores=cores, gflops_fp32=float(gflops), cuda_capability=cap, source=str(path))
+                       cpu_cores=cores, gflops_fp32=float(gflops), cuda_capability=cap,
+                       unsupported=_typed(path, "unsupported", data.get("unsupported", ""), str, "a string"),
+                       source=str(path))
 
 
 def _size(path: Path, key: str, value: Any) -> int:

@@ -105,3 +105,15 @@ def test_device_profiles_may_change_local_settings_only():
         validate_device_profile({"name": "x", "training": {"quantization": "nf4"}}, spec)
     assert validate_device_profile({"name": "x", "training": {"quantization": "nf4"}},
                                    TrainingSpec(labels=("a", "b")))["quantization"] == "nf4"
+
+
+def test_jetson_nano_is_a_planning_target_only_and_plan_says_so(capsys):
+    from edge_runtime.cli import main
+
+    classes = device_classes()
+    assert "Python 3.6" in classes["jetson-nano-4gb"].unsupported
+    assert all(not c.unsupported for n, c in classes.items() if n != "jetson-nano-4gb")
+    assert main(["plan", "--device-class", "jetson-nano-4gb", "--profile", "lora-minilm"]) == 0
+    assert "NOTE: edge-runtime cannot run on jetson-nano-4gb" in capsys.readouterr().out
+    assert main(["plan", "--device-class", "jetson-orin-nano-8gb", "--profile", "lora-minilm"]) == 0
+    assert "NOTE" not in capsys.readouterr().out
