@@ -20,8 +20,10 @@ def test_jsonl_classification_labels_sorted_and_encoded(tmp_path):
 def test_fixed_label_space_and_unknown_label(tmp_path):
     p = write_jsonl(tmp_path / "d.jsonl", [{"text": "x", "label": "b"}])
     assert load_dataset(p, label_names=["a", "b", "c"]).targets == (1,)
-    with pytest.raises(DataError, match="'q' is not one of the configured labels"):
+    with pytest.raises(DataError, match="1 row\\(s\\) have labels outside the run's 1 labels: 'q'"):
         load_dataset(write_jsonl(tmp_path / "e.jsonl", [{"text": "x", "label": "q"}]), label_names=["a"])
+    with pytest.raises(DataError, match="outside the run's 2 labels: 5"):    # an integer id past the label space
+        load_dataset(write_jsonl(tmp_path / "f.jsonl", [{"text": "x", "label": 5}]), label_names=["a", "b"])
 
 
 def test_generation_rows(tmp_path):
