@@ -22,9 +22,14 @@ from edge_runtime.errors import ConfigError
 
 
 def shipped_profiles_dir() -> Path:
-    """The shipped ``profiles/`` folder: package data ``edge_runtime.profiles`` (the repository's top-level
-    ``profiles/`` in a checkout or editable install, the copy inside the wheel otherwise)."""
-    return Path(str(resources.files("edge_runtime.profiles")))
+    """The shipped ``profiles/`` folder: package data ``edge_runtime.profiles`` (the copy inside the wheel, or
+    the repository's top-level ``profiles/`` through an editable install's mapping). A source checkout used
+    without installing it (on ``PYTHONPATH``, or shadowing an installed wheel) has no such subpackage: there
+    the same folder is the one beside the package."""
+    try:
+        return Path(str(resources.files("edge_runtime.profiles")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "profiles"
 
 
 PROFILES_DIR = shipped_profiles_dir()
