@@ -77,7 +77,7 @@ def _model_card(model: str, task: str, labels: Sequence[str], method: str, card:
         *([f"Labels (id order): {shown}", ""] if labels else []),
         "The training data never left the devices; this adapter is the aggregate of their updates.", "",
         "Load it (the base model from the Hub, or from a local copy named by `base_model_name_or_path`):", "",
-        "```python", "folder = \"path/to/this/folder\"", load, "```", "",
+        "```python", load.replace("\n\n", "\n\nfolder = \"path/to/this/folder\"\n", 1), "```", "",
         "ONNX for on-device inference: `edge-runtime export FOLDER --out FOLDER-onnx`.", ""])
 
 
