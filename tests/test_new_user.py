@@ -152,7 +152,7 @@ def test_device_splits_use_the_devices_own_files_whole():
     assert not set(sp.train.inputs) & set(test.inputs)
 
 
-def test_an_agent_evaluates_on_its_own_test_file(tmp_path):
+def test_an_agent_evaluates_on_its_own_test_file(tmp_path, caplog):
     from edge_runtime.agent import Agent, AgentConfig
     from edge_runtime.protocol import topics
     from edge_runtime.protocol.codec import decode_message
@@ -170,6 +170,7 @@ def test_an_agent_evaluates_on_its_own_test_file(tmp_path):
     spy.subscribe(f"{topics.ROOT}/t/dev/+/update", lambda t, p: seen.setdefault(t.split("/")[-2], []).append(
         decode_message(p, UpdateManifest)))
     spy.start()
+    caplog.set_level("INFO", logger="edge_runtime")
     fleet.start()
     try:
         fleet.wait_done()
@@ -179,6 +180,10 @@ def test_an_agent_evaluates_on_its_own_test_file(tmp_path):
     assert {m.metrics["eval_n"] for m in seen["dev0"]} == {37}           # its own file, every round
     assert {m.metrics["eval_n"] for m in seen["dev1"]} == {30}           # 10% of its 300 rows
     assert max(m.n_samples for m in seen["dev0"]) == 267 and max(m.n_samples for m in seen["dev1"]) == 240
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("round 1: update ") and line.endswith(" accepted") for line in lines), lines
+    assert any(line.startswith("round 2: final evaluation ") and line.endswith(" accepted") for line in lines), lines
+    assert not any(line.startswith("round 2: update ") for line in lines)
 
 
 # -- command line ---------------------------------------------------------------------------------

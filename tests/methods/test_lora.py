@@ -56,3 +56,22 @@ def test_state_round_trip_and_rejection_of_wrong_shapes():
 def test_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         lora.LoraMethodConfig(**kwargs)
+
+
+def test_the_pooler_can_stay_frozen_and_off_the_wire():
+    from edge_runtime.methods import lora as lora_method
+    from edge_runtime.methods.lora import LoraMethodConfig
+    from edge_runtime.training.spec import TrainingSpec, build_model
+
+    def keys(train_pooler: bool) -> set[str]:
+        spec = TrainingSpec(model="tiny-bert", labels=("a", "b", "c"), tokenizer_corpus=("x", "y"),
+                            lora=LoraMethodConfig(rank=4, train_pooler=train_pooler))
+        model, _ = build_model(spec)
+        return set(lora_method.trainable_state(model))
+
+    with_pooler, without = keys(True), keys(False)
+    assert any("pooler" in k for k in with_pooler)
+    assert not any("pooler" in k for k in without)
+    assert {k for k in with_pooler if "pooler" not in k} == without       # LoRA and the classifier unchanged
+    with pytest.raises(ConfigError, match="train_pooler"):
+        LoraMethodConfig(train_pooler="no")

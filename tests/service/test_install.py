@@ -146,3 +146,15 @@ def test_log_lines_text_journald_and_json():
         setup_logging("WARNING", "text")
     lines = buf.getvalue().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["msg"] == "hello there"
+
+
+def test_install_service_passes_the_devices_own_test_and_validation_files(tmp_path, toy_jsonl):
+    test_file, val_file = tmp_path / "test.jsonl", tmp_path / "val.jsonl"
+    test_file.write_text(toy_jsonl.read_text())
+    val_file.write_text(toy_jsonl.read_text())
+    assert main(["install-service", "--device-id", "d1", "--data", str(toy_jsonl), "--test-data", str(test_file),
+                 "--val-data", str(val_file), "--prefix", str(tmp_path)]) == 0
+    cfg = tmp_path / "etc/edge-runtime/agent.yaml"
+    parser = build_parser()
+    args = parser.parse_args(expand_config(parser, ["agent", "--config", str(cfg)]))
+    assert (args.test_data, args.val_data) == (str(test_file.resolve()), str(val_file.resolve()))
