@@ -38,14 +38,19 @@ def test_profiles_are_found_from_the_installed_package_outside_the_source_tree(t
         assert "site-packages" in got["dir"]
 
 
-def test_installed_distribution_carries_profiles_and_licence():
-    import importlib.metadata as md
-
-    dist = md.distribution("edge-runtime")
-    assert dist.metadata["License-Expression"] == "Apache-2.0"
+def test_installed_distribution_carries_profiles_and_licence(tmp_path):
+    # asked from outside the source tree: a build there leaves an edge_runtime.egg-info that would answer instead
+    script = ("import json, importlib.metadata as md; d = md.distribution('edge-runtime'); print(json.dumps("
+              "{'license': d.metadata['License-Expression'], 'files': [str(f) for f in d.files or []]}))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-P", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["license"] == "Apache-2.0"
     if not EXPECT_WHEEL:
         pytest.skip("an editable install lists no package files; .ci/run checks the wheel install")
-    files = {str(f) for f in dist.files}
+    files = set(got["files"])
     assert "edge_runtime/profiles/training/lora-minilm.yaml" in files
     assert "edge_runtime/profiles/devices/jetson-orin-nano-8gb.yaml" in files
     assert any(f.endswith("licenses/LICENSE") for f in files)
