@@ -191,6 +191,9 @@ class Coordinator:
         except ProtocolError as exc:
             log.warning("bad message on %s: %s", topic, exc)
             self._record_reject(topic, "-", -1, str(exc))
+        except Exception as exc:  # loop guard: one message never stops the server; the operator sees it
+            log.exception("failed to handle a message on %s (%d bytes)", topic, len(payload))
+            self._record_reject(topic, "-", -1, f"internal error handling it: {type(exc).__name__}: {exc}"[:500])
 
     def _on_hello(self, device_id: str, hello: Hello) -> None:
         if hello.device_id != device_id:

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import queue
+import random
 import threading
 import time
 import uuid
@@ -46,10 +47,12 @@ from edge_runtime.service.sdnotify import Notifier
 from edge_runtime.training.data import Splits, device_splits, resolve_dataset
 from edge_runtime.training.evaluate import evaluate
 from edge_runtime.training.spec import TrainingSpec, build_model
-from edge_runtime.transport.base import Transport
+from edge_runtime.transport.base import Transport, backoff_delay
 
 log = logging.getLogger("edge_runtime.agent")
 MAX_GLOBAL_BYTES = 512 * 1024 * 1024
+RESEND_BACKOFF_BASE_S = 1.0     # re-sends of a refused / unacked update: 0.5-1 s, then doubling ...
+RESEND_BACKOFF_CAP_S = 60.0     # ... up to a minute (jittered)
 FAULT_ENV = "EDGE_RUNTIME_FAULT"   # test hook: "after_chunk:K" exits the process after sending chunk K
 
 
@@ -105,6 +108,8 @@ class Agent:
         self._personal_path: Path | None = None
         self._splits: dict[tuple, Splits] = {}
         self._sent_at: float | None = None
+        self._retries, self._retry_wait = 0, None          # re-sends of the pending update (backoff state)
+        self._rng = random.Random()
         self._device = None                                # (capabilities, budget), measured once
         self.plan_choice = None                            # the planner's last choice (status.json shows it)
         self.profile_path = Path(cfg.state_dir) / "profile.json"
@@ -268,6 +273,8 @@ class Agent:
                 self._on_profile(decode_message(payload, ProfilePush))
         except ProtocolError as exc:
             log.warning("ignored a bad message on %s: %s", topic, exc)
+        except Exception:  # loop guard: one message never stops the agent
+            log.exception("failed to handle a message on %s (%d bytes); ignored", topic, len(payload))
 
     def _on_profile(self, push: ProfilePush) -> None:
         """A pushed device profile: validated against the run's spec, persisted, in force from the next
@@ -315,10 +322,11 @@ class Agent:
                          m.round)
                 s["pending"] = None
                 self._save_state()
-            elif self._sent_at is None or self.clock() - self._sent_at > self.cfg.ack_timeout_s:
+            elif self._sent_at is None or self.clock() - self._sent_at > self._resend_after:
                 if self._sent_at is not None:
                     log.warning("no ack for update %s after %.0f s; re-sending", pending["update_id"],
-                                self.cfg.ack_timeout_s)
+                                self._resend_after)
+                    self._backoff(timeout=True)
                 self._upload(pending)
             return False
         if m.action == "done":
@@ -551,6 +559,22 @@ class Agent:
                 model, _, _ = self._prepare(spec, init)
                 METHODS[spec.method].load_trainable_state(model, decode_tensors(blob))   # undo the partial steps
 
+    @property
+    def _resend_after(self) -> float:
+        """Seconds after the last send before the pending update goes again (ack timeout, or the backoff)."""
+        return self._retry_wait if self._retry_wait is not None else self.cfg.ack_timeout_s
+
+    def _backoff(self, timeout: bool = False) -> float:
+        """Jittered exponential backoff for re-sends (a retryable reject, or no ack), capped: a server that is
+        busy or refusing is not hammered. Returns the wait before the next send."""
+        self._retries += 1
+        wait = backoff_delay(self._retries - 1, self._rng, base=RESEND_BACKOFF_BASE_S, cap=RESEND_BACKOFF_CAP_S)
+        if timeout:   # the ack timeout already waited; back off beyond it
+            wait = max(wait, self.cfg.ack_timeout_s)
+        self._retry_wait = wait
+        self._sent_at = self.clock()
+        return wait
+
     def _set_pending(self, m: RoundManifest, file: Path | None, n_samples: int, metrics: dict, timings: dict,
                      update_id: str | None = None) -> None:
         self.state["pending"] = {"run_id": m.run_id, "round": m.round,
@@ -559,6 +583,7 @@ class Agent:
                                  "timings": timings, "action": m.action}
         self._save_state()
         self._sent_at = None
+        self._retries, self._retry_wait = 0, None
 
     def _upload(self, pending: dict) -> None:
         self.activity = "uploading"
@@ -589,8 +614,9 @@ class Agent:
             log.info("round %d: %s %s accepted%s", ack.round, what, ack.update_id,
                      " (duplicate)" if ack.reason == "duplicate" else "")
         elif ack.retry:
-            log.warning("round %d: update %s rejected (%s); re-sending", ack.round, ack.update_id, ack.reason)
-            self._sent_at = None
+            wait = self._backoff()
+            log.warning("round %d: update %s rejected (%s); re-sending in %.1f s", ack.round, ack.update_id,
+                        ack.reason, wait)
             return
         else:
             log.error("round %d: update %s rejected: %s", ack.round, ack.update_id, ack.reason)

@@ -13,11 +13,13 @@ import math
 import struct
 from dataclasses import dataclass, field
 
+from edge_runtime.protocol import bounded_json
 from edge_runtime.protocol.messages import PayloadRef, ProtocolError, check_id
 
 MAX_CHUNK_BYTES = 256 * 1024
 _HEADER_LEN = struct.Struct(">I")
 _MAX_HEADER_BYTES = 4096
+_HEADER_LIMITS = bounded_json.JsonLimits(max_bytes=_MAX_HEADER_BYTES, max_depth=2, max_string=256, max_items=16)
 
 
 @dataclass(frozen=True)
@@ -53,12 +55,14 @@ def parse_chunk(frame: bytes) -> tuple[ChunkHeader, bytes]:
     (hlen,) = _HEADER_LEN.unpack_from(frame)
     if hlen > _MAX_HEADER_BYTES or _HEADER_LEN.size + hlen > len(frame):
         raise ProtocolError(f"chunk header length {hlen} is invalid for a {len(frame)}-byte frame")
-    try:
-        h = json.loads(frame[_HEADER_LEN.size:_HEADER_LEN.size + hlen])
-        ref = PayloadRef(h["payload_id"], h["size"], h["sha256"], h["n_chunks"])
-        index, chunk_sha = h["index"], h["chunk_sha256"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ProtocolError(f"chunk header is malformed: {exc}") from exc
+    h = bounded_json.loads(bytes(frame[_HEADER_LEN.size:_HEADER_LEN.size + hlen]), _HEADER_LIMITS, "chunk header")
+    fields = ("payload_id", "size", "sha256", "n_chunks", "index", "chunk_sha256")
+    if not isinstance(h, dict) or set(h) != set(fields):
+        raise ProtocolError(f"chunk header must be an object with exactly {list(fields)}")
+    ref = PayloadRef(h["payload_id"], h["size"], h["sha256"], h["n_chunks"])   # validates each field
+    index, chunk_sha = h["index"], h["chunk_sha256"]
+    if not isinstance(chunk_sha, str) or len(chunk_sha) != 64:
+        raise ProtocolError("chunk header: chunk_sha256 must be 64 hex digits")
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < ref.n_chunks:
         raise ProtocolError(f"chunk index {index!r:.20} outside 0..{ref.n_chunks - 1}")
     if ref.n_chunks > max(1, ref.size) or ref.n_chunks * MAX_CHUNK_BYTES < ref.size:
@@ -86,16 +90,23 @@ class Reassembler:
     payloads older than ``ttl_s`` are dropped, and the total buffered is capped.
     """
 
-    def __init__(self, max_payload_bytes: int, max_buffered_bytes: int | None = None, ttl_s: float = 600.0):
+    def __init__(self, max_payload_bytes: int, max_buffered_bytes: int | None = None, ttl_s: float = 600.0,
+                 max_per_source_bytes: int | None = None):
         self.max_payload_bytes = max_payload_bytes
         self.max_buffered_bytes = max_buffered_bytes or 8 * max_payload_bytes
+        # one source (a device) may hold about one payload in flight, plus a re-send of it
+        self.max_per_source_bytes = max_per_source_bytes or 2 * max_payload_bytes
         self.ttl_s = ttl_s
         self._partials: dict[tuple[str, str], _Partial] = {}
         self._buffered = 0
+        self._per_source: dict[str, int] = {}
 
     @property
     def buffered_bytes(self) -> int:
         return self._buffered
+
+    def source_bytes(self, source: str) -> int:
+        return self._per_source.get(source, 0)
 
     def add(self, source: str, frame: bytes, now: float) -> tuple[PayloadRef, bytes | None]:
         """Add one chunk; returns (its payload ref, the whole payload if this chunk completed it)."""
@@ -109,8 +120,6 @@ class Reassembler:
         key = (source, ref.payload_id)
         partial = self._partials.get(key)
         if partial is None:
-            if self._buffered + len(data) > self.max_buffered_bytes:
-                raise ProtocolError(f"reassembly buffer full ({self._buffered} bytes); chunk dropped")
             partial = self._partials[key] = _Partial(ref)
         elif partial.ref != ref:
             raise ProtocolError(f"chunk {header.index} of payload {ref.payload_id} disagrees with earlier chunks "
@@ -120,13 +129,24 @@ class Reassembler:
             if partial.nbytes + len(data) > ref.size:
                 self.discard(source, ref.payload_id)
                 raise ProtocolError(f"payload {ref.payload_id}: chunk {header.index} overflows the declared size")
+            # every chunk is accounted (not only a payload's first): the offending payload is evicted
+            mine = self._per_source.get(source, 0)
+            if mine + len(data) > self.max_per_source_bytes:
+                self.discard(source, ref.payload_id)
+                raise ProtocolError(f"{source} has {mine} bytes of unfinished payloads buffered, over its share of "
+                                    f"{self.max_per_source_bytes}: payload {ref.payload_id} dropped; back off and "
+                                    f"send one payload at a time")
+            if self._buffered + len(data) > self.max_buffered_bytes:
+                self.discard(source, ref.payload_id)
+                raise ProtocolError(f"reassembly buffer full ({self._buffered} of {self.max_buffered_bytes} bytes): "
+                                    f"payload {ref.payload_id} dropped; back off and re-send")
             partial.parts[header.index] = data
             partial.nbytes += len(data)
             self._buffered += len(data)
+            self._per_source[source] = mine + len(data)
         if len(partial.parts) < ref.n_chunks:
             return ref, None
-        del self._partials[key]
-        self._buffered -= partial.nbytes
+        self.discard(source, ref.payload_id)
         whole = b"".join(partial.parts[i] for i in range(ref.n_chunks))
         if len(whole) != ref.size or hashlib.sha256(whole).hexdigest() != ref.sha256:
             raise ProtocolError(f"payload {ref.payload_id}: sha256 / size mismatch after reassembly")
@@ -136,6 +156,11 @@ class Reassembler:
         partial = self._partials.pop((source, payload_id), None)
         if partial:
             self._buffered -= partial.nbytes
+            left = self._per_source.get(source, 0) - partial.nbytes
+            if left > 0:
+                self._per_source[source] = left
+            else:
+                self._per_source.pop(source, None)
 
     def expire(self, now: float) -> list[tuple[str, str]]:
         old = [k for k, p in self._partials.items() if now - p.last_seen > self.ttl_s]

@@ -83,3 +83,69 @@ def test_sources_do_not_mix_and_partials_expire():
     assert r.buffered_bytes == 2000
     r.expire(now=100)
     assert r.buffered_bytes == 0
+
+
+# -- hostile chunks --------------------------------------------------------------------------------
+def _frame(header, data: bytes = b"x") -> bytes:
+    import json
+    import struct
+
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack(">I", len(raw)) + raw + data
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                     lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=8), kids, max_size=6),
+                     max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=200), _json.map(_frame),
+                 st.dictionaries(st.sampled_from(["payload_id", "size", "sha256", "n_chunks", "index", "chunk_sha256"]),
+                                 _json).map(_frame)))
+def test_fuzz_chunk_frames_are_chunks_or_protocol_errors(frame):
+    try:
+        Reassembler(10_000).add("dev0", frame, 0)
+    except ProtocolError:
+        pass
+
+
+def test_deeply_nested_chunk_header_is_a_protocol_error():
+    with pytest.raises(ProtocolError, match="nests deeper"):
+        parse_chunk(_frame(b"[" * 2000 + b"]" * 2000))
+    with pytest.raises(ProtocolError, match="exactly"):
+        parse_chunk(_frame([1, 2, 3]))
+
+
+def test_buffer_is_accounted_on_every_chunk_per_source_and_in_total():
+    """One client used to buffer 552 MiB: the cap was checked on a payload's first chunk only."""
+    data = bytes(range(256)) * 40                       # 10,240 bytes -> 10 chunks of 1,024
+    r = Reassembler(max_payload_bytes=10_240, max_buffered_bytes=40_000, max_per_source_bytes=12_000)
+    refused = 0
+    for pid in range(5):                                  # one source opens payload after payload
+        _, frames = split_payload(f"p{pid}", data[:-pid or None] + bytes(pid), chunk_bytes=1024)
+        for f in frames[:-1]:                             # never finishing any of them
+            try:
+                r.add("greedy", f, 0)
+            except ProtocolError as exc:
+                assert "over its share" in str(exc) and "back off" in str(exc)
+                refused += 1
+        assert r.source_bytes("greedy") <= 12_000 and r.buffered_bytes <= 40_000
+    assert refused > 0
+    # an honest device still gets its whole payload through
+    ref, frames = split_payload("u1", data, chunk_bytes=1024)
+    out = [r.add("honest", f, 0)[1] for f in frames]
+    assert out[-1] == data and r.source_bytes("honest") == 0
+
+
+def test_total_cap_refuses_the_offending_payload():
+    data = bytes(5000)
+    r = Reassembler(max_payload_bytes=5001, max_buffered_bytes=6000, max_per_source_bytes=5001)
+    for dev in ("a", "b"):
+        _, frames = split_payload(f"p-{dev}", data + dev.encode(), chunk_bytes=1000)
+        for f in frames[:4]:
+            try:
+                r.add(dev, f, 0)
+            except ProtocolError as exc:
+                assert dev == "b" and "reassembly buffer full" in str(exc)
+    assert r.buffered_bytes <= 6000 and r.source_bytes("a") == 4000 and r.source_bytes("b") < 4000

@@ -49,7 +49,14 @@ def _update_body(**over):
 
 
 @pytest.mark.parametrize("data, message", [
-    (b"\xff\xfe", "not a JSON message"),
+    (b"\xff\xfe", "message is not UTF-8"),
+    (b"{not json", "message is not valid JSON"),
+    (b'{"v": 1, "type": []}', "message type must be a string, got list"),       # was: TypeError unhashable
+    (b'{"v": 1, "type": {"a": 1}}', "message type must be a string, got dict"),
+    (b'{"v": [1], "type": "ack"}', "unsupported protocol version"),
+    (b"[" * 5000 + b"]" * 5000, "nests deeper than 12 levels"),                 # was: RecursionError
+    (b'{"v": 1, "type": "hello", "device_id": "d", "n_samples": 1' + b"0" * 4000 + b"}", "not valid JSON"),
+    (b'{"v": 1, "type": "hello", "device_id": "d", "profile": {"a": "' + b"x" * 20000 + b'"}}', "over the 16384"),
     (b"[1, 2]", "must be a JSON object"),
     (b'{"v": 99, "type": "ack"}', "unsupported protocol version 99"),
     (b'{"v": 1, "type": "nope"}', "unknown message type"),
@@ -63,6 +70,8 @@ def _update_body(**over):
     (_update_body(metrics=[1]), "update.metrics must be an object"),
     (b'{"v": 1, "type": "update", "run_id": "r"}', "missing field"),
     (b'{"v": 1, "type": "heartbeat", "device_id": "d", "sent_at": NaN}', "NaN is not allowed"),
+    (b'{"v": 1, "type": "hello", "device_id": "d", "profile": ' + b'{"a":' * 12 + b"1" + b"}" * 12 + b"}",
+     "nests deeper"),
 ])
 def test_malformed_messages_say_what_is_wrong(data, message):
     with pytest.raises(ProtocolError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
@@ -102,3 +111,60 @@ def test_pickle_bytes_are_not_tensors():
         decode_tensors(pickle.dumps({"w": [1.0]}))
     with pytest.raises(ProtocolError, match="not valid safetensors"):
         decode_tensors(encode_tensors({"w": torch.zeros(100)})[:-7])  # truncated
+
+
+# -- fuzz: any bytes, any JSON, any nesting -> a message or a ProtocolError, never another exception ----
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
+                     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
+                     max_leaves=30)
+_field_names = st.sampled_from(["v", "type", "device_id", "run_id", "round", "update_id", "payload", "n_samples",
+                                "metrics", "profile", "participants", "action", "training", "assignments", "accepted",
+                                "retry", "reason", "online", "sent_at", "payload_id", "size", "sha256", "n_chunks"])
+
+
+def _decodes_or_protocol_error(data: bytes) -> None:
+    try:
+        decode_message(data)
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzz_any_bytes(data):
+    _decodes_or_protocol_error(data)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.sampled_from(sorted(__import__("edge_runtime.protocol.messages", fromlist=["x"]).MESSAGE_TYPES)),
+       st.dictionaries(_field_names, _json, max_size=8), st.sampled_from([1, 1, 1, 2, "1", None, [1]]))
+def test_fuzz_message_shaped_json(kind, fields, version):
+    _decodes_or_protocol_error(json.dumps({**fields, "v": version, "type": kind}).encode())
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json)
+def test_fuzz_any_json_document(doc):
+    _decodes_or_protocol_error(json.dumps(doc).encode())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400))
+def test_fuzz_tensor_payloads(data):
+    from edge_runtime.protocol.codec import decode_tensors
+
+    try:
+        decode_tensors(data)
+    except ProtocolError:
+        pass
+
+
+def test_hostile_safetensors_headers_are_protocol_errors():
+    import struct
+
+    from edge_runtime.protocol.codec import decode_tensors
+
+    for header in (b"[" * 3000, b'{"t": {"dtype": "F32", "shape": [99999999999, 99999999999], "data_offsets": [0, 4]}}',
+                   b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 99999999]}}', b"\xff" * 8):
+        with pytest.raises(ProtocolError):
+            decode_tensors(struct.pack("<Q", len(header)) + header + b"\0" * 4)

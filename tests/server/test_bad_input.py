@@ -333,3 +333,23 @@ def test_a_failing_configurator_leaves_the_round_running_without_assignments(tmp
         assert m.action == "train" and m.assignments == {} and coord.state["configurator"] == {}
     finally:
         close()
+
+
+def test_agent_resends_back_off_exponentially_with_jitter_and_a_cap(tmp_path):
+    """Three devices used to re-send 32,027 / 2,864 / 56,065 times in 90 s to a server that refused them."""
+    from edge_runtime.agent import RESEND_BACKOFF_CAP_S, Agent, AgentConfig
+    from edge_runtime.transport.memory import MemoryBroker, MemoryTransport
+    from tests.conftest import make_toy_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", make_toy_rows(30))
+    now = [1000.0]
+    agent = Agent(AgentConfig("d0", str(data), tmp_path / "s", ack_timeout_s=30.0),
+                  MemoryTransport(MemoryBroker(), "d0"), clock=lambda: now[0])
+    waits = [agent._backoff() for _ in range(10)]
+    for i, w in enumerate(waits):
+        full = min(RESEND_BACKOFF_CAP_S, 1.0 * 2 ** i)
+        assert full / 2 <= w <= full, (i, w)
+    assert waits[-1] <= RESEND_BACKOFF_CAP_S and waits[6] > waits[1]
+    assert agent._resend_after == waits[-1] and agent._sent_at == now[0]
+    assert agent._backoff(timeout=True) >= 30.0          # after an ack timeout: never sooner than the timeout
+    agent.shutdown()
