@@ -114,10 +114,10 @@ def _export(wrapper: torch.nn.Module, tok, path: Path, optimize: bool) -> None:
         require(module, "ONNX export")
     example = tok(list(PARITY_TEXTS), return_tensors="pt", padding=True)
     # the sequence range stops at the model's position table (torch < 2.8 refuses a range the model's
-    # guards cut short, e.g. 4096 for a model with 256 positions)
+    # guards cut short, e.g. 4096 for a model with 256 positions: its guards admit 2..255)
     cfg = getattr(getattr(wrapper, "model", None), "config", None)
     positions = getattr(cfg, "max_position_embeddings", None)
-    max_seq = min(4096, positions) if isinstance(positions, int) and positions >= 2 else 4096
+    max_seq = min(4096, positions - 1) if isinstance(positions, int) and positions >= 3 else 4096
     dims = {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("sequence", min=2, max=max_seq)}
     try:
         with _quiet_exporter():
