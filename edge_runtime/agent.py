@@ -108,7 +108,7 @@ class Agent:
         self._personal_path: Path | None = None
         self._splits: dict[tuple, Splits] = {}
         self._sent_at: float | None = None
-        self._retries, self._retry_wait = 0, None          # re-sends of the pending update (backoff state)
+        self._retries, self._ack_wait, self._hold_until = 0, None, 0.0   # re-send backoff of the pending update
         self._rng = random.Random()
         self._device = None                                # (capabilities, budget), measured once
         self.plan_choice = None                            # the planner's last choice (status.json shows it)
@@ -322,7 +322,8 @@ class Agent:
                          m.round)
                 s["pending"] = None
                 self._save_state()
-            elif self._sent_at is None or self.clock() - self._sent_at > self._resend_after:
+            elif self.clock() >= self._hold_until and (self._sent_at is None
+                                                       or self.clock() - self._sent_at > self._resend_after):
                 if self._sent_at is not None:
                     log.warning("no ack for update %s after %.0f s; re-sending", pending["update_id"],
                                 self._resend_after)
@@ -561,18 +562,19 @@ class Agent:
 
     @property
     def _resend_after(self) -> float:
-        """Seconds after the last send before the pending update goes again (ack timeout, or the backoff)."""
-        return self._retry_wait if self._retry_wait is not None else self.cfg.ack_timeout_s
+        """Seconds to wait for the ack of a sent update before sending it again."""
+        return self._ack_wait if self._ack_wait is not None else self.cfg.ack_timeout_s
 
     def _backoff(self, timeout: bool = False) -> float:
-        """Jittered exponential backoff for re-sends (a retryable reject, or no ack), capped: a server that is
-        busy or refusing is not hammered. Returns the wait before the next send."""
+        """Jittered exponential backoff for re-sends, capped, so a busy or refusing server is not hammered.
+        After a retryable reject the next send waits that long; after an ack timeout the update goes again
+        now and the wait for its ack grows (never below the ack timeout). Returns the wait."""
         self._retries += 1
         wait = backoff_delay(self._retries - 1, self._rng, base=RESEND_BACKOFF_BASE_S, cap=RESEND_BACKOFF_CAP_S)
-        if timeout:   # the ack timeout already waited; back off beyond it
-            wait = max(wait, self.cfg.ack_timeout_s)
-        self._retry_wait = wait
-        self._sent_at = self.clock()
+        if timeout:
+            self._ack_wait = wait = max(wait, self.cfg.ack_timeout_s)
+        else:
+            self._hold_until, self._sent_at = self.clock() + wait, None
         return wait
 
     def _set_pending(self, m: RoundManifest, file: Path | None, n_samples: int, metrics: dict, timings: dict,
@@ -583,7 +585,7 @@ class Agent:
                                  "timings": timings, "action": m.action}
         self._save_state()
         self._sent_at = None
-        self._retries, self._retry_wait = 0, None
+        self._retries, self._ack_wait, self._hold_until = 0, None, 0.0
 
     def _upload(self, pending: dict) -> None:
         self.activity = "uploading"

@@ -350,6 +350,8 @@ def test_agent_resends_back_off_exponentially_with_jitter_and_a_cap(tmp_path):
         full = min(RESEND_BACKOFF_CAP_S, 1.0 * 2 ** i)
         assert full / 2 <= w <= full, (i, w)
     assert waits[-1] <= RESEND_BACKOFF_CAP_S and waits[6] > waits[1]
-    assert agent._resend_after == waits[-1] and agent._sent_at == now[0]
-    assert agent._backoff(timeout=True) >= 30.0          # after an ack timeout: never sooner than the timeout
+    assert agent._hold_until == now[0] + waits[-1] and agent._sent_at is None   # no send before the hold ends
+    assert agent._resend_after == 30.0                    # the ack wait is the ack timeout ...
+    assert agent._backoff(timeout=True) >= 30.0          # ... and only grows after timeouts
+    assert agent._resend_after >= 30.0
     agent.shutdown()
