@@ -52,10 +52,11 @@ class DemoConfig:
     server_args: tuple[str, ...] = ()  # more `broker-server run` flags, e.g. ("--deadline", "600")
 
 
-def write_device_data(cfg: DemoConfig) -> list[Path]:
-    """Split the data over the devices (Dirichlet over labels) into one JSONL file per device."""
+def write_device_data(cfg: DemoConfig, full: LocalDataset | None = None) -> list[Path]:
+    """Split the data (``full``, else ``cfg.data`` loaded) over the devices (Dirichlet over labels) into one
+    JSONL file per device."""
     rng = np.random.default_rng(cfg.seed)
-    full = resolve_dataset(cfg.data)
+    full = full if full is not None else resolve_dataset(cfg.data)
     if cfg.max_examples and cfg.max_examples < len(full):
         full = full.subset(sorted(rng.choice(len(full), cfg.max_examples, replace=False).tolist()))
     parts = partition_dirichlet(full.targets, cfg.devices, cfg.alpha, rng)
@@ -152,7 +153,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
 
     t0 = time.perf_counter()
-    validate(cfg)
+    full = validate(cfg)
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []
@@ -171,7 +172,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
             echo(f"embedded MQTT broker (amqtt) on {broker_url}")
         else:
             broker_url = cfg.broker
-        data_files = write_device_data(cfg)
+        data_files = write_device_data(cfg, full)
         echo(f"{cfg.devices} devices, {sum(1 for p in data_files for _ in open(p))} WordNet glosses split with "
              f"Dirichlet alpha={cfg.alpha}; logs in {out}/")
 

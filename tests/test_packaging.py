@@ -19,16 +19,21 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPECT_WHEEL = os.environ.get("EDGE_RUNTIME_EXPECT_WHEEL") == "1"   # .ci/run installs the wheel, not this checkout
 
 
+def _run_outside_the_tree(script: str, cwd) -> dict:
+    """``script``'s JSON output, run by this interpreter from ``cwd`` with no source folder on sys.path
+    (-P: not the current folder; no PYTHONPATH): what an installed package sees."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-P", "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
 def test_profiles_are_found_from_the_installed_package_outside_the_source_tree(tmp_path):
     script = ("import json, edge_runtime, edge_runtime.device.profiles as p; print(json.dumps({"
               "'package': edge_runtime.__file__, 'dir': str(p.PROFILES_DIR), 'training': sorted(p.training_profiles()),"
               "'devices': sorted(p.device_classes()), 'plan': p.find_training_profile('lora-minilm').name}))")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    # -P: the current folder is not put on sys.path; cwd is outside the source tree anyway
-    proc = subprocess.run([sys.executable, "-P", "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    got = json.loads(proc.stdout)
+    got = _run_outside_the_tree(script, tmp_path)
     assert got["training"] == sorted(p.stem for p in (ROOT / "profiles" / "training").glob("*.yaml"))
     assert got["devices"] == sorted(p.stem for p in (ROOT / "profiles" / "devices").glob("*.yaml"))
     assert got["plan"] == "lora-minilm"
@@ -42,11 +47,7 @@ def test_installed_distribution_carries_profiles_and_licence(tmp_path):
     # asked from outside the source tree: a build there leaves an edge_runtime.egg-info that would answer instead
     script = ("import json, importlib.metadata as md; d = md.distribution('edge-runtime'); print(json.dumps("
               "{'license': d.metadata['License-Expression'], 'files': [str(f) for f in d.files or []]}))")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-P", "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    got = json.loads(proc.stdout)
+    got = _run_outside_the_tree(script, tmp_path)
     assert got["license"] == "Apache-2.0"
     if not EXPECT_WHEEL:
         pytest.skip("an editable install lists no package files; .ci/run checks the wheel install")

@@ -2,7 +2,8 @@
 
 ``json.loads`` on hostile bytes can recurse until ``RecursionError`` (``[[[[...``), build huge
 integers digit by digit, or accept ``NaN``; every caller on the wire goes through :func:`loads`
-instead, which raises only :class:`ProtocolError`.
+instead, which raises only :class:`ProtocolError`. Depth is checked on the parsed document (the
+C scanner itself stops runaway nesting with a ``RecursionError``, turned into the same error).
 """
 
 from __future__ import annotations
@@ -25,33 +26,14 @@ class JsonLimits:
 DEFAULT = JsonLimits()
 
 
-def _depth(text: str, limit: int) -> None:
-    """Raise if brackets nest deeper than ``limit`` (strings skipped; linear, no recursion)."""
-    depth, in_str, esc = 0, False, False
-    for ch in text:
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
-            depth += 1
-            if depth > limit:
-                raise ProtocolError(f"JSON nests deeper than {limit} levels")
-        elif ch in "]}":
-            depth -= 1
-
-
 def _check(value, limits: JsonLimits) -> None:
-    """Walk the parsed document iteratively: string lengths and the element count."""
-    stack, items = [value], 0
+    """Walk the parsed document iteratively: nesting depth, string lengths and the element count."""
+    stack, items = [(value, 0)], 0
     while stack:
-        v = stack.pop()
+        v, depth = stack.pop()
         items += 1
+        if depth > limits.max_depth:
+            raise ProtocolError(f"JSON nests deeper than {limits.max_depth} levels")
         if items > limits.max_items:
             raise ProtocolError(f"JSON has more than {limits.max_items} values")
         if isinstance(v, str):
@@ -61,9 +43,9 @@ def _check(value, limits: JsonLimits) -> None:
             for k, x in v.items():
                 if len(k) > limits.max_string:
                     raise ProtocolError(f"JSON key of {len(k)} characters is over the {limits.max_string} limit")
-                stack.append(x)
+                stack.append((x, depth + 1))
         elif isinstance(v, list):
-            stack.extend(v)
+            stack.extend((x, depth + 1) for x in v)
 
 
 def loads(data: bytes | str, limits: JsonLimits = DEFAULT, what: str = "message"):
@@ -74,7 +56,6 @@ def loads(data: bytes | str, limits: JsonLimits = DEFAULT, what: str = "message"
         text = data.decode("utf-8") if isinstance(data, (bytes, bytearray, memoryview)) else str(data)
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"{what} is not UTF-8: {exc.reason} at byte {exc.start}") from exc
-    _depth(text, limits.max_depth)
 
     def parse_int(s: str) -> int:
         if len(s.lstrip("-")) > limits.max_int_digits:
@@ -86,7 +67,9 @@ def loads(data: bytes | str, limits: JsonLimits = DEFAULT, what: str = "message"
 
     try:
         value = json.loads(text, parse_int=parse_int, parse_constant=parse_constant)
-    except (ValueError, RecursionError) as exc:   # JSONDecodeError is a ValueError
+    except RecursionError as exc:   # the C scanner's own guard, for brackets nested ~1,000 deep
+        raise ProtocolError(f"{what}: JSON nests deeper than {limits.max_depth} levels") from exc
+    except ValueError as exc:       # JSONDecodeError is a ValueError
         raise ProtocolError(f"{what} is not valid JSON: {str(exc)[:200]}") from exc
     _check(value, limits)
     return value
