@@ -199,14 +199,18 @@ class Agent:
         hello = Hello(d, profile, __version__, len(self.raw_data), self.state["last_round_done"])
         self.transport.publish(topics.device_topic(f, d, "hello"), encode_message(hello), retain=True)
         self.transport.publish(topics.device_topic(f, d, "status"), encode_message(Status(d, True)), retain=True)
+        self._heartbeat()   # at once: the server selects only devices whose heartbeats it hears
         self._write_status(connected=True)   # called on connect: the flag may not be set yet
 
-    def _heartbeats(self) -> None:
+    def _heartbeat(self) -> None:
         f, d = self.cfg.fleet, self.cfg.device_id
+        round_ = self.manifest.round if self.manifest else -1
+        self.transport.publish(topics.device_topic(f, d, "heartbeat"),
+                               encode_message(Heartbeat(d, self.activity, round_, self.clock())), qos=0)
+
+    def _heartbeats(self) -> None:
         while not self.stop_event.wait(self.cfg.heartbeat_s):
-            round_ = self.manifest.round if self.manifest else -1
-            self.transport.publish(topics.device_topic(f, d, "heartbeat"),
-                                   encode_message(Heartbeat(d, self.activity, round_, self.clock())), qos=0)
+            self._heartbeat()
 
     # -- main loop ---------------------------------------------------------------------------
     def run(self) -> None:

@@ -67,7 +67,7 @@ def _devices_proc(url: str, ids: list[str], go: mp.Event, out: mp.Queue) -> None
     from edge_runtime.protocol import topics
     from edge_runtime.protocol.chunking import split_payload
     from edge_runtime.protocol.codec import decode_message, encode_message, encode_tensors
-    from edge_runtime.protocol.messages import Ack, Hello, RoundManifest, Status, UpdateManifest
+    from edge_runtime.protocol.messages import Ack, Heartbeat, Hello, RoundManifest, Status, UpdateManifest
     from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
 
     blob = encode_tensors({"w": torch.randn(TENSOR_ELEMS)})
@@ -89,7 +89,8 @@ def _devices_proc(url: str, ids: list[str], go: mp.Event, out: mp.Queue) -> None
         t.subscribe(topics.round_topic("bench"), on_round)
         t.on_connect(lambda t=t, d=d: (
             t.publish(topics.device_topic("bench", d, "hello"), encode_message(Hello(d, {}, "bench", 100)), retain=True),
-            t.publish(topics.device_topic("bench", d, "status"), encode_message(Status(d, True)), retain=True)))
+            t.publish(topics.device_topic("bench", d, "status"), encode_message(Status(d, True)), retain=True),
+            t.publish(topics.device_topic("bench", d, "heartbeat"), encode_message(Heartbeat(d)))))
         t.start()
         clients[d] = t
     while not all(d in manifests and manifests[d].action == "train" for d in ids):

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from broker_server.store import StateError, Store
 from edge_runtime.algorithms.aggregation import Update
 from edge_runtime.methods import METHODS
 from edge_runtime.training.spec import TrainingSpec
@@ -69,8 +70,8 @@ class ProcessFleet:
 
     def state(self) -> dict:
         try:
-            return json.loads((self.state_dir / "state.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            return Store(self.state_dir).load() or {}   # state.json + the registry journal
+        except (OSError, StateError):
             return {}
 
     def wait_for(self, pred, what: str, timeout: float = 180.0) -> dict:

@@ -13,7 +13,7 @@ from broker_server.store import Store
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.chunking import split_payload
 from edge_runtime.protocol.codec import decode_message, encode_message, encode_tensors
-from edge_runtime.protocol.messages import Ack, Hello, RoundManifest, Status, UpdateManifest
+from edge_runtime.protocol.messages import Ack, Heartbeat, Hello, RoundManifest, Status, UpdateManifest
 from edge_runtime.transport.memory import MemoryBroker, MemoryTransport
 from tests.fleet_helpers import initial_global, toy_spec
 
@@ -31,6 +31,7 @@ class FakeDevice:
     def hello(self):
         self.t.publish(topics.device_topic(F, self.id, "hello"), encode_message(Hello(self.id, {}, "t", 10)), retain=True)
         self.t.publish(topics.device_topic(F, self.id, "status"), encode_message(Status(self.id, True)), retain=True)
+        self.t.publish(topics.device_topic(F, self.id, "heartbeat"), encode_message(Heartbeat(self.id, "idle", -1, 0.0)))
 
     def send(self, round_, update_id, blob=None, n_samples=10, frames=None, payload_id=None, run_id="run-test"):
         ref, fr = split_payload(payload_id or update_id, blob, 1000) if blob is not None else (None, [])

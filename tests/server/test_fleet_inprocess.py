@@ -1,7 +1,6 @@
 """A whole federation in one process over the in-memory transport: server + 3 agents, tiny model."""
 
-import json
-
+from broker_server.store import Store
 from tests.fleet_helpers import InProcessFleet
 
 
@@ -12,7 +11,7 @@ def test_three_devices_two_rounds_complete_and_learn(tmp_path):
         fleet.wait_done()
     finally:
         fleet.close()
-    state = json.loads((tmp_path / "server" / "state.json").read_text())
+    state = Store(tmp_path / "server").load()   # state.json + the registry journal
     hist = state["history"]
     assert [h["round"] for h in hist] == [0, 1, 2]
     assert all(sorted(h["accepted"]) == ["dev0", "dev1", "dev2"] for h in hist[1:])
