@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -17,6 +18,8 @@ from edge_runtime import __version__
 from edge_runtime.errors import EdgeRuntimeError
 
 ADAPTER_FILE = "adapter_model.safetensors"
+EXIT_RUN_FAILED = 3    # the run was failed (rounds in a row could not be aggregated): see `status`
+EXIT_DISK_FULL = 75    # EX_TEMPFAIL: no space to persist; nothing on disk was damaged, retry later
 log = logging.getLogger("broker_server")
 
 
@@ -139,7 +142,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = ServerConfig(fleet=args.fleet, rounds=args.rounds, min_devices=args.min_devices,
                        devices_per_round=args.devices_per_round, quorum=args.quorum, deadline_s=args.deadline,
                        eval_deadline_s=args.eval_deadline, heartbeat_timeout_s=args.heartbeat_timeout,
-                       seed=args.seed, training=spec.to_json())
+                       seed=args.seed, max_participants=args.max_participants, max_devices=args.max_devices,
+                       restart_grace_s=args.restart_grace, max_failed_rounds=args.max_failed_rounds,
+                       training=spec.to_json())
     out_dir = Path(args.out or args.state_dir)
 
     store = Store(Path(args.state_dir))
@@ -171,6 +176,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         signal.signal(sig, on_signal)
     coord.serve(stop, exit_when_done=not args.keep_serving)
     transport.stop()
+    if coord.phase == "failed":
+        last = (coord.state.get("errors") or [{}])[-1]
+        print(f"broker-server: error: run {coord.run_id} failed: {last.get('what')}: {last.get('error')}",
+              file=sys.stderr)
+        return EXIT_RUN_FAILED
     return 0
 
 
@@ -182,16 +192,20 @@ def _cmd_status(args: argparse.Namespace) -> int:
         raise EdgeRuntimeError(f"{args.state_dir}: no server state here")
     if args.json:
         print(json.dumps({k: state.get(k) for k in ("run_id", "round", "phase", "participants", "accepted", "devices",
-                                                     "history", "rejects", "configurator")}, indent=2))
+                                                     "history", "rejects", "errors", "configurator")}, indent=2))
         return 0
     now = time.time()
     print(f"run {state['run_id']}  fleet {state['fleet_name']}  round {state['round']}  phase {state['phase']}  "
           f"accepted {len(state['accepted'])}/{len(state['participants'])}")
-    print(f"\n{'device':<16}{'online':<8}{'last seen':>12}{'rounds':>8}{'samples':>9}  state")
-    for d in sorted(state["devices"].values(), key=lambda d: d["device_id"]):
+    devices = sorted(state["devices"].values(), key=lambda d: (-d["rounds_done"], d["device_id"]))
+    shown = devices if args.all else devices[:50]
+    print(f"\n{len(devices)} device(s) registered (presence as of the last registry write)")
+    print(f"{'device':<16}{'rounds':>8}{'samples':>9}{'seen':>14}  runtime")
+    for d in shown:
         seen = f"{now - d['last_seen']:.0f} s ago" if d["last_seen"] else "never"
-        print(f"{d['device_id']:<16}{'yes' if d['online'] else 'no':<8}{seen:>12}{d['rounds_done']:>8}"
-              f"{d['n_samples']:>9}  {d['state']}")
+        print(f"{d['device_id']:<16}{d['rounds_done']:>8}{d['n_samples']:>9}{seen:>14}  {d['runtime_version']}")
+    if len(shown) < len(devices):
+        print(f"... and {len(devices) - len(shown)} more that did fewer rounds (--all lists them)")
     print(f"\n{'round':>5}{'devices':>9}{'MB up':>8}{'MB down':>9}{'seconds':>9}{'accuracy':>10}{'train loss':>12}")
     for h in state["history"]:
         acc = f"{100 * h['accuracy']:.1f}%" if h["accuracy"] is not None else "-"
@@ -199,6 +213,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"{h['round']:>5}{len(h['accepted']):>9}{h['bytes_up'] / 1e6:>8.2f}{h['bytes_down'] / 1e6:>9.2f}"
               f"{h['seconds']:>9.1f}{acc:>10}{tl:>12}")
     _print_configurator(state)
+    for e in (state.get("errors") or [])[-5:]:
+        print(f"\nERROR round {e['round']} ({e['phase']}) {e['what']}: {e['error']}")
+    if state["phase"] == "failed":
+        print(f"\nthe run FAILED: {state.get('failed_rounds')} rounds in a row could not be aggregated")
     if state["rejects"]:
         print(f"\nlast rejects ({len(state['rejects'])}):")
         for r in state["rejects"][-5:]:
@@ -308,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", type=float, default=600.0, help="seconds a round waits for updates")
     p.add_argument("--eval-deadline", type=float, default=120.0)
     p.add_argument("--heartbeat-timeout", type=float, default=90.0, help="seconds of silence before a device is offline")
+    p.add_argument("--max-participants", type=int, default=1000, help="cap on one round's participants")
+    p.add_argument("--max-devices", type=int, default=10_000,
+                   help="fleet registry slots; past it a new device evicts one that never worked, or is refused")
+    p.add_argument("--restart-grace", type=float, default=30.0,
+                   help="after a restart, seconds devices get to reappear before the open round is decided")
+    p.add_argument("--max-failed-rounds", type=int, default=3,
+                   help="rounds in a row whose aggregation fails before the run is marked failed")
     p.add_argument("--keep-serving", action="store_true", help="stay up after the last round")
     p.add_argument("--tokenizer-corpus", default=None, help=argparse.SUPPRESS)  # tiny test models only
     add_training_args(p)
@@ -330,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="devices and rounds of a server's state directory")
     p.add_argument("--state-dir", type=Path, required=True)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--all", action="store_true", help="list every registered device (default: the first 50)")
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("broker", help="run the embedded MQTT broker (amqtt) standalone")
@@ -411,6 +437,12 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeRuntimeError as exc:
         print(f"broker-server: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"broker-server: error: disk full: {exc}; nothing persisted was changed, start again when there is "
+              f"space", file=sys.stderr)
+        return EXIT_DISK_FULL
 
 
 if __name__ == "__main__":

@@ -223,12 +223,18 @@ class Coordinator:
         self.transport.start()
         self.notifier.ready(self._status_line())
         self.notifier.start_watchdog(lambda: lifecycle.seconds_since_progress() < (self.notifier.watchdog_s or 1), stop)
-        while not stop.is_set():
-            lifecycle.touch()
-            self.serve_once()
-            if exit_when_done and self.phase in ("done", "failed") and self.inbox.empty():
-                self.transport.flush(10.0)
-                return
+        try:
+            while not stop.is_set():
+                lifecycle.touch()
+                self.serve_once()
+                if exit_when_done and self.phase in ("done", "failed") and self.inbox.empty():
+                    self.transport.flush(10.0)
+                    return
+        finally:
+            try:
+                self._flush_registry()   # the last second's registrations
+            except OSError as exc:
+                log.error("cannot write the fleet registry on the way out: %s", exc)
 
     def serve_once(self, wait_s: float = 0.2) -> None:
         """One message (updates, chunks and presence first; hellos when none is waiting), then deadlines."""

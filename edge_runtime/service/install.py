@@ -113,6 +113,8 @@ StateDirectoryMode=0750
 WorkingDirectory={o.state_dir}
 Restart=on-failure
 RestartSec=15
+# 2: a configuration error, 3: a failed run (see `status`); restarting repeats them
+RestartPreventExitStatus=2 3
 TimeoutStartSec=900
 TimeoutStopSec={o.stop_timeout_s}
 WatchdogSec={o.watchdog_s}

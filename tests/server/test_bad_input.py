@@ -44,11 +44,11 @@ class FakeDevice:
         return self.acks.get(timeout=timeout)
 
 
-def _serve(tmp_path, spec, rounds: int, phase: str):
+def _serve(tmp_path, spec, rounds: int, phase: str, **cfg_kw):
     """A coordinator serving in a thread, two fake devices said hello, the first round open in ``phase``."""
     broker = MemoryBroker()
-    cfg = ServerConfig(fleet=F, rounds=rounds, min_devices=2, deadline_s=300, max_update_bytes=200_000,
-                       training=spec.to_json())
+    cfg = ServerConfig(fleet=F, rounds=rounds, training=spec.to_json(),
+                       **({"min_devices": 2, "deadline_s": 300, "max_update_bytes": 200_000} | cfg_kw))
     coord = Coordinator(cfg, Store(tmp_path / "server"), MemoryTransport(broker, "server"), initial_global(spec),
                         run_id="run-test")
     stop = threading.Event()
