@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ from edge_runtime.protocol.codec import decode_message, decode_tensors, encode_m
 from edge_runtime.protocol.messages import (Ack, GlobalAnnouncement, Heartbeat, Hello, ProfileAck, ProfilePush,
                                             ProtocolError, RoundManifest, Status, UpdateManifest, check_id)
 from edge_runtime.service import lifecycle
+from edge_runtime.service.limits import ManifestLimits, ManifestRefused
 from edge_runtime.service.sdnotify import Notifier
 from edge_runtime.training.data import Splits, device_splits, resolve_dataset
 from edge_runtime.training.evaluate import evaluate
@@ -50,7 +51,6 @@ from edge_runtime.training.spec import TrainingSpec, build_model
 from edge_runtime.transport.base import Transport, backoff_delay
 
 log = logging.getLogger("edge_runtime.agent")
-MAX_GLOBAL_BYTES = 512 * 1024 * 1024
 RESEND_BACKOFF_BASE_S = 1.0     # re-sends of a refused / unacked update: 0.5-1 s, then doubling ...
 RESEND_BACKOFF_CAP_S = 60.0     # ... up to a minute (jittered)
 FAULT_ENV = "EDGE_RUNTIME_FAULT"   # test hook: "after_chunk:K" exits the process after sending chunk K
@@ -72,6 +72,7 @@ class AgentConfig:
     memory_budget: int | None = None     # act as a device with this much memory (bytes)
     test_data: str | None = None         # the device's own held-out test file (else 10% of ``data``)
     val_data: str | None = None          # the device's own validation file (else 10% of ``data``)
+    limits: ManifestLimits = field(default_factory=ManifestLimits)   # what a manifest may ask of this device
 
     def __post_init__(self) -> None:
         check_id("device_id", self.device_id)
@@ -99,9 +100,13 @@ class Agent:
             if extra:
                 resolve_dataset(extra)
         self.manifest: RoundManifest | None = None
-        self.globals = Reassembler(MAX_GLOBAL_BYTES, ttl_s=3600)
+        cap = cfg.limits.max_payload_bytes   # one payload, and all buffered chunks together, stay under it
+        self.globals = Reassembler(cap, ttl_s=3600, max_buffered_bytes=cap, max_per_source_bytes=cap)
         self.global_blobs: dict[str, bytes] = {}           # payload id -> bytes (sha-checked)
-        self.inits = Reassembler(MAX_GLOBAL_BYTES, ttl_s=3600)
+        self.inits = Reassembler(cap, ttl_s=3600, max_buffered_bytes=cap, max_per_source_bytes=cap)
+        self._init_candidate: tuple[str, bytes] | None = None   # a complete init payload no manifest named yet
+        self.refused: dict | None = None                   # the last manifest refused, and why (status shows it)
+        self.last_error: dict | None = None                # the last failed round step (status shows it)
         self._model_key: str | None = None
         self._model = self._tokenizer = None
         self._personal: PersonalState | None = None
@@ -168,6 +173,9 @@ class Agent:
                           "batch_size": (spec.get("train") or {}).get("batch_size"),
                           "max_seq_len": (spec.get("train") or {}).get("max_seq_len")} if spec else None,
                       "last_result": acked, "updated_at": self.clock(),
+                      "refused_manifest": ({k: v for k, v in self.refused.items() if k != "key"}
+                                           if getattr(self, "refused", None) else None),
+                      "last_error": getattr(self, "last_error", None),
                       "profile": ({k: self.profile.get(k) for k in ("name", "profile_id", "applies_from_round")}
                                   if getattr(self, "profile", None) else None),
                       "fitted_plan": ({**dataclasses.asdict(self.plan_choice.plan),
@@ -241,9 +249,15 @@ class Agent:
                              "sent; the round is redone after a restart if it is still open)",
                              self.manifest.round if self.manifest else "-")
                     break
-                except Exception:  # loop boundary: log, back off, keep serving the fleet
-                    self._forget_attempt()
+                except Exception as exc:  # loop boundary: log, back off, keep serving the fleet
+                    try:
+                        self._forget_attempt()
+                    except OSError:   # (a full disk) the attempt counter is only advice
+                        pass
                     log.exception("round step failed; retrying in 5 s")
+                    self.last_error = {"error": f"{type(exc).__name__}: {exc}"[:500], "at": self.clock(),
+                                       "round": self.manifest.round if self.manifest else None}
+                    self._write_status()
                     self.stop_event.wait(5.0)
         finally:
             self.stop_event.set()
@@ -262,11 +276,19 @@ class Agent:
             elif t.kind == "init/chunk":
                 if payload:
                     ref, whole = self.inits.add("server", payload, self.clock())
-                    if whole is not None:  # kept on disk: a restarted device needs no retained copy
-                        write_bytes_atomic(self._init_path(ref.payload_id), whole)
+                    if whole is not None:  # on disk only once the run's manifest names it
+                        self._init_candidate = (ref.payload_id, whole)
+                        self._keep_init()
             elif t.kind == "round" and payload:
+                m = decode_message(payload, RoundManifest)
+                try:
+                    self._vet(m)
+                except ManifestRefused as exc:
+                    self._refuse(m, str(exc))
+                    return
                 before = (self.manifest.round, self.manifest.action) if self.manifest else None
-                self.manifest = decode_message(payload, RoundManifest)
+                self.manifest = m
+                self._keep_init()
                 if before != (self.manifest.round, self.manifest.action):
                     self._write_status()
             elif t.kind == "global" and payload:
@@ -279,6 +301,43 @@ class Agent:
             log.warning("ignored a bad message on %s: %s", topic, exc)
         except Exception:  # loop guard: one message never stops the agent
             log.exception("failed to handle a message on %s (%d bytes); ignored", topic, len(payload))
+
+    def _vet(self, m: RoundManifest) -> None:
+        """Refuse a manifest that asks for more than this device's limits allow (any training setting,
+        the payload sizes, the model)."""
+        if m.action not in ("train", "score", "evaluate") or self.cfg.device_id not in m.participants:
+            return   # nothing to do for this device: nothing to check
+        sizes = {"global": m.global_payload.size if m.global_payload else 0,
+                 "init": m.init_payload.size if m.init_payload else 0}
+        training = m.training if isinstance(m.training, dict) else {}
+        self.cfg.limits.check(training, sizes, len(self.raw_data))
+        assignment = (m.assignments or {}).get(self.cfg.device_id)
+        if assignment:
+            self.cfg.limits.check({**training, **assignment, "train": {**(training.get("train") or {}),
+                                                                       **(assignment.get("train") or {})}},
+                                  {}, len(self.raw_data))
+
+    def _refuse(self, m: RoundManifest, reason: str) -> None:
+        key = (m.run_id, m.round, m.action, reason)
+        if self.refused is None or self.refused.get("key") != list(key):
+            log.warning("refused the manifest of run %s round %d (%s): %s; this device does not take part",
+                        m.run_id, m.round, m.action, reason)
+            self.refused = {"key": list(key), "run_id": m.run_id, "round": m.round, "reason": reason,
+                            "at": self.clock()}
+            self._write_status()
+
+    def _keep_init(self) -> None:
+        """Write the init payload the manifest in force names (once), and only that one."""
+        m, cand = self.manifest, self._init_candidate
+        if m is None or m.init_payload is None or cand is None or cand[0] != m.init_payload.payload_id:
+            return
+        path = self._init_path(cand[0])
+        if not path.exists():
+            write_bytes_atomic(path, cand[1])   # kept: a restarted device needs no retained copy
+        for other in path.parent.glob("*.safetensors"):
+            if other != path:
+                other.unlink(missing_ok=True)
+        self._init_candidate = None
 
     def _on_profile(self, push: ProfilePush) -> None:
         """A pushed device profile: validated against the run's spec, persisted, in force from the next
@@ -418,6 +477,7 @@ class Agent:
                 spec = apply_device_profile(spec, self.profile["overrides"])
             spec = self._assigned(spec, m)
             spec = self._plan(spec, m)
+            self.cfg.limits.check(spec.to_json(), {}, len(self.raw_data))   # with the profile and the assignment
             model, tok, splits = self._prepare(spec, init)
             method = METHODS[spec.method]
             t0 = time.perf_counter()

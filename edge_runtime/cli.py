@@ -137,6 +137,9 @@ def _add_agent(sub) -> None:
                    help="auto: fit batch, sequence length, checkpointing and quantization to this device's memory")
     p.add_argument("--memory-budget", default=None, metavar="SIZE",
                    help="act as a device with this much memory for training, e.g. 2GiB")
+    from edge_runtime.service.limits import add_limit_args
+
+    add_limit_args(p)
     p.set_defaults(func=_cmd_agent)
 
 
@@ -151,6 +154,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     from edge_runtime.protocol.codec import encode_message
     from edge_runtime.protocol.messages import Status
     from edge_runtime.service import lifecycle
+    from edge_runtime.service.limits import limits_from_args
     from edge_runtime.service.sdnotify import Notifier
     from edge_runtime.transport.base import Will
     from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
@@ -161,7 +165,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
                       heartbeat_s=args.heartbeat, ack_timeout_s=args.ack_timeout, chunk_bytes=args.chunk_bytes,
                       exit_when_done=not args.keep_running, progress=args.progress, plan=args.plan,
                       memory_budget=parse_size(args.memory_budget) if args.memory_budget else None,
-                      test_data=args.test_data, val_data=args.val_data)
+                      test_data=args.test_data, val_data=args.val_data, limits=limits_from_args(args))
     will = Will(topics.device_topic(args.fleet, args.device_id, "status"),
                 encode_message(Status(args.device_id, False)))
     transport = MqttTransport(BrokerAddress.parse(args.broker), client_id=f"dev-{args.fleet}-{args.device_id}",

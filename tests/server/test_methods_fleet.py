@@ -148,7 +148,10 @@ def test_fdlora_personal_adapter_never_leaves_the_device_and_survives_a_restart(
             texts = ["an apple", "a hammer and a dog"]
             personal_logits = OnnxPredictor(onnx_dir, adapter="personal").logits(texts)
             global_logits = OnnxPredictor(onnx_dir, adapter="global").logits(texts)
-            assert abs(personal_logits - global_logits).max() > 1e-4   # two different models, one base file
+            if (personal.meta["a"], personal.meta["b"]) != (0.0, 1.0):   # two different models, one base file
+                assert abs(personal_logits - global_logits).max() > 1e-4
+            else:   # the fusion search may pick the global alone (a = 0, b = 1): then they must agree
+                assert abs(personal_logits - global_logits).max() < 1e-4
             _assert_global_logits(fleet.agents[k], glob)
         # a restarted agent picks its personal adapter up again
         again = Agent(fleet.agents[k].cfg, MemoryTransport(fleet.broker, f"again{k}"))
