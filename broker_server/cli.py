@@ -143,6 +143,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                        devices_per_round=args.devices_per_round, quorum=args.quorum, deadline_s=args.deadline,
                        eval_deadline_s=args.eval_deadline, heartbeat_timeout_s=args.heartbeat_timeout,
                        seed=args.seed, max_participants=args.max_participants, max_devices=args.max_devices,
+                       max_update_bytes=int(args.max_update_mb * 2**20),
                        restart_grace_s=args.restart_grace, max_failed_rounds=args.max_failed_rounds,
                        training=spec.to_json())
     out_dir = Path(args.out or args.state_dir)
@@ -327,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-deadline", type=float, default=120.0)
     p.add_argument("--heartbeat-timeout", type=float, default=90.0, help="seconds of silence before a device is offline")
     p.add_argument("--max-participants", type=int, default=1000, help="cap on one round's participants")
+    p.add_argument("--max-update-mb", type=float, default=64.0,
+                   help="largest update payload; each device may buffer twice that in unfinished chunks")
     p.add_argument("--max-devices", type=int, default=10_000,
                    help="fleet registry slots; past it a new device evicts one that never worked, or is refused")
     p.add_argument("--restart-grace", type=float, default=30.0,

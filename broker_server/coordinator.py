@@ -551,6 +551,16 @@ class Coordinator:
         enough = len(accepted) >= self._quorum_count()
         if everyone or (enough and not waiting_on) or (enough and now >= s["deadline_at"]):
             self._close_round(now)
+        elif now >= s["deadline_at"] and accepted and any(p not in accepted and p not in online
+                                                          for p in participants):
+            # participants that went offline do not hold the round hostage: they leave it, the quorum
+            # is taken over those still in it (the next tick closes the round if that is enough)
+            gone = [p for p in participants if p not in accepted and p not in online]
+            s["participants"] = [p for p in participants if p not in gone]
+            log.warning("round %d: %s offline at the deadline; they leave the round (%d/%d updates)", s["round"],
+                        gone, len(accepted), len(s["participants"]))
+            self._save()
+            self._publish_manifest()
         elif now >= s["deadline_at"]:
             # not enough updates: keep what was accepted, open the round to every eligible device again
             eligible = set(self.fleet.eligible_ids(now))

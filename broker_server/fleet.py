@@ -16,6 +16,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 MAX_PROFILE_BYTES = 4096        # a hello's profile as stored (JSON); larger is refused
+VOLATILE = ("memory_available",)   # changes with every hello: kept in memory, not worth a journal line
+
+
+def _stable(profile: dict) -> dict:
+    return {k: v for k, v in profile.items() if k not in VOLATILE}
 
 
 class RegistryFull(Exception):
@@ -73,9 +78,9 @@ class Fleet:
                 self._evict_one(set(protected))
             rec = self.devices[device_id] = DeviceRecord(device_id)
             self.removed.discard(device_id)
-        if new or (rec.profile, rec.n_samples, rec.runtime_version) != (profile, n_samples, version):
-            rec.profile, rec.n_samples, rec.runtime_version = profile, n_samples, version
+        if new or (_stable(rec.profile), rec.n_samples, rec.runtime_version) != (_stable(profile), n_samples, version):
             self.dirty.add(device_id)
+        rec.profile, rec.n_samples, rec.runtime_version = profile, n_samples, version
         rec.online, rec.last_seen = True, now
         return new
 

@@ -201,11 +201,15 @@ class Agent:
         self.transport.subscribe(topics.fleet_profile_topic(f), put)
         self.transport.on_connect(self._announce)
 
-    def _announce(self) -> None:
+    def _publish_hello(self) -> None:
         f, d = self.cfg.fleet, self.cfg.device_id
         profile = {**basic_profile(), **({"memory_budget": self.cfg.memory_budget} if self.cfg.memory_budget else {})}
         hello = Hello(d, profile, __version__, len(self.raw_data), self.state["last_round_done"])
         self.transport.publish(topics.device_topic(f, d, "hello"), encode_message(hello), retain=True)
+
+    def _announce(self) -> None:
+        f, d = self.cfg.fleet, self.cfg.device_id
+        self._publish_hello()
         self.transport.publish(topics.device_topic(f, d, "status"), encode_message(Status(d, True)), retain=True)
         self._heartbeat()   # at once: the server selects only devices whose heartbeats it hears
         self._write_status(connected=True)   # called on connect: the flag may not be set yet
@@ -217,8 +221,17 @@ class Agent:
                                encode_message(Heartbeat(d, self.activity, round_, self.clock())), qos=0)
 
     def _heartbeats(self) -> None:
+        """Heartbeats; and while no manifest names this device, the hello again now and then: a broker
+        drops messages past a client's queue limit (a flood of retained hellos replayed to a restarted
+        server), and a repeated hello of a known device costs the server nothing."""
+        every = max(5.0, 5 * self.cfg.heartbeat_s)
+        last_hello = time.monotonic()
         while not self.stop_event.wait(self.cfg.heartbeat_s):
             self._heartbeat()
+            m = self.manifest
+            if time.monotonic() - last_hello >= every and (m is None or self.cfg.device_id not in m.participants):
+                last_hello = time.monotonic()
+                self._publish_hello()
 
     # -- main loop ---------------------------------------------------------------------------
     def run(self) -> None:

@@ -15,9 +15,11 @@ def crash_point(name: str) -> None:
     spec = os.environ.get(CRASH_ENV)
     if not spec:
         return
-    want, _, nth = spec.partition(":")
+    want, _, nth = spec.rpartition(":")
+    if not nth.isdigit():
+        want, nth = spec, "1"
     if want != name:
         return
     _hits[name] = _hits.get(name, 0) + 1
-    if _hits[name] >= int(nth or 1):
+    if _hits[name] >= int(nth):
         os.kill(os.getpid(), signal.SIGKILL)
