@@ -102,6 +102,7 @@ class Coordinator:
         self.dropped_payloads: set[tuple[str, str]] = set()
         self._flushed_at = 0.0
         self._retry_at = 0.0                 # after a failed step: when to try again
+        self._eligible_since: float | None = None   # waiting for a later round: since when anyone is eligible
         self._new_devices = [0, 0.0]         # hellos of new devices since the last log line, its time
         self._global_digest: tuple[bytes | None, str] = (None, "")
         store.clean_stale_temp()
@@ -528,7 +529,11 @@ class Coordinator:
         if s["phase"] == "waiting":
             nxt = s.get("next")
             eligible = self.fleet.eligible_ids(now)
-            if nxt and eligible:
+            # a later round: as soon as --min-devices are back, or fewer once they have been back for the
+            # grace period (a fleet that shrank below --min-devices still finishes its run)
+            self._eligible_since = (self._eligible_since or now) if eligible else None
+            if nxt and eligible and (len(eligible) >= self.cfg.min_devices
+                                     or now - self._eligible_since >= self.cfg.restart_grace_s):
                 self._start_round(nxt["round"], nxt["phase"])
             elif not nxt and len(eligible) >= self.cfg.min_devices:
                 # methods that score layers first (FedPepTAO) open with a score round 0

@@ -3,12 +3,14 @@ Mosquitto with real processes: nothing exits, the honest round completes, every 
 
 Each of these once ended a process (and, retained, ended it again on every restart): a control
 message whose ``type`` is a list, JSON nested thousands deep, a chunk header that is a list or
-nests deep. The rest of the hostile-network work (floods, forged manifests, disk full, kill points)
-is tracked in its own tests as it lands.
+nests deep. Live: 2,418 messages (random bytes, deep nesting, and every message kind with one
+field of the wrong type) on the 26 topics the server and the agents read, a fifth of them retained.
+Floods, forged manifests and a full disk: test_hostile_fleet.py; kill points: test_kill_points.py.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import struct
 import time
@@ -33,7 +35,31 @@ def _hostile_payloads(rng: random.Random) -> list[bytes]:
              b'{"v":1,"type":"round","run_id":"r","round":1,"action":"train","participants":[[1]]}',
              b'{"v":1,"type":"ack","device_id":"dev0","round":1,"update_id":"u","accepted":"yes"}',
              b"\x00\x00\x00\x00", b"{}", b"null", b'{"v":1e999}']
-    return fixed + [rng.randbytes(rng.randint(1, 300)) for _ in range(40)]
+    return fixed + [rng.randbytes(rng.randint(1, 300)) for _ in range(40)] + _mutated(rng, 40)
+
+
+_VALID = [  # one message of each kind, as JSON: the mutations below break exactly one field's type
+    {"v": 1, "type": "hello", "device_id": "dev0", "profile": {}, "runtime_version": "0.1", "n_samples": 10},
+    {"v": 1, "type": "status", "client_id": "dev0", "online": True},
+    {"v": 1, "type": "heartbeat", "device_id": "dev0", "state": "idle", "round": 1, "sent_at": 0.0},
+    {"v": 1, "type": "update", "run_id": "r", "device_id": "dev0", "round": 1, "update_id": "u1", "payload": None,
+     "n_samples": 10, "metrics": {}},
+    {"v": 1, "type": "round", "run_id": "r", "round": 1, "action": "train", "participants": ["dev0"],
+     "global_payload": None, "deadline_s": 60.0, "training": {}},
+    {"v": 1, "type": "ack", "device_id": "dev0", "round": 1, "update_id": "u1", "accepted": True},
+]
+_WRONG = {str: [None, 5, [], {}], int: ["x", None, [], {"a": 1}, 1.5], float: ["x", None, [], {}],
+          bool: ["yes", 2.5, None], list: ["x", 5, {}, None], dict: ["x", 5, [], None], type(None): [[1], "x", 5]}
+
+
+def _mutated(rng: random.Random, n: int) -> list[bytes]:
+    out = []
+    for _ in range(n):
+        msg = dict(rng.choice(_VALID))
+        field = rng.choice([k for k in msg if k not in ("v", "type")])
+        msg[field] = rng.choice(_WRONG[type(msg[field])])
+        out.append(json.dumps(msg).encode())
+    return out
 
 
 def _topics() -> list[str]:
@@ -65,7 +91,9 @@ def test_malformed_messages_retained_and_live_stop_no_process(tmp_path):
         fleet.start()
         fleet.wait_for(lambda s: s.get("round", 0) >= 1 and s.get("phase") == "train", "round 1 to open")
         # live garbage while the round runs: every payload on every topic, some retained
-        _publish(broker.port, [(t, p, rng.random() < 0.2) for t in _topics() for p in bad])
+        live = [(t, p, rng.random() < 0.2) for t in _topics() for p in bad]
+        assert len(live) >= 2000
+        _publish(broker.port, live)
         s = fleet.assert_complete_and_exactly_once()
         assert sorted(s["devices"]) == ["dev0", "dev1", "dev2"]           # no garbage became a device
         assert any("type must be a string" in r["reason"] or "nests deeper" in r["reason"] for r in s["rejects"])

@@ -120,25 +120,27 @@ def test_restart_waits_for_devices_and_never_opens_an_empty_round(tmp_path):
         again.serve_once(0.05)
     assert (again.state["round"], again.state["phase"]) == (1, "train")
     assert again.state["participants"] == ["d0", "d1"] and list(again.state["accepted"]) == ["d0"]
-    while time.monotonic() - t0 < 6:     # grace over, devices silent: the round waits, it is never emptied
-        again.serve_once(0.05)
-    assert again.state["round"] == 1 and again.state["participants"] and list(again.state["accepted"]) == ["d0"]
-    # the devices come back: the round completes with d0's update counted once
-    for d in devs:
-        d.hello()
-    devs[1].send(1, "u2", encode_tensors(_good(again, 3.0)))
-    deadline = time.monotonic() + 10
-    while again.state["round"] < 2:
-        assert time.monotonic() < deadline, again.state
+    while time.monotonic() - t0 < 6:     # grace over, devices silent: d1 leaves the round, d0's update closes it
         again.serve_once(0.05)
     row = again.state["history"][-1]
-    assert row["round"] == 1 and row["accepted"] == ["d0", "d1"] and again.state["participants"]
+    assert row["round"] == 1 and row["accepted"] == ["d0"] and row["participants"] == ["d0"]
+    # nobody is eligible for round 2: the server waits (persisted) instead of opening an empty round
+    assert again.state["phase"] == "waiting" and again.state["next"]["round"] == 2
+    assert Store(tmp_path / "server").load()["phase"] == "waiting"
+    for d in devs:   # the devices come back: round 2 opens with them
+        d.hello()
+    deadline = time.monotonic() + 10
+    while again.state["phase"] != "train":
+        assert time.monotonic() < deadline, again.state
+        again.serve_once(0.05)
+    assert again.state["round"] == 2 and again.state["participants"] == ["d0", "d1"]
     again.transport.stop()
 
 
 def test_round_with_no_eligible_device_waits_persisted_then_starts(tmp_path):
     spec = toy_spec()
-    coord, devs, broker, close = _serve(tmp_path, spec, 3, "train", quorum=1.0, heartbeat_timeout_s=1.0)
+    coord, devs, broker, close = _serve(tmp_path, spec, 3, "train", quorum=1.0, heartbeat_timeout_s=1.0,
+                                        restart_grace_s=1.0)
     try:
         time.sleep(1.5)   # both devices go silent (no heartbeat within the timeout) ...
         for k, d in enumerate(devs):   # ... after sending their updates: round 1 closes, round 2 has nobody
@@ -147,9 +149,12 @@ def test_round_with_no_eligible_device_waits_persisted_then_starts(tmp_path):
         _until(lambda: coord.state["history"] and coord.state["history"][-1]["round"] == 1, "round 1 to close")
         assert coord.state["phase"] == "waiting" and coord.state["participants"] == []
         saved = Store(tmp_path / "server").load()
-        assert saved["phase"] == "waiting" and saved["next"] == {"round": 2, "phase": "train"}
-        devs[0].hello()   # one device heartbeats again: round 2 opens with it
-        _wait_round(coord, 2)
+        assert saved["phase"] == "waiting" and (saved["next"]["round"], saved["next"]["phase"]) == (2, "train")
+        deadline = time.monotonic() + 10   # one device heartbeats again: round 2 opens with it after the grace
+        while coord.state["round"] != 2:
+            assert time.monotonic() < deadline, coord.state
+            devs[0].hello()
+            time.sleep(0.2)
         assert coord.state["phase"] == "train" and coord.state["participants"] == ["d0"]
     finally:
         close()
@@ -247,3 +252,17 @@ def test_server_started_on_a_full_disk_exits_with_a_one_line_reason(small_disk):
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 75, r.stderr[-3000:]
     assert "disk full" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_participant_that_vanishes_leaves_the_round_at_the_deadline(tmp_path):
+    coord, devs, broker, close = _serve(tmp_path, toy_spec(), 3, "train", quorum=1.0, deadline_s=1.5,
+                                        heartbeat_timeout_s=1.0)
+    try:
+        devs[0].send(1, "u0", encode_tensors(_good(coord)))
+        assert devs[0].ack().accepted
+        # d1 never answers and goes silent: with quorum 1.0 the round would wait for it for good
+        _until(lambda: coord.state["history"] and coord.state["history"][-1]["round"] == 1, "round 1 to close", 15)
+        row = coord.state["history"][-1]
+        assert row["accepted"] == ["d0"] and row["participants"] == ["d0"]
+    finally:
+        close()
