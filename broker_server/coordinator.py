@@ -102,6 +102,7 @@ class Coordinator:
         self.dropped_payloads: set[tuple[str, str]] = set()
         self._flushed_at = 0.0
         self._retry_at = 0.0                 # after a failed step: when to try again
+        self._ticked_at = self._expired_at = 0.0
         self._eligible_since: float | None = None   # waiting for a later round: since when anyone is eligible
         self._new_devices = [0, 0.0]         # hellos of new devices since the last log line, its time
         self._global_digest: tuple[bytes | None, str] = (None, "")
@@ -508,21 +509,28 @@ class Coordinator:
         self._reply(m.device_id, m.round, m.update_id, True)
         log.info("accepted %s from %s for round %d (%d/%d)", "report" if path is None else "update", m.device_id,
                  m.round, len(self.state["accepted"]), len(self.state["participants"]))
-        self.tick()
+        self.tick(force=True)
 
     # -- round lifecycle ---------------------------------------------------------------------
-    def tick(self) -> None:
+    def tick(self, force: bool = False) -> None:
+        """Deadlines, presence, registry writes and round decisions. They walk the whole registry, so
+        between messages they run at most every 0.1 s (``force``: now, after an accepted update)."""
         now = self.clock()
-        gone = self.fleet.expire(now)
-        if gone:
-            log.info("no heartbeat from %s: marked offline", gone if len(gone) <= 10 else f"{len(gone)} devices")
+        if not force and now - self._ticked_at < 0.1:
+            return
+        self._ticked_at = now
+        if now - self._expired_at >= 1.0:   # heartbeat timeouts are tens of seconds: once a second is enough
+            self._expired_at = now
+            gone = self.fleet.expire(now)
+            if gone:
+                log.info("no heartbeat from %s: marked offline", gone if len(gone) <= 10 else f"{len(gone)} devices")
         if self.fleet.dirty and now - self._flushed_at >= 1.0:   # registry changes: one append a second at most
             self._flush_registry()
         s = self.state
         if now < self.grace_until:   # just restarted: let the devices reappear before deciding anything
             eligible = set(self.fleet.eligible_ids(now))
             expected = s["participants"] or (s["history"][-1]["participants"] if s["history"] else [])
-            if not expected or not set(expected) <= eligible:
+            if expected and not set(expected) <= eligible:
                 return
             log.info("restart: every device of round %d is back; resuming", s["round"])
             self.grace_until = 0.0

@@ -12,11 +12,16 @@ device that never did any work and is not in the open round; if there is none, t
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
 MAX_PROFILE_BYTES = 4096        # a hello's profile as stored (JSON); larger is refused
 VOLATILE = ("memory_available",)   # changes with every hello: kept in memory, not worth a journal line
+
+
+def _as_json(rec: "DeviceRecord") -> dict:
+    return {f: getattr(rec, f) for f in _FIELDS}
 
 
 def _stable(profile: dict) -> dict:
@@ -40,6 +45,9 @@ class DeviceRecord:
     last_heartbeat: float = 0.0     # a live agent heartbeats; a hello alone is not liveness
 
 
+_FIELDS = tuple(f.name for f in fields(DeviceRecord))
+
+
 class Fleet:
     """Online = said hello / online and not yet offline (last will) nor silent past ``timeout_s``.
     Eligible for a round = online and heartbeating within ``timeout_s``."""
@@ -48,18 +56,25 @@ class Fleet:
                  max_devices: int = 10_000) -> None:
         self.timeout_s = timeout_s
         self.max_devices = max_devices
-        fields = set(DeviceRecord.__dataclass_fields__)
+        known = set(_FIELDS)
         self.devices: dict[str, DeviceRecord] = {
-            k: DeviceRecord(**{f: v for f, v in rec.items() if f in fields}) for k, rec in (records or {}).items()}
+            k: DeviceRecord(**{f: v for f, v in rec.items() if f in known}) for k, rec in (records or {}).items()}
         self.dirty: set[str] = set()      # records to append to the journal
         self.removed: set[str] = set()    # evicted since the last flush (journal tombstones)
+        # devices that never did a round, least recently heard from first: eviction candidates in O(1)
+        self._idle: OrderedDict[str, None] = OrderedDict(
+            (d.device_id, None) for d in sorted(self.devices.values(), key=lambda d: d.last_seen) if not d.rounds_done)
 
     def to_json(self) -> dict[str, Any]:
-        return {k: asdict(v) for k, v in self.devices.items()}
+        return {k: _as_json(v) for k, v in self.devices.items()}
+
+    def _touch(self, device_id: str) -> None:
+        if device_id in self._idle:
+            self._idle.move_to_end(device_id)
 
     def take_dirty(self) -> tuple[list[dict], list[str]]:
         """The records changed since the last call (and the ids evicted), for the journal."""
-        recs = [asdict(self.devices[d]) for d in sorted(self.dirty) if d in self.devices]
+        recs = [_as_json(self.devices[d]) for d in sorted(self.dirty) if d in self.devices]
         gone = sorted(self.removed)
         self.dirty.clear()
         self.removed.clear()
@@ -78,21 +93,24 @@ class Fleet:
                 self._evict_one(set(protected))
             rec = self.devices[device_id] = DeviceRecord(device_id)
             self.removed.discard(device_id)
+            self._idle[device_id] = None
         if new or (_stable(rec.profile), rec.n_samples, rec.runtime_version) != (_stable(profile), n_samples, version):
             self.dirty.add(device_id)
         rec.profile, rec.n_samples, rec.runtime_version = profile, n_samples, version
         rec.online, rec.last_seen = True, now
+        self._touch(device_id)
         return new
 
     def _evict_one(self, protected: set[str]) -> None:
-        idle = [d for d in self.devices.values() if d.rounds_done == 0 and d.device_id not in protected]
-        if not idle:
+        """Drop the device that never did a round and was heard from longest ago (not one in ``protected``)."""
+        victim = next((d for d in self._idle if d not in protected), None)
+        if victim is None:
             raise RegistryFull(f"the fleet registry is full ({self.max_devices} devices, all of them have worked "
                                f"or take part in the open round)")
-        victim = min(idle, key=lambda d: (d.last_heartbeat > 0, d.online, d.last_seen))
-        del self.devices[victim.device_id]
-        self.dirty.discard(victim.device_id)
-        self.removed.add(victim.device_id)
+        del self._idle[victim]
+        del self.devices[victim]
+        self.dirty.discard(victim)
+        self.removed.add(victim)
 
     def seen(self, device_id: str, now: float, state: str | None = None) -> bool:
         """A heartbeat (``state`` given) or other message from a known device; True if it came back
@@ -102,6 +120,7 @@ class Fleet:
             return False
         changed = not rec.online
         rec.online, rec.last_seen = True, now
+        self._touch(device_id)
         if state:
             rec.state, rec.last_heartbeat = state, now
         return changed
@@ -120,6 +139,7 @@ class Fleet:
         if device_id in self.devices:
             self.devices[device_id].rounds_done += 1
             self.dirty.add(device_id)
+            self._idle.pop(device_id, None)
 
     def expire(self, now: float) -> list[str]:
         """Mark devices silent for longer than ``timeout_s`` offline; returns their ids."""

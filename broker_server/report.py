@@ -19,8 +19,11 @@ log = logging.getLogger("broker_server.report")
 def write_report(out_dir: Path, state: dict) -> Path:
     out_dir = Path(out_dir)
     hist = state["history"]
+    took_part = {d for h in hist for d in h.get("participants", [])}
+    devices = {k: v for k, v in state["devices"].items() if k in took_part}   # not every id that said hello
     report = {"run_id": state["run_id"], "fleet": state["fleet_name"], "training": state["training"],
-              "rounds": hist, "devices": state["devices"], "rejects": state["rejects"]}
+              "rounds": hist, "devices": devices, "devices_registered": len(state["devices"]),
+              "rejects": state["rejects"], "errors": state.get("errors", [])}
     picks = {}   # the configurator's choices (DropPEFT): per device, each round's (ratio, shape, reward)
     for h in hist:
         conf = h.get("configurator") or {}

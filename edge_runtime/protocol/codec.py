@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import types
@@ -53,11 +54,16 @@ def decode_message(data: bytes, expect: type | None = None) -> Message:
         raise ProtocolError(f"{cls.TYPE}: malformed ({type(exc).__name__}: {str(exc)[:200]})") from exc
 
 
+@functools.lru_cache(maxsize=None)
+def _fields_of(cls) -> tuple[dict, frozenset]:
+    """A message class's resolved type hints and field names (resolving them costs ~0.3 ms a call)."""
+    return typing.get_type_hints(cls), frozenset(f.name for f in dataclasses.fields(cls))
+
+
 def _build(cls, body: dict, expect: type | None) -> Message:
     if expect is not None and cls is not expect:
         raise ProtocolError(f"expected a {expect.TYPE} message, got {cls.TYPE}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    hints, names = _fields_of(cls)
     unknown = sorted(set(body) - names - {"v", "type"})
     if unknown:
         raise ProtocolError(f"{cls.TYPE}: unknown fields {unknown[:5]}")
