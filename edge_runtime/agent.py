@@ -100,13 +100,14 @@ class Agent:
             if extra:
                 resolve_dataset(extra)
         self.manifest: RoundManifest | None = None
-        cap = cfg.limits.max_payload_bytes   # one payload, and all buffered chunks together, stay under it
-        self.globals = Reassembler(cap, ttl_s=3600, max_buffered_bytes=cap, max_per_source_bytes=cap)
+        cap = cfg.limits.max_payload_bytes   # one payload under it; unfinished chunks under twice that
+        self.globals = Reassembler(cap, ttl_s=3600, max_buffered_bytes=2 * cap, max_per_source_bytes=2 * cap)
         self.global_blobs: dict[str, bytes] = {}           # payload id -> bytes (sha-checked)
-        self.inits = Reassembler(cap, ttl_s=3600, max_buffered_bytes=cap, max_per_source_bytes=cap)
+        self.inits = Reassembler(cap, ttl_s=3600, max_buffered_bytes=2 * cap, max_per_source_bytes=2 * cap)
         self._init_candidate: tuple[str, bytes] | None = None   # a complete init payload no manifest named yet
         self.refused: dict | None = None                   # the last manifest refused, and why (status shows it)
         self.last_error: dict | None = None                # the last failed round step (status shows it)
+        self.bad_messages: dict = {"count": 0, "last": None}   # malformed messages ignored (status shows them)
         self._model_key: str | None = None
         self._model = self._tokenizer = None
         self._personal: PersonalState | None = None
@@ -176,6 +177,8 @@ class Agent:
                       "refused_manifest": ({k: v for k, v in self.refused.items() if k != "key"}
                                            if getattr(self, "refused", None) else None),
                       "last_error": getattr(self, "last_error", None),
+                      "bad_messages": ({k: v for k, v in self.bad_messages.items() if k != "written_at"}
+                                       if getattr(self, "bad_messages", None) else None),
                       "profile": ({k: self.profile.get(k) for k in ("name", "profile_id", "applies_from_round")}
                                   if getattr(self, "profile", None) else None),
                       "fitted_plan": ({**dataclasses.asdict(self.plan_choice.plan),
@@ -312,8 +315,19 @@ class Agent:
                 self._on_profile(decode_message(payload, ProfilePush))
         except ProtocolError as exc:
             log.warning("ignored a bad message on %s: %s", topic, exc)
-        except Exception:  # loop guard: one message never stops the agent
+            self._bad_message(topic, str(exc))
+        except Exception as exc:  # loop guard: one message never stops the agent
             log.exception("failed to handle a message on %s (%d bytes); ignored", topic, len(payload))
+            self._bad_message(topic, f"internal error handling it: {type(exc).__name__}: {exc}")
+
+    def _bad_message(self, topic: str, reason: str) -> None:
+        """Counted, and the last one kept for status.json (written at most every 5 s for a flood)."""
+        b = self.bad_messages
+        b["count"] += 1
+        b["last"] = {"topic": topic[:200], "reason": reason[:300], "at": self.clock()}
+        if self.clock() - b.get("written_at", 0) >= 5:
+            b["written_at"] = self.clock()
+            self._write_status()
 
     def _vet(self, m: RoundManifest) -> None:
         """Refuse a manifest that asks for more than this device's limits allow (any training setting,

@@ -242,7 +242,24 @@ def _cmd_status(args: argparse.Namespace) -> int:
                  if k in ("round", "accepted", "reason", "eval_accuracy", "personal_accuracy", "train_loss",
                           "train_seconds")}
         print("  last result " + ", ".join(f"{k} {v}" for k, v in shown.items() if v not in (None, "")))
+    refused = status.get("refused_manifest")
+    if refused:
+        print(f"  REFUSED the manifest of run {refused.get('run_id')} round {refused.get('round')}: "
+              f"{refused.get('reason')}")
+    if status.get("last_error"):
+        e = status["last_error"]
+        print(f"  last error (round {e.get('round')}, {age_of(e.get('at')):.0f} s ago): {e.get('error')}")
+    bad = status.get("bad_messages") or {}
+    if bad.get("count"):
+        print(f"  {bad['count']} malformed message(s) ignored; the last on {bad['last']['topic']}: "
+              f"{bad['last']['reason']}")
     return 0
+
+
+def age_of(at) -> float:
+    import time
+
+    return time.time() - float(at or 0)
 
 
 def add_service_args(p, role: str) -> None:

@@ -5,6 +5,10 @@ WordNet glosses, 300 each). As soon as round 1 opens, a separate client publishe
 distinct ids (QoS 1, not retained) as fast as the broker takes them. Arms: N = 0, 5,000, 20,000,
 interleaved, ``--repeats`` times each, every arm a fresh server state and the same data and seeds.
 
+In a fleet the server and the devices are different machines: the flood lands on the server's.
+So the server, the broker and the flooding client share CPU 0 and the three agents CPU 1
+(``--no-pin``: everything on every core, where the flood's CPU also slows the devices' training).
+
 Measured per arm: round 1's duration (the server's own figure: round open -> last update
 accepted and aggregated), how many of the fake ids the server registered, whether any was selected,
 and the bytes the server wrote: to its state folder (file sizes) and to disk in total
@@ -45,16 +49,21 @@ def _mosquitto(workdir: Path):
     lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false",
              f"log_dest file {workdir}/mosquitto.log"] + (["user root"] if os.geteuid() == 0 else [])
     conf.write_text("\n".join(lines) + "\n")
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cpus = PIN["server"]
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     wait_for_port("127.0.0.1", port, timeout=10, proc=proc)
     return proc, port
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+PIN = {"server": None, "devices": None}   # CPU sets, filled in main()
+
+
+def _spawn(args: list[str], log: Path, cpus: set[int] | None = None) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                TOKENIZERS_PARALLELISM="false")
     return subprocess.Popen([sys.executable, "-m", *args], stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env,
-                            cwd=REPO)
+                            cwd=REPO, preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
 
 
 def _state(state_dir: Path) -> dict:
@@ -109,12 +118,12 @@ def run_arm(work: Path, data_files: list[Path], n_flood: int, tag: str) -> dict:
         server = _spawn(["broker_server.cli", "run", "--broker", url, "--state-dir", str(state_dir), "--fleet", FLEET,
                          "--rounds", "1", "--min-devices", "3", "--quorum", "1.0", "--deadline", "600",
                          "--model", "minilm-l6", "--labels", "wordnet", "--epochs", "1", "--seed", "0",
-                         "--keep-serving"], work / "server.log")
+                         "--keep-serving"], work / "server.log", PIN["server"])
         procs.append(server)
         for k, f in enumerate(data_files):
             procs.append(_spawn(["edge_runtime.cli", "agent", "--broker", url, "--device-id", f"dev{k}", "--fleet",
                                  FLEET, "--data", str(f), "--state-dir", str(work / f"dev{k}"), "--heartbeat", "2"],
-                                work / f"dev{k}.log"))
+                                work / f"dev{k}.log", PIN["devices"]))
         deadline = time.monotonic() + 900
         while not (_state(state_dir).get("round") == 1 and _state(state_dir).get("phase") == "train"):
             if server.poll() is not None or time.monotonic() > deadline:
@@ -155,8 +164,13 @@ def main() -> None:
     ap.add_argument("--floods", type=int, nargs="+", default=[0, 5000, 20000])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--examples", type=int, default=900, help="WordNet glosses over the 3 devices")
+    ap.add_argument("--no-pin", action="store_true", help="do not split server and devices over CPUs 0 and 1")
     ap.add_argument("--out", type=Path, default=RESULTS / "flood.json")
     args = ap.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    if not args.no_pin and len(cpus) >= 2:
+        PIN.update(server={cpus[0]}, devices=set(cpus[1:]))
+        os.sched_setaffinity(0, PIN["server"])   # this process publishes the flood
     root = Path(tempfile.mkdtemp(prefix="bench-flood-"))
     data_files = write_device_data(DemoConfig(out=root / "data", devices=3, max_examples=args.examples))
     runs = []
@@ -195,6 +209,7 @@ def main() -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, {"runs": runs, "summary": summary, "examples": args.examples,
+                                 "cpus": {k: sorted(v) if v else "all" for k, v in PIN.items()},
                                  "command": "python scripts/bench_flood.py " + " ".join(sys.argv[1:])})
     shutil.rmtree(root, ignore_errors=True)
     print(f"wrote {args.out}")

@@ -2,8 +2,11 @@
 only the init payload the run in force names."""
 
 import json
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +18,8 @@ from edge_runtime.protocol.messages import RoundManifest
 from edge_runtime.service.limits import ManifestLimits, ManifestRefused
 from edge_runtime.transport.memory import MemoryBroker, MemoryTransport
 from tests.fleet_helpers import device_files, toy_spec
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _training(**train):
@@ -97,6 +102,15 @@ def test_forged_manifest_is_refused_and_reported_and_unnamed_init_payloads_never
         assert "train.epochs = 1000000" in st["refused_manifest"]["reason"]
         assert st["activity"] == "idle" and agent.manifest is None     # nothing trained, nothing fetched
         assert not list((tmp_path / "dev0").glob("init/*"))              # no init payload written
+        attacker.publish(topics.round_topic("t"), b'{"v":1,"type":[]}')   # malformed: counted, shown
+        deadline = time.monotonic() + 10
+        while not (_status(tmp_path).get("bad_messages") or {}).get("count"):
+            assert time.monotonic() < deadline, _status(tmp_path)
+            time.sleep(0.05)
+        out = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "status", "--state-dir",
+                              str(tmp_path / "dev0")], capture_output=True, text=True, cwd=ROOT).stdout
+        assert "REFUSED the manifest of run run-x round 1: train.epochs = 1000000" in out, out
+        assert "1 malformed message(s) ignored" in out and "type must be a string" in out, out
         # the run in force names one init payload: that one (only) is kept on disk
         iref, iframes = split_payload("init-real", b"r" * 30_000)
         for k, fr in enumerate(iframes):
