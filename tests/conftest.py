@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """A CLI ``main()`` called in-process points the root logger at that test's captured stderr;
+    put the handlers back so later tests' threads never log into a closed stream."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    for h in handlers:
+        if h not in root.handlers:
+            root.addHandler(h)
+    root.setLevel(level)
 
 TOY_WORDS = {
     "animal": ["dog", "cat", "horse", "cow", "bird", "goat"],
