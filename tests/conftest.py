@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,28 @@ def toy_generation_jsonl(tmp_path: Path) -> Path:
         kind = next(k for k, ws in TOY_WORDS.items() if word in ws)
         rows.append({"prompt": f"what is a {word} ?", "response": f"a {word} is a {kind}"})
     return write_jsonl(tmp_path / "gen.jsonl", rows)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 16 MB tmpfs for the disk-full tests (needs root: skipped where ``mount`` is refused)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip()}): run as root for the disk-full tests")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill_disk(mnt: Path) -> Path:
+    """Write zeros to ``mnt/filler`` until the file system is full; returns the file (unlink to free it)."""
+    filler = mnt / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:   # ENOSPC: full, which is the point
+            pass
+    return filler

@@ -17,7 +17,6 @@ the honest rounds complete, and every update counts exactly once.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 
 import paho.mqtt.client as paho
@@ -27,6 +26,7 @@ from edge_runtime.protocol import topics
 from edge_runtime.protocol.chunking import split_payload
 from edge_runtime.protocol.codec import encode_message
 from edge_runtime.protocol.messages import Hello, PayloadRef, RoundManifest
+from tests.conftest import fill_disk
 from tests.integration.mosquitto import Mosquitto
 from tests.integration.test_mqtt_fleet import ProcessFleet
 
@@ -102,31 +102,13 @@ def test_hello_flood_chunk_flood_and_forged_manifest_do_not_stop_the_honest_flee
         broker.stop()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip()}): run as root for the disk-full tests")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_server_disk_fills_mid_round_it_stays_up_and_finishes_when_space_returns(tmp_path, small_disk):
     broker = Mosquitto(tmp_path / "mosquitto").start()
     fleet = ProcessFleet(tmp_path, broker, rounds=2, epochs=3, state_dir=small_disk / "server")
     try:
         fleet.start()
         fleet.wait_for(lambda s: s.get("round") == 1 and s.get("phase") == "train", "round 1 to open")
-        filler = small_disk / "filler"
-        with open(filler, "wb") as f:
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-            except OSError:
-                pass
+        filler = fill_disk(small_disk)
         state_before = (fleet.state_dir / "state.json").read_bytes()
         deadline = time.monotonic() + 90
         while "cannot store update" not in fleet.log("server.log"):

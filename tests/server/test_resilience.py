@@ -17,6 +17,7 @@ from edge_runtime.protocol import topics
 from edge_runtime.protocol.codec import encode_message, encode_tensors
 from edge_runtime.protocol.messages import Hello
 from edge_runtime.transport.memory import MemoryTransport
+from tests.conftest import fill_disk
 from tests.fleet_helpers import TOY_CORPUS, initial_global, toy_spec
 from tests.server.test_bad_input import F, FakeDevice, _good, _serve, _wait_round
 
@@ -199,35 +200,12 @@ def test_failing_aggregate_skips_the_round_visibly_then_fails_the_run(tmp_path):
         close()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip()}): run as root for the disk-full tests")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def _fill(mnt: Path) -> Path:
-    filler = mnt / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
-    return filler
-
-
 def test_disk_full_refuses_updates_as_retryable_and_resumes_when_space_returns(small_disk):
     spec = toy_spec()
     coord, devs, broker, close = _serve(small_disk, spec, 3, "train")
     try:
         state_before = (small_disk / "server" / "state.json").read_bytes()
-        filler = _fill(small_disk)
+        filler = fill_disk(small_disk)
         devs[0].send(1, "u1", encode_tensors(_good(coord)))
         a = devs[0].ack()
         assert not a.accepted and a.retry and "cannot store" in a.reason
@@ -243,7 +221,7 @@ def test_disk_full_refuses_updates_as_retryable_and_resumes_when_space_returns(s
 
 
 def test_server_started_on_a_full_disk_exits_with_a_one_line_reason(small_disk):
-    _fill(small_disk)
+    fill_disk(small_disk)
     corpus = small_disk.parent / "corpus.txt"
     corpus.write_text(" ".join(TOY_CORPUS))
     r = subprocess.run([sys.executable, "-m", "broker_server.cli", "run", "--broker", "mqtt://127.0.0.1:9",
