@@ -33,7 +33,7 @@ from broker_server.fleet import Fleet, RegistryFull
 from broker_server.store import Store
 from edge_runtime.algorithms.aggregation import Update, check_compatible
 from edge_runtime.errors import AggregationError, ConfigError, EdgeRuntimeError
-from edge_runtime.methods import METHODS, scoring
+from edge_runtime.methods import METHODS
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.chunking import Reassembler, parse_chunk, split_payload
 from edge_runtime.protocol.codec import decode_message, decode_tensors, encode_message, encode_tensors
@@ -136,7 +136,7 @@ class Coordinator:
         self.method = METHODS[state["training"].get("method", "lora")]
         self.spec = TrainingSpec.from_json(state["training"])
         # the round-0 global doubles as the run's init payload for methods whose devices need it
-        self.init_blob = store.global_path(0).read_bytes() if self.method.NEEDS_INIT else None
+        self.init_blob = store.global_path(0).read_bytes() if self.method.needs_init else None
         # server-side optimiser state of the method (FedPepTAO's momentum, control variates): per round, like globals
         self.server_state = store.read_tensors(store.resolve(state["server_file"])) if state.get("server_file") else {}
 
@@ -392,12 +392,11 @@ class Coordinator:
                 return False, f"update declares {m.payload.size} bytes, over the {self.cfg.max_update_bytes}-byte limit"
             if m.n_samples < 1:
                 return False, f"n_samples must be >= 1 for a training update, got {m.n_samples}"
-            if hasattr(self.method, "check_update"):   # numbers the method's aggregation needs (DropPEFT's steps)
-                try:
-                    self.method.check_update(m.metrics, int(m.metrics.get("train_steps", 0) or 0), self.global_state,
-                                             self.spec)
-                except (AggregationError, ConfigError, TypeError, ValueError) as exc:
-                    return False, f"bad update metrics: {exc}"
+            try:   # numbers the method's aggregation needs (DropPEFT's steps)
+                self.method.check_update(m.metrics, int(m.metrics.get("train_steps", 0) or 0), self.global_state,
+                                         self.spec)
+            except (AggregationError, ConfigError, TypeError, ValueError) as exc:
+                return False, f"bad update metrics: {exc}"
         elif m.payload is not None:
             return False, f"a{'n evaluation' if s['phase'] == 'evaluate' else ' score'} round takes metrics only, no payload"
         elif s["phase"] == "score":
@@ -545,7 +544,7 @@ class Coordinator:
                 self._start_round(nxt["round"], nxt["phase"])
             elif not nxt and len(eligible) >= self.cfg.min_devices:
                 # methods that score layers first (FedPepTAO) open with a score round 0
-                self._start_round(0, "score") if scoring(self.method) else self._start_round(1, "train")
+                self._start_round(0, "score") if self.method.scoring else self._start_round(1, "train")
         elif s["phase"] in ("score", "train", "evaluate"):
             self._maybe_close(now)
 
@@ -626,7 +625,7 @@ class Coordinator:
         """The method's per-device settings for ``devices`` this round (DropPEFT's bandit: dropout
         configurations that fit each device's memory); earlier assignments of the round stay."""
         s = self.state
-        if s["phase"] != "train" or not devices or not hasattr(self.method, "assign"):
+        if s["phase"] != "train" or not devices:
             return
         profiles = {d: (self.fleet.devices[d].profile if d in self.fleet.devices else {}) for d in devices}
         try:
@@ -724,11 +723,8 @@ class Coordinator:
 
     def _configurator_row(self, updates: list[Update]) -> dict:
         """What the configurator offered this round, what each device reported and earned."""
-        keys = getattr(self.method, "ROUND_METRICS", ())
-        return {"assignments": self.state["configurator"],
-                "rewards": self.method.rewards(updates) if hasattr(self.method, "rewards") else {},
-                "reports": {u.device_id: {k: v for k, v in u.metrics.items()
-                                          if k in keys or any(p.endswith(".") and k.startswith(p) for p in keys)}
+        return {"assignments": self.state["configurator"], "rewards": self.method.rewards(updates),
+                "reports": {u.device_id: {k: v for k, v in u.metrics.items() if self.method.round_metric(k)}
                             for u in updates}}
 
     def _close_score_round(self, accepted: dict) -> None:

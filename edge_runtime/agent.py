@@ -35,7 +35,7 @@ from edge_runtime.atomic_io import write_bytes_atomic, write_json_atomic
 from edge_runtime.device.profiler import basic_profile
 from edge_runtime.device.profiles import apply_device_profile
 from edge_runtime.errors import ConfigError, DataError, EdgeRuntimeError
-from edge_runtime.methods import METHODS, with_assignment
+from edge_runtime.methods import METHODS
 from edge_runtime.methods.personal import PersonalState, load_personal, save_personal
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.chunking import MAX_CHUNK_BYTES, Reassembler, split_payload
@@ -47,7 +47,7 @@ from edge_runtime.service.limits import ManifestLimits, ManifestRefused
 from edge_runtime.service.sdnotify import Notifier
 from edge_runtime.training.data import Splits, device_splits, resolve_dataset
 from edge_runtime.training.evaluate import evaluate
-from edge_runtime.training.spec import TrainingSpec, build_model
+from edge_runtime.training.spec import TrainingSpec, build_model, with_assignment
 from edge_runtime.transport.base import Transport, backoff_delay
 
 log = logging.getLogger("edge_runtime.agent")
@@ -452,7 +452,7 @@ class Agent:
     # -- the work of one round ---------------------------------------------------------------
     def _prepare(self, spec: TrainingSpec, init: bytes | None):
         shape = {k: v for k, v in spec.to_json().items() if k != "train"}   # local settings do not shape the model
-        for section, keys in getattr(METHODS[spec.method], "ASSIGNABLE", {}).items():   # nor per-round assignments
+        for section, keys in METHODS[spec.method].assignable.items():   # nor per-round assignments
             shape[section] = {k: v for k, v in shape[section].items() if k not in keys}
         key = json.dumps(shape, sort_keys=True) + (hashlib.sha256(init).hexdigest() if init else "")
         if key != self._model_key:
@@ -461,8 +461,8 @@ class Agent:
             METHODS[spec.method].prepare(self._model, spec, decode_tensors(init) if init else None)
             self._model_key = key
             # the personal state belongs to the model's shape (not to one run): it outlives runs
-            version = getattr(METHODS[spec.method], "PERSONAL_FORMAT", 1)  # a new layout never reads an old file
-            extra = getattr(METHODS[spec.method], "personal_key", lambda _: [])(spec)  # the method's own settings
+            version = METHODS[spec.method].personal_format  # a new layout never reads an old file
+            extra = METHODS[spec.method].personal_key(spec)  # the method's own settings
             digest = hashlib.sha256(json.dumps([spec.model, spec.task, spec.labels, spec.method, spec.lora.__dict__,
                                                 version, *extra], sort_keys=True, default=str).encode()).hexdigest()[:16]
             self._personal_path = Path(self.cfg.state_dir) / "personal" / f"{spec.method}-{digest}.safetensors"
@@ -603,7 +603,7 @@ class Agent:
         if attempt and attempt.get("run_id") == m.run_id and attempt.get("round") == m.round:
             caps, _ = self._capabilities()
             last = apply_device_profile(spec, attempt["overrides"])
-            smaller = step_down(plan_of(last), caps)
+            smaller = step_down(plan_of(last, METHODS[spec.method]), caps)
             if smaller is not None:
                 log.warning("round %d: the last try (%s) did not finish; stepping down to %s", m.round,
                             attempt["overrides"], plan_overrides(smaller))
@@ -612,7 +612,7 @@ class Agent:
             return spec
         caps, budget = self._capabilities()
         try:
-            choice = choose_plan(load_arch(spec.model), budget, request_from_spec(spec), caps)
+            choice = choose_plan(load_arch(spec.model), budget, request_from_spec(spec, METHODS[spec.method]), caps)
         except (PlanError, EdgeRuntimeError, OSError) as exc:
             log.warning("no plan fits this device (%s); training as asked", exc)
             return spec
@@ -633,7 +633,7 @@ class Agent:
         while True:
             model, tok, splits = self._prepare(spec, init)
             method = METHODS[spec.method]
-            self.state["attempt"] = {"run_id": m.run_id, "round": m.round, "overrides": plan_overrides(plan_of(spec))}
+            self.state["attempt"] = {"run_id": m.run_id, "round": m.round, "overrides": plan_overrides(plan_of(spec, METHODS[spec.method]))}
             self._save_state()   # a try the OOM killer ends is stepped down after the restart
             try:
                 res, personal = method.local_train(model, tok, splits, spec, seed, self._personal,
@@ -641,11 +641,11 @@ class Agent:
                 self.state.pop("attempt", None)
                 return model, spec, res, personal
             except oom as exc:
-                smaller = step_down(plan_of(spec), self._capabilities()[0])
+                smaller = step_down(plan_of(spec, METHODS[spec.method]), self._capabilities()[0])
                 if smaller is None:
                     raise EdgeRuntimeError(f"round {m.round}: out of memory even at the smallest plan") from exc
                 log.warning("round %d: out of memory (%s) with %s; retrying with %s", m.round,
-                            str(exc)[:120], plan_overrides(plan_of(spec)), plan_overrides(smaller))
+                            str(exc)[:120], plan_overrides(plan_of(spec, METHODS[spec.method])), plan_overrides(smaller))
                 spec = apply_device_profile(spec, plan_overrides(smaller))
                 gc.collect()
                 model, _, _ = self._prepare(spec, init)

@@ -73,8 +73,8 @@ def _add_simulate(sub) -> None:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from edge_runtime.methods import default_lr
     from edge_runtime.device.profiler import parse_size
+    from edge_runtime.methods import config_sections, default_lr
     from edge_runtime.methods.lora import LoraMethodConfig
     from edge_runtime.simulation import SimulationConfig, run_simulation
     from edge_runtime.training.spec import apply_overrides, dataclass_from_json
@@ -92,7 +92,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         lora=LoraMethodConfig(rank=args.rank, alpha=args.lora_alpha),
     )
     if args.set:
-        sections = ("lora", "federa", "fdlora", "prompt", "fedpeptao", "droppeft", "train")
+        sections = (*config_sections(), "train")
         d = apply_overrides({k: dataclasses.asdict(getattr(cfg, k)) for k in sections}, args.set)
         cfg = dataclasses.replace(cfg, **{k: dataclass_from_json(type(getattr(cfg, k)), d[k], k) for k in sections})
 
@@ -329,6 +329,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from edge_runtime.device.planner import Capabilities, choose_plan, request_from_spec
     from edge_runtime.device.profiler import format_size, profile_device
     from edge_runtime.device.profiles import find_device_class, find_training_profile
+    from edge_runtime.methods import METHODS
 
     profile = find_training_profile(args.profile)
     spec = profile.spec(labels=tuple(f"label-{i}" for i in range(args.num_labels)))
@@ -343,7 +344,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         caps = Capabilities("cuda" if cuda else "cpu", False, _bitsandbytes_runs(),
                             prof.gflops_fp16 or prof.gflops_fp32 or 50.0)
         budget, where = prof.training_memory, "this device" + (" (--memory-budget)" if args.memory_budget else "")
-    choice = choose_plan(load_arch(spec.model), budget, request_from_spec(spec), caps, margin=args.margin)
+    choice = choose_plan(load_arch(spec.model), budget, request_from_spec(spec, METHODS[spec.method]), caps,
+                         margin=args.margin)
     if args.json:
         print(json.dumps({"device": where, "profile": profile.name, "capabilities": dataclasses.asdict(caps),
                           **({"unsupported": dc.unsupported} if args.device_class and dc.unsupported else {}),

@@ -121,7 +121,7 @@ def validate(cfg: DemoConfig) -> LocalDataset:
         raise DemoError(f"{n} examples for {cfg.devices} devices: each device needs at least 10 "
                         f"(raise --max-examples or lower --devices)")
     TrainingSpec(model=cfg.model, labels=full.label_names, method=cfg.method, quantization=cfg.quantization)
-    if cfg.quantization != "fp32" and not getattr(METHODS[cfg.method], "QUANTIZED_BASE", True):
+    if cfg.quantization != "fp32" and not METHODS[cfg.method].quantized_base:
         raise DemoError(f"{cfg.method} cannot train on a {cfg.quantization} base (it needs the float weights); "
                         f"use --quantization fp32, or --method lora")
     if cfg.memory_budget:

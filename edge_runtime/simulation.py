@@ -26,7 +26,7 @@ from edge_runtime.atomic_io import replace_dir_atomic
 from edge_runtime.algorithms.partition import label_histogram, partition_dirichlet, split_train_val_test
 from edge_runtime.errors import ConfigError
 from edge_runtime.export.adapter_folder import finish_adapter_folder
-from edge_runtime.methods import METHODS, scoring, with_assignment
+from edge_runtime.methods import METHODS
 from edge_runtime.methods.droppeft import DropPEFTConfig
 from edge_runtime.methods.fdlora import FdloraConfig
 from edge_runtime.methods.federa import FederaConfig
@@ -38,7 +38,7 @@ from edge_runtime.report import plot_accuracy, write_history
 from edge_runtime.training.data import LocalDataset, Splits, device_splits, resolve_dataset
 from edge_runtime.training.evaluate import EvalResult, evaluate
 from edge_runtime.training.models import resolve_model_source
-from edge_runtime.training.spec import TrainingSpec, build_model
+from edge_runtime.training.spec import TrainingSpec, build_model, with_assignment
 from edge_runtime.training.trainer import TrainConfig
 
 log = logging.getLogger("edge_runtime.simulate")
@@ -178,7 +178,7 @@ def run_simulation(cfg: SimulationConfig, out_dir: Path | None, progress: bool =
     model, tokenizer = build_model(spec)
     global_state = method.initial_global(model, spec)  # devices share this model: prepared once
     selection = None
-    if scoring(method):  # a score round: each device scores layers on its data, the server picks
+    if method.scoring:  # a score round: each device scores layers on its data, the server picks
         reports = [(method.score(model, tokenizer, d.splits, spec, seed=cfg.seed * 1000 + k), float(len(d.train)))
                    for k, d in enumerate(devices)]
         global_state, selection = method.select(global_state, reports, spec)
@@ -225,8 +225,8 @@ def run_simulation(cfg: SimulationConfig, out_dir: Path | None, progress: bool =
     for r in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
         picked = sorted(rng.choice(len(devices), n_pick, replace=False).tolist())
-        assignments, chosen = ({}, {}) if not hasattr(method, "assign") else method.assign(
-            server_state, {devices[k].device_id: _sim_profile(cfg, k) for k in picked}, spec, r)
+        assignments, chosen = method.assign(server_state, {devices[k].device_id: _sim_profile(cfg, k) for k in picked},
+                                            spec, r)
         updates, train_losses = [], []
         for k in picked:
             dev = devices[k]
@@ -239,8 +239,8 @@ def run_simulation(cfg: SimulationConfig, out_dir: Path | None, progress: bool =
                                   {**result.metrics, "train_seconds": result.seconds}))
             train_losses.append(result.mean_loss)
         configurator = None   # the configurator's choices (DropPEFT) and what they earned
-        if hasattr(method, "assign"):
-            configurator = {"assignments": chosen, "rewards": getattr(method, "rewards", lambda _: {})(updates),
+        if chosen:
+            configurator = {"assignments": chosen, "rewards": method.rewards(updates),
                             "train_seconds": {u.device_id: u.metrics["train_seconds"] for u in updates}}
         global_state, server_state = method.aggregate(global_state, updates, server_state, spec, len(devices))
         method.load_trainable_state(model, global_state)

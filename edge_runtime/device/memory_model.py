@@ -95,8 +95,9 @@ class Plan:
     """A training plan: what the planner chooses and the memory model prices."""
 
     quantization: str = "fp32"
-    method: str = "lora"          # lora-like (lora, federa, fdlora) or prompt-like (prompt, fedpeptao)
-    rank: int = 8                 # LoRA rank (FDLoRA: two adapters)
+    prompt_like: bool = False     # the adapter is per-layer prompts (the method's trait), else LoRA
+    adapter_copies: int = 1       # LoRA adapters per target (the method's trait; FDLoRA: 2)
+    rank: int = 8                 # LoRA rank
     lora_targets: int = 2         # adapted projections per block (q, v)
     prompt_length: int = 20
     batch_size: int = 16
@@ -143,11 +144,11 @@ class Breakdown:
 
 
 def adapter_params(arch: Arch, plan: Plan, task: str, num_labels: int) -> int:
-    if plan.method in ("prompt", "fedpeptao"):
+    if plan.prompt_like:
         n = arch.layers * plan.prompt_length * 2 * arch.kv_dim
     else:
         per_proj = plan.rank * (arch.hidden + arch.hidden)  # A: r x d_in, B: d_out x r (q / v are d x d)
-        n = arch.layers * plan.lora_targets * per_proj * (2 if plan.method == "fdlora" else 1)
+        n = arch.layers * plan.lora_targets * per_proj * plan.adapter_copies
     if task == "classification":
         n += arch.hidden * num_labels + num_labels
     return n
@@ -161,7 +162,7 @@ def predict_peak(arch: Arch, plan: Plan, task: str = "classification", num_label
     base = int(arch.layers * arch.block_linear_params() * BYTES_PER_WEIGHT[plan.quantization])
     other = arch.other_params(task, num_labels) * other_dtype
     adapter = adapter_params(arch, plan, task, num_labels) * 16    # fp32 weight + grad + two AdamW moments
-    kv_len = plan.seq_len + (plan.prompt_length if plan.method in ("prompt", "fedpeptao") else 0)
+    kv_len = plan.seq_len + (plan.prompt_length if plan.prompt_like else 0)
     per_layer = (plan.batch_size * plan.seq_len * (coef.a_d * arch.hidden + coef.a_f * arch.intermediate)
                  + plan.batch_size * arch.heads * plan.seq_len * kv_len * coef.a_att) * act_bytes
     kept = plan.kept_layers(arch)

@@ -18,7 +18,6 @@ from edge_runtime.errors import ConfigError
 
 QUALITY = {"fp32": 3, "fp16": 3, "int8": 2, "nf4": 1}   # fp16 on a GPU loses ~nothing for training adapters
 SLOWDOWN = {"fp32": 1.0, "fp16": 0.5, "int8": 1.6, "nf4": 1.4}  # vs fp32 per FLOP (fp16: GPUs with fast half)
-PROMPT_METHODS = ("prompt", "fedpeptao")
 
 
 class PlanError(ConfigError):
@@ -39,7 +38,8 @@ class Capabilities:
 class Request:
     """What the training profile asks for (the planner never goes above it)."""
 
-    method: str = "lora"
+    prompt_like: bool = False       # the method's traits (edge_runtime.methods.base.Method)
+    adapter_copies: int = 1
     task: str = "classification"
     num_labels: int = 26
     rank: int = 8
@@ -88,14 +88,14 @@ def candidates(req: Request, caps: Capabilities) -> list[Plan]:
         quants.append("fp16")
     if caps.bitsandbytes:
         quants += ["int8", "nf4"]
-    ranks = [req.rank] if req.method in PROMPT_METHODS or req.fixed_rank else _halvings(req.rank, 2)
+    ranks = [req.rank] if req.prompt_like or req.fixed_rank else _halvings(req.rank, 2)
     out = []
     for q in quants:
         for rank in ranks:
             for seq in _halvings(req.seq_len, 16):
                 for bs in _halvings(req.batch_size, 1):
                     for ckpt in (False, True):
-                        out.append(Plan(quantization=q, method=req.method, rank=rank, prompt_length=req.prompt_length,
+                        out.append(Plan(quantization=q, prompt_like=req.prompt_like, adapter_copies=req.adapter_copies, rank=rank, prompt_length=req.prompt_length,
                                         batch_size=bs, seq_len=seq, layer_drop=req.layer_drop, checkpointing=ckpt))
     return out
 
@@ -121,7 +121,7 @@ def choose_plan(arch: Arch, budget: int, req: Request, caps: Capabilities = Capa
     plan, pred = max(fitting, key=key)
     reasons = [f"budget {format_size(budget)}, planning under {format_size(limit)} ({margin:.0%} margin)",
                f"chosen: {_describe(plan)}, predicted peak {format_size(pred.total)}"]
-    asked = Plan(quantization="fp32", method=req.method, rank=req.rank, prompt_length=req.prompt_length,
+    asked = Plan(quantization="fp32", prompt_like=req.prompt_like, adapter_copies=req.adapter_copies, rank=req.rank, prompt_length=req.prompt_length,
                  batch_size=req.batch_size, seq_len=req.seq_len, layer_drop=req.layer_drop)
     if plan != asked:
         full = predict_peak(arch, asked, req.task, req.num_labels, coef)
@@ -161,27 +161,24 @@ def plan_overrides(plan: Plan) -> dict:
             "quantization": plan.quantization if plan.quantization in ("nf4", "int8") else "fp32"}
 
 
-def plan_of(spec) -> Plan:
-    """The plan a training spec runs (what a step-down starts from)."""
-    return Plan(quantization=spec.quantization, method=spec.method, rank=spec.lora.rank,
-                prompt_length=spec.prompt.length or 20, batch_size=spec.train.batch_size,
-                seq_len=spec.train.max_seq_len, layer_drop=_layer_drop(spec),
+def plan_of(spec, method) -> Plan:
+    """The plan a training spec runs (what a step-down starts from); ``method`` is the spec's
+    :class:`~edge_runtime.methods.base.Method`, whose traits shape the adapter and the layer drop."""
+    return Plan(quantization=spec.quantization, prompt_like=method.prompt_like, adapter_copies=method.adapter_copies,
+                rank=spec.lora.rank, prompt_length=spec.prompt.length or 20, batch_size=spec.train.batch_size,
+                seq_len=spec.train.max_seq_len, layer_drop=method.layer_dropout(spec),
                 checkpointing=spec.train.gradient_checkpointing)
 
 
-def _layer_drop(spec) -> float:
-    """The mean share of blocks a step skips (DropPEFT's configured ratio; 0 for other methods)."""
-    return float(spec.droppeft.ratio) if spec.method == "droppeft" else 0.0
-
-
 def _describe(p: Plan) -> str:
-    adapter = f"prompts {p.prompt_length}" if p.method in PROMPT_METHODS else f"rank {p.rank}"
+    adapter = f"prompts {p.prompt_length}" if p.prompt_like else f"rank {p.rank}"
     return (f"{p.quantization}, {adapter}, batch {p.batch_size}, seq {p.seq_len}"
             + (", checkpointing" if p.checkpointing else "") + (f", layer-drop {p.layer_drop}" if p.layer_drop else ""))
 
 
-def request_from_spec(spec) -> Request:
-    """The request a :class:`~edge_runtime.training.spec.TrainingSpec` makes."""
-    return Request(method=spec.method, task=spec.task, num_labels=max(len(spec.labels), 2), rank=spec.lora.rank,
+def request_from_spec(spec, method) -> Request:
+    """The request a :class:`~edge_runtime.training.spec.TrainingSpec` makes (``method``: its
+    :class:`~edge_runtime.methods.base.Method`)."""
+    return Request(prompt_like=method.prompt_like, adapter_copies=method.adapter_copies, task=spec.task, num_labels=max(len(spec.labels), 2), rank=spec.lora.rank,
                    prompt_length=spec.prompt.length or 20, batch_size=spec.train.batch_size,
-                   seq_len=spec.train.max_seq_len, layer_drop=_layer_drop(spec), fixed_rank=True)
+                   seq_len=spec.train.max_seq_len, layer_drop=method.layer_dropout(spec), fixed_rank=True)

@@ -249,7 +249,7 @@ def validate_device_profile(profile: Any, spec=None, where: str = "profile"):
         raise ProfileError(f"{where}: {exc}") from exc
     from edge_runtime.methods import METHODS
 
-    if result.quantization != "fp32" and not getattr(METHODS[result.method], "QUANTIZED_BASE", True):
+    if result.quantization != "fp32" and not METHODS[result.method].quantized_base:
         raise ProfileError(f"{where}: training.quantization: {result.method} cannot train on a "
                            f"{result.quantization} base (this run's method needs the float weights)")
     return {"train": dict(training.get("train") or {}), **({"quantization": training["quantization"]}

@@ -44,10 +44,9 @@ def write_device_adapter(state_dir: Path, out: Path, which: str = "personal") ->
 
     def save(folder: Path) -> None:
         if which == "personal":
-            method.save_personal_adapter(model, personal, folder)
+            method.save_personal(model, personal, folder)
         else:
-            getattr(method, "save_global_adapter_like_personal", lambda m, _p, f: method.save_adapter(m, f))(
-                model, personal, folder)
+            method.save_global_in_personal_layout(model, personal, folder)
         finish_adapter_folder(folder, model=spec.model, task=spec.task, labels=spec.labels, method=spec.method,
                               tokenizer=tokenizer, card={"run_id": record["run_id"]}, seed=spec.seed,
                               personal=which == "personal" and personal is not None, run_id=record["run_id"],

@@ -39,6 +39,8 @@ from torch import Tensor, nn
 
 from edge_runtime.algorithms import bandit
 from edge_runtime.algorithms.aggregation import Update, check_compatible, masked_weighted_mean
+from edge_runtime.device.memory_model import load_arch, predict_peak
+from edge_runtime.device.planner import plan_of, request_from_spec
 from edge_runtime.algorithms.layer_dropout import SHAPES, drop_probabilities, max_kept, sample_kept
 from edge_runtime.errors import AggregationError, ConfigError
 from edge_runtime.methods import lora
@@ -46,17 +48,13 @@ from edge_runtime.methods.personal import PersonalState
 from edge_runtime.training.data import Splits
 from edge_runtime.training.evaluate import evaluate
 from edge_runtime.training.trainer import TrainResult, train_local
+from edge_runtime.methods.base import Method
 
 if TYPE_CHECKING:
     from edge_runtime.training.spec import TrainingSpec
 
 log = logging.getLogger("edge_runtime.droppeft")
 
-NEEDS_INIT = False
-PERSONAL_FORMAT = 1
-prepare = lora.prepare
-save_adapter = lora.save_adapter
-ASSIGNABLE = {"droppeft": ("ratio", "shape")}   # what the server's assign() may set per device
 STEPS_KEY = "layer_steps."          # update metrics: steps each block ran, one key per block
 BANDIT = "bandit."                  # server-state keys: bandit.n.<device>, bandit.s.<device>, bandit.arms
 # what the server's history keeps of each device's report (keys, or key prefixes ending in "."): the
@@ -373,10 +371,7 @@ def device_budget(profile: Mapping) -> int | None:
 
 def arm_peaks(spec: "TrainingSpec") -> list[int]:
     """The memory model's predicted training peak (bytes) of each arm at the profile's plan."""
-    from edge_runtime.device.memory_model import load_arch, predict_peak
-    from edge_runtime.device.planner import plan_of, request_from_spec
-
-    arch, req, base = load_arch(spec.model), request_from_spec(spec), plan_of(spec)
+    arch, req, base = load_arch(spec.model), request_from_spec(spec, METHOD), plan_of(spec, METHOD)
     # the kept count per step is ceil(L (1 - ratio)) whatever the shape (the shapes keep the mean)
     return [predict_peak(arch, dataclasses.replace(base, layer_drop=ratio), req.task, req.num_labels).total
             for ratio, _ in _cfg(spec).arms()]
@@ -419,3 +414,13 @@ def assign(server_state: Mapping[str, Tensor] | None, devices: Mapping[str, Mapp
         info[dev] = {"arm": arm, "ratio": ratio, "shape": shape, "predicted_peak": peaks[arm], "budget": budget,
                      "feasible": feasible, **({"note": note} if note else {})}
     return overrides, info
+
+
+METHOD = Method(
+    name="droppeft", summary="LoRA with stochastic layer dropout, ratios chosen per device by a bandit (DropPEFT)",
+    build=build, initial_global=initial_global, trainable_state=trainable_state,
+    load_trainable_state=load_trainable_state, local_train=local_train, save_adapter=lora.save_adapter,
+    prepare=lora.prepare, personalise=personalise, save_personal_adapter=save_personal_adapter,
+    aggregate=aggregate, assign=assign, check_update=check_update, rewards=rewards, personal_key=personal_key,
+    layer_dropout=lambda spec: float(spec.droppeft.ratio), config=("droppeft", DropPEFTConfig),
+    assignable={"droppeft": ("ratio", "shape")}, round_metrics=ROUND_METRICS)

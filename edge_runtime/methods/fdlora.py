@@ -42,13 +42,11 @@ from edge_runtime.methods.personal import PersonalState
 from edge_runtime.training.data import Splits
 from edge_runtime.training.evaluate import evaluate
 from edge_runtime.training.trainer import TrainResult, train_local
+from edge_runtime.methods.base import Method
 
 if TYPE_CHECKING:
     from edge_runtime.training.spec import TrainingSpec
 
-NEEDS_INIT = False
-aggregate = fedavg                  # the server averages the global adapters only
-PERSONAL_FORMAT = 2                 # layout of the saved personal state (2: full-rank head deltas)
 GLOBAL, PERSONAL = "global", "personal"
 
 
@@ -352,3 +350,14 @@ def save_personal_adapter(model, personal: PersonalState | None, folder: Path) -
     state, heads = fused_lora_state(model, personal)
     cfg = model.peft_config[GLOBAL]
     _write_plain_lora(model, state, 2 * cfg.r, 2 * cfg.lora_alpha, heads, folder, "fdlora-personal")
+
+
+METHOD = Method(
+    name="fdlora", summary="a global and a personal LoRA per device, fused by a searched mix (FDLoRA)",
+    build=build, initial_global=initial_global, trainable_state=trainable_state,
+    load_trainable_state=load_trainable_state, local_train=local_train, save_adapter=save_adapter,
+    prepare=prepare, personalise=personalise, save_personal_adapter=save_personal_adapter,
+    save_global_like_personal=save_global_adapter_like_personal, aggregate=fedavg,
+    config=("fdlora", FdloraConfig),
+    adapter_copies=2,       # the global and the personal adapter on every target
+    personal_format=2)      # layout of the saved personal state (2: full-rank head deltas)

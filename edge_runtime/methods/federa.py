@@ -37,20 +37,16 @@ from typing import TYPE_CHECKING, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from edge_runtime.algorithms.aggregation import check_compatible
+from edge_runtime.algorithms.aggregation import check_compatible, fedavg
 from edge_runtime.errors import ConfigError
 from edge_runtime.methods import lora
 from edge_runtime.methods.lora import load_trainable_state, trainable_state
+from edge_runtime.methods.base import Method
 
 if TYPE_CHECKING:
     from edge_runtime.training.spec import TrainingSpec
 
-NEEDS_INIT = True   # devices build W_res from the server's shipped (A0, B0)
 ADAPTER = "default"
-local_train = lora.local_train     # training, upload and aggregation are LoRA's
-personalise = lora.personalise
-aggregate = lora.aggregate
-QUANTIZED_BASE = False             # the residual W - s*B0*A0 needs the float weight
 
 
 @dataclass(frozen=True)
@@ -188,3 +184,13 @@ def save_adapter(model, folder: Path) -> None:
 def save_personal_adapter(model, personal, folder: Path) -> None:
     """The device's own model is the global one: its plain-LoRA form."""
     save_adapter(model, folder)
+
+
+METHOD = Method(
+    name="federa", summary="LoRA initialised from the SVD of each frozen weight (FeDeRA), FedAvg",
+    build=build, initial_global=initial_global, trainable_state=trainable_state,
+    load_trainable_state=load_trainable_state, local_train=lora.local_train, save_adapter=save_adapter,
+    prepare=prepare, save_personal_adapter=save_personal_adapter, aggregate=fedavg,
+    config=("federa", FederaConfig),
+    needs_init=True,        # devices build W_res from the server's shipped (A0, B0)
+    quantized_base=False)   # the residual W - s*B0*A0 needs the float weight

@@ -43,16 +43,12 @@ from edge_runtime.methods.personal import PersonalState
 from edge_runtime.training.data import Splits, encode_batch
 from edge_runtime.training.evaluate import evaluate
 from edge_runtime.training.trainer import TrainResult, train_local
+from edge_runtime.methods.base import Method
 
 if TYPE_CHECKING:
     from edge_runtime.training.spec import TrainingSpec
 
-NEEDS_INIT = False
-DEFAULT_LR = prompt.DEFAULT_LR
-SCORING = True            # the run starts with a score round (devices report layer scores)
-PERSONAL_FORMAT = 1
 SCORE_KEY = "layer_score."
-prepare = prompt.prepare
 
 
 @dataclass(frozen=True)
@@ -306,3 +302,12 @@ def save_personal_adapter(model, personal: PersonalState | None, folder: Path) -
     prompt.save_prompts(model, folder, active=sorted(set(_shared(model)) | set(layers)),
                         extra={"method": "fedpeptao", "personal_layers": layers})
     prompt.set_active(model, _shared(model))
+
+
+METHOD = Method(
+    name="fedpeptao", summary="prompts on the layers scored best, adaptive server update, personal layers (FedPepTAO)",
+    build=build, initial_global=initial_global, trainable_state=trainable_state,
+    load_trainable_state=load_trainable_state, local_train=local_train, save_adapter=save_adapter,
+    prepare=prompt.prepare, personalise=personalise, save_personal_adapter=save_personal_adapter,
+    aggregate=aggregate, score=score, select=select, personal_key=personal_key,
+    config=("fedpeptao", FedPepTAOConfig), scoring=True, prompt_like=True, default_lr=prompt.DEFAULT_LR)

@@ -22,14 +22,13 @@ from edge_runtime.algorithms.aggregation import check_compatible, fedavg
 from edge_runtime.errors import AggregationError, ConfigError
 from edge_runtime.training.data import Splits
 from edge_runtime.training.trainer import TrainResult, train_local
+from edge_runtime.methods.base import Method
 
 if TYPE_CHECKING:
     from edge_runtime.methods.personal import PersonalState
     from edge_runtime.training.spec import TrainingSpec
 
 HEAD_MODULES = ("classifier", "score", "pooler")  # BERT head + pooler, Llama's score head
-NEEDS_INIT = False      # devices need nothing but the global adapter to start
-aggregate = fedavg      # server: weighted FedAvg, no server-side state
 
 
 @dataclass(frozen=True)
@@ -134,3 +133,10 @@ def save_adapter(model, folder: Path) -> None:
 def save_personal_adapter(model, personal: "PersonalState | None", folder: Path) -> None:
     """The device's own model as a peft folder: for LoRA, the global adapter itself."""
     save_adapter(model, folder)
+
+
+METHOD = Method(
+    name="lora", summary="LoRA on the attention projections (+ the task head), weighted FedAvg",
+    build=build, initial_global=initial_global, trainable_state=trainable_state,
+    load_trainable_state=load_trainable_state, local_train=local_train, save_adapter=save_adapter,
+    aggregate=fedavg, config=("lora", LoraMethodConfig))

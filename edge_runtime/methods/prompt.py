@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from edge_runtime.algorithms.aggregation import check_compatible, fedavg
 from edge_runtime.errors import AggregationError, ConfigError
 from edge_runtime.methods import lora
+from edge_runtime.methods.base import Method
 
 if TYPE_CHECKING:
     from edge_runtime.methods.personal import PersonalState
@@ -43,9 +44,7 @@ PARAM = "edge_prompt"               # the per-layer prefix parameter, on the att
 HEAD_MODULES = ("classifier", "score")
 CONFIG_FILE = "prompt_config.json"  # an adapter folder of prompts (instead of peft's adapter_config.json)
 WEIGHTS_FILE = "prompts.safetensors"
-NEEDS_INIT = False
 DEFAULT_LR = 4e-2                   # the FedPepTAO authors' device lr; prompts need far more than LoRA
-aggregate = fedavg
 
 
 @dataclass(frozen=True)
@@ -225,8 +224,6 @@ def load_trainable_state(model, state: Mapping[str, Tensor]) -> None:
     load_state(model, state)
 
 
-personalise = lora.personalise   # no personal part; local training is the plain loop
-local_train = lora.local_train
 
 
 def save_prompts(model: nn.Module, folder: Path, active: Iterable[int] | None = None,
@@ -271,3 +268,11 @@ def save_adapter(model, folder: Path) -> None:
 
 def save_personal_adapter(model, personal: "PersonalState | None", folder: Path) -> None:
     save_adapter(model, folder)
+
+
+METHOD = Method(
+    name="prompt", summary="deep prompt tuning: a learnt prefix in every attention layer, FedAvg",
+    build=build, initial_global=initial_global, trainable_state=trainable_state,
+    load_trainable_state=load_trainable_state, local_train=lora.local_train, save_adapter=save_adapter,
+    prepare=prepare, save_personal_adapter=save_personal_adapter, aggregate=fedavg,
+    config=("prompt", PromptConfig), prompt_like=True, default_lr=DEFAULT_LR)

@@ -13,13 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from edge_runtime.errors import ConfigError
-from edge_runtime.methods import METHODS
-from edge_runtime.methods.droppeft import DropPEFTConfig
-from edge_runtime.methods.fdlora import FdloraConfig
-from edge_runtime.methods.fedpeptao import FedPepTAOConfig
-from edge_runtime.methods.federa import FederaConfig
-from edge_runtime.methods.lora import LoraMethodConfig
-from edge_runtime.methods.prompt import PromptConfig
+from edge_runtime.methods import METHODS, config_sections
 from edge_runtime.training.models import (QUANTIZATIONS, TASKS, bitsandbytes_problem, load_model, load_tokenizer,
                                           resolve_model_source)
 from edge_runtime.training.trainer import TrainConfig
@@ -27,23 +21,8 @@ from edge_runtime.training.trainer import TrainConfig
 log = logging.getLogger("edge_runtime.training")
 
 
-@dataclass(frozen=True)
-class TrainingSpec:
-    model: str = "minilm-l6"
-    task: str = "classification"
-    labels: tuple[str, ...] = ()
-    method: str = "lora"
-    quantization: str = "fp32"   # the frozen base's linear weights: fp32, nf4 or int8 (bitsandbytes)
-    lora: LoraMethodConfig = field(default_factory=LoraMethodConfig)
-    federa: FederaConfig = field(default_factory=FederaConfig)
-    fdlora: FdloraConfig = field(default_factory=FdloraConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    fedpeptao: FedPepTAOConfig = field(default_factory=FedPepTAOConfig)
-    droppeft: DropPEFTConfig = field(default_factory=DropPEFTConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)   # a device's own train / val / test
-    seed: int = 0
-    tokenizer_corpus: tuple[str, ...] = ()   # tiny test models only: texts their word tokenizer is built from
+class _SpecMethods:
+    """The behaviour of :class:`TrainingSpec` (its fields are built below, from the method registry)."""
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -61,6 +40,44 @@ class TrainingSpec:
     @classmethod
     def from_json(cls, d: Any) -> "TrainingSpec":
         return dataclass_from_json(cls, d, "training")
+
+
+# What to train: the common fields, then one section per registered method (``lora``, ``federa``,
+# ... in registration order, each that method's config dataclass), then the local training loop.
+# Built from the registry so that a new method adds its section by registering; the JSON on the
+# wire is the same object as when these fields were written out by hand.
+TrainingSpec = dataclasses.make_dataclass("TrainingSpec", [
+    ("model", str, field(default="minilm-l6")),
+    ("task", str, field(default="classification")),
+    ("labels", tuple, field(default=())),
+    ("method", str, field(default="lora")),
+    ("quantization", str, field(default="fp32")),   # the frozen base's linear weights: fp32, nf4 or int8
+    *[(name, cls, field(default_factory=cls)) for name, cls in config_sections().items()],
+    ("train", TrainConfig, field(default_factory=TrainConfig)),
+    ("split", tuple, field(default=(0.8, 0.1, 0.1))),   # a device's own train / val / test
+    ("seed", int, field(default=0)),
+    ("tokenizer_corpus", tuple, field(default=())),    # tiny test models only: texts their word tokenizer is built from
+], bases=(_SpecMethods,), frozen=True)
+TrainingSpec.__module__ = __name__
+TrainingSpec.__doc__ = "What to train, as the server tells every device (see the module docstring)."
+
+
+def with_assignment(spec: "TrainingSpec", assignment: dict | None) -> "TrainingSpec":
+    """``spec`` with the server's per-device assignment applied (a method's ``assign`` output for
+    one device). Only the keys the method lists in ``assignable`` may change; anything else, or a
+    bad value, is a ConfigError naming the key."""
+    if not assignment:
+        return spec
+    allowed = METHODS[spec.method].assignable
+    d = spec.to_json()
+    if not isinstance(assignment, dict):
+        raise ConfigError(f"assignment: expected a mapping, got {type(assignment).__name__}")
+    for section, values in assignment.items():
+        if section not in allowed or not isinstance(values, dict) or set(values) - set(allowed[section]):
+            raise ConfigError(f"assignment {section}: {values!r} is not something the server may set per device "
+                              f"for {spec.method} (allowed: {dict(allowed)})")
+        d[section] = {**d[section], **values}
+    return TrainingSpec.from_json(d)
 
 
 def dataclass_from_json(cls, d: Any, where: str):

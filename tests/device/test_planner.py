@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from edge_runtime.device.memory_model import Arch, Plan, predict_peak
 from edge_runtime.device.planner import Capabilities, PlanError, Request, choose_plan
+from edge_runtime.methods import METHODS
 
 MINILM = Arch("bert", 6, 384, 1536, 12, 12, 30522, 512, False)
 SMOLLM2 = Arch("llama", 30, 576, 1536, 9, 3, 49152, 8192, True)
@@ -21,7 +22,8 @@ SMOLLM2 = Arch("llama", 30, 576, 1536, 9, 3, 49152, 8192, True)
        batch=st.sampled_from([1, 4, 16, 32]), seq=st.sampled_from([32, 64, 256]),
        margin=st.floats(min_value=0.0, max_value=0.5))
 def test_never_over_budget(budget, arch, method, task, caps, batch, seq, margin):
-    req = Request(method=method, task=task, batch_size=batch, seq_len=seq)
+    req = Request(prompt_like=METHODS[method].prompt_like, adapter_copies=METHODS[method].adapter_copies, task=task,
+                  batch_size=batch, seq_len=seq)
     try:
         choice = choose_plan(arch, budget, req, caps, margin=margin)
     except PlanError as exc:

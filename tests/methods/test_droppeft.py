@@ -9,12 +9,12 @@ import torch
 from edge_runtime.algorithms.aggregation import Update
 from edge_runtime.algorithms.layer_dropout import drop_probabilities
 from edge_runtime.errors import AggregationError, ConfigError
-from edge_runtime.methods import droppeft, lora, with_assignment
+from edge_runtime.methods import droppeft, lora
 from edge_runtime.methods.droppeft import DropPEFTConfig
 from edge_runtime.methods.lora import LoraMethodConfig
 from edge_runtime.training.data import Splits, encode_batch, load_dataset
 from edge_runtime.training.models import build_tiny_model
-from edge_runtime.training.spec import TrainingSpec, build_model
+from edge_runtime.training.spec import TrainingSpec, build_model, with_assignment
 from edge_runtime.training.trainer import TrainConfig
 from tests.conftest import make_toy_rows, write_jsonl
 from tests.fleet_helpers import TOY_CORPUS, TOY_WORDS

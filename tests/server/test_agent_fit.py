@@ -7,7 +7,7 @@ import math
 import torch
 
 from edge_runtime.agent import Agent, AgentConfig
-from edge_runtime.methods import lora
+from edge_runtime.methods import METHODS
 from edge_runtime.protocol.messages import RoundManifest
 from edge_runtime.training.spec import TrainingSpec
 from edge_runtime.transport.memory import MemoryBroker, MemoryTransport
@@ -37,7 +37,7 @@ def test_a_small_budget_shrinks_local_settings_but_not_the_adapter(tmp_path):
 
 
 def test_out_of_memory_steps_down_and_keeps_the_round(tmp_path, monkeypatch):
-    real = lora.local_train
+    real = METHODS["lora"].local_train
     seen = []
 
     def tight(model, tok, splits, spec, *a, **kw):   # this "device" cannot hold a batch above 4
@@ -46,7 +46,7 @@ def test_out_of_memory_steps_down_and_keeps_the_round(tmp_path, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory (test: batch > 4 does not fit)")
         return real(model, tok, splits, spec, *a, **kw)
 
-    monkeypatch.setattr(lora, "local_train", tight)
+    monkeypatch.setitem(METHODS, "lora", dataclasses.replace(METHODS["lora"], local_train=tight))
     fleet = InProcessFleet(tmp_path, n_devices=2, rounds=1)
     fleet.start()
     try:
