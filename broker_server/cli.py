@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from edge_runtime import __version__
+from edge_runtime.cli_common import add_broker_args, add_service_args, service_options
 from edge_runtime.errors import EdgeRuntimeError
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -68,14 +69,6 @@ def _cmd_broker(args: argparse.Namespace) -> int:
 
     run_broker(args.host, args.port)
     return 0
-
-
-def add_broker_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", default=os.environ.get("EDGE_RUNTIME_BROKER", "mqtt://127.0.0.1:1883"),
-                   help="mqtt://[user:pass@]host:port or mqtts://... (default: $EDGE_RUNTIME_BROKER or localhost)")
-    p.add_argument("--ca-certs", default=None, help="CA bundle for TLS (mqtts://)")
-    p.add_argument("--certfile", default=None, help="client certificate for TLS")
-    p.add_argument("--keyfile", default=None, help="client key for TLS")
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
@@ -373,8 +366,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_cmd_aggregate)
 
-    from edge_runtime.cli import add_service_args
-
     p = sub.add_parser("install-service", help="install the aggregation server as a systemd service",
                        description="Write the systemd unit, /etc/edge-runtime/server.yaml (the options of "
                                    "`broker-server run`) and the 0600 file /etc/default/edge-runtime-server; "
@@ -401,7 +392,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_install(args: argparse.Namespace) -> int:
     import yaml
 
-    from edge_runtime.cli import service_options
     from edge_runtime.service.config import options_argv, subcommand
     from edge_runtime.service.install import install
 

@@ -5,25 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from edge_runtime import __version__
+from edge_runtime.cli_common import add_broker_args, add_service_args, add_set_option, positive_int, service_options
 from edge_runtime.errors import EdgeRuntimeError
 
 log = logging.getLogger("edge_runtime")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _add_set_option(p) -> None:
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a method / training setting, e.g. fdlora.personal_epochs=2, federa.residual=false, "
-                        "train.weight_decay=0.01 (repeatable; values are YAML)")
 
 
 def _add_simulate(sub) -> None:
@@ -46,8 +35,8 @@ def _add_simulate(sub) -> None:
     p.add_argument("--method", default="lora", choices=sorted(METHODS), help="PEFT method (see README: Methods)")
     p.add_argument("--quantization", default="fp32", choices=["fp32", "nf4", "int8"],
                    help="store the frozen base's linear weights in NF4 / int8 (bitsandbytes; fp32 if it cannot run)")
-    p.add_argument("--devices", type=_positive_int, default=4)
-    p.add_argument("--rounds", type=_positive_int, default=3)
+    p.add_argument("--devices", type=positive_int, default=4)
+    p.add_argument("--rounds", type=positive_int, default=3)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha of the label split (small = skewed)")
     p.add_argument("--max-examples", type=int, default=4000,
                    help="use a random subset of this many examples of --data (0 = all)")
@@ -57,16 +46,16 @@ def _add_simulate(sub) -> None:
                         "DropPEFT's configurator never offers a device a configuration that does not fit")
     p.add_argument("--epochs", type=float, default=1.0, help="local epochs per round")
     p.add_argument("--max-steps", type=int, default=None, help="cap on local steps per round")
-    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--lr", type=float, default=None,
                    help="local learning rate (default: the method's: 1e-3 for LoRA methods, 4e-2 for prompts)")
-    p.add_argument("--max-seq-len", type=_positive_int, default=64)
-    p.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank")
+    p.add_argument("--max-seq-len", type=positive_int, default=64)
+    p.add_argument("--rank", type=positive_int, default=8, help="LoRA rank")
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/simulate"))
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_set_option(p)
+    add_set_option(p)
     p.set_defaults(func=_cmd_simulate)
 
 
@@ -111,8 +100,6 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _add_agent(sub) -> None:
-    from broker_server.cli import add_broker_args
-
     p = sub.add_parser("agent", help="run this device's agent: join the fleet, train when asked, upload updates",
                        description="Run the device agent. Options may come from --config FILE.yaml (keys are the "
                                    "option names, e.g. device_id: jetson-07); flags typed here override the file. "
@@ -262,29 +249,6 @@ def age_of(at) -> float:
     return time.time() - float(at or 0)
 
 
-def add_service_args(p, role: str) -> None:
-    p.add_argument("--prefix", type=Path, default=None, help="write under this folder instead of / (packaging, tests)")
-    p.add_argument("--dry-run", action="store_true", help="print the files instead of writing them")
-    p.add_argument("--enable", action="store_true", help="also `systemctl enable --now` the service")
-    p.add_argument("--broker", default=None,
-                   help="broker URL (with credentials) for the 0600 environment file; an existing one is kept "
-                        "when this is not given")
-    p.add_argument("--user", default="edge-runtime", help="the dedicated system user the service runs as")
-    p.add_argument("--watchdog", type=int, default=300, help="WatchdogSec: restart after this long without progress")
-    p.add_argument("--stop-timeout", type=int, default=90, help="TimeoutStopSec")
-    p.add_argument("--memory-max", default=None, help="MemoryMax for the service, e.g. 6G")
-    p.add_argument("--log-format", dest="service_log_format", choices=["text", "json"], default="text")
-    p.add_argument("--python", default=sys.executable, help="the interpreter the unit runs (this one by default)")
-
-
-def service_options(args: argparse.Namespace, role: str, options: dict):
-    from edge_runtime.service.install import ServiceOptions
-
-    return ServiceOptions(role, options, broker=args.broker, user=args.user, python=args.python,
-                          watchdog_s=args.watchdog, stop_timeout_s=args.stop_timeout, memory_max=args.memory_max,
-                          log_format=args.service_log_format)
-
-
 def _add_profile(sub) -> None:
     p = sub.add_parser("profile", help="this device's memory, CPUs, disk, GPU / Jetson and a compute probe",
                        description="Profile the device a training plan has to fit: memory (or --memory-budget), "
@@ -315,7 +279,7 @@ def _add_plan(sub) -> None:
     where.add_argument("--device-class", default=None, help="a class from profiles/devices (name or YAML file)")
     where.add_argument("--memory-budget", default=None, metavar="SIZE", help="plan for this much memory, e.g. 2GiB")
     p.add_argument("--profile", default="lora-minilm", help="training profile (name in profiles/training or YAML file)")
-    p.add_argument("--num-labels", type=_positive_int, default=26, help="classes of the task (WordNet: 26)")
+    p.add_argument("--num-labels", type=positive_int, default=26, help="classes of the task (WordNet: 26)")
     p.add_argument("--margin", type=float, default=0.15, help="headroom kept free (fraction of the budget)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_plan)
@@ -403,55 +367,6 @@ def _cmd_uninstall(args: argparse.Namespace, role: str) -> int:
     from edge_runtime.service.install import uninstall
 
     uninstall(role, prefix=args.prefix, purge=args.purge)
-    return 0
-
-
-def _add_demo(sub) -> None:
-    from edge_runtime.methods import METHODS
-
-    p = sub.add_parser("demo", help="THE main job: broker + server + N device agents over real MQTT on this machine",
-                       description="Start the embedded MQTT broker, the aggregation server and N device agents as "
-                                   "separate processes; federated fine-tuning of MiniLM + LoRA on WordNet "
-                                   "supersenses; writes report.json, report.png and global_adapter/ to --out.")
-    p.add_argument("--devices", type=_positive_int, default=4)
-    p.add_argument("--rounds", type=_positive_int, default=3)
-    p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--max-examples", type=int, default=4000)
-    p.add_argument("--model", default="minilm-l6")
-    p.add_argument("--method", default="lora", choices=sorted(METHODS), help="PEFT method (README: Methods)")
-    p.add_argument("--quantization", default="fp32", choices=["fp32", "nf4", "int8"],
-                   help="store the frozen base's linear weights in NF4 / int8 (bitsandbytes; fp32 if it cannot run)")
-    p.add_argument("--data", default="wordnet")
-    p.add_argument("--broker", default=None, help="use this broker instead of starting the embedded one")
-    p.add_argument("--fleet", default="demo")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=None,
-                   help="local learning rate (default: the method's: 1e-3 for LoRA methods, 4e-2 for prompts)")
-    p.add_argument("--batch-size", type=_positive_int, default=16)
-    p.add_argument("--max-seq-len", type=_positive_int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--memory-budget", default=None, metavar="SIZE",
-                   help="every device acts as one with this much memory (its agent fits the plan to it), e.g. 2GiB")
-    p.set_defaults(func=_cmd_demo)
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from edge_runtime.demo import DemoConfig, run_demo
-    from edge_runtime.device.profiler import parse_size
-    from edge_runtime.methods import default_lr
-
-    if args.memory_budget:
-        parse_size(args.memory_budget)   # a bad size fails here, not in every agent's log
-
-    logging.getLogger("edge_runtime.transport").setLevel(logging.WARNING)  # the demo's own watcher
-
-    run_demo(DemoConfig(out=args.out, devices=args.devices, rounds=args.rounds, alpha=args.alpha,
-                        max_examples=args.max_examples, model=args.model, method=args.method, data=args.data,
-                        quantization=args.quantization, memory_budget=args.memory_budget,
-                        broker=args.broker,
-                        fleet=args.fleet, seed=args.seed, epochs=args.epochs, lr=default_lr(args.method, args.lr),
-                        batch_size=args.batch_size, max_seq_len=args.max_seq_len), echo=lambda s: print(s, flush=True))
     return 0
 
 
@@ -562,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-runtime", description="Federated fine-tuning runtime for edge devices.")
     parser.add_argument("--version", action="version", version=f"edge-runtime {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_demo(sub)
+    for command in entry_points(group="edge_runtime.commands"):   # the demo: broker_server's, registered in
+        command.load()(sub)                                     # pyproject.toml (this package never imports it)
     _add_simulate(sub)
     _add_agent(sub)
     _add_status(sub)

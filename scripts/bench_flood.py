@@ -158,7 +158,7 @@ def run_arm(work: Path, data_files: list[Path], n_flood: int, tag: str) -> dict:
 
 
 def main() -> None:
-    from edge_runtime.demo import DemoConfig, write_device_data
+    from broker_server.demo import DemoConfig, write_device_data
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--floods", type=int, nargs="+", default=[0, 5000, 20000])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edge_runtime.cli import main
-from edge_runtime.demo import DemoConfig, DemoError, log_tail, run_demo, validate
+from broker_server.demo import DemoConfig, DemoError, log_tail, run_demo, validate
 from edge_runtime.errors import ConfigError, DataError
 from edge_runtime.training.data import LocalDataset, device_splits, load_dataset, resolve_labels
 from edge_runtime.transport.mqtt import BrokerAddress

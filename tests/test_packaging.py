@@ -111,7 +111,7 @@ def test_onnx_export_without_onnxscript_says_what_to_install(monkeypatch, tmp_pa
 
 
 def test_embedded_broker_without_amqtt_says_what_to_install(monkeypatch):
-    from edge_runtime.demo import DemoConfig, validate
+    from broker_server.demo import DemoConfig, validate
 
     monkeypatch.setitem(sys.modules, "amqtt", None)
     monkeypatch.setitem(sys.modules, "amqtt.broker", None)

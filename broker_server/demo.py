@@ -1,5 +1,9 @@
 """``edge-runtime demo``: a whole federation on this machine, as separate processes over real MQTT.
 
+It lives with the server because it launches everything (broker, server, agents); ``edge-runtime``
+finds the command through the ``edge_runtime.commands`` entry point, so ``edge_runtime`` never
+imports ``broker_server``.
+
 Starts the embedded broker (amqtt) unless ``--broker`` names one, the aggregation server, and N
 device agents, each with its own slice of the WordNet supersense data (Dirichlet label split) in
 its own folder. Prints one line per round from the server's summaries, then the report and the
@@ -8,7 +12,9 @@ final global adapter (peft format).
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 import queue
 import socket
@@ -20,12 +26,20 @@ from pathlib import Path
 
 import numpy as np
 
+from broker_server.broker import free_port, start_broker_process
 from edge_runtime.algorithms.partition import partition_dirichlet
+from edge_runtime.cli_common import positive_int
+from edge_runtime.deps import require
+from edge_runtime.device.profiler import parse_size
+from edge_runtime.methods import METHODS, default_lr
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.codec import decode_message
 from edge_runtime.protocol.messages import RoundSummary
 from edge_runtime.training.data import LocalDataset, resolve_dataset
+from edge_runtime.training.models import resolve_model_source
+from edge_runtime.training.spec import TrainingSpec
+from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
 
 
 @dataclass(frozen=True)
@@ -73,7 +87,7 @@ def write_device_data(cfg: DemoConfig, full: LocalDataset | None = None) -> list
 
 def export_and_try(out: Path, cfg: DemoConfig, echo) -> dict:
     """Export the final global adapter to ONNX (merged, parity-checked) and classify one held-out gloss."""
-    from edge_runtime.export.onnx import OnnxPredictor, export_merged
+    from edge_runtime.export.onnx import OnnxPredictor, export_merged   # onnx + onnxscript: only once trained
 
     res = export_merged(out / "global_adapter", out / "onnx")
     echo(f"exported {res.path / 'model.onnx'} ({res.onnx_bytes / 1e6:.0f} MB, onnxruntime vs PyTorch max |diff| "
@@ -103,12 +117,6 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 def validate(cfg: DemoConfig) -> LocalDataset:
     """Everything the demo's processes would otherwise fail on one by one, checked before any starts."""
-    from edge_runtime.deps import require
-    from edge_runtime.methods import METHODS
-    from edge_runtime.training.models import resolve_model_source
-    from edge_runtime.training.spec import TrainingSpec
-    from edge_runtime.transport.mqtt import BrokerAddress
-
     if cfg.method not in METHODS:
         raise DemoError(f"unknown method {cfg.method!r}; known: {sorted(METHODS)}")
     resolve_model_source(cfg.model)                       # names the package / pip command when missing
@@ -125,8 +133,6 @@ def validate(cfg: DemoConfig) -> LocalDataset:
         raise DemoError(f"{cfg.method} cannot train on a {cfg.quantization} base (it needs the float weights); "
                         f"use --quantization fp32, or --method lora")
     if cfg.memory_budget:
-        from edge_runtime.device.profiler import parse_size
-
         parse_size(cfg.memory_budget)
     if cfg.broker is None:
         require("amqtt.broker", "the embedded MQTT broker")
@@ -149,8 +155,6 @@ def _spawn(args: list[str], log_path: Path, threads: int = 1) -> subprocess.Pope
 
 
 def run_demo(cfg: DemoConfig, echo=print) -> dict:
-    from broker_server.broker import free_port, start_broker_process
-    from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
 
     t0 = time.perf_counter()
     full = validate(cfg)
@@ -254,3 +258,47 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def add_command(sub) -> None:
+    """``edge-runtime demo``: registered under the ``edge_runtime.commands`` entry points (pyproject.toml)."""
+    p = sub.add_parser("demo", help="THE main job: broker + server + N device agents over real MQTT on this machine",
+                       description="Start the embedded MQTT broker, the aggregation server and N device agents as "
+                                   "separate processes; federated fine-tuning of MiniLM + LoRA on WordNet "
+                                   "supersenses; writes report.json, report.png and global_adapter/ to --out.")
+    p.add_argument("--devices", type=positive_int, default=4)
+    p.add_argument("--rounds", type=positive_int, default=3)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--max-examples", type=int, default=4000)
+    p.add_argument("--model", default="minilm-l6")
+    p.add_argument("--method", default="lora", choices=sorted(METHODS), help="PEFT method (README: Methods)")
+    p.add_argument("--quantization", default="fp32", choices=["fp32", "nf4", "int8"],
+                   help="store the frozen base's linear weights in NF4 / int8 (bitsandbytes; fp32 if it cannot run)")
+    p.add_argument("--data", default="wordnet")
+    p.add_argument("--broker", default=None, help="use this broker instead of starting the embedded one")
+    p.add_argument("--fleet", default="demo")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=None,
+                   help="local learning rate (default: the method's: 1e-3 for LoRA methods, 4e-2 for prompts)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--max-seq-len", type=positive_int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="every device acts as one with this much memory (its agent fits the plan to it), e.g. 2GiB")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.memory_budget:
+        parse_size(args.memory_budget)   # a bad size fails here, not in every agent's log
+
+    logging.getLogger("edge_runtime.transport").setLevel(logging.WARNING)  # the demo's own watcher
+
+    run_demo(DemoConfig(out=args.out, devices=args.devices, rounds=args.rounds, alpha=args.alpha,
+                        max_examples=args.max_examples, model=args.model, method=args.method, data=args.data,
+                        quantization=args.quantization, memory_budget=args.memory_budget,
+                        broker=args.broker,
+                        fleet=args.fleet, seed=args.seed, epochs=args.epochs, lr=default_lr(args.method, args.lr),
+                        batch_size=args.batch_size, max_seq_len=args.max_seq_len), echo=lambda s: print(s, flush=True))
+    return 0
