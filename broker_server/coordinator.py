@@ -20,7 +20,6 @@ import hashlib
 import logging
 import math
 import queue
-import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,8 @@ from edge_runtime.algorithms.aggregation import Update, check_compatible
 from edge_runtime.errors import AggregationError, ConfigError, EdgeRuntimeError
 from edge_runtime.methods import METHODS
 from edge_runtime.protocol import topics
+from edge_runtime.round.server import (aggregate_checked, configurator_row, finite_metrics, record_eval, round_row,
+                                        select_participants)
 from edge_runtime.protocol.chunking import Reassembler, parse_chunk, split_payload
 from edge_runtime.protocol.codec import decode_message, decode_tensors, encode_message, encode_tensors
 from edge_runtime.protocol.messages import (Ack, GlobalAnnouncement, Heartbeat, Hello, PayloadRef, ProtocolError,
@@ -106,6 +107,7 @@ class Coordinator:
         self._eligible_since: float | None = None   # waiting for a later round: since when anyone is eligible
         self._new_devices = [0, 0.0]         # hellos of new devices since the last log line, its time
         self._global_digest: tuple[bytes | None, str] = (None, "")
+        self._framed: dict[str, tuple[bytes, PayloadRef, list[bytes]]] = {}   # what was last cut into chunks
         store.clean_stale_temp()
         state = store.load()
         self.grace_until = 0.0
@@ -415,7 +417,7 @@ class Coordinator:
 
     def _on_chunk(self, device_id: str, frame: bytes) -> None:
         try:
-            header, _ = parse_chunk(frame)
+            header, data = parse_chunk(frame)
         except ProtocolError as exc:
             log.warning("dropped a bad chunk from %s: %s", device_id, exc)
             self._record_reject(device_id, "-", self.state["round"], f"bad chunk: {exc}")
@@ -430,7 +432,7 @@ class Coordinator:
                         f"unknown device {device_id}: send hello first")
             return
         try:
-            ref, whole = self.reassembler.add(device_id, frame, self.clock())
+            ref, whole = self.reassembler.add_parsed(device_id, header, data, self.clock())
         except ProtocolError as exc:
             m = self.pending.pop(key, None)
             self._drop_payload(*key)
@@ -491,7 +493,7 @@ class Coordinator:
 
     def _accept(self, m: UpdateManifest, path: Path | None) -> None:
         self.state["accepted"][m.device_id] = {
-            "update_id": m.update_id, "n_samples": m.n_samples, "metrics": _finite_metrics(m.metrics),
+            "update_id": m.update_id, "n_samples": m.n_samples, "metrics": finite_metrics(m.metrics),
             "file": self.store.relative(path) if path else None, "bytes": m.payload.size if m.payload else 0,
             "at": self.clock()}
         self.fleet.seen(m.device_id, self.clock())
@@ -590,14 +592,8 @@ class Coordinator:
         """Eligible devices (online and heartbeating), sampled to ``devices_per_round``, capped at
         ``max_participants`` (keeping the devices that have done rounds first)."""
         pool = self.fleet.eligible_ids(self.clock())
-        rng = random.Random(self.cfg.seed * 100_003 + round_)
-        k = self.cfg.devices_per_round
-        if k and len(pool) > k:
-            pool = sorted(rng.sample(pool, k))
-        if len(pool) > self.cfg.max_participants:
-            done = {d: self.fleet.devices[d].rounds_done for d in pool}
-            pool = sorted(sorted(pool, key=lambda d: (-done[d], rng.random()))[:self.cfg.max_participants])
-        return pool
+        return select_participants(pool, round_, self.cfg.seed, self.cfg.devices_per_round, self.cfg.max_participants,
+                                   {d: self.fleet.devices[d].rounds_done for d in pool})
 
     def _start_round(self, round_: int, phase: str) -> None:
         self.dropped_payloads.clear()  # ids of the last round's refused payloads: their chunks are stale now
@@ -662,11 +658,8 @@ class Coordinator:
                           int(a["metrics"].get("train_steps", 0)), a["metrics"]) for dev, a in sorted(accepted.items())]
         crash_point("close:before_aggregate")
         try:
-            new_global, server_state = self.method.aggregate(self.global_state, updates, self.server_state,
-                                                             self.spec, self.fleet.active_count(accepted))
-            check_compatible(self.global_state, new_global, where=f"round {r}'s aggregate")
-            if not all(torch.isfinite(t).all() for t in new_global.values() if t.is_floating_point()):
-                raise AggregationError("the aggregate holds NaN or infinite values")
+            new_global, server_state = aggregate_checked(self.method, self.global_state, updates, self.server_state,
+                                                         self.spec, self.fleet.active_count(accepted), r)
         except Exception as exc:  # noqa: BLE001 - a method's failure fails the round, never the server
             self._round_failed(now, updates, exc)
             return
@@ -682,16 +675,9 @@ class Coordinator:
         self.global_state = new_global
         for dev in accepted:
             self.fleet.worked(dev)
-        s["history"].append({
-            "round": r, "participants": list(s["participants"]), "accepted": sorted(accepted),
-            "weights": {d: a["n_samples"] for d, a in accepted.items()},
-            "steps": {d: int(a["metrics"].get("train_steps", 0)) for d, a in accepted.items()},
-            "bytes_up": sum(a["bytes"] for a in accepted.values()),
-            "bytes_down": len(self.global_blob) * len(s["participants"]),
-            "seconds": now - s["round_started_at"],
-            "train_loss": _weighted(accepted, "train_loss"), "train_seconds": _weighted(accepted, "train_seconds"),
-            "accuracy": None, "loss": None, "final": False,
-            **({"configurator": self._configurator_row(updates)} if s.get("configurator") else {})})
+        s["history"].append(round_row(r, s["participants"], accepted, len(self.global_blob), now - s["round_started_at"],
+                                      configurator_row(self.method, s["configurator"], updates)
+                                      if s.get("configurator") else None))
         s["global_file"] = self.store.relative(path)
         log.info("round %d closed: %d update(s) averaged", r, len(accepted))
         self._start_round(r + 1, "evaluate" if r >= self.cfg.rounds else "train")
@@ -721,12 +707,6 @@ class Coordinator:
             return
         self._start_round(r + 1, "evaluate" if r >= self.cfg.rounds else "train")
 
-    def _configurator_row(self, updates: list[Update]) -> dict:
-        """What the configurator offered this round, what each device reported and earned."""
-        return {"assignments": self.state["configurator"], "rewards": self.method.rewards(updates),
-                "reports": {u.device_id: {k: v for k, v in u.metrics.items() if self.method.round_metric(k)}
-                            for u in updates}}
-
     def _close_score_round(self, accepted: dict) -> None:
         """Score round: the devices' layer scores give the global its layout; training starts."""
         reports = [(a["metrics"], float(a["n_samples"])) for _, a in sorted(accepted.items())]
@@ -740,20 +720,8 @@ class Coordinator:
 
     def _record_eval(self, global_round: int, accepted: dict) -> None:
         """Devices evaluated the global they received (the one after ``global_round``): fill that row in."""
-        hist = self.state["history"]
-        if global_round == 0 and not hist:
-            hist.append({"round": 0, "participants": [], "accepted": [], "bytes_up": 0, "bytes_down": 0,
-                         "seconds": 0.0, "train_loss": None, "train_seconds": None, "accuracy": None, "loss": None,
-                         "final": False})
-        row = next((h for h in hist if h["round"] == global_round), None)
-        if row is None:
-            return
-        row["accuracy"] = _weighted(accepted, "eval_accuracy", weight="eval_n")
-        row["loss"] = _weighted(accepted, "eval_loss", weight="eval_n")
-        personal = _weighted(accepted, "personal_accuracy", weight="personal_n")
-        if personal is not None:  # methods with a personal model (FDLoRA): each device's own model
-            row["personal_accuracy"] = personal
-        if self.state["phase"] != "evaluate":
+        row = record_eval(self.state["history"], global_round, accepted)
+        if row is not None and self.state["phase"] != "evaluate":
             self._publish_summary(row)
 
     def _prune(self, closed_round: int) -> None:
@@ -772,7 +740,7 @@ class Coordinator:
         f = self.cfg.fleet
         self.transport.publish(topics.server_status_topic(f), encode_message(Status("server", True)), retain=True)
         self._init_ref(publish=True)
-        ref, frames = split_payload(self._global_payload_id(), self.global_blob)
+        ref, frames = self._frames(self._global_payload_id(), self.global_blob)
         for i, frame in enumerate(frames):
             self.transport.publish(topics.global_chunk_topic(f, i), frame, qos=1, retain=True)
         self.transport.publish(topics.global_topic(f),
@@ -782,11 +750,21 @@ class Coordinator:
     def _init_ref(self, publish: bool = False) -> PayloadRef | None:
         if self.init_blob is None:
             return None
-        ref, frames = split_payload(f"init-{self.run_id[-40:]}".replace("_", "-"), self.init_blob)
+        ref, frames = self._frames(f"init-{self.run_id[-40:]}".replace("_", "-"), self.init_blob)
         if publish:
             for i, frame in enumerate(frames):
                 self.transport.publish(topics.init_chunk_topic(self.cfg.fleet, i), frame, qos=1, retain=True)
         return ref
+
+    def _frames(self, payload_id: str, blob: bytes) -> tuple[PayloadRef, list[bytes]]:
+        """``split_payload``, computed once per payload: manifests re-published every few seconds name it."""
+        got = self._framed.get(payload_id)
+        if got is None or got[0] is not blob:
+            ref, frames = split_payload(payload_id, blob)
+            self._framed = {k: v for k, v in self._framed.items() if k.startswith("init-")} | {
+                payload_id: (blob, ref, frames)}   # the run's init payload and the latest global
+            return ref, frames
+        return got[1], got[2]
 
     def _global_payload_id(self) -> str:
         # named by its content too: a score round replaces round 0's global, and a cached copy must not stand in
@@ -798,7 +776,7 @@ class Coordinator:
     def _publish_manifest(self, ref: PayloadRef | None = None) -> None:
         s = self.state
         if ref is None:
-            ref, _ = split_payload(self._global_payload_id(), self.global_blob)
+            ref, _ = self._frames(self._global_payload_id(), self.global_blob)
         action = s["phase"]  # the manifest's action is the server's phase
         if action not in ("score", "train", "evaluate", "done"):
             return
@@ -812,19 +790,3 @@ class Coordinator:
                            row["accuracy"], row["loss"], row["train_loss"], row["seconds"], row["bytes_up"],
                            row["bytes_down"], bool(row.get("final")))
         self.transport.publish(topics.summary_topic(self.cfg.fleet), encode_message(msg), qos=1)
-
-
-def _finite_metrics(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if isinstance(k, str) and isinstance(v, (int, float))
-            and not isinstance(v, bool) and math.isfinite(v)}
-
-
-def _weighted(accepted: dict, key: str, weight: str = "n_samples") -> float | None:
-    pairs = []
-    for a in accepted.values():
-        v = a["metrics"].get(key)
-        w = a["metrics"].get(weight, a.get(weight, 0)) if weight != "n_samples" else a["n_samples"]
-        if v is not None and w:
-            pairs.append((float(v), float(w)))
-    total = sum(w for _, w in pairs)
-    return sum(v * w for v, w in pairs) / total if total else None

@@ -38,6 +38,7 @@ from edge_runtime.errors import ConfigError, DataError, EdgeRuntimeError
 from edge_runtime.methods import METHODS
 from edge_runtime.methods.personal import PersonalState, load_personal, save_personal
 from edge_runtime.protocol import topics
+from edge_runtime.round.device import device_round
 from edge_runtime.protocol.chunking import MAX_CHUNK_BYTES, Reassembler, split_payload
 from edge_runtime.protocol.codec import decode_message, decode_tensors, encode_message, encode_tensors
 from edge_runtime.protocol.messages import (Ack, GlobalAnnouncement, Heartbeat, Hello, ProfileAck, ProfilePush,
@@ -46,7 +47,6 @@ from edge_runtime.service import lifecycle
 from edge_runtime.service.limits import ManifestLimits, ManifestRefused
 from edge_runtime.service.sdnotify import Notifier
 from edge_runtime.training.data import Splits, device_splits, resolve_dataset
-from edge_runtime.training.evaluate import evaluate
 from edge_runtime.training.spec import TrainingSpec, build_model, with_assignment
 from edge_runtime.transport.base import Transport, backoff_delay
 
@@ -516,54 +516,39 @@ class Agent:
             self.state["last_round_done"] = m.round  # do not spin on a round we cannot do
             self._save_state()
             return
-        if m.action == "score":  # the run's score round: layer scores from one batch, nothing trained or sent
-            self.activity = "scoring"
-            t0 = time.perf_counter()
-            try:
-                metrics = method.score(model, tok, splits, spec, seed=spec.seed * 1000 + zlib.crc32(
-                    self.cfg.device_id.encode()) % 1000)
-            except EdgeRuntimeError as exc:
-                log.error("round %d: cannot score layers: %s", m.round, exc)
-                self.state["last_round_done"] = m.round
-                self._save_state()
-                return
-            timings["score_s"] = time.perf_counter() - t0
-            log.info("score round: %d layer scores from one batch in %.1f s", len(metrics), timings["score_s"])
-            self._set_pending(m, None, len(splits.train), metrics, timings)
+        try:
+            report = device_round(method, model, tok, splits, spec, action=m.action, round_=m.round,
+                                  device_id=self.cfg.device_id, personal=self._personal,
+                                  eval_batch_size=self.cfg.eval_batch_size, keep_personal=self._keep_personal,
+                                  train=lambda s, seed, personal: self._train_fitting(m, s, init, blob, seed),
+                                  on_step=lambda step: setattr(self, "activity", step))
+        except EdgeRuntimeError as exc:
+            if m.action != "score":
+                raise
+            log.error("round %d: cannot score layers: %s", m.round, exc)
+            self.state["last_round_done"] = m.round
+            self._save_state()
             return
-        self.activity = "evaluating"
-        t0 = time.perf_counter()
-        ev = evaluate(model, tok, splits.test, self.cfg.eval_batch_size, spec.train.max_seq_len)
-        timings["eval_s"] = time.perf_counter() - t0
-        metrics = {"eval_accuracy": ev.accuracy, "eval_loss": ev.loss, "eval_n": ev.n}
-        t0 = time.perf_counter()
-        personal_metrics, personal = method.personalise(model, tok, splits, spec, self._personal,
-                                                        self.cfg.eval_batch_size)
-        if personal_metrics:
-            timings["personalise_s"] = time.perf_counter() - t0
-            metrics.update(personal_metrics)
-            self._keep_personal(personal)
-            log.info("round %d: personalised acc %.3f (%s)", m.round, personal_metrics["personal_accuracy"],
-                     ", ".join(f"{k} {v:.3g}" for k, v in personal_metrics.items() if k != "personal_accuracy"))
+        timings.update(report.timings)
+        metrics = report.metrics
+        if m.action == "score":
+            log.info("score round: %d layer scores from one batch in %.1f s", len(metrics), timings["score_s"])
+            self._set_pending(m, None, report.n_samples, metrics, timings)
+            return
+        if "personal_accuracy" in metrics:
+            log.info("round %d: personalised acc %.3f", m.round, metrics["personal_accuracy"])
         update_id = f"u{uuid.uuid4().hex[:20]}"
         file = None
-        n_samples = 0
-        if m.action == "train":
-            self.activity = "training"
-            seed = spec.seed * 1_000_003 + m.round * 1009 + zlib.crc32(self.cfg.device_id.encode()) % 1000
-            model, spec, res, personal = self._train_fitting(m, spec, init, blob, seed)
-            self._keep_personal(personal)
-            metrics.update(res.metrics)
-            metrics.update(train_loss=res.mean_loss, train_seconds=res.seconds, train_steps=res.steps)
-            n_samples = len(splits.train)
-            timings["train_s"] = res.seconds
+        if report.upload is not None:
             t0 = time.perf_counter()
             file = Path(self.cfg.state_dir) / "pending" / f"{update_id}.safetensors"
-            write_bytes_atomic(file, encode_tensors(method.trainable_state(model)))
+            write_bytes_atomic(file, encode_tensors(report.upload))
             timings["encode_s"] = time.perf_counter() - t0
+            res = report.train_result
             log.info("round %d: global acc %.3f on %d local test examples; trained %d steps in %.1f s "
-                     "(loss %.3f)", m.round, ev.accuracy, ev.n, res.steps, res.seconds, res.mean_loss)
-        self._set_pending(m, file, n_samples, metrics, timings, update_id)
+                     "(loss %.3f)", m.round, metrics["eval_accuracy"], metrics["eval_n"], res.steps, res.seconds,
+                     res.mean_loss)
+        self._set_pending(m, file, report.n_samples, metrics, timings, update_id)
 
     # -- fitting the device ------------------------------------------------------------------------
     def _assigned(self, spec: TrainingSpec, m: RoundManifest) -> TrainingSpec:
@@ -622,7 +607,8 @@ class Agent:
         return apply_device_profile(spec, plan_overrides(choice.plan))
 
     def _train_fitting(self, m: RoundManifest, spec: TrainingSpec, init: bytes | None, blob: bytes, seed: int):
-        """Local training; an out-of-memory error steps the plan down and retries the round."""
+        """Local training (``device_round``'s ``train``); an out-of-memory error steps the plan down and
+        retries the round. Returns (the model as trained, the spec as trained, the result, the personal state)."""
         import gc
 
         import torch

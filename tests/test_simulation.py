@@ -127,11 +127,11 @@ def test_droppeft_simulation_learns_and_its_configurator_respects_device_memory(
                            max_examples=None, method="droppeft", train=FAST, lora=LoraMethodConfig(rank=4),
                            droppeft=DropPEFTConfig(ratios=(0.0, 0.5), shapes=("uniform",)))
     hist = run_simulation(cfg, None, progress=False)   # memory unknown: every arm may be offered
-    spec_peaks = None
+    spec_peaks = []   # over every round: round 1 offers both arms; later rounds may settle on one (timing-dependent)
     for r in hist["rounds"][1:]:
         conf = r["configurator"]
         assert set(conf["assignments"]) == {"dev00", "dev01", "dev02"} and set(conf["rewards"]) == set(conf["assignments"])
-        spec_peaks = [a["predicted_peak"] for a in conf["assignments"].values()]
+        spec_peaks += [a["predicted_peak"] for a in conf["assignments"].values()]
     arms_r1 = sorted(a["arm"] for a in hist["rounds"][1]["configurator"]["assignments"].values())
     assert arms_r1 == [0, 0, 1] or arms_r1 == [0, 1, 1]   # round 1 spreads the devices over both arms
     assert hist["rounds"][-1]["global_accuracy"] > hist["rounds"][0]["global_accuracy"] + 0.25

@@ -110,8 +110,11 @@ class Reassembler:
 
     def add(self, source: str, frame: bytes, now: float) -> tuple[PayloadRef, bytes | None]:
         """Add one chunk; returns (its payload ref, the whole payload if this chunk completed it)."""
+        return self.add_parsed(source, *parse_chunk(frame), now)
+
+    def add_parsed(self, source: str, header: ChunkHeader, data: bytes, now: float) -> tuple[PayloadRef, bytes | None]:
+        """:meth:`add` for a frame already split by :func:`parse_chunk` (each frame is parsed and hashed once)."""
         self.expire(now)
-        header, data = parse_chunk(frame)
         ref = header.payload
         check_id("source", source)
         if ref.size > self.max_payload_bytes:

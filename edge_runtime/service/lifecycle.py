@@ -12,14 +12,15 @@ from __future__ import annotations
 import threading
 import time
 
-from edge_runtime.errors import EdgeRuntimeError
 
 STOP = threading.Event()
 _last_progress = time.monotonic()
 
 
-class Interrupted(EdgeRuntimeError):
-    """A stop was requested while a long step was running; the step was abandoned."""
+class Interrupted(Exception):
+    """A stop was requested while a long step was running; the step was abandoned. Not an
+    :class:`EdgeRuntimeError`: code that handles a failed step (``except EdgeRuntimeError``) must not
+    swallow a stop request."""
 
 
 def touch() -> None:

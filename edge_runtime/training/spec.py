@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Sequence
 
 from edge_runtime.errors import ConfigError

@@ -1,0 +1,106 @@
+"""The server's part of one round, as pure functions: who takes part, the method's aggregate
+(checked), and the history row. The coordinator calls them with what it persisted; nothing here
+touches the disk, the network or the clock.
+
+An *accepted* record is what the server keeps of one device's update:
+``{"n_samples": int, "metrics": {name: float}, "bytes": int, ...}``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from edge_runtime.algorithms.aggregation import Update, check_compatible
+from edge_runtime.errors import AggregationError
+from edge_runtime.methods.base import Method
+from edge_runtime.training.spec import TrainingSpec
+
+
+def select_participants(pool: Sequence[str], round_: int, seed: int, per_round: int, cap: int,
+                        rounds_done: Mapping[str, int]) -> list[str]:
+    """``pool`` (the eligible devices) sampled to ``per_round`` (0: all) with a seed of the run and the
+    round, then capped at ``cap``, keeping the devices that have done the most rounds first."""
+    pool = sorted(pool)
+    rng = random.Random(seed * 100_003 + round_)
+    if per_round and len(pool) > per_round:
+        pool = sorted(rng.sample(pool, per_round))
+    if len(pool) > cap:
+        pool = sorted(sorted(pool, key=lambda d: (-rounds_done.get(d, 0), rng.random()))[:cap])
+    return pool
+
+
+def aggregate_checked(method: Method, global_state: Mapping[str, Tensor], updates: Sequence[Update],
+                      server_state: Mapping[str, Tensor], spec: TrainingSpec, fleet_size: int,
+                      round_: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The method's aggregate, refused (AggregationError) unless it has the global's keys, shapes and
+    dtypes and only finite values."""
+    new_global, new_server = method.aggregate(global_state, updates, server_state, spec, fleet_size)
+    check_compatible(global_state, new_global, where=f"round {round_}'s aggregate")
+    if not all(torch.isfinite(t).all() for t in new_global.values() if t.is_floating_point()):
+        raise AggregationError("the aggregate holds NaN or infinite values")
+    return new_global, new_server
+
+
+def finite_metrics(metrics: Mapping) -> dict[str, float]:
+    """The numbers of an update's metrics worth keeping (finite ints and floats under str keys)."""
+    return {k: v for k, v in metrics.items() if isinstance(k, str) and isinstance(v, (int, float))
+            and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def weighted(accepted: Mapping[str, Mapping], key: str, weight: str = "n_samples") -> float | None:
+    """The mean of metric ``key`` over the accepted updates, weighted by ``n_samples`` or by another metric."""
+    pairs = []
+    for a in accepted.values():
+        v = a["metrics"].get(key)
+        w = a["metrics"].get(weight, a.get(weight, 0)) if weight != "n_samples" else a["n_samples"]
+        if v is not None and w:
+            pairs.append((float(v), float(w)))
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else None
+
+
+def round_row(round_: int, participants: Sequence[str], accepted: Mapping[str, Mapping], global_bytes: int,
+              seconds: float, configurator: dict | None = None) -> dict:
+    """The history row of a training round that was aggregated (its accuracy is filled in by
+    :func:`record_eval` once devices have evaluated the new global)."""
+    return {"round": round_, "participants": list(participants), "accepted": sorted(accepted),
+            "weights": {d: a["n_samples"] for d, a in accepted.items()},
+            "steps": {d: int(a["metrics"].get("train_steps", 0)) for d, a in accepted.items()},
+            "bytes_up": sum(a["bytes"] for a in accepted.values()), "bytes_down": global_bytes * len(participants),
+            "seconds": seconds, "train_loss": weighted(accepted, "train_loss"),
+            "train_seconds": weighted(accepted, "train_seconds"), "accuracy": None, "loss": None, "final": False,
+            **({"configurator": configurator} if configurator else {})}
+
+
+def initial_row() -> dict:
+    """Row 0: the initial global, before any training (its accuracy comes from round 1's devices)."""
+    return {"round": 0, "participants": [], "accepted": [], "bytes_up": 0, "bytes_down": 0, "seconds": 0.0,
+            "train_loss": None, "train_seconds": None, "accuracy": None, "loss": None, "final": False}
+
+
+def configurator_row(method: Method, offered: dict, updates: Sequence[Update]) -> dict:
+    """What the configurator offered this round, what each device reported and what it earned."""
+    return {"assignments": offered, "rewards": method.rewards(updates),
+            "reports": {u.device_id: {k: v for k, v in u.metrics.items() if method.round_metric(k)}
+                        for u in updates}}
+
+
+def record_eval(history: list[dict], global_round: int, accepted: Mapping[str, Mapping]) -> dict | None:
+    """Devices evaluated the global after ``global_round``: fill that row's accuracy and loss (each
+    weighted by the examples evaluated) and the personalised accuracy where the method has one."""
+    if global_round == 0 and not history:
+        history.append(initial_row())
+    row = next((h for h in history if h["round"] == global_round), None)
+    if row is None:
+        return None
+    row["accuracy"] = weighted(accepted, "eval_accuracy", weight="eval_n")
+    row["loss"] = weighted(accepted, "eval_loss", weight="eval_n")
+    personal = weighted(accepted, "personal_accuracy", weight="personal_n")
+    if personal is not None:   # methods with a personal model (FDLoRA): each device's own model
+        row["personal_accuracy"] = personal
+    return row
