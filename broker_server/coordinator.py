@@ -16,7 +16,6 @@ server gives devices ``restart_grace_s`` to reappear before it decides anything 
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import math
 import queue
@@ -29,6 +28,7 @@ from typing import Callable
 import torch
 
 from broker_server.fleet import Fleet, RegistryFull
+from broker_server.publisher import Publisher
 from broker_server.store import Store
 from edge_runtime.algorithms.aggregation import Update, check_compatible
 from edge_runtime.errors import AggregationError, ConfigError, EdgeRuntimeError
@@ -36,10 +36,9 @@ from edge_runtime.methods import METHODS
 from edge_runtime.protocol import topics
 from edge_runtime.round.server import (aggregate_checked, configurator_row, finite_metrics, record_eval, round_row,
                                         select_participants)
-from edge_runtime.protocol.chunking import Reassembler, parse_chunk, split_payload
+from edge_runtime.protocol.chunking import Reassembler, parse_chunk
 from edge_runtime.protocol.codec import decode_message, decode_tensors, encode_message, encode_tensors
-from edge_runtime.protocol.messages import (Ack, GlobalAnnouncement, Heartbeat, Hello, PayloadRef, ProtocolError,
-                                            RoundManifest, RoundSummary, Status, UpdateManifest, check_id)
+from edge_runtime.protocol.messages import Ack, Heartbeat, Hello, ProtocolError, Status, UpdateManifest, check_id
 from edge_runtime.service import lifecycle
 from edge_runtime.service.faults import crash_point
 from edge_runtime.service.sdnotify import Notifier
@@ -106,8 +105,7 @@ class Coordinator:
         self._ticked_at = self._expired_at = 0.0
         self._eligible_since: float | None = None   # waiting for a later round: since when anyone is eligible
         self._new_devices = [0, 0.0]         # hellos of new devices since the last log line, its time
-        self._global_digest: tuple[bytes | None, str] = (None, "")
-        self._framed: dict[str, tuple[bytes, PayloadRef, list[bytes]]] = {}   # what was last cut into chunks
+        self.publisher = Publisher(transport, cfg.fleet, clock)
         store.clean_stale_temp()
         state = store.load()
         self.grace_until = 0.0
@@ -734,59 +732,13 @@ class Coordinator:
         if closed_round >= 2:  # the method's server state: the current one and the one before suffice
             (self.store.root / "server" / f"round_{closed_round - 2:05d}.safetensors").unlink(missing_ok=True)
 
-    # -- outbound ----------------------------------------------------------------------------
+    # -- outbound (broker_server.publisher) ---------------------------------------------------
     def publish_retained(self) -> None:
         """(Re)publish everything a late joiner needs: presence, the global adapter, the manifest."""
-        f = self.cfg.fleet
-        self.transport.publish(topics.server_status_topic(f), encode_message(Status("server", True)), retain=True)
-        self._init_ref(publish=True)
-        ref, frames = self._frames(self._global_payload_id(), self.global_blob)
-        for i, frame in enumerate(frames):
-            self.transport.publish(topics.global_chunk_topic(f, i), frame, qos=1, retain=True)
-        self.transport.publish(topics.global_topic(f),
-                               encode_message(GlobalAnnouncement(self.run_id, self.state["round"], ref)), retain=True)
-        self._publish_manifest(ref)
+        self.publisher.retained(self.state, self.global_blob, self.init_blob)
 
-    def _init_ref(self, publish: bool = False) -> PayloadRef | None:
-        if self.init_blob is None:
-            return None
-        ref, frames = self._frames(f"init-{self.run_id[-40:]}".replace("_", "-"), self.init_blob)
-        if publish:
-            for i, frame in enumerate(frames):
-                self.transport.publish(topics.init_chunk_topic(self.cfg.fleet, i), frame, qos=1, retain=True)
-        return ref
-
-    def _frames(self, payload_id: str, blob: bytes) -> tuple[PayloadRef, list[bytes]]:
-        """``split_payload``, computed once per payload: manifests re-published every few seconds name it."""
-        got = self._framed.get(payload_id)
-        if got is None or got[0] is not blob:
-            ref, frames = split_payload(payload_id, blob)
-            self._framed = {k: v for k, v in self._framed.items() if k.startswith("init-")} | {
-                payload_id: (blob, ref, frames)}   # the run's init payload and the latest global
-            return ref, frames
-        return got[1], got[2]
-
-    def _global_payload_id(self) -> str:
-        # named by its content too: a score round replaces round 0's global, and a cached copy must not stand in
-        if self._global_digest[0] is not self.global_blob:
-            self._global_digest = (self.global_blob, hashlib.sha256(self.global_blob).hexdigest()[:10])
-        name = f"g{max(self.state['round'] - 1, 0):05d}-{self._global_digest[1]}-{self.run_id[-20:]}"
-        return name.replace("_", "-")[:64]
-
-    def _publish_manifest(self, ref: PayloadRef | None = None) -> None:
-        s = self.state
-        if ref is None:
-            ref, _ = self._frames(self._global_payload_id(), self.global_blob)
-        action = s["phase"]  # the manifest's action is the server's phase
-        if action not in ("score", "train", "evaluate", "done"):
-            return
-        deadline_left = max(0.0, (s["deadline_at"] or 0) - self.clock())
-        m = RoundManifest(self.run_id, s["round"], action, tuple(s["participants"]), ref, deadline_left,
-                          s["training"], self.clock(), self._init_ref(), s.get("assignments") or {})
-        self.transport.publish(topics.round_topic(self.cfg.fleet), encode_message(m), retain=True)
+    def _publish_manifest(self) -> None:
+        self.publisher.manifest(self.state, self.global_blob, self.init_blob)
 
     def _publish_summary(self, row: dict) -> None:
-        msg = RoundSummary(self.run_id, row["round"], tuple(row["participants"]), len(row["accepted"]),
-                           row["accuracy"], row["loss"], row["train_loss"], row["seconds"], row["bytes_up"],
-                           row["bytes_down"], bool(row.get("final")))
-        self.transport.publish(topics.summary_topic(self.cfg.fleet), encode_message(msg), qos=1)
+        self.publisher.summary(self.run_id, row)

@@ -44,7 +44,7 @@ def export_adapter(out_dir: Path, spec_json: dict, global_state: dict[str, torch
                    init_state: dict[str, torch.Tensor] | None = None, state: dict | None = None) -> Path:
     """Write the global adapter as a peft folder (``PeftModel.from_pretrained(base, path)`` loads it).
 
-    ``init_state`` is the run's round-0 global, which methods with ``NEEDS_INIT`` (FeDeRA) set the
+    ``init_state`` is the run's round-0 global, which methods with ``needs_init`` (FeDeRA) set the
     model up from; every method writes a plain LoRA folder for the untouched base model.
     """
     spec = TrainingSpec.from_json(spec_json)

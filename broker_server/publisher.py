@@ -1,0 +1,84 @@
+"""Everything the aggregation server publishes: its presence, the global and the run's init payload
+(retained chunks, each payload cut and hashed once), the round manifest and round summaries.
+
+It holds no round state: the coordinator passes the persisted state and the blobs in force.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable
+
+from edge_runtime.protocol import topics
+from edge_runtime.protocol.chunking import split_payload
+from edge_runtime.protocol.codec import encode_message
+from edge_runtime.protocol.messages import GlobalAnnouncement, PayloadRef, RoundManifest, RoundSummary, Status
+from edge_runtime.transport.base import Transport
+
+ACTIONS = ("score", "train", "evaluate", "done")   # phases a manifest announces (the manifest's action)
+
+
+class Publisher:
+    def __init__(self, transport: Transport, fleet: str, clock: Callable[[], float]) -> None:
+        self.transport, self.fleet, self.clock = transport, fleet, clock
+        self._framed: dict[str, tuple[bytes, PayloadRef, list[bytes]]] = {}   # what was last cut into chunks
+        self._digest: tuple[bytes | None, str] = (None, "")
+
+    def frames(self, payload_id: str, blob: bytes) -> tuple[PayloadRef, list[bytes]]:
+        """``split_payload``, computed once per payload: manifests re-published every few seconds name it."""
+        got = self._framed.get(payload_id)
+        if got is not None and got[0] is blob:
+            return got[1], got[2]
+        ref, frames = split_payload(payload_id, blob)
+        self._framed = {k: v for k, v in self._framed.items() if k.startswith("init-")} | {
+            payload_id: (blob, ref, frames)}   # the run's init payload and the latest global
+        return ref, frames
+
+    def global_payload(self, state: dict, blob: bytes) -> tuple[PayloadRef, list[bytes]]:
+        """The global in force, named by its round and content (a score round replaces round 0's
+        global, and a device's cached copy must not stand in for the new one)."""
+        if self._digest[0] is not blob:
+            self._digest = (blob, hashlib.sha256(blob).hexdigest()[:10])
+        name = f"g{max(state['round'] - 1, 0):05d}-{self._digest[1]}-{state['run_id'][-20:]}"
+        return self.frames(name.replace("_", "-")[:64], blob)
+
+    def init_payload(self, run_id: str, blob: bytes | None, publish: bool = False) -> PayloadRef | None:
+        """The run's init payload (methods whose devices need the round-0 global), published when asked."""
+        if blob is None:
+            return None
+        ref, frames = self.frames(f"init-{run_id[-40:]}".replace("_", "-"), blob)
+        if publish:
+            for i, frame in enumerate(frames):
+                self.transport.publish(topics.init_chunk_topic(self.fleet, i), frame, qos=1, retain=True)
+        return ref
+
+    def retained(self, state: dict, global_blob: bytes, init_blob: bytes | None) -> None:
+        """(Re)publish everything a late joiner needs: presence, the init and global payloads, the manifest."""
+        f = self.fleet
+        self.transport.publish(topics.server_status_topic(f), encode_message(Status("server", True)), retain=True)
+        self.init_payload(state["run_id"], init_blob, publish=True)
+        ref, frames = self.global_payload(state, global_blob)
+        for i, frame in enumerate(frames):
+            self.transport.publish(topics.global_chunk_topic(f, i), frame, qos=1, retain=True)
+        self.transport.publish(topics.global_topic(f),
+                               encode_message(GlobalAnnouncement(state["run_id"], state["round"], ref)), retain=True)
+        self.manifest(state, global_blob, init_blob)
+
+    def manifest(self, state: dict, global_blob: bytes, init_blob: bytes | None) -> None:
+        """The round manifest of the phase in force (retained); nothing while the server waits."""
+        s = state
+        if s["phase"] not in ACTIONS:
+            return
+        ref, _ = self.global_payload(s, global_blob)
+        deadline_left = max(0.0, (s["deadline_at"] or 0) - self.clock())
+        m = RoundManifest(s["run_id"], s["round"], s["phase"], tuple(s["participants"]), ref, deadline_left,
+                          s["training"], self.clock(), self.init_payload(s["run_id"], init_blob),
+                          s.get("assignments") or {})
+        self.transport.publish(topics.round_topic(self.fleet), encode_message(m), retain=True)
+
+    def summary(self, run_id: str, row: dict) -> None:
+        """A round's history row for watchers (the demo prints them)."""
+        msg = RoundSummary(run_id, row["round"], tuple(row["participants"]), len(row["accepted"]),
+                           row["accuracy"], row["loss"], row["train_loss"], row["seconds"], row["bytes_up"],
+                           row["bytes_down"], bool(row.get("final")))
+        self.transport.publish(topics.summary_topic(self.fleet), encode_message(msg), qos=1)
