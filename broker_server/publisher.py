@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 from typing import Callable
 
+from broker_server.run_state import ANNOUNCED
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.chunking import split_payload
 from edge_runtime.protocol.codec import encode_message
 from edge_runtime.protocol.messages import GlobalAnnouncement, PayloadRef, RoundManifest, RoundSummary, Status
 from edge_runtime.transport.base import Transport
 
-ACTIONS = ("score", "train", "evaluate", "done")   # phases a manifest announces (the manifest's action)
 
 
 class Publisher:
@@ -67,7 +67,7 @@ class Publisher:
     def manifest(self, state: dict, global_blob: bytes, init_blob: bytes | None) -> None:
         """The round manifest of the phase in force (retained); nothing while the server waits."""
         s = state
-        if s["phase"] not in ACTIONS:
+        if s["phase"] not in ANNOUNCED:
             return
         ref, _ = self.global_payload(s, global_blob)
         deadline_left = max(0.0, (s["deadline_at"] or 0) - self.clock())

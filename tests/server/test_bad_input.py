@@ -152,7 +152,7 @@ def test_oversized_declared_size_is_rejected_before_allocating(server):
     devs[0].t.publish(topics.device_topic(F, "d0", "update"), encode_message(m))
     a = devs[0].ack()
     assert not a.accepted and "over the 200000-byte limit" in a.reason
-    assert coord.reassembler.buffered_bytes == 0
+    assert coord.ingest.reassembler.buffered_bytes == 0
     _assert_nothing_accepted(coord, path)
 
 

@@ -50,7 +50,7 @@ def test_hello_flood_appends_to_the_journal_and_never_rewrites_the_state(tmp_pat
         _hellos(broker, 3000)
         _until(lambda: len(coord.fleet.devices) == 3002 and coord.hellos.empty(), "the hellos", 60)
         mark = time.time()
-        _until(lambda: not coord.fleet.dirty and coord._flushed_at > mark, "the registry flush", 5)
+        _until(lambda: not coord.fleet.dirty and coord.flushed_at > mark, "the registry flush", 5)
         per_hello = ((root / "devices.jsonl").stat().st_size - journal_before) / 3000
         assert per_hello < 1024, per_hello                       # one short line each
         assert (root / "state.json").stat().st_mtime_ns == state_stat.st_mtime_ns   # no state rewrite at all
