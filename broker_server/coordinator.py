@@ -25,8 +25,9 @@ from typing import Callable
 
 import torch
 
-from broker_server.fleet import Fleet, RegistryFull
+from broker_server.fleet import Fleet
 from broker_server.ingest import Ingest
+from broker_server.presence import Presence
 from broker_server.publisher import Publisher
 from broker_server.rounds import Rounds
 from broker_server.run_state import Phase, RunState, fresh_state
@@ -34,8 +35,8 @@ from broker_server.store import Store
 from edge_runtime.errors import ConfigError
 from edge_runtime.methods import METHODS
 from edge_runtime.protocol import topics
-from edge_runtime.protocol.codec import decode_message, encode_tensors
-from edge_runtime.protocol.messages import Heartbeat, Hello, ProtocolError, Status, check_id
+from edge_runtime.protocol.codec import encode_tensors
+from edge_runtime.protocol.messages import ProtocolError, check_id
 from edge_runtime.service import lifecycle
 from edge_runtime.service.sdnotify import Notifier
 from edge_runtime.training.spec import TrainingSpec
@@ -94,9 +95,9 @@ class Coordinator:
         self.hellos: queue.Queue = queue.Queue()   # served when the inbox is empty: updates never wait on them
         self.flushed_at = 0.0
         self._retry_at = 0.0                 # after a failed step: when to try again
-        self._new_devices = [0, 0.0]         # hellos of new devices since the last log line, its time
         self.publisher = Publisher(transport, cfg.fleet, clock)
         self.ingest = Ingest(self)     # update manifests and chunks -> accepted updates
+        self.presence = Presence(self)   # hellos, status and heartbeats -> the fleet registry
         self.rounds = Rounds(self)     # deadlines, starting and closing rounds
         store.clean_stale_temp()
         state = store.load()
@@ -267,22 +268,8 @@ class Coordinator:
                 return
             if not payload:
                 return  # a cleared retained message
-            if t.kind == "dev/hello":
-                self._on_hello(t.device_id, decode_message(payload, Hello))
-            elif t.kind == "dev/status":
-                if self.fleet.known(t.device_id):
-                    self._on_status(t.device_id, decode_message(payload, Status))
-                elif not deferred:
-                    self.hellos.put((topic, payload, True))
-            elif t.kind == "dev/heartbeat":
-                hb = decode_message(payload, Heartbeat)
-                if hb.device_id != t.device_id:
-                    raise ProtocolError(f"heartbeat on {t.device_id}'s topic names {hb.device_id}")
-                if not self.fleet.known(t.device_id):
-                    if not deferred:
-                        self.hellos.put((topic, payload, True))
-                elif self.fleet.seen(t.device_id, self.clock(), (hb.state or "alive")[:32]):
-                    log.info("device %s is back online", t.device_id)
+            if t.kind in ("dev/hello", "dev/status", "dev/heartbeat"):
+                self.presence.on_message(topic, t.kind, t.device_id, payload, deferred)
             elif t.kind == "dev/update":
                 self.ingest.on_update_manifest(t.device_id, payload)
         except ProtocolError as exc:
@@ -291,33 +278,6 @@ class Coordinator:
         except Exception as exc:  # loop guard: one message never stops the server; the operator sees it
             self._step_failed(f"handling a message on {topic} ({len(payload)} bytes)", exc)
             self.record_reject(topic, "-", -1, f"internal error handling it: {type(exc).__name__}: {exc}"[:500])
-
-    def _on_hello(self, device_id: str, hello: Hello) -> None:
-        if hello.device_id != device_id:
-            raise ProtocolError(f"hello from topic device {device_id} names device {hello.device_id}")
-        protected = set(self.state["participants"]) | set(self.state["accepted"])
-        try:
-            new = self.fleet.hello(device_id, hello.profile, hello.n_samples, hello.runtime_version, self.clock(),
-                                   protected)
-        except (ValueError, RegistryFull) as exc:
-            raise ProtocolError(f"hello from {device_id} refused: {exc}") from exc
-        if not new:
-            log.debug("known device %s said hello (%d samples)", device_id, hello.n_samples)
-            return
-        self._new_devices[0] += 1
-        if self._new_devices[0] <= 20:
-            log.info("new device %s (%d samples, last round done %d)", device_id, hello.n_samples,
-                     hello.last_round_done)
-        elif self.clock() - self._new_devices[1] >= 10:   # a flood logs a count every 10 s, not a line each
-            log.info("%d new devices since the start (%d registered)", self._new_devices[0], len(self.fleet.devices))
-            self._new_devices[1] = self.clock()
-
-    def _on_status(self, device_id: str, status: Status) -> None:
-        if status.client_id != device_id:
-            raise ProtocolError(f"status on {device_id}'s topic names {status.client_id}")
-        if self.fleet.set_online(device_id, status.online, self.clock()):
-            log.info("device %s is %s", device_id, "online" if status.online else "offline")
-
 
     def record_reject(self, who: str, update_id: str, round_: int, reason: str) -> None:
         rejects = self.state["rejects"]

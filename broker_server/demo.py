@@ -31,8 +31,8 @@ from edge_runtime.algorithms.partition import partition_dirichlet
 from edge_runtime.cli_common import positive_int
 from edge_runtime.deps import require
 from edge_runtime.device.profiler import parse_size
-from edge_runtime.methods import METHODS, default_lr
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.methods import METHODS, default_lr
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.codec import decode_message
 from edge_runtime.protocol.messages import RoundSummary
@@ -87,7 +87,7 @@ def write_device_data(cfg: DemoConfig, full: LocalDataset | None = None) -> list
 
 def export_and_try(out: Path, cfg: DemoConfig, echo) -> dict:
     """Export the final global adapter to ONNX (merged, parity-checked) and classify one held-out gloss."""
-    from edge_runtime.export.onnx import OnnxPredictor, export_merged   # onnx + onnxscript: only once trained
+    from edge_runtime.export.onnx import OnnxPredictor, export_merged  # onnx + onnxscript: only once trained
 
     res = export_merged(out / "global_adapter", out / "onnx")
     echo(f"exported {res.path / 'model.onnx'} ({res.onnx_bytes / 1e6:.0f} MB, onnxruntime vs PyTorch max |diff| "

@@ -17,7 +17,6 @@ from edge_runtime.protocol.messages import GlobalAnnouncement, PayloadRef, Round
 from edge_runtime.transport.base import Transport
 
 
-
 class Publisher:
     def __init__(self, transport: Transport, fleet: str, clock: Callable[[], float]) -> None:
         self.transport, self.fleet, self.clock = transport, fleet, clock

@@ -24,16 +24,16 @@ def test_a_small_budget_shrinks_local_settings_but_not_the_adapter(tmp_path):
     agent = Agent(AgentConfig("d0", str(data), tmp_path / "d0", memory_budget=800 * 2**20),
                   MemoryTransport(MemoryBroker(), "d0"))
     spec = TrainingSpec(model="minilm-l6", labels=tuple(f"l{i}" for i in range(26)))
-    fitted = agent._plan(spec, _manifest(spec))
+    fitted = agent.worker.plan(spec, _manifest(spec))
     assert fitted.train.batch_size < spec.train.batch_size or fitted.train.gradient_checkpointing
     assert fitted.lora == spec.lora and fitted.method == spec.method   # what every device uploads is unchanged
-    assert agent.plan_choice.predicted.total <= 800 * 2**20 * 0.85
+    assert agent.worker.plan_choice.predicted.total <= 800 * 2**20 * 0.85
     roomy = Agent(AgentConfig("d1", str(data), tmp_path / "d1", memory_budget=16 * 2**30),
                   MemoryTransport(MemoryBroker(), "d1"))
-    assert roomy._plan(spec, _manifest(spec)).train == spec.train   # the request as asked
+    assert roomy.worker.plan(spec, _manifest(spec)).train == spec.train   # the request as asked
     off = Agent(AgentConfig("d2", str(data), tmp_path / "d2", plan="off", memory_budget=800 * 2**20),
                 MemoryTransport(MemoryBroker(), "d2"))
-    assert off._plan(spec, _manifest(spec)) == spec
+    assert off.worker.plan(spec, _manifest(spec)) == spec
 
 
 def test_out_of_memory_steps_down_and_keeps_the_round(tmp_path, monkeypatch):
@@ -58,7 +58,7 @@ def test_out_of_memory_steps_down_and_keeps_the_round(tmp_path, monkeypatch):
     assert sorted(seen, reverse=True) == [16, 16, 8, 8, 4, 4]      # each device: 16 -> 8 -> 4, then it trained
     epochs = fleet.spec.train.epochs
     for dev, agent in zip(("dev0", "dev1"), fleet.agents):
-        n_train = len(next(iter(agent._splits.values())).train)
+        n_train = len(next(iter(agent.worker.splits.values())).train)
         assert row["steps"][dev] == math.ceil(epochs * n_train / 4)
         assert "attempt" not in agent.state                      # the marker is gone after success
 
@@ -70,6 +70,6 @@ def test_a_try_that_died_is_stepped_down_after_the_restart(tmp_path):
     agent.state["attempt"] = {"run_id": "run-x", "round": 1,
                               "overrides": {"train": {"batch_size": 16, "max_seq_len": 64,
                                                       "gradient_checkpointing": False}, "quantization": "fp32"}}
-    assert agent._plan(spec, _manifest(spec, 1)).train.batch_size == 8     # the killed try's plan, one step down
-    assert agent._plan(spec, _manifest(spec, 2)).train.batch_size == 16    # another round: as asked
+    assert agent.worker.plan(spec, _manifest(spec, 1)).train.batch_size == 8     # the killed try's plan, one step down
+    assert agent.worker.plan(spec, _manifest(spec, 2)).train.batch_size == 16    # another round: as asked
     assert dataclasses.replace(spec) == spec

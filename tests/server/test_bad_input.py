@@ -346,13 +346,14 @@ def test_agent_resends_back_off_exponentially_with_jitter_and_a_cap(tmp_path):
     now = [1000.0]
     agent = Agent(AgentConfig("d0", str(data), tmp_path / "s", ack_timeout_s=30.0),
                   MemoryTransport(MemoryBroker(), "d0"), clock=lambda: now[0])
-    waits = [agent._backoff() for _ in range(10)]
+    waits = [agent.uploader.backoff() for _ in range(10)]
     for i, w in enumerate(waits):
         full = min(RESEND_BACKOFF_CAP_S, 1.0 * 2 ** i)
         assert full / 2 <= w <= full, (i, w)
     assert waits[-1] <= RESEND_BACKOFF_CAP_S and waits[6] > waits[1]
-    assert agent._hold_until == now[0] + waits[-1] and agent._sent_at is None   # no send before the hold ends
-    assert agent._resend_after == 30.0                    # the ack wait is the ack timeout ...
-    assert agent._backoff(timeout=True) >= 30.0          # ... and only grows after timeouts
-    assert agent._resend_after >= 30.0
+    up = agent.uploader
+    assert up.hold_until == now[0] + waits[-1] and up.sent_at is None   # no send before the hold ends
+    assert agent.uploader.resend_after == 30.0                    # the ack wait is the ack timeout ...
+    assert agent.uploader.backoff(timeout=True) >= 30.0          # ... and only grows after timeouts
+    assert agent.uploader.resend_after >= 30.0
     agent.shutdown()

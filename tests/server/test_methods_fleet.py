@@ -28,7 +28,7 @@ def _assert_folder_matches_device(agent, folder, set_up):
     from edge_runtime.training.models import load_model, resolve_model_source
 
     spec = TrainingSpec.from_json(json.loads((agent.cfg.state_dir / "model" / "device.json").read_text())["training"])
-    model, tok = agent._model, agent._tokenizer
+    model, tok = agent.worker.model, agent.worker.tokenizer
     batch = tok(["an apple", "a hammer and a dog"], padding=True, return_tensors="pt")
     batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     model.eval()
@@ -98,7 +98,7 @@ def test_federa_devices_build_identical_models_from_the_shipped_init(tmp_path):
     assert all(len(f) == 1 for f in init_files)
     assert init_files[0][0].read_bytes() == (tmp_path / "server" / "global" / "round_00000.safetensors").read_bytes()
     # both devices' frozen (residual) base weights are bit-identical
-    m0, m1 = (dict(a._model.named_parameters()) for a in fleet.agents)
+    m0, m1 = (dict(a.worker.model.named_parameters()) for a in fleet.agents)
     frozen = [k for k, p in m0.items() if not p.requires_grad]
     assert frozen and all(torch.equal(m0[k], m1[k]) for k in frozen)
     # the server's export is a plain LoRA for the untouched base (rank 2r)
@@ -155,9 +155,9 @@ def test_fdlora_personal_adapter_never_leaves_the_device_and_survives_a_restart(
             _assert_global_logits(fleet.agents[k], glob)
         # a restarted agent picks its personal adapter up again
         again = Agent(fleet.agents[k].cfg, MemoryTransport(fleet.broker, f"again{k}"))
-        again._prepare(TrainingSpec.from_json(state["training"]), None)
-        assert again._personal is not None and again._personal.meta == personal.meta
-        assert all(torch.equal(again._personal.tensors[n], v) for n, v in personal.tensors.items())
+        again.worker.prepare(TrainingSpec.from_json(state["training"]), None)
+        assert again.worker.personal is not None and again.worker.personal.meta == personal.meta
+        assert all(torch.equal(again.worker.personal.tensors[n], v) for n, v in personal.tensors.items())
 
 
 def test_fedpeptao_scores_then_uploads_only_the_shared_layers(tmp_path):
@@ -191,8 +191,8 @@ def test_fedpeptao_scores_then_uploads_only_the_shared_layers(tmp_path):
         assert own in personal.tensors and personal.meta["steps_total"] > 0
         assert not any(torch.equal(personal.tensors[own], p[f"prompt.{shared}"]) for p in payloads)
         again = Agent(fleet.agents[k].cfg, MemoryTransport(fleet.broker, f"again{k}"))
-        again._prepare(TrainingSpec.from_json(state["training"]), None)
-        assert again._personal is not None and again._personal.meta == personal.meta
+        again.worker.prepare(TrainingSpec.from_json(state["training"]), None)
+        assert again.worker.personal is not None and again.worker.personal.meta == personal.meta
     # the server's global export and a device's own model are prompt folders that export to ONNX
     folder = export_adapter(tmp_path / "out", state["training"], fleet.coordinator.global_state, None)
     assert json.loads((folder / "prompt_config.json").read_text())["layers"] == [shared]

@@ -1,0 +1,99 @@
+"""What comes from the server before a round can run: the global and init payloads (retained
+chunks, reassembled under the device's payload limit), and each manifest vetted against the
+device's limits (a refused one is shown in ``status.json`` with its reason).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edge_runtime.atomic_io import write_bytes_atomic
+from edge_runtime.protocol.chunking import Reassembler
+from edge_runtime.protocol.messages import RoundManifest, check_id
+
+if TYPE_CHECKING:
+    from edge_runtime.agent.core import Agent
+
+log = logging.getLogger("edge_runtime.agent")
+
+
+class Fetcher:
+    def __init__(self, agent: "Agent") -> None:
+        self.agent = agent
+        cap = agent.cfg.limits.max_payload_bytes   # one payload under it; unfinished chunks under twice that
+        self.globals = Reassembler(cap, ttl_s=3600, max_buffered_bytes=2 * cap, max_per_source_bytes=2 * cap)
+        self.global_blobs: dict[str, bytes] = {}           # payload id -> bytes (sha-checked)
+        self.inits = Reassembler(cap, ttl_s=3600, max_buffered_bytes=2 * cap, max_per_source_bytes=2 * cap)
+        self._init_candidate: tuple[str, bytes] | None = None   # a complete init payload no manifest named yet
+        self.refused: dict | None = None                   # the last manifest refused, and why (status shows it)
+
+    def on_chunk(self, kind: str, frame: bytes) -> None:
+        """A retained chunk of a global ("global/chunk") or of the run's init payload ("init/chunk")."""
+        if kind == "global/chunk":
+            ref, whole = self.globals.add("server", frame, self.agent.clock())
+            if whole is not None:   # the two latest globals are kept (a manifest names one of them)
+                self.global_blobs[ref.payload_id] = whole
+                while len(self.global_blobs) > 2:
+                    self.global_blobs.pop(next(iter(self.global_blobs)))
+        else:
+            ref, whole = self.inits.add("server", frame, self.agent.clock())
+            if whole is not None:   # on disk only once the run's manifest names it
+                self._init_candidate = (ref.payload_id, whole)
+                self.keep_init()
+
+    def vet(self, m: RoundManifest) -> None:
+        """Refuse a manifest that asks for more than this device's limits allow (any training setting,
+        the payload sizes, the model)."""
+        if m.action not in ("train", "score", "evaluate") or self.agent.cfg.device_id not in m.participants:
+            return   # nothing to do for this device: nothing to check
+        sizes = {"global": m.global_payload.size if m.global_payload else 0,
+                 "init": m.init_payload.size if m.init_payload else 0}
+        training = m.training if isinstance(m.training, dict) else {}
+        self.agent.cfg.limits.check(training, sizes, len(self.agent.raw_data))
+        assignment = (m.assignments or {}).get(self.agent.cfg.device_id)
+        if assignment:
+            self.agent.cfg.limits.check({**training, **assignment, "train": {**(training.get("train") or {}),
+                                                                       **(assignment.get("train") or {})}},
+                                  {}, len(self.agent.raw_data))
+
+    def refuse(self, m: RoundManifest, reason: str) -> None:
+        key = (m.run_id, m.round, m.action, reason)
+        if self.refused is None or self.refused.get("key") != list(key):
+            log.warning("refused the manifest of run %s round %d (%s): %s; this device does not take part",
+                        m.run_id, m.round, m.action, reason)
+            self.refused = {"key": list(key), "run_id": m.run_id, "round": m.round, "reason": reason,
+                            "at": self.agent.clock()}
+            self.agent.write_status()
+
+    def keep_init(self) -> None:
+        """Write the init payload the manifest in force names (once), and only that one."""
+        m, cand = self.agent.manifest, self._init_candidate
+        if m is None or m.init_payload is None or cand is None or cand[0] != m.init_payload.payload_id:
+            return
+        path = self.init_path(cand[0])
+        if not path.exists():
+            write_bytes_atomic(path, cand[1])   # kept: a restarted device needs no retained copy
+        for other in path.parent.glob("*.safetensors"):
+            if other != path:
+                other.unlink(missing_ok=True)
+        self._init_candidate = None
+
+    def init_path(self, payload_id: str) -> Path:
+        return Path(self.agent.cfg.state_dir) / "init" / f"{check_id('payload_id', payload_id)}.safetensors"
+
+    def init_blob(self, m: RoundManifest) -> bytes | None:
+        """The run's init adapter named by the manifest, from disk, if it is there and intact."""
+        if m.init_payload is None:
+            return None
+        path = self.init_path(m.init_payload.payload_id)
+        if not path.exists():
+            return None
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != m.init_payload.sha256:
+            log.warning("%s does not match the manifest's init payload; fetching it again", path)
+            path.unlink(missing_ok=True)
+            return None
+        return data
