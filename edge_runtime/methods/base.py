@@ -42,11 +42,39 @@ Traits (read by the planner, the memory model, the CLI and the profile validator
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Generic, Mapping, TypeVar
 
 from edge_runtime.algorithms.aggregation import fedavg
+from edge_runtime.errors import ConfigError
+
+S = TypeVar("S")
+
+
+class ModelState(Generic[S]):
+    """A method's typed state for each model its ``build`` made (DropPEFT's blocks, FedPepTAO's
+    shared layers and control variates, ...): held beside the model in a weak map, so the model
+    carries no private attributes and the state goes when the model goes."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self._of: "weakref.WeakKeyDictionary[Any, S]" = weakref.WeakKeyDictionary()
+
+    def set(self, model, state: S) -> S:
+        self._of[model] = state
+        return state
+
+    def get(self, model) -> S | None:
+        """The state, or None for a model this method has not set one for (yet)."""
+        return self._of.get(model)
+
+    def of(self, model) -> S:
+        try:
+            return self._of[model]
+        except KeyError:
+            raise ConfigError(f"this model was not built by the {self.method} method") from None
 
 
 def _no_prepare(model, spec, init) -> None:

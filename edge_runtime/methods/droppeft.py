@@ -48,7 +48,7 @@ from edge_runtime.methods.personal import PersonalState
 from edge_runtime.training.data import Splits
 from edge_runtime.training.evaluate import evaluate
 from edge_runtime.training.trainer import TrainResult, train_local
-from edge_runtime.methods.base import Method
+from edge_runtime.methods.base import Method, ModelState
 
 if TYPE_CHECKING:
     from edge_runtime.training.spec import TrainingSpec
@@ -132,7 +132,8 @@ def find_blocks(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList, str]:
 def run_only(model: nn.Module, kept: Sequence[int]):
     """Within the block, the model runs only blocks ``kept`` (in order); all of them again after.
     Per training step: the blocks' place is the one :func:`build` found, not searched again."""
-    parent, attr, blocks = getattr(model, "_dp_blocks", None) or find_blocks(model)[:3]
+    st = STATE.get(model)
+    parent, attr, blocks = st.blocks if st is not None else find_blocks(model)[:3]
     setattr(parent, attr, nn.ModuleList([blocks[i] for i in sorted(kept)]))
     try:
         yield
@@ -162,16 +163,27 @@ def _is_personal(key: str, personal: set[int]) -> bool:
     return l is not None and l in personal
 
 
+@dataclass
+class DropModel:
+    """What :func:`build` found in the model it wrapped."""
+
+    blocks: tuple[nn.Module, str, nn.ModuleList]   # the blocks' parent module, its attribute, the blocks
+    personal: set[int]                             # blocks whose adapters stay on the device
+    init: dict[str, Tensor]                        # those adapters' initial values (the global model's)
+
+
+STATE: ModelState[DropModel] = ModelState("droppeft")
+
+
 # -- hooks -------------------------------------------------------------------------------------
 def build(model: nn.Module, spec: "TrainingSpec"):
     model = lora.build(model, spec)
     parent, attr, blocks, path = find_blocks(model)
-    model._dp_blocks = (parent, attr, blocks)
-    model._dp_spec = spec
-    model._dp_personal = _personal_blocks(len(blocks), spec)
+    personal = _personal_blocks(len(blocks), spec)
     full = lora.trainable_state(model)
-    model._dp_init = {k: v for k, v in full.items() if _is_personal(k, model._dp_personal)}
-    log.debug("droppeft: %d blocks at %s, personal %s", len(blocks), path, sorted(model._dp_personal))
+    STATE.set(model, DropModel((parent, attr, blocks), personal,
+                               {k: v for k, v in full.items() if _is_personal(k, personal)}))
+    log.debug("droppeft: %d blocks at %s, personal %s", len(blocks), path, sorted(personal))
     return model
 
 
@@ -181,7 +193,7 @@ def initial_global(model, spec: "TrainingSpec") -> dict[str, Tensor]:
 
 def trainable_state(model) -> dict[str, Tensor]:
     """The upload: every adapter tensor except the personal blocks'."""
-    return {k: v for k, v in lora.trainable_state(model).items() if not _is_personal(k, model._dp_personal)}
+    return {k: v for k, v in lora.trainable_state(model).items() if not _is_personal(k, STATE.of(model).personal)}
 
 
 def _set(model, tensors: Mapping[str, Tensor]) -> None:
@@ -194,26 +206,26 @@ def _set(model, tensors: Mapping[str, Tensor]) -> None:
 def load_trainable_state(model, state: Mapping[str, Tensor]) -> None:
     """Load a global: the shared adapters, and the personal blocks back to their (unadapted) init."""
     check_compatible(trainable_state(model), state, where="global adapter")
-    _set(model, {**state, **model._dp_init})
+    _set(model, {**state, **STATE.of(model).init})
 
 
 def _load_personal(model, personal: PersonalState | None) -> None:
-    if model._dp_init:
+    if STATE.of(model).init:
         own = personal.tensors if personal is not None else {}
-        _set(model, {k: own.get(k, v) for k, v in model._dp_init.items()})
+        _set(model, {k: own.get(k, v) for k, v in STATE.of(model).init.items()})
 
 
 def _personal_of(model) -> PersonalState | None:
-    if not model._dp_init:
+    if not STATE.of(model).init:
         return None
     full = lora.trainable_state(model)
-    return PersonalState({k: full[k] for k in model._dp_init}, {"personal_layers": sorted(model._dp_personal)})
+    return PersonalState({k: full[k] for k in STATE.of(model).init}, {"personal_layers": sorted(STATE.of(model).personal)})
 
 
 def personalise(model, tokenizer, splits: Splits, spec: "TrainingSpec", personal: PersonalState | None,
                 eval_batch_size: int = 64) -> tuple[dict[str, float], PersonalState | None]:
     """With personal layers: the device's own model (global + its top blocks), on its test split."""
-    if not model._dp_init or len(splits.test) == 0:
+    if not STATE.of(model).init or len(splits.test) == 0:
         return {}, personal
     _load_personal(model, personal)
     ev = evaluate(model, tokenizer, splits.test, eval_batch_size, spec.train.max_seq_len)
@@ -233,7 +245,7 @@ def local_train(model, tokenizer, splits: Splits, spec: "TrainingSpec", seed: in
     before and after (the configurator's reward)."""
     cfg = _cfg(spec)
     _load_personal(model, personal)
-    n = len(model._dp_blocks[2])
+    n = len(STATE.of(model).blocks[2])
     probs = drop_probabilities(n, cfg.ratio, cfg.shape, cfg.cap)
     before = _val_loss(model, tokenizer, splits, spec) if cfg.bandit else None
     gen = torch.Generator().manual_seed(seed * 7919 + 17)
@@ -261,7 +273,7 @@ def save_personal_adapter(model, personal: PersonalState | None, folder: Path) -
     try:
         model.save_pretrained(folder)
     finally:
-        _set(model, model._dp_init)
+        _set(model, STATE.of(model).init)
 
 
 # -- server ------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from edge_runtime.methods.personal import PersonalState
 from edge_runtime.training.data import Splits
 from edge_runtime.training.evaluate import evaluate
 from edge_runtime.training.trainer import TrainResult, train_local
-from edge_runtime.methods.base import Method
+from edge_runtime.methods.base import Method, ModelState
 
 if TYPE_CHECKING:
     from edge_runtime.training.spec import TrainingSpec
@@ -67,6 +67,10 @@ class FdloraConfig:
             raise ConfigError(f"fdlora.fusion_max must be > 0, got {self.fusion_max!r}")
         if self.fusion_l1 < 0:
             raise ConfigError(f"fdlora.fusion_l1 must be >= 0, got {self.fusion_l1!r}")
+
+
+# per model: the personal adapter as build() drew it (what a device without a personal state starts from)
+STATE: ModelState[dict[str, Tensor]] = ModelState("fdlora")
 
 
 class DualDeltaLinear(torch.nn.Module):
@@ -137,7 +141,7 @@ def build(model: torch.nn.Module, spec: "TrainingSpec"):
     except ValueError as exc:
         raise ConfigError(f"fdlora: cannot apply LoRA to {type(model).__name__}: {exc}") from exc
     _activate(peft_model, GLOBAL)
-    peft_model._fdlora_personal_init = _adapter_state(peft_model, PERSONAL)
+    STATE.set(peft_model, _adapter_state(peft_model, PERSONAL))   # a device's first personal adapter
     return peft_model
 
 
@@ -220,7 +224,7 @@ def load_trainable_state(model, state: Mapping[str, Tensor]) -> None:
 def _use_personal(model, personal: PersonalState | None) -> PersonalState:
     """Load the device's personal adapter (a fresh one the first time) into the model."""
     if personal is None:
-        personal = PersonalState(dict(model._fdlora_personal_init), {"trained": False, "a": 1.0, "b": 1.0})
+        personal = PersonalState(dict(STATE.of(model)), {"trained": False, "a": 1.0, "b": 1.0})
     _load_adapter(model, PERSONAL, personal.tensors, "personal adapter")
     return personal
 

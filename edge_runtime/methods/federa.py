@@ -41,7 +41,7 @@ from edge_runtime.algorithms.aggregation import check_compatible, fedavg
 from edge_runtime.errors import ConfigError
 from edge_runtime.methods import lora
 from edge_runtime.methods.lora import load_trainable_state, trainable_state
-from edge_runtime.methods.base import Method
+from edge_runtime.methods.base import Method, ModelState
 
 if TYPE_CHECKING:
     from edge_runtime.training.spec import TrainingSpec
@@ -56,6 +56,18 @@ class FederaConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.residual, bool):
             raise ConfigError(f"federa.residual must be true or false, got {self.residual!r}")
+
+
+@dataclass
+class FederaModel:
+    """What :func:`prepare` applied to a model: the init it came from (once per model)."""
+
+    init_digest: str
+    init: dict[str, tuple[Tensor, Tensor]]   # layer -> (A0, B0)
+    residual: bool                           # W was replaced by W - s B0 A0
+
+
+STATE: ModelState[FederaModel] = ModelState("federa")
 
 
 def lora_layers(model) -> Iterator[tuple[str, torch.nn.Module]]:
@@ -131,7 +143,8 @@ def prepare(model, spec: "TrainingSpec", init: Mapping[str, Tensor] | None) -> N
     if init is None:
         raise ConfigError("federa: the run's init adapter (A0, B0) is missing; the server ships it with round 1")
     digest = init_digest(init)
-    done = getattr(model, "_federa_init_digest", None)
+    st = STATE.get(model)
+    done = st.init_digest if st is not None else None
     if done == digest:
         return
     if done is not None:
@@ -147,18 +160,22 @@ def prepare(model, spec: "TrainingSpec", init: Mapping[str, Tensor] | None) -> N
         if spec.federa.residual:
             delta = layer.scaling[ADAPTER] * (b0.float() @ a0.float())
             w.data.copy_((w.data.float() - delta).to(w.dtype))
-    model._federa_init_digest = digest
-    model._federa_init = saved
-    model._federa_residual = spec.federa.residual
+    STATE.set(model, FederaModel(digest, saved, spec.federa.residual))
+
+
+def _residual(model) -> bool:
+    st = STATE.get(model)
+    return st is not None and st.residual
 
 
 def plain_lora_state(model) -> tuple[dict[str, Tensor], int, float]:
     """The trained adapter as a plain LoRA on the untouched base: (state, rank, alpha)."""
     state = trainable_state(model)
     cfg = model.peft_config[ADAPTER]
-    if not getattr(model, "_federa_residual", False):
+    st = STATE.get(model)
+    if not _residual(model):
         return state, cfg.r, cfg.lora_alpha
-    for name, (a0, b0) in model._federa_init.items():
+    for name, (a0, b0) in st.init.items():
         ka, kb = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
         state[ka] = torch.cat([state[ka], a0.to(state[ka].dtype)], dim=0)
         state[kb] = torch.cat([state[kb], -b0.to(state[kb].dtype)], dim=1)
@@ -178,7 +195,7 @@ def save_adapter(model, folder: Path) -> None:
     cfg.save_pretrained(str(folder))
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"),
               metadata={"format": "pt", "edge_runtime.method": "federa",
-                        "edge_runtime.federa": json.dumps({"residual": model._federa_residual})})
+                        "edge_runtime.federa": json.dumps({"residual": _residual(model)})})
 
 
 def save_personal_adapter(model, personal, folder: Path) -> None:

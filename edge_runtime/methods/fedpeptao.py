@@ -43,7 +43,7 @@ from edge_runtime.methods.personal import PersonalState
 from edge_runtime.training.data import Splits, encode_batch
 from edge_runtime.training.evaluate import evaluate
 from edge_runtime.training.trainer import TrainResult, train_local
-from edge_runtime.methods.base import Method
+from edge_runtime.methods.base import Method, ModelState
 
 if TYPE_CHECKING:
     from edge_runtime.training.spec import TrainingSpec
@@ -70,6 +70,20 @@ class FedPepTAOConfig:
             raise ConfigError("fedpeptao.lr_decay_steps must be >= 0 and score_batch >= 2")
 
 
+@dataclass
+class FptModel:
+    """Per model: the spec it was built for, the layers the global shares, the server's control
+    variate ``c`` and this device's ``c_k`` (SCAFFOLD-style, when ``control_variates``)."""
+
+    spec: "TrainingSpec"
+    shared: list[int]
+    c: dict[str, Tensor] = field(default_factory=dict)
+    ck: dict[str, Tensor] | None = None
+
+
+STATE: ModelState[FptModel] = ModelState("fedpeptao")
+
+
 def personal_key(spec: "TrainingSpec") -> list:
     """What the device's saved state depends on beyond the model (prompt layout, method settings)."""
     return [dataclasses.asdict(spec.prompt), dataclasses.asdict(spec.fedpeptao)]
@@ -84,7 +98,8 @@ def _n_layers(model: nn.Module) -> int:
 
 
 def _shared(model: nn.Module) -> list[int]:
-    return list(getattr(model, "_fpt_shared", range(_n_layers(model))))
+    st = STATE.get(model)
+    return list(st.shared if st is not None else range(_n_layers(model)))
 
 
 def _param_keys(model: nn.Module, layers: Sequence[int]) -> list[str]:
@@ -116,22 +131,20 @@ def _with_cv(model: nn.Module, params: dict[str, Tensor], spec: "TrainingSpec",
 # -- hooks ---------------------------------------------------------------------------------
 def build(model: nn.Module, spec: "TrainingSpec"):
     model = prompt.build(model, spec)
-    model._fpt_spec = spec
-    model._fpt_shared = list(range(_n_layers(model)))
+    STATE.set(model, FptModel(spec, list(range(_n_layers(model)))))
     return model
 
 
 def initial_global(model, spec: "TrainingSpec") -> dict[str, Tensor]:
     """Round-0 global: every layer's prompts (the score round narrows it), the head, zero variates."""
-    model._fpt_shared = list(range(_n_layers(model)))
+    STATE.of(model).shared = list(range(_n_layers(model)))
     return _with_cv(model, prompt.state_of(model), spec, None)
 
 
 def trainable_state(model) -> dict[str, Tensor]:
     """The upload: shared prompts + head (+ this device's control variate ``c_k``)."""
-    spec = model._fpt_spec
-    params = prompt.state_of(model, _shared(model))
-    return _with_cv(model, params, spec, getattr(model, "_fpt_ck", None))
+    st = STATE.of(model)
+    return _with_cv(model, prompt.state_of(model, _shared(model)), st.spec, st.ck)
 
 
 def load_trainable_state(model, state: Mapping[str, Tensor]) -> None:
@@ -141,14 +154,14 @@ def load_trainable_state(model, state: Mapping[str, Tensor]) -> None:
     n = _n_layers(model)
     if not layers or layers[-1] >= n:
         raise AggregationError(f"global prompts: layers {layers} do not fit a model with {n} layers")
-    spec = model._fpt_spec
+    spec = STATE.of(model).spec
     reference = _with_cv(model, prompt.state_of(model, layers), spec, None)
     check_compatible(reference, state, where="global prompts")
     prompt.load_state(model, {k: v for k, v in state.items() if not k.startswith(CV)})
-    model._fpt_shared = layers
-    model._fpt_c = {k[len(CV):]: v.detach().clone() for k, v in state.items() if k.startswith(CV)}
-    model._fpt_w = {k: v.detach().clone() for k, v in state.items() if not k.startswith(CV)}
-    model._fpt_ck = None
+    st = STATE.of(model)
+    st.shared = layers
+    st.c = {k[len(CV):]: v.detach().clone() for k, v in state.items() if k.startswith(CV)}
+    st.ck = None
     prompt.set_active(model, layers)
 
 
@@ -241,7 +254,7 @@ def local_train(model, tokenizer, splits: Splits, spec: "TrainingSpec", seed: in
                                               "exp_avg": saved[f"opt.{k}.exp_avg"].clone(),
                                               "exp_avg_sq": saved[f"opt.{k}.exp_avg_sq"].clone()}
     shared_keys = _param_keys(model, shared)
-    c = getattr(model, "_fpt_c", {}) or {}
+    c = STATE.of(model).c
     ck = {k: saved.get(f"ck.{k}", torch.zeros_like(params[k])).detach().clone() for k in shared_keys}
     corr = {k: (c[k] - ck[k]).to(params[k].dtype) for k in shared_keys if k in c} if cfg.control_variates else {}
     w = {k: params[k].detach().clone() for k in shared_keys}
@@ -271,7 +284,7 @@ def local_train(model, tokenizer, splits: Splits, spec: "TrainingSpec", seed: in
             theta = params[k].detach()
             new_ck[k] = ck[k] - c.get(k, torch.zeros_like(theta)) + (w[k] - theta) / (res.steps * tcfg.lr)
             tensors[f"ck.{k}"] = new_ck[k].clone()
-        model._fpt_ck = new_ck
+        STATE.of(model).ck = new_ck
     for i in own:
         tensors[f"prompt.{i}"] = params[f"prompt.{i}"].detach().clone()
     if cfg.persistent_optimizer:
@@ -297,7 +310,7 @@ def save_adapter(model, folder: Path) -> None:
 
 def save_personal_adapter(model, personal: PersonalState | None, folder: Path) -> None:
     """The device's own model: shared + its personal prompts (the global one in ``mask`` mode)."""
-    spec = model._fpt_spec
+    spec = STATE.of(model).spec
     layers = _load_personal_layers(model, spec, personal)
     prompt.save_prompts(model, folder, active=sorted(set(_shared(model)) | set(layers)),
                         extra={"method": "fedpeptao", "personal_layers": layers})

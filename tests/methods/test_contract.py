@@ -138,3 +138,29 @@ def test_a_method_runs_a_round_exports_and_restarts(tmp_path, name):
     assert all(torch.equal(again.global_state[k], glob[k]) for k in glob)
     dev = Agent(fleet.agents[0].cfg, MemoryTransport(fleet.broker, "dev0-again"))
     assert dev.state["run_id"] == state["run_id"] and dev.state["last_round_done"] == state["round"]
+
+
+def test_method_state_lives_beside_the_model_and_goes_with_it():
+    import gc
+
+    from edge_runtime.methods.base import ModelState
+
+    state: ModelState[dict] = ModelState("x")
+    model = torch.nn.Linear(2, 2)
+    assert state.get(model) is None
+    with pytest.raises(Exception, match="not built by the x method"):
+        state.of(model)
+    state.set(model, {"layers": [1]})
+    assert state.of(model) == {"layers": [1]} and not any(k.startswith("_x") for k in vars(model))
+    del model
+    gc.collect()
+    assert len(state._of) == 0   # no model kept alive by its state
+
+
+@pytest.mark.parametrize("name", ["droppeft", "fdlora", "fedpeptao"])
+def test_methods_keep_no_private_attributes_on_the_model(name):
+    spec = _spec(name)
+    model, _ = build_model(spec)
+    METHODS[name].initial_global(model, spec)
+    own = [k for k in vars(model) if k.startswith(("_dp_", "_fpt_", "_federa_", "_fdlora_"))]
+    assert own == []

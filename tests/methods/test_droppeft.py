@@ -165,7 +165,7 @@ def test_personal_top_blocks_stay_on_the_device(splits):
     assert g and not any(droppeft.layer_of(k) == 1 for k in g)     # tiny-llama: 2 blocks, block 1 personal
     droppeft.load_trainable_state(model, g)
     res, personal = droppeft.local_train(model, tok, splits, spec, seed=0, personal=None)
-    assert personal is not None and set(personal.tensors) == set(model._dp_init)
+    assert personal is not None and set(personal.tensors) == set(droppeft.STATE.of(model).init)
     moved = [k for k in personal.tensors if "lora_B" in k and personal.tensors[k].abs().sum() > 0]
     assert moved                                                   # the personal block trained
     up = droppeft.trainable_state(model)
@@ -174,7 +174,7 @@ def test_personal_top_blocks_stay_on_the_device(splits):
     assert not any(personal.tensors[k].numpy().tobytes() in blobs for k in moved)
     # loading a global resets the personal block to the base; personalise puts the device's back
     droppeft.load_trainable_state(model, g)
-    assert all(torch.equal(lora.trainable_state(model)[k], v) for k, v in model._dp_init.items())
+    assert all(torch.equal(lora.trainable_state(model)[k], v) for k, v in droppeft.STATE.of(model).init.items())
     metrics, _ = droppeft.personalise(model, tok, splits, spec, personal)
     assert 0 <= metrics["personal_accuracy"] <= 1
     assert all(torch.equal(lora.trainable_state(model)[k], personal.tensors[k]) for k in moved)

@@ -53,7 +53,7 @@ def test_local_train_trains_both_but_uploads_only_global(setup):
     assert personal.meta["trained"] is True
     g1 = fdlora.trainable_state(model)
     assert any(not torch.equal(g0[k], g1[k]) for k in g0)                       # G moved
-    p_init = model._fdlora_personal_init
+    p_init = fdlora.STATE.of(model)
     assert any(not torch.equal(p_init[k], personal.tensors[k]) for k in p_init)  # P moved
     # same names in both adapters; the upload carries G's values, never P's
     b_keys = [k for k in g1 if "lora_B" in k]
