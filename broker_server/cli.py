@@ -14,9 +14,30 @@ import threading
 import time
 from pathlib import Path
 
+from broker_server.broker import run_broker
+from broker_server.coordinator import Coordinator, ServerConfig
+from broker_server.report import export_adapter, write_report
+from broker_server.store import Store
 from edge_runtime import __version__
+from edge_runtime.algorithms.aggregation import weighted_mean
+from edge_runtime.atomic_io import write_bytes_atomic
 from edge_runtime.cli_common import add_broker_args, add_service_args, service_options
+from edge_runtime.device.profiles import read_yaml
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.methods import METHODS, default_lr
+from edge_runtime.methods.lora import LoraMethodConfig
+from edge_runtime.protocol import topics
+from edge_runtime.protocol.codec import decode_message, encode_message
+from edge_runtime.protocol.messages import ProfileAck, ProfilePush, ProtocolError, Status
+from edge_runtime.service.config import finish_parser, options_argv, parse_command_line, subcommand
+from edge_runtime.service.install import install, uninstall
+from edge_runtime.service.sdnotify import Notifier
+from edge_runtime.training.data import resolve_labels
+from edge_runtime.training.spec import TrainingSpec, apply_overrides, build_model
+from edge_runtime.training.trainer import TrainConfig
+from edge_runtime.transport.base import Will
+from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
+
 
 ADAPTER_FILE = "adapter_model.safetensors"
 EXIT_RUN_FAILED = 3    # the run was failed (rounds in a row could not be aggregated): see `status`
@@ -36,8 +57,6 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save
 
-    from edge_runtime.algorithms.aggregation import weighted_mean
-    from edge_runtime.atomic_io import write_bytes_atomic
 
     updates, config_dir = [], None
     for spec in args.inputs:
@@ -65,15 +84,11 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
 
 
 def _cmd_broker(args: argparse.Namespace) -> int:
-    from broker_server.broker import run_broker
-
     run_broker(args.host, args.port)
     return 0
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
-    from edge_runtime.methods import METHODS
-
     p.add_argument("--model", default="minilm-l6")
     p.add_argument("--task", default="classification", choices=["classification", "causal-lm"])
     p.add_argument("--labels", default="wordnet",
@@ -97,12 +112,6 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
 
 
 def training_spec_from_args(args: argparse.Namespace, tokenizer_corpus: tuple[str, ...] = ()):
-    from edge_runtime.methods import default_lr
-    from edge_runtime.methods.lora import LoraMethodConfig
-    from edge_runtime.training.data import resolve_labels
-    from edge_runtime.training.spec import TrainingSpec, apply_overrides
-    from edge_runtime.training.trainer import TrainConfig
-
     labels: tuple[str, ...] = ()
     if args.task == "classification":
         labels = resolve_labels(args.labels)
@@ -118,18 +127,6 @@ def training_spec_from_args(args: argparse.Namespace, tokenizer_corpus: tuple[st
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from broker_server.coordinator import Coordinator, ServerConfig
-    from broker_server.report import export_adapter, write_report
-    from broker_server.store import Store
-    from edge_runtime.methods import METHODS
-    from edge_runtime.protocol import topics
-    from edge_runtime.protocol.codec import encode_message
-    from edge_runtime.protocol.messages import Status
-    from edge_runtime.training.spec import build_model
-    from edge_runtime.service.sdnotify import Notifier
-    from edge_runtime.transport.base import Will
-    from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
-
     corpus = tuple(Path(args.tokenizer_corpus).read_text().split()) if args.tokenizer_corpus else ()
     spec = training_spec_from_args(args, corpus)
     cfg = ServerConfig(fleet=args.fleet, rounds=args.rounds, min_devices=args.min_devices,
@@ -179,8 +176,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from broker_server.store import Store
-
     state = Store(Path(args.state_dir)).load()
     if state is None:
         raise EdgeRuntimeError(f"{args.state_dir}: no server state here")
@@ -245,11 +240,6 @@ def _cmd_push_profile(args: argparse.Namespace) -> int:
     import hashlib
     import queue
 
-    from edge_runtime.device.profiles import read_yaml
-    from edge_runtime.protocol import topics
-    from edge_runtime.protocol.codec import decode_message, encode_message
-    from edge_runtime.protocol.messages import ProfileAck, ProfilePush, ProtocolError
-    from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
 
     profile = read_yaml(args.file)   # syntax is checked here; what it says is for the device to judge
     digest = hashlib.sha256(json.dumps(profile, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -384,7 +374,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", type=Path, default=None)
     p.add_argument("--purge", action="store_true", help="also delete the server's state folder")
     p.set_defaults(func=_cmd_uninstall)
-    from edge_runtime.service.config import finish_parser
 
     return finish_parser(parser)
 
@@ -392,8 +381,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_install(args: argparse.Namespace) -> int:
     import yaml
 
-    from edge_runtime.service.config import options_argv, subcommand
-    from edge_runtime.service.install import install
 
     options = {"fleet": args.fleet, "rounds": args.rounds, "min_devices": args.min_devices, "model": args.model,
                "method": args.method, "labels": args.labels}
@@ -409,15 +396,11 @@ def _cmd_install(args: argparse.Namespace) -> int:
 
 
 def _cmd_uninstall(args: argparse.Namespace) -> int:
-    from edge_runtime.service.install import uninstall
-
     uninstall("server", prefix=args.prefix, purge=args.purge)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    from edge_runtime.service.config import parse_command_line
-
     try:
         args = parse_command_line(build_parser(), argv)
     except EdgeRuntimeError as exc:  # a bad --config file

@@ -9,15 +9,38 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from edge_runtime import __version__
+from edge_runtime.agent import Agent, AgentConfig
 from edge_runtime.cli_common import add_broker_args, add_service_args, add_set_option, positive_int, service_options
+from edge_runtime.device.memory_model import load_arch
+from edge_runtime.device.planner import Capabilities, choose_plan, request_from_spec
+from edge_runtime.device.profiler import format_size, parse_size, profile_device
+from edge_runtime.device.profiles import find_device_class, find_training_profile
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.export.device import write_device_adapter
+from edge_runtime.export.metadata import FILE
+from edge_runtime.methods import METHODS, config_sections, default_lr
+from edge_runtime.methods.lora import LoraMethodConfig
+from edge_runtime.protocol import topics
+from edge_runtime.protocol.codec import encode_message
+from edge_runtime.protocol.messages import Status
+from edge_runtime.service import lifecycle
+from edge_runtime.service.config import finish_parser, parse_command_line
+from edge_runtime.service.install import install, uninstall
+from edge_runtime.service.limits import add_limit_args, limits_from_args
+from edge_runtime.service.sdnotify import Notifier
+from edge_runtime.simulation import SimulationConfig, run_simulation
+from edge_runtime.training.data import resolve_labels
+from edge_runtime.training.models import bitsandbytes_problem
+from edge_runtime.training.spec import apply_overrides, dataclass_from_json
+from edge_runtime.training.trainer import TrainConfig
+from edge_runtime.transport.base import Will
+from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
+
 
 log = logging.getLogger("edge_runtime")
 
 
 def _add_simulate(sub) -> None:
-    from edge_runtime.methods import METHODS
-
     p = sub.add_parser("simulate", help="federated fine-tuning of N simulated devices in one process (no broker)",
                        description="Run R rounds of federated fine-tuning with N simulated devices in this "
                                    "process: Dirichlet label split, local PEFT training, weighted FedAvg. "
@@ -62,12 +85,6 @@ def _add_simulate(sub) -> None:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from edge_runtime.device.profiler import parse_size
-    from edge_runtime.methods import config_sections, default_lr
-    from edge_runtime.methods.lora import LoraMethodConfig
-    from edge_runtime.simulation import SimulationConfig, run_simulation
-    from edge_runtime.training.spec import apply_overrides, dataclass_from_json
-    from edge_runtime.training.trainer import TrainConfig
 
     cfg = SimulationConfig(
         model=args.model, data=args.data, device_data=tuple(args.device_data), method=args.method,
@@ -124,7 +141,6 @@ def _add_agent(sub) -> None:
                    help="auto: fit batch, sequence length, checkpointing and quantization to this device's memory")
     p.add_argument("--memory-budget", default=None, metavar="SIZE",
                    help="act as a device with this much memory for training, e.g. 2GiB")
-    from edge_runtime.service.limits import add_limit_args
 
     add_limit_args(p)
     p.set_defaults(func=_cmd_agent)
@@ -135,16 +151,6 @@ def _cmd_agent(args: argparse.Namespace) -> int:
 
     import torch
 
-    from edge_runtime.agent import Agent, AgentConfig
-    from edge_runtime.device.profiler import parse_size
-    from edge_runtime.protocol import topics
-    from edge_runtime.protocol.codec import encode_message
-    from edge_runtime.protocol.messages import Status
-    from edge_runtime.service import lifecycle
-    from edge_runtime.service.limits import limits_from_args
-    from edge_runtime.service.sdnotify import Notifier
-    from edge_runtime.transport.base import Will
-    from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -263,7 +269,6 @@ def _add_profile(sub) -> None:
 def _cmd_profile(args: argparse.Namespace) -> int:
     import json
 
-    from edge_runtime.device.profiler import profile_device
 
     prof = profile_device(memory_budget=args.memory_budget, probe_compute=not args.no_probe)
     print(json.dumps(prof.to_json(), indent=2) if args.json else prof.summary())
@@ -289,11 +294,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from edge_runtime.device.memory_model import load_arch
-    from edge_runtime.device.planner import Capabilities, choose_plan, request_from_spec
-    from edge_runtime.device.profiler import format_size, profile_device
-    from edge_runtime.device.profiles import find_device_class, find_training_profile
-    from edge_runtime.methods import METHODS
 
     profile = find_training_profile(args.profile)
     spec = profile.spec(labels=tuple(f"label-{i}" for i in range(args.num_labels)))
@@ -325,8 +325,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _bitsandbytes_runs() -> bool:
-    from edge_runtime.training.models import bitsandbytes_problem
-
     return bitsandbytes_problem() is None
 
 
@@ -350,8 +348,6 @@ def _add_install(sub) -> None:
 
 
 def _cmd_install(args: argparse.Namespace) -> int:
-    from edge_runtime.service.install import install
-
     options = {"device_id": args.device_id, "data": str(args.data.resolve()), "fleet": args.fleet,
                "keep_running": True, "heartbeat": args.heartbeat}
     if args.threads:
@@ -364,8 +360,6 @@ def _cmd_install(args: argparse.Namespace) -> int:
 
 
 def _cmd_uninstall(args: argparse.Namespace, role: str) -> int:
-    from edge_runtime.service.install import uninstall
-
     uninstall(role, prefix=args.prefix, purge=args.purge)
     return 0
 
@@ -394,8 +388,6 @@ def _add_export(sub) -> None:
 
 def _export_meta(args: argparse.Namespace) -> dict | None:
     """Metadata for a peft folder that has no edge_runtime.json (``--model`` / ``--task`` / ``--labels``)."""
-    from edge_runtime.export.metadata import FILE
-    from edge_runtime.training.data import resolve_labels
 
     if args.model is None:
         if args.labels is not None:
@@ -444,8 +436,6 @@ def _add_device_adapter(sub) -> None:
 
 
 def _cmd_device_adapter(args: argparse.Namespace) -> int:
-    from edge_runtime.export.device import write_device_adapter
-
     path = write_device_adapter(args.state_dir, args.out, args.which)
     print(f"wrote {path} (export it with: edge-runtime export {path} --out {path}-onnx)")
     return 0
@@ -488,7 +478,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_device_adapter(sub)
     _add_infer(sub)
-    from edge_runtime.service.config import finish_parser
 
     return finish_parser(parser)
 
@@ -505,8 +494,6 @@ def _quiet_third_party() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from edge_runtime.service.config import parse_command_line
-
     try:
         args = parse_command_line(build_parser(), argv)
     except EdgeRuntimeError as exc:  # a bad --config file
