@@ -289,11 +289,7 @@ def _cmd_push_profile(args: argparse.Namespace) -> int:
         transport.stop(2.0)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="broker-server", description="Aggregation server for edge-runtime fleets.")
-    parser.add_argument("--version", action="version", version=f"broker-server {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run the rounds of a federation over MQTT",
                        description="Run the rounds. Options may come from --config FILE.yaml (keys are the option "
                                    "names); flags typed here override the file. The broker URL defaults to "
@@ -324,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_args(p)
     p.set_defaults(func=_cmd_run)
 
+
+def _add_push_profile(sub) -> None:
     p = sub.add_parser("push-profile", help="push a device profile (retained) to a device or the whole fleet",
                        description="Publish a device profile YAML (name, description, training: {train: {...}, "
                                    "quantization}) retained to one device or every device; each device validates it "
@@ -338,17 +336,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_broker_args(p)
     p.set_defaults(func=_cmd_push_profile)
 
+
+def _add_status(sub) -> None:
     p = sub.add_parser("status", help="devices and rounds of a server's state directory")
     p.add_argument("--state-dir", type=Path, required=True)
     p.add_argument("--json", action="store_true")
     p.add_argument("--all", action="store_true", help="list every registered device (default: the first 50)")
     p.set_defaults(func=_cmd_status)
 
+
+def _add_broker(sub) -> None:
     p = sub.add_parser("broker", help="run the embedded MQTT broker (amqtt) standalone")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=1883)
     p.set_defaults(func=_cmd_broker)
 
+
+def _add_aggregate(sub) -> None:
     p = sub.add_parser("aggregate", help="weighted FedAvg of adapter files or peft adapter folders, offline",
                        description="Average adapters (safetensors files or peft adapter folders) with weights, "
                                    "e.g. broker-server aggregate --out global dev0_adapter:1200 dev1_adapter:300")
@@ -356,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_cmd_aggregate)
 
+
+def _add_install(sub) -> None:
     p = sub.add_parser("install-service", help="install the aggregation server as a systemd service",
                        description="Write the systemd unit, /etc/edge-runtime/server.yaml (the options of "
                                    "`broker-server run`) and the 0600 file /etc/default/edge-runtime-server; "
@@ -375,6 +381,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--purge", action="store_true", help="also delete the server's state folder")
     p.set_defaults(func=_cmd_uninstall)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="broker-server", description="Aggregation server for edge-runtime fleets.")
+    parser.add_argument("--version", action="version", version=f"broker-server {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    _add_push_profile(sub)
+    _add_status(sub)
+    _add_broker(sub)
+    _add_aggregate(sub)
+    _add_install(sub)
     return finish_parser(parser)
 
 

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import socket
 import subprocess
 import sys
@@ -154,8 +155,76 @@ def _spawn(args: list[str], log_path: Path, threads: int = 1) -> subprocess.Pope
                             env=env)
 
 
-def run_demo(cfg: DemoConfig, echo=print) -> dict:
+def _start_broker(cfg: DemoConfig, procs: list, echo) -> str:
+    """The embedded broker on a free loopback port (or ``cfg.broker``); returns the URL."""
+    if cfg.broker is not None:
+        return cfg.broker
+    out, port = cfg.out, cfg.port or free_port()
+    try:
+        procs.append(start_broker_process("127.0.0.1", port, open(out / "broker.log", "ab")))
+    except (TimeoutError, ChildProcessError) as exc:
+        raise DemoError(f"the embedded MQTT broker did not start: {exc}. The end of {out / 'broker.log'}:\n"
+                        f"{log_tail(out / 'broker.log')}\nFix: reinstall its package (pip install amqtt), "
+                        f"or run your own broker (apt-get install mosquitto) and pass --broker "
+                        f"mqtt://127.0.0.1:1883") from exc
+    echo(f"embedded MQTT broker (amqtt) on mqtt://127.0.0.1:{port}")
+    return f"mqtt://127.0.0.1:{port}"
 
+
+def _start_fleet(cfg: DemoConfig, broker_url: str, data_files: list[Path], procs: list) -> subprocess.Popen:
+    """The aggregation server and one agent per data file, each a process with its own log."""
+    out = cfg.out
+    common = ["--model", cfg.model, "--method", cfg.method, "--quantization", cfg.quantization,
+              "--epochs", str(cfg.epochs), "--lr", str(cfg.lr), "--batch-size", str(cfg.batch_size),
+              "--max-seq-len", str(cfg.max_seq_len), "--seed", str(cfg.seed)]
+    server_dir = out / "server"
+    if server_dir.exists():
+        shutil.rmtree(server_dir)  # a demo is a fresh run
+    server = _spawn(["broker_server.cli", "run", "--broker", broker_url, "--state-dir", str(server_dir),
+                     "--out", str(out), "--fleet", cfg.fleet, "--rounds", str(cfg.rounds), "--min-devices",
+                     str(cfg.devices), "--labels", cfg.data, *common, *cfg.server_args], out / "server.log")
+    procs.append(server)
+    for k, path in enumerate(data_files):
+        dev_dir = path.parent
+        (dev_dir / "agent.json").unlink(missing_ok=True)  # a demo is a fresh run for every device too
+        procs.append(_spawn(["edge_runtime.cli", "agent", "--broker", broker_url, "--device-id", f"dev{k:02d}",
+                             "--fleet", cfg.fleet, "--data", str(path), "--state-dir", str(dev_dir),
+                             *(["--memory-budget", cfg.memory_budget] if cfg.memory_budget else [])],
+                            dev_dir / "agent.log"))
+    return server
+
+
+def _check_alive(cfg: DemoConfig, procs: list, server: subprocess.Popen, agents: list, summaries: queue.Queue,
+                 deadline: float) -> None:
+    """A DemoError naming the log to read when a process of the demo died or time ran out."""
+    out = cfg.out
+    if time.monotonic() > deadline:
+        raise DemoError(f"the demo did not finish in {cfg.timeout_s:.0f} s; the end of {out}/server.log:\n"
+                        f"{log_tail(out / 'server.log')}")
+    if server.poll() is not None and summaries.empty():
+        raise DemoError(f"the aggregation server exited with code {server.returncode}; the end of "
+                        f"{out}/server.log:\n{log_tail(out / 'server.log')}\nFix what it names and rerun "
+                        f"(the demo starts a fresh run each time)")
+    for proc, path in agents:
+        if proc.poll() not in (None, 0):
+            log_path = path.parent / "agent.log"
+            raise DemoError(f"device agent {path.parent.name} exited with code {proc.returncode}; the end "
+                            f"of {log_path}:\n{log_tail(log_path)}")
+    if cfg.broker is None and procs[0].poll() is not None:
+        raise DemoError(f"the embedded MQTT broker exited with code {procs[0].returncode}; the end of "
+                        f"{out / 'broker.log'}:\n{log_tail(out / 'broker.log')}")
+
+
+def _round_line(s: RoundSummary, rounds: int) -> str:
+    acc = f"{100 * s.accuracy:5.1f}%" if s.accuracy is not None else "  -  "
+    tl = f"{s.train_loss:.3f}" if s.train_loss is not None else "  -  "
+    label = "initial" if s.round == 0 else f"{s.round:>3}/{rounds}"
+    return (f"round {label}  accuracy {acc}  train loss {tl}  devices {s.accepted}  "
+            f"{s.seconds:6.1f} s  up {s.bytes_up / 1e6:.2f} MB  down {s.bytes_down / 1e6:.2f} MB")
+
+
+def run_demo(cfg: DemoConfig, echo=print) -> dict:
+    """The whole demo; returns the server's report (plus the ONNX export and the demo's seconds)."""
     t0 = time.perf_counter()
     full = validate(cfg)
     out = cfg.out
@@ -163,23 +232,10 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     procs: list[subprocess.Popen] = []
     watcher = None
     try:
-        if cfg.broker is None:
-            port = cfg.port or free_port()
-            broker_url = f"mqtt://127.0.0.1:{port}"
-            try:
-                procs.append(start_broker_process("127.0.0.1", port, open(out / "broker.log", "ab")))
-            except (TimeoutError, ChildProcessError) as exc:
-                raise DemoError(f"the embedded MQTT broker did not start: {exc}. The end of {out / 'broker.log'}:\n"
-                                f"{log_tail(out / 'broker.log')}\nFix: reinstall its package (pip install amqtt), "
-                                f"or run your own broker (apt-get install mosquitto) and pass --broker "
-                                f"mqtt://127.0.0.1:1883") from exc
-            echo(f"embedded MQTT broker (amqtt) on {broker_url}")
-        else:
-            broker_url = cfg.broker
+        broker_url = _start_broker(cfg, procs, echo)
         data_files = write_device_data(cfg, full)
         echo(f"{cfg.devices} devices, {sum(1 for p in data_files for _ in open(p))} WordNet glosses split with "
              f"Dirichlet alpha={cfg.alpha}; logs in {out}/")
-
         summaries: queue.Queue = queue.Queue()
         watcher = MqttTransport(BrokerAddress.parse(broker_url), client_id=f"demo-watch-{os.getpid()}")
         watcher.subscribe(topics.summary_topic(cfg.fleet), lambda t, p: summaries.put(p))
@@ -188,58 +244,18 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
             raise DemoError(f"cannot connect to the broker at {broker_url}"
                             + (f"; the end of {out / 'broker.log'}:\n{log_tail(out / 'broker.log')}"
                                if cfg.broker is None else ""))
-
-        common = ["--model", cfg.model, "--method", cfg.method, "--quantization", cfg.quantization,
-                  "--epochs", str(cfg.epochs), "--lr", str(cfg.lr), "--batch-size", str(cfg.batch_size),
-                  "--max-seq-len", str(cfg.max_seq_len), "--seed", str(cfg.seed)]
-        server_dir = out / "server"
-        if server_dir.exists():
-            import shutil
-
-            shutil.rmtree(server_dir)  # a demo is a fresh run
-        server = _spawn(["broker_server.cli", "run", "--broker", broker_url, "--state-dir", str(server_dir),
-                         "--out", str(out), "--fleet", cfg.fleet, "--rounds", str(cfg.rounds), "--min-devices",
-                         str(cfg.devices), "--labels", cfg.data, *common, *cfg.server_args], out / "server.log")
-        procs.append(server)
-        for k, path in enumerate(data_files):
-            dev_dir = path.parent
-            (dev_dir / "agent.json").unlink(missing_ok=True)  # a demo is a fresh run for every device too
-            procs.append(_spawn(["edge_runtime.cli", "agent", "--broker", broker_url, "--device-id", f"dev{k:02d}",
-                                 "--fleet", cfg.fleet, "--data", str(path), "--state-dir", str(dev_dir),
-                                 *(["--memory-budget", cfg.memory_budget] if cfg.memory_budget else [])],
-                                dev_dir / "agent.log"))
-        echo(f"server and {cfg.devices} device agents started; training {cfg.model} + {cfg.method} for {cfg.rounds} rounds")
-
-        deadline = time.monotonic() + cfg.timeout_s
-        final = None
-        agents = list(zip(procs[-cfg.devices:], data_files))
+        server = _start_fleet(cfg, broker_url, data_files, procs)
+        echo(f"server and {cfg.devices} device agents started; training {cfg.model} + {cfg.method} for "
+             f"{cfg.rounds} rounds")
+        deadline, agents, final = time.monotonic() + cfg.timeout_s, list(zip(procs[-cfg.devices:], data_files)), None
         while final is None:
-            if time.monotonic() > deadline:
-                raise DemoError(f"the demo did not finish in {cfg.timeout_s:.0f} s; the end of {out}/server.log:\n"
-                                f"{log_tail(out / 'server.log')}")
-            if server.poll() is not None and summaries.empty():
-                raise DemoError(f"the aggregation server exited with code {server.returncode}; the end of "
-                                f"{out}/server.log:\n{log_tail(out / 'server.log')}\nFix what it names and rerun "
-                                f"(the demo starts a fresh run each time)")
-            for proc, path in agents:
-                if proc.poll() not in (None, 0):
-                    log_path = path.parent / "agent.log"
-                    raise DemoError(f"device agent {path.parent.name} exited with code {proc.returncode}; the end "
-                                    f"of {log_path}:\n{log_tail(log_path)}")
-            if cfg.broker is None and procs[0].poll() is not None:
-                raise DemoError(f"the embedded MQTT broker exited with code {procs[0].returncode}; the end of "
-                                f"{out / 'broker.log'}:\n{log_tail(out / 'broker.log')}")
+            _check_alive(cfg, procs, server, agents, summaries, deadline)
             try:
                 s = decode_message(summaries.get(timeout=1.0), RoundSummary)
             except queue.Empty:
                 continue
-            acc = f"{100 * s.accuracy:5.1f}%" if s.accuracy is not None else "  -  "
-            tl = f"{s.train_loss:.3f}" if s.train_loss is not None else "  -  "
-            label = "initial" if s.round == 0 else f"{s.round:>3}/{cfg.rounds}"
-            echo(f"round {label}  accuracy {acc}  train loss {tl}  devices {s.accepted}  "
-                 f"{s.seconds:6.1f} s  up {s.bytes_up / 1e6:.2f} MB  down {s.bytes_down / 1e6:.2f} MB")
-            if s.final:
-                final = s
+            echo(_round_line(s, cfg.rounds))
+            final = s if s.final else None
         server.wait(timeout=120)
         report = json.loads((out / "report.json").read_text())
         report["onnx"] = export_and_try(out, cfg, echo)

@@ -233,6 +233,28 @@ def personalise(model, tokenizer, splits: Splits, spec: "TrainingSpec", personal
     return {"personal_accuracy": ev.accuracy, "personal_loss": ev.loss, "personal_n": ev.n}, personal
 
 
+def _restore_optimizer(optimizer, params: Mapping[str, nn.Parameter], keys: Sequence[str],
+                       saved: Mapping[str, Tensor]) -> None:
+    """AdamW's moments from the device's personal state (``persistent_optimizer``), where the shapes still fit."""
+    for k in keys:
+        if f"opt.{k}.exp_avg" in saved and saved[f"opt.{k}.exp_avg"].shape == params[k].shape:
+            optimizer.state[params[k]] = {"step": saved[f"opt.{k}.step"].clone().float(),
+                                          "exp_avg": saved[f"opt.{k}.exp_avg"].clone(),
+                                          "exp_avg_sq": saved[f"opt.{k}.exp_avg_sq"].clone()}
+
+
+def _optimizer_tensors(optimizer, params: Mapping[str, nn.Parameter], keys: Sequence[str]) -> dict[str, Tensor]:
+    """AdamW's moments as personal-state tensors (``opt.<key>.step|exp_avg|exp_avg_sq``)."""
+    out = {}
+    for k in keys:
+        st = optimizer.state.get(params[k])
+        if st:
+            out[f"opt.{k}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(())
+            out[f"opt.{k}.exp_avg"] = st["exp_avg"].detach().clone()
+            out[f"opt.{k}.exp_avg_sq"] = st["exp_avg_sq"].detach().clone()
+    return out
+
+
 def local_train(model, tokenizer, splits: Splits, spec: "TrainingSpec", seed: int,
                 personal: PersonalState | None, progress: bool = False,
                 desc: str = "train") -> tuple[TrainResult, PersonalState]:
@@ -248,11 +270,7 @@ def local_train(model, tokenizer, splits: Splits, spec: "TrainingSpec", seed: in
     saved = personal.tensors if personal is not None else {}
     total_steps = int(personal.meta.get("steps_total", 0)) if personal is not None else 0
     if cfg.persistent_optimizer:
-        for k in keys:
-            if f"opt.{k}.exp_avg" in saved and saved[f"opt.{k}.exp_avg"].shape == params[k].shape:
-                optimizer.state[params[k]] = {"step": saved[f"opt.{k}.step"].clone().float(),
-                                              "exp_avg": saved[f"opt.{k}.exp_avg"].clone(),
-                                              "exp_avg_sq": saved[f"opt.{k}.exp_avg_sq"].clone()}
+        _restore_optimizer(optimizer, params, keys, saved)
     shared_keys = _param_keys(model, shared)
     c = STATE.of(model).c
     ck = {k: saved.get(f"ck.{k}", torch.zeros_like(params[k])).detach().clone() for k in shared_keys}
@@ -288,12 +306,7 @@ def local_train(model, tokenizer, splits: Splits, spec: "TrainingSpec", seed: in
     for i in own:
         tensors[f"prompt.{i}"] = params[f"prompt.{i}"].detach().clone()
     if cfg.persistent_optimizer:
-        for k in keys:
-            st = optimizer.state.get(params[k])
-            if st:
-                tensors[f"opt.{k}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(())
-                tensors[f"opt.{k}.exp_avg"] = st["exp_avg"].detach().clone()
-                tensors[f"opt.{k}.exp_avg_sq"] = st["exp_avg_sq"].detach().clone()
+        tensors.update(_optimizer_tensors(optimizer, params, keys))
     prompt.set_active(model, shared)   # back to the global layout: the upload is the shared part
     return res, PersonalState(tensors, {"steps_total": total_steps + res.steps, "shared_layers": shared})
 
