@@ -58,7 +58,9 @@ def _serve(tmp_path, spec, rounds: int, phase: str, **cfg_kw):
     for d in devs:
         d.hello()
     deadline = time.monotonic() + 10
-    while coord.phase != phase:
+    state_file = tmp_path / "server" / "state.json"
+    # the phase in memory, and on disk: the round's start is saved just after the phase is set
+    while coord.phase != phase or json.loads(state_file.read_text())["phase"] != phase:
         assert time.monotonic() < deadline
         time.sleep(0.05)
 
