@@ -171,11 +171,3 @@ class Method:
     def round_metric(self, key: str) -> bool:
         """Whether the round history keeps update metric ``key`` (listed, or under a listed "prefix.")."""
         return key in self.round_metrics or any(p.endswith(".") and key.startswith(p) for p in self.round_metrics)
-
-    def describe(self) -> dict[str, Any]:
-        """The traits, for ``edge-runtime methods`` and the contract test."""
-        return {"name": self.name, "summary": self.summary, "needs_init": self.needs_init, "scoring": self.scoring,
-                "quantized_base": self.quantized_base, "prompt_like": self.prompt_like,
-                "adapter_copies": self.adapter_copies, "default_lr": self.default_lr,
-                "config": self.config[0] if self.config else None, "assignable": dict(self.assignable),
-                "configurator": self.assign is not _no_assignments}
