@@ -284,26 +284,6 @@ class Coordinator:
         rejects.append({"from": who, "update_id": update_id, "round": round_, "reason": reason, "at": self.clock()})
         del rejects[:-100]
 
-
-
-
-
-
-
-
-
-    # -- round lifecycle ---------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
     # -- outbound (broker_server.publisher) ---------------------------------------------------
     def publish_retained(self) -> None:
         """(Re)publish everything a late joiner needs: presence, the global adapter, the manifest."""

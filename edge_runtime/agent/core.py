@@ -278,8 +278,6 @@ class Agent:
         self.worker.work(m, blob, init)
         return False
 
-    # -- fitting the device ------------------------------------------------------------------------
-
     def shutdown(self, timeout: float = 5.0) -> None:
         """Tell the server this device is leaving (retained offline status), persist, disconnect."""
         self.stop_event.set()
