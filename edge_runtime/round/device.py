@@ -37,7 +37,6 @@ class DeviceReport:
     personal: PersonalState | None        # the method's device-side state, to keep
     timings: dict[str, float] = field(default_factory=dict)
     train_result: TrainResult | None = None
-    spec: TrainingSpec | None = None      # as trained (a step-down changes the local settings)
 
 
 def device_key(device_id: str) -> int:
@@ -71,7 +70,7 @@ def device_round(method: Method, model, tokenizer, splits: Splits, spec: Trainin
         t0 = time.perf_counter()
         metrics = method.score(model, tokenizer, splits, spec, seed=score_seed(spec, device_id))
         timings["score_s"] = time.perf_counter() - t0
-        return DeviceReport(dict(metrics), len(splits.train), None, personal, timings, spec=spec)
+        return DeviceReport(dict(metrics), len(splits.train), None, personal, timings)
     on_step("evaluating")
     t0 = time.perf_counter()
     ev = evaluate(model, tokenizer, splits.test, eval_batch_size, spec.train.max_seq_len)
@@ -85,17 +84,17 @@ def device_round(method: Method, model, tokenizer, splits: Splits, spec: Trainin
         if keep_personal:
             keep_personal(personal)
     if action != "train":
-        return DeviceReport(metrics, 0, None, personal, timings, spec=spec)
+        return DeviceReport(metrics, 0, None, personal, timings)
     on_step("training")
     seed = train_seed(spec, round_, device_id)
     if train is None:
         def train(s, sd, p):   # noqa: E306 - the plain loop: no fitting
             res, p = method.local_train(model, tokenizer, splits, s, sd, p, progress=progress, desc=f"round {round_}")
             return model, s, res, p
-    model, spec, res, personal = train(spec, seed, personal)
+    model, _, res, personal = train(spec, seed, personal)
     if keep_personal:
         keep_personal(personal)
     metrics.update(res.metrics)
     metrics.update(train_loss=res.mean_loss, train_seconds=res.seconds, train_steps=res.steps)
     timings["train_s"] = res.seconds
-    return DeviceReport(metrics, len(splits.train), method.trainable_state(model), personal, timings, res, spec)
+    return DeviceReport(metrics, len(splits.train), method.trainable_state(model), personal, timings, res)

@@ -76,3 +76,29 @@ def test_seeds_depend_on_the_run_round_and_device_only():
     assert len({train_seed(SPEC, r, d) for r in (1, 2) for d in ("dev0", "dev1")}) == 4
     assert score_seed(SPEC, "dev0") != score_seed(SPEC, "dev1")
     assert train_seed(dataclasses.replace(SPEC, seed=4), 2, "dev0") != train_seed(SPEC, 2, "dev0")
+
+
+def test_device_round_evaluates_trains_and_builds_the_upload_on_a_tiny_model(tmp_path):
+    import numpy as np
+
+    from edge_runtime.round.device import device_round
+    from edge_runtime.training.data import device_splits, resolve_dataset
+    from edge_runtime.training.spec import build_model
+    from tests.conftest import make_toy_rows, write_jsonl
+    from tests.fleet_helpers import toy_spec
+
+    spec = toy_spec(epochs=1)
+    method = METHODS[spec.method]
+    model, tok = build_model(spec)
+    data = resolve_dataset(str(write_jsonl(tmp_path / "d.jsonl", make_toy_rows(120, seed=0))), spec.labels)
+    splits = device_splits(data, spec.split, np.random.default_rng(0))
+    before = method.trainable_state(model)
+    steps = []
+    rep = device_round(method, model, tok, splits, spec, action="train", round_=1, device_id="dev0", personal=None,
+                       on_step=steps.append)
+    assert steps == ["evaluating", "training"]
+    assert rep.n_samples == len(splits.train) and rep.metrics["eval_n"] == len(splits.test)
+    assert rep.metrics["train_steps"] == rep.train_result.steps > 0
+    assert set(rep.upload) == set(before) and any(not torch.equal(rep.upload[k], before[k]) for k in before)
+    ev = device_round(method, model, tok, splits, spec, action="evaluate", round_=2, device_id="dev0", personal=None)
+    assert ev.upload is None and ev.n_samples == 0 and "train_steps" not in ev.metrics
