@@ -16,7 +16,6 @@ from pathlib import Path
 
 from broker_server.broker import run_broker
 from broker_server.coordinator import Coordinator, ServerConfig
-from broker_server.report import export_adapter, write_report
 from broker_server.store import Store
 from edge_runtime import __version__
 from edge_runtime.algorithms.aggregation import weighted_mean
@@ -29,6 +28,7 @@ from edge_runtime.methods.lora import LoraMethodConfig
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.codec import decode_message, encode_message
 from edge_runtime.protocol.messages import ProfileAck, ProfilePush, ProtocolError, Status
+from edge_runtime.report import export_adapter, write_report
 from edge_runtime.service.config import finish_parser, options_argv, parse_command_line, subcommand
 from edge_runtime.service.install import install, uninstall
 from edge_runtime.service.sdnotify import Notifier
@@ -37,7 +37,6 @@ from edge_runtime.training.spec import TrainingSpec, apply_overrides, build_mode
 from edge_runtime.training.trainer import TrainConfig
 from edge_runtime.transport.base import Will
 from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
-
 
 ADAPTER_FILE = "adapter_model.safetensors"
 EXIT_RUN_FAILED = 3    # the run was failed (rounds in a row could not be aggregated): see `status`

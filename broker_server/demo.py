@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 from broker_server.broker import free_port, start_broker_process
-from edge_runtime.algorithms.partition import partition_dirichlet
 from edge_runtime.cli_common import positive_int
 from edge_runtime.deps import require
 from edge_runtime.device.profiler import parse_size
@@ -37,7 +36,7 @@ from edge_runtime.methods import METHODS, default_lr
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.codec import decode_message
 from edge_runtime.protocol.messages import RoundSummary
-from edge_runtime.training.data import LocalDataset, resolve_dataset
+from edge_runtime.training.data import LocalDataset, federation_shards, resolve_dataset
 from edge_runtime.training.models import resolve_model_source
 from edge_runtime.training.spec import TrainingSpec
 from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
@@ -70,18 +69,14 @@ class DemoConfig:
 def write_device_data(cfg: DemoConfig, full: LocalDataset | None = None) -> list[Path]:
     """Split the data (``full``, else ``cfg.data`` loaded) over the devices (Dirichlet over labels) into one
     JSONL file per device."""
-    rng = np.random.default_rng(cfg.seed)
     full = full if full is not None else resolve_dataset(cfg.data)
-    if cfg.max_examples and cfg.max_examples < len(full):
-        full = full.subset(sorted(rng.choice(len(full), cfg.max_examples, replace=False).tolist()))
-    parts = partition_dirichlet(full.targets, cfg.devices, cfg.alpha, rng)
     paths = []
-    for k, idx in enumerate(parts):
+    for k, shard in enumerate(federation_shards(full, cfg.devices, cfg.alpha, cfg.max_examples or None, cfg.seed)):
         path = cfg.out / "devices" / f"dev{k:02d}" / "data.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
-            for i in idx:
-                f.write(json.dumps({"text": full.inputs[i], "label": full.label_names[full.targets[i]]}) + "\n")
+            for text, y in zip(shard.inputs, shard.targets):
+                f.write(json.dumps({"text": text, "label": shard.label_names[y]}) + "\n")
         paths.append(path)
     return paths
 

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 from broker_server.run_state import OPEN, Phase
 from edge_runtime.algorithms.aggregation import Update
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.round.server import aggregate_checked, configurator_row, record_eval, round_row, select_participants
+from edge_runtime.round.server import (aggregate_checked, as_update, configurator_row, failed_row, record_eval,
+                                       round_row, select_participants)
 from edge_runtime.service.faults import crash_point
 
 if TYPE_CHECKING:
@@ -173,8 +174,8 @@ class Rounds:
             self.run.publish_manifest()
             log.info("run %s done after %d rounds", self.run.run_id, self.run.cfg.rounds)
             return
-        updates = [Update(dev, self.run.store.read_tensors(self.run.store.resolve(a["file"])), float(a["n_samples"]),
-                          int(a["metrics"].get("train_steps", 0)), a["metrics"]) for dev, a in sorted(accepted.items())]
+        updates = [as_update(dev, a, self.run.store.read_tensors(self.run.store.resolve(a["file"])))
+                   for dev, a in sorted(accepted.items())]
         crash_point("close:before_aggregate")
         try:
             new_global, server_state = aggregate_checked(self.run.method, self.run.global_state, updates, self.run.server_state,
@@ -212,11 +213,8 @@ class Rounds:
         s["failed_rounds"] = s.get("failed_rounds", 0) + 1
         prev = self.run.store.global_path(r - 1)
         self.run.global_blob = self.run.store.write_tensors(self.run.store.global_path(r), self.run.global_state)
-        s["history"].append({
-            "round": r, "participants": list(s["participants"]), "accepted": sorted(s["accepted"]),
-            "weights": {}, "steps": {}, "bytes_up": sum(a["bytes"] for a in s["accepted"].values()), "bytes_down": 0,
-            "seconds": now - s["round_started_at"], "train_loss": None, "train_seconds": None, "accuracy": None,
-            "loss": None, "final": False, "failed": f"{type(exc).__name__}: {exc}"[:500], "global_from": prev.name})
+        s["history"].append(failed_row(r, s["participants"], s["accepted"], now - s["round_started_at"],
+                                       f"{type(exc).__name__}: {exc}", prev.name))
         s["global_file"] = self.run.store.relative(self.run.store.global_path(r))
         if s["failed_rounds"] >= self.run.cfg.max_failed_rounds:
             s.update(phase=Phase.FAILED.value, participants=[], accepted={})

@@ -44,7 +44,7 @@ def _add_simulate(sub) -> None:
     p = sub.add_parser("simulate", help="federated fine-tuning of N simulated devices in one process (no broker)",
                        description="Run R rounds of federated fine-tuning with N simulated devices in this "
                                    "process: Dirichlet label split, local PEFT training, weighted FedAvg. "
-                                   "Writes history.json, accuracy.png and global_adapter/ to --out.")
+                                   "Writes report.json, report.png, history.json and global_adapter/ to --out.")
     p.add_argument("--model", default="minilm-l6",
                    help="minilm-l6 | smollm2-135m | tiny-bert | tiny-llama | a HF model folder | a .gguf file")
     p.add_argument("--data", default="wordnet",
@@ -111,8 +111,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
               f"{row['seconds']:6.1f} s  up {row['bytes_up'] / 1e6:.2f} MB", flush=True)
 
     history = run_simulation(cfg, args.out, progress=not args.no_progress, on_round=print_round)
-    print(f"done in {history['total_seconds']:.0f} s: {args.out / 'history.json'}, "
-          f"{args.out / 'accuracy.png'}, adapter in {history['adapter_dir']}")
+    print(f"done in {history['total_seconds']:.0f} s: {args.out / 'report.json'}, {args.out / 'report.png'}, "
+          f"{args.out / 'history.json'}, adapter in {history['adapter_dir']}")
     return 0
 
 

@@ -1,12 +1,19 @@
-"""Run reports: ``history.json`` (atomic) and an accuracy-per-round PNG."""
+"""Run reports, the same for a fleet's server and for ``edge-runtime simulate``: ``report.json`` (every
+round's row, the devices, rejects and errors), ``report.png`` (accuracy per round) and the final global
+adapter in peft format; the simulation adds its ``history.json``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from edge_runtime.atomic_io import write_bytes_atomic, write_json_atomic
+import torch
 
+from edge_runtime.atomic_io import replace_dir_atomic, write_bytes_atomic, write_json_atomic
+from edge_runtime.export.adapter_folder import finish_adapter_folder
+from edge_runtime.methods import METHODS
+from edge_runtime.training.spec import TrainingSpec, build_model
 
 def write_history(out_dir: Path, history: Mapping) -> Path:
     return write_json_atomic(Path(out_dir) / "history.json", history)
@@ -41,3 +48,59 @@ def plot_accuracy(path: Path, curves: Mapping[str, Sequence[tuple[float, float]]
     fig.savefig(buf, format="png")
     plt.close(fig)
     return write_bytes_atomic(path, buf.getvalue())
+
+
+def write_report(out_dir: Path, state: dict) -> Path:
+    out_dir = Path(out_dir)
+    hist = state["history"]
+    took_part = {d for h in hist for d in h.get("participants", [])}
+    devices = {k: v for k, v in state["devices"].items() if k in took_part}   # not every id that said hello
+    report = {"run_id": state["run_id"], "fleet": state["fleet_name"], "training": state["training"],
+              "rounds": hist, "devices": devices, "devices_registered": len(state["devices"]),
+              "rejects": state["rejects"], "errors": state.get("errors", [])}
+    picks = {}   # the configurator's choices (DropPEFT): per device, each round's (ratio, shape, reward)
+    for h in hist:
+        conf = h.get("configurator") or {}
+        for dev, a in conf.get("assignments", {}).items():
+            picks.setdefault(dev, []).append({"round": h["round"], "ratio": a["ratio"], "shape": a["shape"],
+                                              "reward": conf.get("rewards", {}).get(dev)})
+    if picks:
+        report["configurator"] = picks
+    write_json_atomic(out_dir / "report.json", report)
+    curves = {"global model, device-weighted test accuracy":
+              [(h["round"], h["accuracy"]) for h in hist if h.get("accuracy") is not None]}
+    personal = [(h["round"], h["personal_accuracy"]) for h in hist if h.get("personal_accuracy") is not None]
+    if personal:   # methods with a personal model (FDLoRA, FedPepTAO): each device's own, on its own test split
+        curves["personalised models, device-weighted test accuracy"] = personal
+    spec = state["training"]
+    plot_accuracy(out_dir / "report.png", curves, title=f"{spec.get('model')} + {spec.get('method')}, run {state['run_id']}")
+    return out_dir / "report.json"
+
+
+def export_adapter(out_dir: Path, spec_json: dict, global_state: dict[str, torch.Tensor],
+                   init_state: dict[str, torch.Tensor] | None = None, state: dict | None = None) -> Path:
+    """Write the global adapter as a peft folder (``PeftModel.from_pretrained(base, path)`` loads it).
+
+    ``init_state`` is the run's round-0 global, which methods with ``needs_init`` (FeDeRA) set the
+    model up from; every method writes a plain LoRA folder for the untouched base model.
+    """
+    spec = TrainingSpec.from_json(spec_json)
+    method = METHODS[spec.method]
+    model, tokenizer = build_model(spec)
+    method.prepare(model, spec, init_state)
+    method.load_trainable_state(model, global_state)
+
+    card = {}
+    if state is not None:   # the model card's run facts: rounds, devices, the final global's accuracy
+        hist = [h for h in state.get("history", []) if h.get("round", 0) > 0]
+        accs = [h["accuracy"] for h in hist if h.get("accuracy") is not None]
+        card = {"rounds": len(hist), "devices": len(state.get("devices", {})), "run_id": state.get("run_id"),
+                "accuracy": accs[-1] if accs else None,
+                "accuracy_on": "the devices' own test splits, weighted by size"}
+
+    def save(folder: Path) -> None:
+        method.save_adapter(model, folder)
+        finish_adapter_folder(folder, model=spec.model, task=spec.task, labels=spec.labels, method=spec.method,
+                              tokenizer=tokenizer, card=card, seed=spec.seed)
+
+    return replace_dir_atomic(Path(out_dir) / "global_adapter", save)

@@ -1,10 +1,19 @@
-"""In-process federated simulation: N devices and a FedAvg server in one process, no broker.
+"""In-process federated simulation: a fleet's own round code, called directly instead of over MQTT.
 
-The same pieces the real system uses (data partitioning, the method's hooks: build, initial
-global, local training, personalisation, trainable state; weighted FedAvg) run in a loop; per
-round it logs global test accuracy, mean device accuracy (the global model on each device's own
-test split), mean personalised accuracy for methods with a personal model, loss and seconds,
-then writes ``history.json``, ``accuracy.png`` and the final global adapter (peft format).
+Each simulated device is what an agent is: its own shard of the data (:func:`federation_shards`, the
+shards ``edge-runtime demo`` gives its agents), split with the agent's seed (:func:`local_splits`), and
+its round is :func:`edge_runtime.round.device.device_round` with the agent's training seeds. The server
+side is the coordinator's: :func:`select_participants`, the method's configurator, the checked
+aggregate, :func:`round_row` and :func:`record_eval`; payloads go through the wire codec both ways.
+So the same data and settings give the same accuracies here and over a broker
+(``tests/integration/test_simulation_equals_fleet.py``).
+
+As in a fleet, the global after round r is evaluated by round r+1's participants on their own test
+splits before they train, and a last evaluation round follows the final one; a row's accuracy is
+the device-weighted mean of those evaluations. What the broker adds and this leaves out: deadlines,
+quorum, re-sends, restarts and out-of-memory step-downs (every device trains as asked and reports).
+The devices take turns on one model. Outputs: the server's ``report.json``, ``report.png`` and
+``global_adapter/`` (:mod:`edge_runtime.report`), plus ``history.json`` with the simulation's detail.
 """
 
 from __future__ import annotations
@@ -19,24 +28,17 @@ from typing import Callable
 
 import numpy as np
 import torch
-from safetensors.torch import save as safetensors_save
 
-from edge_runtime.algorithms.aggregation import Update
-from edge_runtime.atomic_io import replace_dir_atomic
-from edge_runtime.algorithms.partition import label_histogram, partition_dirichlet, split_train_val_test
+from edge_runtime.algorithms.partition import label_histogram
 from edge_runtime.errors import ConfigError
-from edge_runtime.export.adapter_folder import finish_adapter_folder
-from edge_runtime.methods import METHODS
-from edge_runtime.methods.droppeft import DropPEFTConfig
-from edge_runtime.methods.fdlora import FdloraConfig
-from edge_runtime.methods.federa import FederaConfig
-from edge_runtime.methods.fedpeptao import FedPepTAOConfig
-from edge_runtime.methods.lora import LoraMethodConfig
-from edge_runtime.methods.prompt import PromptConfig
+from edge_runtime.methods import METHODS, config_sections
 from edge_runtime.methods.personal import PersonalState
-from edge_runtime.report import plot_accuracy, write_history
-from edge_runtime.training.data import LocalDataset, Splits, device_splits, resolve_dataset
-from edge_runtime.training.evaluate import EvalResult, evaluate
+from edge_runtime.protocol.codec import decode_tensors, encode_tensors
+from edge_runtime.report import export_adapter, write_history, write_report
+from edge_runtime.round.device import DeviceReport, device_round
+from edge_runtime.round.server import (aggregate_checked, as_update, configurator_row, finite_metrics, initial_row,
+                                       record_eval, round_row, select_participants)
+from edge_runtime.training.data import LocalDataset, Splits, federation_shards, local_splits, resolve_dataset
 from edge_runtime.training.models import resolve_model_source
 from edge_runtime.training.spec import TrainingSpec, build_model, with_assignment
 from edge_runtime.training.trainer import TrainConfig
@@ -44,32 +46,7 @@ from edge_runtime.training.trainer import TrainConfig
 log = logging.getLogger("edge_runtime.simulate")
 
 
-@dataclass(frozen=True)
-class SimulationConfig:
-    model: str = "minilm-l6"
-    data: str = "wordnet"                      # built-in name or a JSONL/CSV path
-    device_data: tuple[str, ...] = ()          # one file per device instead of partitioning `data`
-    device_test_data: tuple[str, ...] = ()     # each device's own test file (else 10% of its device_data)
-    device_val_data: tuple[str, ...] = ()      # each device's own validation file (else 10% of its device_data)
-    method: str = "lora"
-    quantization: str = "fp32"                 # the base's linear weights: fp32, nf4, int8
-    devices: int = 4
-    rounds: int = 3
-    alpha: float = 0.5                         # Dirichlet concentration of the label split
-    max_examples: int | None = 4000            # random subset of `data` before partitioning
-    participation: float = 1.0                 # fraction of devices sampled each round
-    device_memory: tuple[int, ...] = ()        # bytes each device may train in (cycled); () = unknown
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    seed: int = 0
-    eval_batch_size: int = 64
-    train: TrainConfig = field(default_factory=TrainConfig)
-    lora: LoraMethodConfig = field(default_factory=LoraMethodConfig)
-    federa: FederaConfig = field(default_factory=FederaConfig)
-    fdlora: FdloraConfig = field(default_factory=FdloraConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    fedpeptao: FedPepTAOConfig = field(default_factory=FedPepTAOConfig)
-    droppeft: DropPEFTConfig = field(default_factory=DropPEFTConfig)
-
+class _SimulationChecks:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
@@ -85,212 +62,234 @@ class SimulationConfig:
             raise ConfigError(f"max_examples must be >= 1 or None, got {self.max_examples}")
 
 
+# A simulation's settings: the data and the federation, then one section per registered method (as in
+# TrainingSpec, from the registry) and the local training loop.
+SimulationConfig = dataclasses.make_dataclass("SimulationConfig", [
+    ("model", str, field(default="minilm-l6")),
+    ("data", str, field(default="wordnet")),                       # built-in name or a JSONL/CSV path
+    ("device_data", tuple, field(default=())),                     # one file per device instead of sharding `data`
+    ("device_test_data", tuple, field(default=())),                # each device's own test file
+    ("device_val_data", tuple, field(default=())),                 # each device's own validation file
+    ("method", str, field(default="lora")),
+    ("quantization", str, field(default="fp32")),                  # the base's linear weights: fp32, nf4, int8
+    ("devices", int, field(default=4)),
+    ("rounds", int, field(default=3)),
+    ("alpha", float, field(default=0.5)),                          # Dirichlet concentration of the label split
+    ("max_examples", "int | None", field(default=4000)),           # random subset of `data` before sharding
+    ("participation", float, field(default=1.0)),                  # fraction of devices sampled each round
+    ("device_memory", tuple, field(default=())),                   # bytes each device says it has (cycled)
+    ("split", tuple, field(default=(0.8, 0.1, 0.1))),
+    ("seed", int, field(default=0)),
+    ("eval_batch_size", int, field(default=64)),
+    ("train", TrainConfig, field(default_factory=TrainConfig)),
+    *[(name, cls, field(default_factory=cls)) for name, cls in config_sections().items()],
+], bases=(_SimulationChecks,), frozen=True)
+SimulationConfig.__module__ = __name__
+SimulationConfig.__doc__ = "What ``edge-runtime simulate`` federates, and how (see the module docstring)."
+
+
 @dataclass
 class DeviceData:
     device_id: str
-    train: LocalDataset
-    val: LocalDataset
-    test: LocalDataset
+    splits: Splits
     personal: PersonalState | None = None   # what the method keeps on the device between rounds
 
     @property
-    def splits(self) -> Splits:
-        return Splits(self.train, self.val, self.test)
+    def train(self) -> LocalDataset:
+        return self.splits.train
+
+    @property
+    def val(self) -> LocalDataset:
+        return self.splits.val
+
+    @property
+    def test(self) -> LocalDataset:
+        return self.splits.test
 
 
 def prepare_devices(cfg: SimulationConfig) -> list[DeviceData]:
-    """Load the data and give each simulated device its own train / val / test split."""
-    rng = np.random.default_rng(cfg.seed)
-    own = {"test": cfg.device_test_data, "val": cfg.device_val_data}   # a device's own held-out files
-    for k, files in own.items():
+    """The simulated devices (``dev00``, ``dev01``, ... as the demo names its agents), each with its
+    data split the way an agent splits it."""
+    for k, files in {"test": cfg.device_test_data, "val": cfg.device_val_data}.items():
         if files and len(files) != len(cfg.device_data):
             raise ConfigError(f"device_{k}_data: {len(files)} file(s) for {len(cfg.device_data)} device_data "
                               f"file(s); give one per device, in the same order")
-    if cfg.device_data:
-        every = [*cfg.device_data, *cfg.device_test_data, *cfg.device_val_data]
-        sets = [resolve_dataset(p) for p in every]
-        if len({d.kind for d in sets}) != 1:
-            raise ConfigError("device data files mix classification and generation rows")
-        if sets[0].kind == "classification":  # one label space for the whole federation
-            names = sorted({n for d in sets for n in d.label_names})
-            sets = [resolve_dataset(p, names) for p in every]
-        n = len(cfg.device_data)
-        tests, vals = sets[n:n + len(cfg.device_test_data)], sets[n + len(cfg.device_test_data):]
-        devices = []
-        for k, ds in enumerate(sets[:n]):
-            sp = device_splits(ds, cfg.split, rng, test=tests[k] if tests else None, val=vals[k] if vals else None)
-            devices.append(DeviceData(f"dev{k:02d}", sp.train, sp.val, sp.test))
-        return devices
-    else:
-        full = resolve_dataset(cfg.data)
-        if cfg.max_examples is not None and cfg.max_examples < len(full):
-            full = full.subset(sorted(rng.choice(len(full), cfg.max_examples, replace=False).tolist()))
-        if full.kind == "classification":
-            parts = partition_dirichlet(full.targets, cfg.devices, cfg.alpha, rng,
-                                        min_per_device=min(10, len(full) // cfg.devices))
-        else:  # no labels to skew: an even random split
-            parts = [p.tolist() for p in np.array_split(rng.permutation(len(full)), cfg.devices)]
+    if not cfg.device_data:
         if cfg.device_test_data or cfg.device_val_data:
             raise ConfigError("device_test_data / device_val_data go with device_data (one file per device)")
-        shards = [(full, p) for p in parts]
-    devices = []
-    for k, (ds, idx) in enumerate(shards):
-        tr, va, te = split_train_val_test(idx, cfg.split, rng)
-        devices.append(DeviceData(f"dev{k:02d}", ds.subset(tr), ds.subset(va), ds.subset(te)))
-    return devices
+        shards = federation_shards(resolve_dataset(cfg.data), cfg.devices, cfg.alpha, cfg.max_examples, cfg.seed)
+        return [DeviceData(f"dev{k:02d}", local_splits(d, cfg.split, cfg.seed, f"dev{k:02d}"))
+                for k, d in enumerate(shards)]
+    every = [*cfg.device_data, *cfg.device_test_data, *cfg.device_val_data]
+    sets = [resolve_dataset(p) for p in every]
+    if len({d.kind for d in sets}) != 1:
+        raise ConfigError("device data files mix classification and generation rows")
+    if sets[0].kind == "classification":  # one label space for the whole federation
+        names = sorted({n for d in sets for n in d.label_names})
+        sets = [resolve_dataset(p, names) for p in every]
+    n, n_test = len(cfg.device_data), len(cfg.device_test_data)
+    tests, vals = sets[n:n + n_test], sets[n + n_test:]
+    return [DeviceData(f"dev{k:02d}", local_splits(ds, cfg.split, cfg.seed, f"dev{k:02d}",
+                                                   test=tests[k] if tests else None, val=vals[k] if vals else None))
+            for k, ds in enumerate(sets[:n])]
 
 
-def _concat(parts: list[LocalDataset]) -> LocalDataset:
-    first = parts[0]
-    return LocalDataset(first.kind, tuple(x for p in parts for x in p.inputs),
-                        tuple(y for p in parts for y in p.targets), first.label_names, "union")
+def simulation_spec(cfg: SimulationConfig, devices: list[DeviceData]) -> TrainingSpec:
+    """The training spec a server would send for ``cfg`` (the label space is the devices' own)."""
+    first = devices[0].train
+    classification = first.kind == "classification"
+    corpus = ()
+    if resolve_model_source(cfg.model).is_tiny:   # tiny test models build their word tokenizer from the data
+        corpus = tuple(t for d in devices for t in d.train.inputs + d.train.targets if isinstance(t, str))
+    return TrainingSpec(model=cfg.model, task="classification" if classification else "causal-lm",
+                        labels=tuple(first.label_names) if classification else (), method=cfg.method,
+                        quantization=cfg.quantization, train=cfg.train, split=cfg.split, seed=cfg.seed,
+                        tokenizer_corpus=corpus, **{k: getattr(cfg, k) for k in config_sections()})
 
 
-def _per_device_accuracy(result: EvalResult, sizes: list[int]) -> list[float]:
-    out, start = [], 0
-    for n in sizes:
-        chunk = result.correct[start:start + n]
-        out.append(sum(chunk) / n if n else float("nan"))
-        start += n
-    return out
+class Federation:
+    """The simulated devices and the server of one run: what the agents and the coordinator do with a
+    round, called in turn (the devices share one model, loading the global before each turn)."""
 
+    def __init__(self, cfg: SimulationConfig, devices: list[DeviceData], progress: bool = False) -> None:
+        self.cfg, self.progress = cfg, progress
+        self.devices = {d.device_id: d for d in devices}
+        self.spec = simulation_spec(cfg, devices)
+        self.method = METHODS[cfg.method]
+        self.model, self.tokenizer = build_model(self.spec)
+        self.global_state = self.method.initial_global(self.model, self.spec)   # prepares the shared model too
+        self.init_state = self.global_state   # the round-0 global (FeDeRA's devices build their model from it)
+        self.server_state: dict[str, torch.Tensor] = {}
+        self.history: list[dict] = [initial_row()]
+        self.rounds_done: dict[str, int] = {}
+        self.selection: dict | None = None
 
-def state_nbytes(state: dict[str, torch.Tensor]) -> int:
-    """Size of ``state`` as the safetensors bytes a device would upload."""
-    return len(safetensors_save({k: v.contiguous() for k, v in state.items()}))
+    def participants(self, round_: int) -> list[str]:
+        n = len(self.devices)
+        per_round = 0 if self.cfg.participation >= 1 else max(1, round(self.cfg.participation * n))
+        return select_participants(list(self.devices), round_, self.spec.seed, per_round, n, self.rounds_done)
+
+    def device_turns(self, round_: int, action: str, assignments: dict | None = None) -> dict[str, DeviceReport]:
+        """Each participant's :func:`device_round` on the global as it would receive it."""
+        blob, reports = encode_tensors(self.global_state), {}
+        for d in self.participants(round_):
+            dev = self.devices[d]
+            self.method.load_trainable_state(self.model, decode_tensors(blob))
+            spec = with_assignment(self.spec, (assignments or {}).get(d))
+            reports[d] = device_round(self.method, self.model, self.tokenizer, dev.splits, spec, action=action,
+                                      round_=round_, device_id=d, personal=dev.personal,
+                                      eval_batch_size=self.cfg.eval_batch_size, progress=self.progress)
+            dev.personal = reports[d].personal
+        return reports
+
+    def score_round(self) -> None:
+        """FedPepTAO's round 0: each device scores layers, the method picks the global's layout."""
+        reports = self.device_turns(0, "score")
+        pairs = [(finite_metrics(r.metrics), float(r.n_samples)) for _, r in sorted(reports.items())]
+        self.global_state, info = self.method.select(self.global_state, pairs, self.spec)
+        self.init_state = self.global_state
+        self.selection = {**info, "devices": sorted(reports)}
+        log.info("score round: shared layers %s", info.get("shared_layers"))
+
+    def train_round(self, r: int) -> dict | None:
+        """Round ``r``; returns the row of the global its devices evaluated (round ``r - 1``'s)."""
+        offered = assignments = {}
+        if self.method.assignable:
+            profiles = {d: _sim_profile(self.cfg, list(self.devices).index(d)) for d in self.participants(r)}
+            assignments, offered = self.method.assign(self.server_state, profiles, self.spec, r)
+        reports = self.device_turns(r, "train", assignments)
+        blobs = {d: encode_tensors(rep.upload) for d, rep in reports.items()}
+        accepted = {d: {"n_samples": rep.n_samples, "metrics": finite_metrics(rep.metrics), "bytes": len(blobs[d])}
+                    for d, rep in reports.items()}
+        evaluated = self.record(r - 1, accepted, reports)
+        updates = [as_update(d, a, decode_tensors(blobs[d])) for d, a in sorted(accepted.items())]
+        t0 = time.perf_counter()
+        self.global_state, self.server_state = aggregate_checked(self.method, self.global_state, updates,
+                                                                 self.server_state, self.spec, len(self.devices), r)
+        seconds = time.perf_counter() - t0 + sum(rep.timings.get("train_s", 0.0) for rep in reports.values())
+        for d in accepted:
+            self.rounds_done[d] = self.rounds_done.get(d, 0) + 1
+        self.history.append(round_row(r, sorted(reports), accepted, len(encode_tensors(self.global_state)), seconds,
+                                      configurator_row(self.method, offered, updates) if offered else None))
+        return evaluated
+
+    def final_round(self) -> dict:
+        """The devices of the round after the last evaluate the final global; returns its row."""
+        reports = self.device_turns(self.cfg.rounds + 1, "evaluate")
+        row = self.record(self.cfg.rounds, {d: {"n_samples": 0, "metrics": finite_metrics(rep.metrics), "bytes": 0}
+                                            for d, rep in reports.items()}, reports)
+        row["final"] = True
+        return row
+
+    def record(self, global_round: int, accepted: dict, reports: dict[str, DeviceReport]) -> dict:
+        """The coordinator's :func:`record_eval`, plus what a simulation can see: each device's number."""
+        row = record_eval(self.history, global_round, accepted)
+        ids = list(self.devices)
+        acc = {d: rep.metrics["eval_accuracy"] for d, rep in reports.items()}
+        row.update(global_accuracy=row["accuracy"], mean_device_accuracy=float(np.mean(list(acc.values()))),
+                   device_accuracy=[acc.get(d) for d in ids])
+        personal = {d: rep.metrics["personal_accuracy"] for d, rep in reports.items() if "personal_accuracy" in rep.metrics}
+        if personal:
+            row.update(mean_personal_accuracy=float(np.mean(list(personal.values()))),
+                       device_personal_accuracy=[personal.get(d) for d in ids],
+                       personalise_seconds=sum(rep.timings.get("personalise_s", 0.0) for rep in reports.values()))
+            if all("fusion_a" in reports[d].metrics for d in personal):
+                row["fusion"] = [(reports[d].metrics["fusion_a"], reports[d].metrics["fusion_b"]) if d in personal
+                                 else None for d in ids]
+        return row
 
 
 def run_simulation(cfg: SimulationConfig, out_dir: Path | None, progress: bool = True,
                    on_round: Callable[[dict], None] | None = None) -> dict:
-    """Run ``cfg.rounds`` FedAvg rounds; returns the history (also written to ``out_dir``)."""
+    """Run ``cfg.rounds`` rounds; returns the history (also written to ``out_dir``). ``on_round`` gets
+    each row as soon as its accuracy is known (row r once round r + 1's devices evaluated it)."""
     t_start = time.perf_counter()
     devices = prepare_devices(cfg)
-    kind = devices[0].train.kind
-    task = "classification" if kind == "classification" else "causal-lm"
-    label_names = devices[0].train.label_names
-    corpus = [t for d in devices for t in d.train.inputs + d.train.targets if isinstance(t, str)]
-    spec = TrainingSpec(model=cfg.model, task=task, labels=tuple(label_names) if kind == "classification" else (),
-                        method=cfg.method, quantization=cfg.quantization, lora=cfg.lora, federa=cfg.federa, fdlora=cfg.fdlora, prompt=cfg.prompt,
-                        fedpeptao=cfg.fedpeptao, droppeft=cfg.droppeft, train=cfg.train,
-                        split=cfg.split, seed=cfg.seed,
-                        tokenizer_corpus=tuple(corpus) if resolve_model_source(cfg.model).is_tiny else ())
-    method = METHODS[cfg.method]
-    model, tokenizer = build_model(spec)
-    global_state = method.initial_global(model, spec)  # devices share this model: prepared once
-    selection = None
-    if method.scoring:  # a score round: each device scores layers on its data, the server picks
-        reports = [(method.score(model, tokenizer, d.splits, spec, seed=cfg.seed * 1000 + k), float(len(d.train)))
-                   for k, d in enumerate(devices)]
-        global_state, selection = method.select(global_state, reports, spec)
-        method.load_trainable_state(model, global_state)
-        log.info("score round: shared layers %s", selection.get("shared_layers"))
-    server_state: dict = {}
-    update_bytes = state_nbytes(global_state)
-    test_union = _concat([d.test for d in devices])
-    test_sizes = [len(d.test) for d in devices]
-    n_params = sum(v.numel() for v in global_state.values())
-    log.info("model %s (%s), method %s: %d trainable params (%.2f MB per update); %d devices, "
-             "train sizes %s", cfg.model, task, cfg.method, n_params, update_bytes / 1e6, len(devices),
+    fed = Federation(cfg, devices, progress)
+    if fed.method.scoring:
+        fed.score_round()
+    update_bytes = len(encode_tensors(fed.global_state))
+    n_params = sum(v.numel() for v in fed.global_state.values())
+    log.info("model %s (%s), method %s: %d trainable params (%.2f MB per update); %d devices, train sizes %s",
+             cfg.model, fed.spec.task, cfg.method, n_params, update_bytes / 1e6, len(devices),
              [len(d.train) for d in devices])
-
-    def evaluate_global() -> tuple[EvalResult, list[float]]:
-        res = evaluate(model, tokenizer, test_union, cfg.eval_batch_size, cfg.train.max_seq_len)
-        return res, _per_device_accuracy(res, test_sizes)
-
-    def personalise_all() -> dict:
-        """Each device's own model from the current global (methods with a personal part only)."""
-        rows, t0 = [], time.perf_counter()
-        for dev in devices:
-            metrics, dev.personal = method.personalise(model, tokenizer, dev.splits, spec, dev.personal,
-                                                       cfg.eval_batch_size)
-            rows.append(metrics)
-        method.load_trainable_state(model, global_state)
-        if not rows or not rows[0]:
-            return {}
-        acc = [r["personal_accuracy"] for r in rows]
-        return {"mean_personal_accuracy": float(np.nanmean(acc)), "device_personal_accuracy": acc,
-                **({"fusion": [(r["fusion_a"], r["fusion_b"]) for r in rows]} if "fusion_a" in rows[0] else {}),
-                "personalise_seconds": time.perf_counter() - t0}
-
-    def row_for(r: int, res: EvalResult, dev_acc: list[float], **extra) -> dict:
-        return {"round": r, "global_accuracy": res.accuracy, "mean_device_accuracy": float(np.nanmean(dev_acc)),
-                "device_accuracy": dev_acc, "loss": res.loss, **extra, **personalise_all()}
-
-    res0, dev0 = evaluate_global()
-    rounds = [row_for(0, res0, dev0, train_loss=None, seconds=0.0, participants=[], bytes_up=0, bytes_down=0)]
-    if on_round:
-        on_round(rounds[0])
-    rng = np.random.default_rng(cfg.seed + 1)
-    n_pick = max(1, round(cfg.participation * len(devices)))
     for r in range(1, cfg.rounds + 1):
-        t0 = time.perf_counter()
-        picked = sorted(rng.choice(len(devices), n_pick, replace=False).tolist())
-        assignments, chosen = method.assign(server_state, {devices[k].device_id: _sim_profile(cfg, k) for k in picked},
-                                            spec, r)
-        updates, train_losses = [], []
-        for k in picked:
-            dev = devices[k]
-            method.load_trainable_state(model, global_state)
-            result, dev.personal = method.local_train(model, tokenizer, dev.splits,
-                                                      with_assignment(spec, assignments.get(dev.device_id)),
-                                                      seed=cfg.seed * 1000 + r * 100 + k, personal=dev.personal,
-                                                      progress=progress, desc=f"round {r} {dev.device_id}")
-            updates.append(Update(dev.device_id, method.trainable_state(model), float(len(dev.train)), result.steps,
-                                  {**result.metrics, "train_seconds": result.seconds}))
-            train_losses.append(result.mean_loss)
-        configurator = None   # the configurator's choices (DropPEFT) and what they earned
-        if chosen:
-            configurator = {"assignments": chosen, "rewards": method.rewards(updates),
-                            "train_seconds": {u.device_id: u.metrics["train_seconds"] for u in updates}}
-        global_state, server_state = method.aggregate(global_state, updates, server_state, spec, len(devices))
-        method.load_trainable_state(model, global_state)
-        train_seconds = time.perf_counter() - t0
-        res, dev_acc = evaluate_global()
-        row = row_for(r, res, dev_acc, train_loss=float(np.mean(train_losses)), seconds=train_seconds,
-                      participants=[devices[k].device_id for k in picked], bytes_up=sum(state_nbytes(u.tensors) for u in updates),
-                      bytes_down=state_nbytes(global_state) * len(picked),
-                      **({"configurator": configurator} if configurator else {}))
-        rounds.append(row)
+        row = fed.train_round(r)
         if on_round:
             on_round(row)
-
+    row = fed.final_round()
+    if on_round:
+        on_round(row)
+    classification = fed.spec.task == "classification"
     history = {
         "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
-        "task": task,
-        "label_names": list(label_names),
+        "task": fed.spec.task,
+        "label_names": list(fed.spec.labels),
         "devices": [{"id": d.device_id, "train": len(d.train), "val": len(d.val), "test": len(d.test)}
                     for d in devices],
-        "label_histogram": (label_histogram([y for d in devices for y in d.train.targets],
-                                            _shard_ranges(devices), len(label_names)).tolist()
-                            if kind == "classification" else None),
+        "label_histogram": (label_histogram([y for d in devices for y in d.train.targets], _shard_ranges(devices),
+                                            len(fed.spec.labels)).tolist() if classification else None),
         "trainable_params": n_params,
         "update_bytes": update_bytes,
-        "selection": selection,
-        "rounds": rounds,
+        "selection": fed.selection,
+        "rounds": fed.history,
         "total_seconds": time.perf_counter() - t_start,
     }
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_history(out_dir, history)
-        curves = {"global test accuracy": [(x["round"], x["global_accuracy"]) for x in rounds],
-                  "mean device accuracy": [(x["round"], x["mean_device_accuracy"]) for x in rounds]}
-        if "mean_personal_accuracy" in rounds[0]:
-            curves["mean personalised accuracy"] = [(x["round"], x["mean_personal_accuracy"]) for x in rounds]
-        plot_accuracy(out_dir / "accuracy.png", curves,
-                      title=f"{cfg.model} + {cfg.method}, {len(devices)} devices, alpha={cfg.alpha}")
-
-        card = {"rounds": cfg.rounds, "devices": len(devices), "accuracy": rounds[-1]["global_accuracy"],
-                "accuracy_on": "the union of the simulated devices' test splits"}
-
-        def save_adapter(folder: Path) -> None:
-            method.save_adapter(model, folder)
-            finish_adapter_folder(folder, model=cfg.model, task=task, labels=label_names, method=cfg.method,
-                                  tokenizer=tokenizer, card=card, seed=cfg.seed)
-
-        replace_dir_atomic(out_dir / "global_adapter", save_adapter)
-        history["adapter_dir"] = str(out_dir / "global_adapter")
+        history["adapter_dir"] = str(write_outputs(Path(out_dir), fed, history))
     return history
+
+
+def write_outputs(out_dir: Path, fed: Federation, history: dict) -> Path:
+    """What a fleet's server writes at the end of a run (the same writer), plus ``history.json``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_history(out_dir, history)
+    state = {"run_id": "simulation", "fleet_name": "simulation", "training": fed.spec.to_json(),
+             "history": fed.history, "rejects": [], "errors": [],
+             "devices": {d["id"]: {"train": d["train"], "rounds_done": fed.rounds_done.get(d["id"], 0)}
+                         for d in history["devices"]}}
+    write_report(out_dir, state)
+    return export_adapter(out_dir, state["training"], fed.global_state, fed.init_state, state)
 
 
 def _sim_profile(cfg: SimulationConfig, k: int) -> dict:

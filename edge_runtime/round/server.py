@@ -52,6 +52,12 @@ def finite_metrics(metrics: Mapping) -> dict[str, float]:
             and not isinstance(v, bool) and math.isfinite(v)}
 
 
+def as_update(device_id: str, accepted: Mapping, tensors: dict[str, Tensor]) -> Update:
+    """The aggregation's view of one accepted record and its tensors (weight: ``n_samples``)."""
+    return Update(device_id, tensors, float(accepted["n_samples"]), int(accepted["metrics"].get("train_steps", 0)),
+                  accepted["metrics"])
+
+
 def weighted(accepted: Mapping[str, Mapping], key: str, weight: str = "n_samples") -> float | None:
     """The mean of metric ``key`` over the accepted updates, weighted by ``n_samples`` or by another metric."""
     pairs = []
@@ -75,6 +81,13 @@ def round_row(round_: int, participants: Sequence[str], accepted: Mapping[str, M
             "seconds": seconds, "train_loss": weighted(accepted, "train_loss"),
             "train_seconds": weighted(accepted, "train_seconds"), "accuracy": None, "loss": None, "final": False,
             **({"configurator": configurator} if configurator else {})}
+
+
+def failed_row(round_: int, participants: Sequence[str], accepted: Mapping[str, Mapping], seconds: float,
+               error: str, global_from: str) -> dict:
+    """The history row of a round whose aggregate failed: the global stays ``global_from``."""
+    return {**round_row(round_, participants, {}, 0, seconds), "accepted": sorted(accepted),
+            "bytes_up": sum(a["bytes"] for a in accepted.values()), "failed": error[:500], "global_from": global_from}
 
 
 def initial_row() -> dict:

@@ -11,13 +11,16 @@ import csv
 import gzip
 import io
 import json
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Literal, NamedTuple, Sequence
 
+import numpy as np
 import torch
 
+from edge_runtime.algorithms.partition import partition_dirichlet, split_train_val_test
 from edge_runtime.errors import DataError
 
 Kind = Literal["classification", "generation"]
@@ -220,8 +223,6 @@ def device_splits(data: LocalDataset, fractions: tuple[float, float, float], rng
                   test: LocalDataset | None = None, val: LocalDataset | None = None) -> Splits:
     """A device's train / validation / test: carved from ``data`` by ``fractions``, except the parts the
     device has its own files for (``test`` / ``val``), which are used whole and carve nothing out of ``data``."""
-    from edge_runtime.algorithms.partition import split_train_val_test
-
     f_train, f_val, f_test = fractions
     f_val, f_test = (0.0 if val is not None else f_val), (0.0 if test is not None else f_test)
     total = f_train + f_val + f_test
@@ -295,3 +296,34 @@ def encode_batch(tokenizer, dataset: LocalDataset, indices: Sequence[int], max_l
         attention[j, : len(ids)] = 1
         labels[j, : len(labs)] = torch.tensor(labs)
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def local_splits(data: LocalDataset, fractions: tuple[float, float, float], seed: int, device_id: str,
+                 test: LocalDataset | None = None, val: LocalDataset | None = None) -> Splits:
+    """A device's own train / validation / test (:func:`device_splits`), seeded by the run's seed and the
+    device id only: an agent and a simulated device with the same data split it the same way."""
+    rng = np.random.default_rng([seed, zlib.crc32(device_id.encode())])
+    return device_splits(data, fractions, rng, test=test, val=val)
+
+
+def federation_shards(full: LocalDataset, devices: int, alpha: float, max_examples: int | None,
+                      seed: int) -> list[LocalDataset]:
+    """``full`` (a random ``max_examples`` of it) split over ``devices``: a Dirichlet(``alpha``) label
+    split for classification, an even random one for generation. ``edge-runtime demo`` writes these
+    shards to the agents' data files and ``edge-runtime simulate`` trains on them, so both federate the
+    same data."""
+    rng = np.random.default_rng(seed)
+    if max_examples is not None and max_examples < len(full):
+        full = full.subset(sorted(rng.choice(len(full), max_examples, replace=False).tolist()))
+    if full.kind == "classification":
+        parts = partition_dirichlet(full.targets, devices, alpha, rng, min_per_device=min(10, len(full) // devices))
+    else:   # no labels to skew
+        parts = [p.tolist() for p in np.array_split(rng.permutation(len(full)), devices)]
+    return [full.subset(p) for p in parts]
+
+
+def concat_datasets(parts: Sequence[LocalDataset], source: str = "union") -> LocalDataset:
+    """The examples of ``parts`` (one kind and label space) as one dataset, in order."""
+    first = parts[0]
+    return LocalDataset(first.kind, tuple(x for p in parts for x in p.inputs),
+                        tuple(y for p in parts for y in p.targets), first.label_names, source)

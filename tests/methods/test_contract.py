@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 
 from broker_server.coordinator import Coordinator
-from broker_server.report import export_adapter
+from edge_runtime.report import export_adapter
 from broker_server.store import Store
 from edge_runtime.agent import Agent
 from edge_runtime.methods import METHODS, config_sections, register

@@ -6,7 +6,7 @@ import json
 import torch
 from safetensors.torch import load as safetensors_load
 
-from broker_server.report import export_adapter
+from edge_runtime.report import export_adapter
 from edge_runtime.agent import Agent
 from edge_runtime.methods.fdlora import FdloraConfig
 from edge_runtime.methods.federa import FederaConfig
