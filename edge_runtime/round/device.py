@@ -1,9 +1,9 @@
 """A device's part of one round: evaluate the received global, personalise, train, build the upload.
 
 :func:`device_round` is the same for every method and every caller: the agent calls it with the
-model it built and loaded with the global (and its own out-of-memory fitting as ``train``); the
-seeds come from the run's seed, the round and the device id only, so the same device trains the
-same way wherever it runs.
+model it built and loaded with the global (and its own out-of-memory fitting as ``train``), the
+simulation with its shared model and the plain loop; the seeds come from the run's seed, the round
+and the device id only, so the same device trains the same way wherever it runs.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The server's part of one round, as pure functions: who takes part, the method's aggregate
-(checked), and the history row. The coordinator calls them with what it persisted; nothing here
-touches the disk, the network or the clock.
+(checked), and the history row. The coordinator calls them with what it persisted, the simulation
+with what its devices returned; nothing here touches the disk, the network or the clock.
 
 An *accepted* record is what the server keeps of one device's update:
 ``{"n_samples": int, "metrics": {name: float}, "bytes": int, ...}``.
