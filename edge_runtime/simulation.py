@@ -169,10 +169,11 @@ class Federation:
         per_round = 0 if self.cfg.participation >= 1 else max(1, round(self.cfg.participation * n))
         return select_participants(list(self.devices), round_, self.spec.seed, per_round, n, self.rounds_done)
 
-    def device_turns(self, round_: int, action: str, assignments: dict | None = None) -> dict[str, DeviceReport]:
+    def device_turns(self, round_: int, action: str, participants: list[str] | None = None,
+                     assignments: dict | None = None) -> dict[str, DeviceReport]:
         """Each participant's :func:`device_round` on the global as it would receive it."""
         blob, reports = encode_tensors(self.global_state), {}
-        for d in self.participants(round_):
+        for d in participants if participants is not None else self.participants(round_):
             dev = self.devices[d]
             self.method.load_trainable_state(self.model, decode_tensors(blob))
             spec = with_assignment(self.spec, (assignments or {}).get(d))
@@ -193,11 +194,12 @@ class Federation:
 
     def train_round(self, r: int) -> dict | None:
         """Round ``r``; returns the row of the global its devices evaluated (round ``r - 1``'s)."""
-        offered = assignments = {}
+        participants, assignments, offered = self.participants(r), {}, {}
         if self.method.assignable:
-            profiles = {d: _sim_profile(self.cfg, list(self.devices).index(d)) for d in self.participants(r)}
+            index = {d: k for k, d in enumerate(self.devices)}
+            profiles = {d: _sim_profile(self.cfg, index[d]) for d in participants}
             assignments, offered = self.method.assign(self.server_state, profiles, self.spec, r)
-        reports = self.device_turns(r, "train", assignments)
+        reports = self.device_turns(r, "train", participants, assignments)
         blobs = {d: encode_tensors(rep.upload) for d, rep in reports.items()}
         accepted = {d: {"n_samples": rep.n_samples, "metrics": finite_metrics(rep.metrics), "bytes": len(blobs[d])}
                     for d, rep in reports.items()}

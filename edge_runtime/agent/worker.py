@@ -201,7 +201,7 @@ class RoundWorker:
 
     def train_fitting(self, m: RoundManifest, spec: TrainingSpec, init: bytes | None, blob: bytes, seed: int):
         """Local training (``device_round``'s ``train``); an out-of-memory error steps the plan down and
-        retries the round. Returns (the model as trained, the spec as trained, the result, the personal state)."""
+        retries the round. Returns (the model as trained, the result, the personal state)."""
         oom = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), MemoryError) if t is not None)
         while True:
             model, tok, splits = self.prepare(spec, init)
@@ -213,7 +213,7 @@ class RoundWorker:
                 res, personal = method.local_train(model, tok, splits, spec, seed, self.personal,
                                                    progress=self.agent.cfg.progress, desc=f"round {m.round}")
                 self.agent.state.pop("attempt", None)
-                return model, spec, res, personal
+                return model, res, personal
             except oom as exc:
                 smaller = step_down(plan_of(spec, METHODS[spec.method]), self.capabilities()[0])
                 if smaller is None:

@@ -22,9 +22,9 @@ from edge_runtime.training.evaluate import evaluate
 from edge_runtime.training.spec import TrainingSpec
 from edge_runtime.training.trainer import TrainResult
 
-# train(spec, seed, personal) -> (model as trained, spec as trained, result, personal): the agent's
-# fitting loop steps the plan down on out-of-memory and may rebuild the model
-Train = Callable[[TrainingSpec, int, "PersonalState | None"], tuple[Any, TrainingSpec, TrainResult, "PersonalState | None"]]
+# train(spec, seed, personal) -> (model as trained, result, personal): the agent's fitting loop steps
+# the plan down on out-of-memory and may rebuild the model
+Train = Callable[[TrainingSpec, int, "PersonalState | None"], tuple[Any, TrainResult, "PersonalState | None"]]
 
 
 @dataclass
@@ -90,8 +90,8 @@ def device_round(method: Method, model, tokenizer, splits: Splits, spec: Trainin
     if train is None:
         def train(s, sd, p):   # noqa: E306 - the plain loop: no fitting
             res, p = method.local_train(model, tokenizer, splits, s, sd, p, progress=progress, desc=f"round {round_}")
-            return model, s, res, p
-    model, _, res, personal = train(spec, seed, personal)
+            return model, res, p
+    model, res, personal = train(spec, seed, personal)
     if keep_personal:
         keep_personal(personal)
     metrics.update(res.metrics)
