@@ -132,6 +132,14 @@ class Coordinator:
         self.init_blob = store.global_path(0).read_bytes() if self.method.needs_init else None
         # server-side optimiser state of the method (FedPepTAO's momentum, control variates): per round, like globals
         self.server_state = store.read_tensors(store.resolve(state["server_file"])) if state.get("server_file") else {}
+        # the configurator's state (DropPEFT's bandit): JSON; a protocol-1 state kept it among the tensors
+        self.configurator_state = (store.read_json(store.resolve(state["configurator_file"]))
+                                   if state.get("configurator_file") else {})
+        if not state.get("configurator_file") and self.server_state:
+            self.server_state, migrated = self.method.migrate_state(self.server_state)
+            if migrated:
+                self.configurator_state = migrated
+                log.info("migrated the %s configurator's state from the server tensors to JSON", self.method.name)
 
     # -- state -------------------------------------------------------------------------------
     def _fresh_state(self, run_id: str, init: dict[str, torch.Tensor]) -> RunState:

@@ -18,7 +18,7 @@ from edge_runtime.protocol import topics
 from edge_runtime.protocol.chunking import Reassembler, parse_chunk
 from edge_runtime.protocol.codec import decode_message, decode_tensors, encode_message
 from edge_runtime.protocol.messages import Ack, ProtocolError, UpdateManifest
-from edge_runtime.round.server import finite_metrics
+from edge_runtime.round.server import as_update, finite_metrics
 from edge_runtime.service.faults import crash_point
 
 if TYPE_CHECKING:
@@ -97,9 +97,9 @@ class Ingest:
                 return False, f"update declares {m.payload.size} bytes, over the {self.run.cfg.max_update_bytes}-byte limit"
             if m.n_samples < 1:
                 return False, f"n_samples must be >= 1 for a training update, got {m.n_samples}"
-            try:   # numbers the method's aggregation needs (DropPEFT's steps)
-                self.run.method.check_update(m.metrics, int(m.metrics.get("train_steps", 0) or 0), self.run.global_state,
-                                         self.run.spec)
+            try:   # numbers the method's aggregation needs (DropPEFT's per-block steps)
+                self.run.method.check_update(as_update(m.device_id, self._record(m, None), {}), self.run.global_state,
+                                             self.run.spec)
             except (AggregationError, ConfigError, TypeError, ValueError) as exc:
                 return False, f"bad update metrics: {exc}"
         elif m.payload is not None:
@@ -194,11 +194,14 @@ class Ingest:
                     f"the server cannot store updates right now ({exc.strerror or exc}); back off and re-send",
                     retry=True)
 
+    def _record(self, m: UpdateManifest, path: Path | None) -> dict:
+        """The accepted record of ``m`` (see :mod:`edge_runtime.round.server`)."""
+        return {"update_id": m.update_id, "n_samples": m.n_samples, "metrics": finite_metrics(m.metrics),
+                "layer_steps": list(m.layer_steps), "file": self.run.store.relative(path) if path else None,
+                "bytes": m.payload.size if m.payload else 0, "at": self.run.clock()}
+
     def _accept(self, m: UpdateManifest, path: Path | None) -> None:
-        self.run.state["accepted"][m.device_id] = {
-            "update_id": m.update_id, "n_samples": m.n_samples, "metrics": finite_metrics(m.metrics),
-            "file": self.run.store.relative(path) if path else None, "bytes": m.payload.size if m.payload else 0,
-            "at": self.run.clock()}
+        self.run.state["accepted"][m.device_id] = self._record(m, path)
         self.run.fleet.seen(m.device_id, self.run.clock())
         crash_point("update:before_save")
         try:

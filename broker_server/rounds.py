@@ -16,7 +16,7 @@ from broker_server.run_state import OPEN, Phase
 from edge_runtime.algorithms.aggregation import Update
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.round.server import (aggregate_checked, as_update, configurator_row, failed_row, record_eval,
-                                       round_row, select_participants)
+                                       round_row, score_reports, select_participants)
 from edge_runtime.service.faults import crash_point
 
 if TYPE_CHECKING:
@@ -145,7 +145,8 @@ class Rounds:
             return
         profiles = {d: (self.run.fleet.devices[d].profile if d in self.run.fleet.devices else {}) for d in devices}
         try:
-            overrides, info = self.run.method.assign(self.run.server_state, profiles, self.run.spec, s["round"])
+            overrides, info = self.run.method.assign(self.run.configurator_state, profiles, self.run.spec,
+                                                     s["round"])
         except (EdgeRuntimeError, OSError, ValueError) as exc:   # e.g. the model's config unreadable for the memory model
             log.error("round %d: the configurator failed (%s); devices train with the profile's own settings",
                       s["round"], exc)
@@ -178,8 +179,9 @@ class Rounds:
                    for dev, a in sorted(accepted.items())]
         crash_point("close:before_aggregate")
         try:
-            new_global, server_state = aggregate_checked(self.run.method, self.run.global_state, updates, self.run.server_state,
-                                                         self.run.spec, self.run.fleet.active_count(accepted), r)
+            new_global, server_state, configurator_state = aggregate_checked(
+                self.run.method, self.run.global_state, updates, self.run.server_state, self.run.configurator_state,
+                self.run.spec, self.run.fleet.active_count(accepted), r)
         except Exception as exc:  # noqa: BLE001 - a method's failure fails the round, never the server
             self._round_failed(now, updates, exc)
             return
@@ -189,6 +191,11 @@ class Rounds:
             server_path = self.run.store.root / "server" / f"round_{r:05d}.safetensors"
             self.run.store.write_tensors(server_path, self.run.server_state)
             s["server_file"] = self.run.store.relative(server_path)
+        self.run.configurator_state = configurator_state
+        if configurator_state:
+            config_path = self.run.store.root / "server" / f"configurator_{r:05d}.json"
+            self.run.store.write_json(config_path, configurator_state)
+            s["configurator_file"] = self.run.store.relative(config_path)
         path = self.run.store.global_path(r)
         self.run.global_blob = self.run.store.write_tensors(path, new_global)
         crash_point("close:after_global_write")
@@ -226,7 +233,7 @@ class Rounds:
 
     def _close_score_round(self, accepted: dict) -> None:
         """Score round: the devices' layer scores give the global its layout; training starts."""
-        reports = [(a["metrics"], float(a["n_samples"])) for _, a in sorted(accepted.items())]
+        reports = score_reports(accepted)
         new_global, info = self.run.method.select(self.run.global_state, reports, self.run.spec)
         path = self.run.store.global_path(0)
         self.run.global_blob = self.run.store.write_tensors(path, new_global)

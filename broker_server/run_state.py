@@ -32,6 +32,7 @@ class Accepted(TypedDict):
     update_id: str
     n_samples: int
     metrics: dict[str, float]
+    layer_steps: list[int]  # steps each block ran (DropPEFT); absent in a protocol-1 state
     file: str | None        # the payload under the state folder; None for metrics-only reports
     bytes: int
     at: float
@@ -47,7 +48,8 @@ class RunState(TypedDict, total=False):
     round_started_at: float | None
     deadline_at: float | None
     global_file: str                    # the global in force, relative to the state folder
-    server_file: str                    # the method's server-side state (FedPepTAO), when it has one
+    server_file: str                    # the method's server-side tensors (FedPepTAO), when it has any
+    configurator_file: str              # the method's configurator state, JSON (DropPEFT's bandit)
     accepted: dict[str, Accepted]
     assignments: dict[str, dict]        # the configurator's per-device overrides this round (DropPEFT)
     configurator: dict[str, dict]       # what it offered, for the history row

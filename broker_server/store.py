@@ -142,6 +142,19 @@ class Store:
     def write_bytes(self, path: Path, data: bytes) -> None:
         write_bytes_atomic(path, data)
 
+    def write_json(self, path: Path, doc: dict) -> None:
+        write_json_atomic(path, doc)
+
+    def read_json(self, path: Path) -> dict:
+        """A JSON object the server wrote (StateError if unreadable or not an object)."""
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StateError(f"{path}: cannot read: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise StateError(f"{path}: expected a JSON object, got {type(doc).__name__}")
+        return doc
+
     def read_tensors(self, path: Path) -> dict[str, torch.Tensor]:
         return load_file(path)
 

@@ -37,7 +37,7 @@ from edge_runtime.protocol.codec import decode_tensors, encode_tensors
 from edge_runtime.report import export_adapter, write_history, write_report
 from edge_runtime.round.device import DeviceReport, device_round
 from edge_runtime.round.server import (aggregate_checked, as_update, configurator_row, finite_metrics, initial_row,
-                                       record_eval, round_row, select_participants)
+                                       record_eval, round_row, score_reports, select_participants)
 from edge_runtime.training.data import LocalDataset, Splits, federation_shards, local_splits, resolve_dataset
 from edge_runtime.training.models import resolve_model_source
 from edge_runtime.training.spec import TrainingSpec, build_model, with_assignment
@@ -160,6 +160,7 @@ class Federation:
         self.global_state = self.method.initial_global(self.model, self.spec)   # prepares the shared model too
         self.init_state = self.global_state   # the round-0 global (FeDeRA's devices build their model from it)
         self.server_state: dict[str, torch.Tensor] = {}
+        self.configurator_state: dict = {}   # the method's configurator (DropPEFT's bandit), JSON
         self.history: list[dict] = [initial_row()]
         self.rounds_done: dict[str, int] = {}
         self.selection: dict | None = None
@@ -186,8 +187,8 @@ class Federation:
     def score_round(self) -> None:
         """FedPepTAO's round 0: each device scores layers, the method picks the global's layout."""
         reports = self.device_turns(0, "score")
-        pairs = [(finite_metrics(r.metrics), float(r.n_samples)) for _, r in sorted(reports.items())]
-        self.global_state, info = self.method.select(self.global_state, pairs, self.spec)
+        accepted = {d: {"n_samples": r.n_samples, "metrics": finite_metrics(r.metrics)} for d, r in reports.items()}
+        self.global_state, info = self.method.select(self.global_state, score_reports(accepted), self.spec)
         self.init_state = self.global_state
         self.selection = {**info, "devices": sorted(reports)}
         log.info("score round: shared layers %s", info.get("shared_layers"))
@@ -198,16 +199,17 @@ class Federation:
         if self.method.assignable:
             index = {d: k for k, d in enumerate(self.devices)}
             profiles = {d: _sim_profile(self.cfg, index[d]) for d in participants}
-            assignments, offered = self.method.assign(self.server_state, profiles, self.spec, r)
+            assignments, offered = self.method.assign(self.configurator_state, profiles, self.spec, r)
         reports = self.device_turns(r, "train", participants, assignments)
         blobs = {d: encode_tensors(rep.upload) for d, rep in reports.items()}
-        accepted = {d: {"n_samples": rep.n_samples, "metrics": finite_metrics(rep.metrics), "bytes": len(blobs[d])}
-                    for d, rep in reports.items()}
+        accepted = {d: {"n_samples": rep.n_samples, "metrics": finite_metrics(rep.metrics), "bytes": len(blobs[d]),
+                        "layer_steps": list(rep.layer_steps)} for d, rep in reports.items()}
         evaluated = self.record(r - 1, accepted, reports)
         updates = [as_update(d, a, decode_tensors(blobs[d])) for d, a in sorted(accepted.items())]
         t0 = time.perf_counter()
-        self.global_state, self.server_state = aggregate_checked(self.method, self.global_state, updates,
-                                                                 self.server_state, self.spec, len(self.devices), r)
+        self.global_state, self.server_state, self.configurator_state = aggregate_checked(
+            self.method, self.global_state, updates, self.server_state, self.configurator_state, self.spec,
+            len(self.devices), r)
         seconds = time.perf_counter() - t0 + sum(rep.timings.get("train_s", 0.0) for rep in reports.values())
         for d in accepted:
             self.rounds_done[d] = self.rounds_done.get(d, 0) + 1

@@ -18,6 +18,7 @@ class Pending(TypedDict):
     file: str | None                # the payload (safetensors) under pending/; None for a report
     n_samples: int
     metrics: dict[str, float]
+    layer_steps: list[int]          # steps each block ran (DropPEFT); absent in a protocol-1 pending
     timings: dict[str, float]
     action: str                     # the manifest's action: train, score or evaluate
 

@@ -66,11 +66,11 @@ class Uploader:
         return wait
 
     def set_pending(self, m: RoundManifest, file: Path | None, n_samples: int, metrics: dict, timings: dict,
-                     update_id: str | None = None) -> None:
+                    update_id: str | None = None, layer_steps: tuple[int, ...] = ()) -> None:
         self.agent.state["pending"] = {"run_id": m.run_id, "round": m.round,
                                  "update_id": update_id or f"u{uuid.uuid4().hex[:20]}",
                                  "file": str(file) if file else None, "n_samples": n_samples, "metrics": metrics,
-                                 "timings": timings, "action": m.action}
+                                 "layer_steps": list(layer_steps), "timings": timings, "action": m.action}
         self.agent.save_state()
         self.sent_at = None
         self._retries, self._ack_wait, self.hold_until = 0, None, 0.0
@@ -84,7 +84,7 @@ class Uploader:
             data = Path(pending["file"]).read_bytes()
             ref, frames = split_payload(pending["update_id"], data, self.agent.cfg.chunk_bytes)
         m = UpdateManifest(pending["run_id"], d, pending["round"], pending["update_id"], ref,
-                           pending["n_samples"], pending["metrics"])
+                           pending["n_samples"], pending["metrics"], tuple(pending.get("layer_steps", ())))
         self.agent.transport.publish(topics.device_topic(f, d, "update"), encode_message(m), qos=1)
         fault = os.environ.get(FAULT_ENV, "")
         for i, frame in enumerate(frames):

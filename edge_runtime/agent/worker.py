@@ -149,7 +149,8 @@ class RoundWorker:
             log.info("round %d: global acc %.3f on %d local test examples; trained %d steps in %.1f s "
                      "(loss %.3f)", m.round, metrics["eval_accuracy"], metrics["eval_n"], res.steps, res.seconds,
                      res.mean_loss)
-        self.agent.uploader.set_pending(m, file, report.n_samples, metrics, timings, update_id)
+        self.agent.uploader.set_pending(m, file, report.n_samples, metrics, timings, update_id,
+                                        layer_steps=report.layer_steps)
 
     def assigned(self, spec: TrainingSpec, m: RoundManifest) -> TrainingSpec:
         """The spec with the server's assignment for this device this round (DropPEFT's dropout

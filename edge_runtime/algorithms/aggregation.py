@@ -102,6 +102,7 @@ class Update:
     n_samples: float          # FedAvg weight
     steps: int = 0            # local optimizer steps behind it (FedPepTAO's K_k)
     metrics: Mapping[str, float] = field(default_factory=dict)   # what the device reported with it
+    layer_steps: tuple[int, ...] = ()   # steps each transformer block ran (DropPEFT's layer dropout)
 
 
 def fedavg(global_state: StateDict, updates: Sequence[Update], server_state: dict[str, Tensor] | None,

@@ -27,11 +27,16 @@ Server hooks:
   default weighted FedAvg with no server state;
 - ``select(global, reports, spec) -> (global, info)``: turn the score round's reports into the
   global's layout (when :attr:`scoring`);
-- ``assign(server_state, profiles, spec, round) -> (overrides, info)``: per-device spec overrides
-  at the start of a training round (DropPEFT's bandit); default: none. Only the keys in
+- ``assign(configurator_state, profiles, spec, round) -> (overrides, info)``: per-device spec
+  overrides at the start of a training round (DropPEFT's bandit); default: none. Only the keys in
   :attr:`assignable` may be set;
-- ``check_update(metrics, steps, global, spec)``: raise to refuse an update whose reported numbers
-  ``aggregate`` cannot use; default: accept;
+- ``learn(configurator_state, updates, spec) -> configurator_state``: after each aggregated
+  round, the configurator's new state, a JSON document (persisted by the server beside the
+  global, never tensors); default: ``{}``;
+- ``migrate_state(server_state) -> (server_state, configurator_state | None)``: a server state
+  saved by an older release, moved to the current layout on load; default: unchanged, ``None``;
+- ``check_update(update, global, spec)``: raise to refuse an update (an ``Update`` without its
+  tensors: steps, ``layer_steps``, metrics) that ``aggregate`` cannot use; default: accept;
 - ``rewards(updates) -> {device: reward}``: what the configurator's choices earned; default: ``{}``.
 
 Traits (read by the planner, the memory model, the CLI and the profile validator):
@@ -85,11 +90,19 @@ def _no_personal(model, tokenizer, splits, spec, personal, eval_batch_size: int 
     return {}, personal
 
 
-def _no_assignments(server_state, profiles, spec, round_) -> tuple[dict, dict]:
+def _no_assignments(configurator_state, profiles, spec, round_) -> tuple[dict, dict]:
     return {}, {}
 
 
-def _accept_update(metrics, steps, global_state, spec) -> None:
+def _no_configurator(configurator_state, updates, spec) -> dict:
+    return {}
+
+
+def _nothing_to_migrate(server_state) -> tuple[dict, None]:
+    return dict(server_state), None
+
+
+def _accept_update(update, global_state, spec) -> None:
     """Every update with the global's keys and shapes is usable."""
 
 
@@ -132,6 +145,8 @@ class Method:
     score: Callable = _not_scoring
     select: Callable = _not_scoring
     assign: Callable = _no_assignments
+    learn: Callable = _no_configurator
+    migrate_state: Callable = _nothing_to_migrate
     check_update: Callable = _accept_update
     rewards: Callable = _no_rewards
     personal_key: Callable = _no_personal_key   # the method's settings a saved personal state depends on
@@ -150,7 +165,7 @@ class Method:
 
     def __post_init__(self) -> None:
         for name in ("build", "initial_global", "trainable_state", "load_trainable_state", "local_train",
-                     "save_adapter", "prepare", "personalise", "aggregate", "assign", "check_update", "rewards",
+                     "save_adapter", "prepare", "personalise", "aggregate", "assign", "learn", "migrate_state", "check_update", "rewards",
                      "personal_key", "layer_dropout"):
             if not callable(getattr(self, name)):
                 raise TypeError(f"method {self.name}: {name} must be callable")

@@ -15,9 +15,11 @@ bandit that picks each device's dropout configuration, and aggregation that know
    (so the reward does not shrink as the model converges). Arms whose predicted peak memory (the
    memory model, at the training profile's plan and the arm's kept-layer count) exceeds the
    device's reported budget are never offered. Each device's choice travels in the round manifest
-   as a spec override (``droppeft.ratio`` / ``droppeft.shape``); its statistics are server state.
+   as a spec override (``droppeft.ratio`` / ``droppeft.shape``); its statistics are the server's
+   configurator state, a JSON document (:func:`learn`, :data:`BANDIT_FORMAT`).
 3. **Aggregation** (:func:`aggregate`): block ``l``'s adapter is averaged over the devices that
-   trained it, each weighted by ``n_samples x (steps block l ran / steps of the round)``; a block
+   trained it, each weighted by ``n_samples x (steps block l ran / steps of the round)`` (the
+   update's typed ``layer_steps``, checked on arrival by :func:`check_update`); a block
    nobody trained keeps its value. Tensors outside the blocks (the head) train every step and
    weigh ``n_samples``, as in FedAvg; so at drop ratio 0 this *is* LoRA FedAvg.
 4. **Personal layers** (``personal_layers: k``): the adapters of the top ``k`` blocks stay on the
@@ -29,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,12 +58,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edge_runtime.droppeft")
 
-STEPS_KEY = "layer_steps."          # update metrics: steps each block ran, one key per block
-BANDIT = "bandit."                  # server-state keys: bandit.n.<device>, bandit.s.<device>, bandit.arms
-# what the server's history keeps of each device's report (keys, or key prefixes ending in "."): the
-# configurator's evidence, and the step counts that make each round's aggregation reproducible
-ROUND_METRICS = ("drop_ratio", "drop_shape", "kept_max", "val_loss_before", "val_loss_after", "train_seconds",
-                 STEPS_KEY)
+BANDIT = "droppeft_bandit"          # the configurator state's section: {"format", "arms", "devices"}
+BANDIT_FORMAT = 1
+LEGACY_BANDIT = "bandit."           # protocol-1 servers kept the statistics as server-state tensors bandit.{n,s}.<device>
+# what the server's history keeps of each device's report: the configurator's evidence (the step
+# counts that make each round's aggregation reproducible are the row's typed "layer_steps")
+ROUND_METRICS = ("drop_ratio", "drop_shape", "kept_max", "val_loss_before", "val_loss_after", "train_seconds")
 
 
 @dataclass(frozen=True)
@@ -260,11 +263,11 @@ def local_train(model, tokenizer, splits: Splits, spec: "TrainingSpec", seed: in
     res = train_local(model, tokenizer, splits.train, spec.train, seed=seed, progress=progress, desc=desc,
                       step_context=step_context)
     metrics: dict[str, float] = {"drop_ratio": cfg.ratio, "drop_shape": SHAPES.index(cfg.shape),
-                                 "kept_max": max_kept(probs), **{f"{STEPS_KEY}{l}": c for l, c in enumerate(counts)}}
+                                 "kept_max": max_kept(probs)}
     after = _val_loss(model, tokenizer, splits, spec) if cfg.bandit else None
     if before is not None and after is not None:
         metrics.update(val_loss_before=before, val_loss_after=after)
-    return dataclasses.replace(res, metrics=metrics), _personal_of(model) or personal
+    return dataclasses.replace(res, metrics=metrics, layer_steps=tuple(counts)), _personal_of(model) or personal
 
 
 def save_personal_adapter(model, personal: PersonalState | None, folder: Path) -> None:
@@ -277,16 +280,17 @@ def save_personal_adapter(model, personal: PersonalState | None, folder: Path) -
 
 
 # -- server ------------------------------------------------------------------------------------
-def check_update(metrics: Mapping[str, float], steps: int, global_state: Mapping[str, Tensor],
-                 spec: "TrainingSpec") -> None:
+def check_update(update: Update, global_state: Mapping[str, Tensor], spec: "TrainingSpec") -> None:
     """Refuse an update whose per-block step counts are missing or impossible (AggregationError)."""
     layers = sorted({l for k in global_state if (l := layer_of(k)) is not None})
-    for l in layers:
-        v = metrics.get(f"{STEPS_KEY}{l}")
-        if v is None:
-            raise AggregationError(f"droppeft update lacks {STEPS_KEY}{l} (steps block {l} ran)")
-        if not (isinstance(v, (int, float)) and 0 <= v <= max(steps, 0) and float(v).is_integer()):
-            raise AggregationError(f"droppeft update: {STEPS_KEY}{l}={v!r} is not a step count in 0..{steps}")
+    need = layers[-1] + 1 if layers else 0
+    if len(update.layer_steps) != need:
+        raise AggregationError(f"droppeft update: layer_steps has {len(update.layer_steps)} entries, the model "
+                               f"has {need} blocks (steps each block ran)")
+    steps = max(int(update.steps), 0)
+    for l, v in enumerate(update.layer_steps):
+        if not 0 <= v <= steps:
+            raise AggregationError(f"droppeft update: layer_steps[{l}]={v!r} is not a step count in 0..{steps}")
 
 
 def layer_weights(update: Update, global_state: Mapping[str, Tensor]) -> dict[str, float]:
@@ -296,8 +300,8 @@ def layer_weights(update: Update, global_state: Mapping[str, Tensor]) -> dict[st
     out = {}
     for k in global_state:
         l = layer_of(k)
-        out[k] = update.n_samples * (float(update.metrics.get(f"{STEPS_KEY}{l}", 0)) / steps
-                                     if l is not None else 1.0)
+        ran = update.layer_steps[l] if l is not None and l < len(update.layer_steps) else 0
+        out[k] = update.n_samples * (ran / steps if l is not None else 1.0)
     return out
 
 
@@ -313,63 +317,91 @@ def rewards(updates: Sequence[Update]) -> dict[str, float]:
     return {d: (v / scale if scale > 0 else 0.0) for d, v in raw.items()}
 
 
-def _stats(server_state: Mapping[str, Tensor], n_arms: int) -> dict[str, bandit.ArmStats]:
-    out = {}
-    for k, v in server_state.items():
-        if k.startswith(BANDIT + "n.") and v.numel() == n_arms:
-            dev = k[len(BANDIT + "n."):]
-            s = server_state.get(BANDIT + "s." + dev)
-            if s is not None and s.numel() == n_arms:
-                out[dev] = bandit.ArmStats(v.double().tolist(), s.double().tolist())
-    return out
+# -- the configurator's state: {"droppeft_bandit": {"format", "arms": [[ratio, shape]], "devices": {id: {n, s}}}}
+def _arms_json(cfg: DropPEFTConfig) -> list[list]:
+    return [[r, s] for r, s in cfg.arms()]
 
 
-def _arms_tensor(cfg: DropPEFTConfig) -> Tensor:
-    return torch.tensor([[r, SHAPES.index(s)] for r, s in cfg.arms()], dtype=torch.float64)
+def _numbers(v: object, n: int) -> list[float] | None:
+    if not isinstance(v, list) or len(v) != n:
+        return None
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= -1e12
+               for x in v):
+        return None
+    return [float(x) for x in v]
 
 
-def bandit_state(server_state: Mapping[str, Tensor] | None, spec: "TrainingSpec") -> dict[str, bandit.ArmStats]:
-    """The per-device statistics in the server state (empty if the arm set changed since)."""
-    state = server_state or {}
-    arms = _arms_tensor(_cfg(spec))
-    saved = state.get(BANDIT + "arms")
-    if saved is None or saved.shape != arms.shape or not torch.equal(saved.double(), arms):
-        if saved is not None:
-            log.warning("droppeft: the arm set changed; the bandit starts afresh")
+def bandit_state(config_state: Mapping | None, spec: "TrainingSpec") -> dict[str, bandit.ArmStats]:
+    """The per-device statistics in the configurator state (empty if the arm set changed since;
+    entries that are not two finite vectors of the arm count are dropped with a warning)."""
+    doc = (config_state or {}).get(BANDIT)
+    if not isinstance(doc, Mapping):
         return {}
-    return _stats(state, len(arms))
-
-
-def _to_state(stats: Mapping[str, bandit.ArmStats], spec: "TrainingSpec") -> dict[str, Tensor]:
-    out = {BANDIT + "arms": _arms_tensor(_cfg(spec))}
-    for dev, st in stats.items():
-        out[f"{BANDIT}n.{dev}"] = torch.tensor(st.n, dtype=torch.float64)
-        out[f"{BANDIT}s.{dev}"] = torch.tensor(st.s, dtype=torch.float64)
+    arms = _arms_json(_cfg(spec))
+    if doc.get("format") != BANDIT_FORMAT or doc.get("arms") != arms:
+        log.warning("droppeft: the arm set (or the state's format) changed; the bandit starts afresh")
+        return {}
+    out, devices = {}, doc.get("devices")
+    for dev, st in (devices.items() if isinstance(devices, Mapping) else ()):
+        n = _numbers(st.get("n"), len(arms)) if isinstance(st, Mapping) else None
+        s_ = _numbers(st.get("s"), len(arms)) if isinstance(st, Mapping) else None
+        if n is None or s_ is None:
+            log.warning("droppeft: dropped unreadable bandit statistics of %.64s", dev)
+            continue
+        out[str(dev)] = bandit.ArmStats(n, s_)
     return out
+
+
+def _to_json(stats: Mapping[str, bandit.ArmStats], spec: "TrainingSpec") -> dict:
+    return {BANDIT: {"format": BANDIT_FORMAT, "arms": _arms_json(_cfg(spec)),
+                     "devices": {d: {"n": list(st.n), "s": list(st.s)} for d, st in sorted(stats.items())}}}
+
+
+def migrate_state(server_state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict | None]:
+    """A protocol-1 server state: the ``bandit.*`` tensors become the configurator's JSON state (the
+    arms are read back from ``bandit.arms``); ``None`` when there is nothing to migrate."""
+    legacy = {k: v for k, v in server_state.items() if k.startswith(LEGACY_BANDIT)}
+    rest = {k: v for k, v in server_state.items() if not k.startswith(LEGACY_BANDIT)}
+    arms_t = legacy.get(LEGACY_BANDIT + "arms")
+    if arms_t is None or arms_t.dim() != 2 or arms_t.shape[1] != 2:
+        return rest, None
+    arms = [[float(r), SHAPES[int(s)]] for r, s in arms_t.double().tolist() if 0 <= int(s) < len(SHAPES)]
+    devices = {}
+    for k, v in legacy.items():
+        if k.startswith(LEGACY_BANDIT + "n."):
+            dev = k[len(LEGACY_BANDIT + "n."):]
+            s_ = legacy.get(LEGACY_BANDIT + "s." + dev)
+            if s_ is not None and v.numel() == s_.numel() == len(arms):
+                devices[dev] = {"n": v.double().tolist(), "s": s_.double().tolist()}
+    return rest, {BANDIT: {"format": BANDIT_FORMAT, "arms": arms, "devices": devices}}
 
 
 def aggregate(global_state: Mapping[str, Tensor], updates: Sequence[Update], server_state: Mapping[str, Tensor] | None,
               spec: "TrainingSpec", fleet_size: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Dropout-aware FedAvg, and the bandit's statistics updated with this round's rewards."""
+    """Dropout-aware FedAvg (no server tensors: the bandit's statistics are :func:`learn`'s)."""
     for u in updates:
-        check_update(u.metrics, u.steps, global_state, spec)
-    new_global = masked_weighted_mean(global_state, [(u.tensors, layer_weights(u, global_state)) for u in updates])
+        check_update(u, global_state, spec)
+    return masked_weighted_mean(global_state, [(u.tensors, layer_weights(u, global_state)) for u in updates]), {}
+
+
+def learn(config_state: Mapping | None, updates: Sequence[Update], spec: "TrainingSpec") -> dict:
+    """The configurator state after a round: each device's bandit updated with its reward."""
     cfg = _cfg(spec)
     if not cfg.bandit:
-        return new_global, dict(server_state or {})
+        return dict(config_state or {})
     arms = cfg.arms()
-    stats = bandit_state(server_state, spec)
+    stats = bandit_state(config_state, spec)
     earned = rewards(updates)
     for u in updates:
         r = earned.get(u.device_id)
         try:
             arm = arms.index((float(u.metrics["drop_ratio"]), SHAPES[int(u.metrics["drop_shape"])]))
-        except (KeyError, ValueError, IndexError):
+        except (KeyError, ValueError, IndexError, TypeError):
             continue   # trained with a configuration outside the arm set: no evidence for the bandit
         if r is not None:
             stats[u.device_id] = bandit.update(stats.get(u.device_id, bandit.ArmStats.empty(len(arms))), arm, r,
                                                cfg.gamma)
-    return new_global, _to_state(stats, spec)
+    return _to_json(stats, spec)
 
 
 def device_budget(profile: Mapping) -> int | None:
@@ -397,7 +429,7 @@ def feasible_arms(peaks: Sequence[int], budget: int | None, margin: float) -> li
     return [a for a, p in enumerate(peaks) if p <= limit]
 
 
-def assign(server_state: Mapping[str, Tensor] | None, devices: Mapping[str, Mapping], spec: "TrainingSpec",
+def assign(config_state: Mapping | None, devices: Mapping[str, Mapping], spec: "TrainingSpec",
            round_: int) -> tuple[dict[str, dict], dict[str, dict]]:
     """Server, at the start of a training round: each participant's dropout configuration.
 
@@ -408,7 +440,7 @@ def assign(server_state: Mapping[str, Tensor] | None, devices: Mapping[str, Mapp
     if not cfg.bandit:
         return {}, {}
     arms = cfg.arms()
-    stats = bandit_state(server_state, spec)
+    stats = bandit_state(config_state, spec)
     prior = bandit.fleet_means(stats, len(arms))
     peaks = arm_peaks(spec)
     overrides, info = {}, {}
@@ -433,6 +465,6 @@ METHOD = Method(
     build=build, initial_global=initial_global, trainable_state=trainable_state,
     load_trainable_state=load_trainable_state, local_train=local_train, save_adapter=lora.save_adapter,
     prepare=lora.prepare, personalise=personalise, save_personal_adapter=save_personal_adapter,
-    aggregate=aggregate, assign=assign, check_update=check_update, rewards=rewards, personal_key=personal_key,
+    aggregate=aggregate, assign=assign, learn=learn, migrate_state=migrate_state, check_update=check_update, rewards=rewards, personal_key=personal_key,
     layer_dropout=lambda spec: float(spec.droppeft.ratio), config=("droppeft", DropPEFTConfig),
     assignable={"droppeft": ("ratio", "shape")}, round_metrics=ROUND_METRICS)

@@ -40,7 +40,8 @@ def decode_message(data: bytes, expect: type | None = None) -> Message:
         raise ProtocolError(f"message must be a JSON object, got {type(body).__name__}")
     version, kind = body.get("v"), body.get("type")
     if isinstance(version, bool) or version != PROTOCOL_VERSION:
-        raise ProtocolError(f"unsupported protocol version {version!r:.40}; this runtime speaks {PROTOCOL_VERSION}")
+        raise ProtocolError(f"unsupported protocol version {version!r:.40}; this runtime speaks {PROTOCOL_VERSION} "
+                            f"(run the same edge-runtime release on the server and its devices)")
     if not isinstance(kind, str):
         raise ProtocolError(f"message type must be a string, got {type(kind).__name__}")
     cls = MESSAGE_TYPES.get(kind)
@@ -94,8 +95,9 @@ def _coerce(type_name: str, field: str, hint, value):
             raise ProtocolError(f"{where} must be an object with payload_id, size, sha256, n_chunks")
         return PayloadRef(**value)
     if origin is tuple:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ProtocolError(f"{where} must be a list of strings")
+        item = args[0] if args else str
+        if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            raise ProtocolError(f"{where} must be a list of {'strings' if item is str else 'integers'}")
         return tuple(value)
     if hint is bool:
         if not isinstance(value, bool):

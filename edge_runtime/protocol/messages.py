@@ -1,7 +1,11 @@
 """Versioned protocol messages: frozen dataclasses, validated on construction.
 
-Every control message travels as one small JSON object ``{"v": 1, "type": ..., ...fields}``;
+Every control message travels as one small JSON object ``{"v": 2, "type": ..., ...fields}``;
 tensors never travel inside them (they go as safetensors payloads, see ``chunking``).
+
+Version 2: an update's per-block step counts travel as the typed ``layer_steps`` field,
+no longer as ``layer_steps.<l>`` metric keys. A server and its devices must speak the same version:
+a message of another version is refused with a reason that names both.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from typing import Any, ClassVar
 
 from edge_runtime.errors import EdgeRuntimeError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+MAX_LAYERS = 4096          # bound on ``layer_steps`` entries (one per transformer block)
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -129,6 +134,8 @@ class UpdateManifest:
     payload: PayloadRef | None        # None for an evaluate-only report
     n_samples: int                    # aggregation weight
     metrics: dict = field(default_factory=dict)   # e.g. eval of the received global, train loss, seconds
+    # optimizer steps each transformer block ran, in block order (methods with layer dropout); () otherwise
+    layer_steps: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         check_id("run_id", self.run_id)
@@ -139,6 +146,10 @@ class UpdateManifest:
             raise ProtocolError(f"n_samples must be an integer >= 0, got {self.n_samples!r:.40}")
         if not isinstance(self.metrics, dict):
             raise ProtocolError("update.metrics must be an object")
+        if not isinstance(self.layer_steps, tuple) or len(self.layer_steps) > MAX_LAYERS or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.layer_steps):
+            raise ProtocolError(f"update.layer_steps must be at most {MAX_LAYERS} integers >= 0, "
+                                f"got {self.layer_steps!r:.80}")
 
     @property
     def key(self) -> tuple[str, int, str]:

@@ -38,6 +38,11 @@ class DeviceReport:
     timings: dict[str, float] = field(default_factory=dict)
     train_result: TrainResult | None = None
 
+    @property
+    def layer_steps(self) -> tuple[int, ...]:
+        """The steps each transformer block ran (the update's ``layer_steps``; () when not recorded)."""
+        return tuple(self.train_result.layer_steps) if self.train_result else ()
+
 
 def device_key(device_id: str) -> int:
     """A small number from the device id (seeds; the same on every platform)."""

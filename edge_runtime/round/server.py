@@ -3,11 +3,12 @@
 with what its devices returned; nothing here touches the disk, the network or the clock.
 
 An *accepted* record is what the server keeps of one device's update:
-``{"n_samples": int, "metrics": {name: float}, "bytes": int, ...}``.
+``{"n_samples": int, "metrics": {name: float}, "bytes": int, "layer_steps": [int], ...}``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from typing import Mapping, Sequence
@@ -34,16 +35,28 @@ def select_participants(pool: Sequence[str], round_: int, seed: int, per_round: 
     return pool
 
 
+MAX_CONFIGURATOR_BYTES = 16 * 1024 * 1024   # the configurator's JSON state (DropPEFT: ~200 bytes a device)
+
+
 def aggregate_checked(method: Method, global_state: Mapping[str, Tensor], updates: Sequence[Update],
-                      server_state: Mapping[str, Tensor], spec: TrainingSpec, fleet_size: int,
-                      round_: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """The method's aggregate, refused (AggregationError) unless it has the global's keys, shapes and
-    dtypes and only finite values."""
+                      server_state: Mapping[str, Tensor], configurator_state: Mapping, spec: TrainingSpec,
+                      fleet_size: int, round_: int) -> tuple[dict[str, Tensor], dict[str, Tensor], dict]:
+    """The method's aggregate and its configurator's new state, refused (AggregationError) unless
+    the aggregate has the global's keys, shapes and dtypes and only finite values, and the state is
+    a JSON object (finite numbers) under :data:`MAX_CONFIGURATOR_BYTES`."""
     new_global, new_server = method.aggregate(global_state, updates, server_state, spec, fleet_size)
     check_compatible(global_state, new_global, where=f"round {round_}'s aggregate")
     if not all(torch.isfinite(t).all() for t in new_global.values() if t.is_floating_point()):
         raise AggregationError("the aggregate holds NaN or infinite values")
-    return new_global, new_server
+    new_config = method.learn(configurator_state, updates, spec)
+    try:
+        size = len(json.dumps(new_config, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise AggregationError(f"the configurator's state is not JSON: {exc}") from exc
+    if not isinstance(new_config, dict) or size > MAX_CONFIGURATOR_BYTES:
+        raise AggregationError(f"the configurator's state must be a JSON object of at most "
+                               f"{MAX_CONFIGURATOR_BYTES} bytes, got {type(new_config).__name__} of {size}")
+    return new_global, new_server, new_config
 
 
 def finite_metrics(metrics: Mapping) -> dict[str, float]:
@@ -55,7 +68,12 @@ def finite_metrics(metrics: Mapping) -> dict[str, float]:
 def as_update(device_id: str, accepted: Mapping, tensors: dict[str, Tensor]) -> Update:
     """The aggregation's view of one accepted record and its tensors (weight: ``n_samples``)."""
     return Update(device_id, tensors, float(accepted["n_samples"]), int(accepted["metrics"].get("train_steps", 0)),
-                  accepted["metrics"])
+                  accepted["metrics"], tuple(accepted.get("layer_steps", ())))
+
+
+def score_reports(accepted: Mapping[str, Mapping]) -> list[tuple[Mapping, float]]:
+    """A score round's ``(metrics, weight)`` reports in device order: what the method's ``select`` takes."""
+    return [(a["metrics"], float(a["n_samples"])) for _, a in sorted(accepted.items())]
 
 
 def weighted(accepted: Mapping[str, Mapping], key: str, weight: str = "n_samples") -> float | None:
@@ -80,6 +98,8 @@ def round_row(round_: int, participants: Sequence[str], accepted: Mapping[str, M
             "bytes_up": sum(a["bytes"] for a in accepted.values()), "bytes_down": global_bytes * len(participants),
             "seconds": seconds, "train_loss": weighted(accepted, "train_loss"),
             "train_seconds": weighted(accepted, "train_seconds"), "accuracy": None, "loss": None, "final": False,
+            **({"layer_steps": {d: list(a["layer_steps"]) for d, a in accepted.items() if a.get("layer_steps")}}
+               if any(a.get("layer_steps") for a in accepted.values()) else {}),
             **({"configurator": configurator} if configurator else {})}
 
 

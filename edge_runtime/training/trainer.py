@@ -52,6 +52,7 @@ class TrainResult:
     mean_loss: float
     seconds: float
     metrics: dict = field(default_factory=dict)   # method-specific numbers reported with the update
+    layer_steps: tuple[int, ...] = ()   # steps each transformer block ran, when the method drops layers
 
 
 def train_local(model: torch.nn.Module, tokenizer, data: LocalDataset, cfg: TrainConfig,

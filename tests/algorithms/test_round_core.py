@@ -55,14 +55,22 @@ def test_finite_metrics_keeps_numbers_only():
 def test_an_aggregate_with_nan_or_other_keys_is_refused():
     g = {"w": torch.zeros(2)}
     ups = [Update("d0", {"w": torch.ones(2)}, 1.0, 1, {})]
-    new, _ = aggregate_checked(METHODS["lora"], g, ups, {}, SPEC, 1, 1)
+    new, server, config = aggregate_checked(METHODS["lora"], g, ups, {}, {}, SPEC, 1, 1)
+    assert server == {} and config == {}
     torch.testing.assert_close(new["w"], torch.ones(2))
     nan = dataclasses.replace(METHODS["lora"], aggregate=lambda *a: ({"w": torch.full((2,), float("nan"))}, {}))
     with pytest.raises(AggregationError, match="NaN"):
-        aggregate_checked(nan, g, ups, {}, SPEC, 1, 1)
+        aggregate_checked(nan, g, ups, {}, {}, SPEC, 1, 1)
     other = dataclasses.replace(METHODS["lora"], aggregate=lambda *a: ({"v": torch.zeros(2)}, {}))
     with pytest.raises(AggregationError):
-        aggregate_checked(other, g, ups, {}, SPEC, 1, 1)
+        aggregate_checked(other, g, ups, {}, {}, SPEC, 1, 1)
+    # the configurator's state must be a JSON object: no tensors, no NaN
+    for bad, why in (({"n": torch.ones(2)}, "not JSON"), ({"n": float("nan")}, "not JSON"), ([1], "JSON object")):
+        learner = dataclasses.replace(METHODS["lora"], learn=lambda *a, b=bad: b)
+        with pytest.raises(AggregationError, match=why):
+            aggregate_checked(learner, g, ups, {}, {}, SPEC, 1, 1)
+    keeps = dataclasses.replace(METHODS["lora"], learn=lambda state, updates, spec: {"seen": len(updates)})
+    assert aggregate_checked(keeps, g, ups, {}, {}, SPEC, 1, 1)[2] == {"seen": 1}
 
 
 def test_configurator_row_keeps_the_method_round_metrics_only():

@@ -111,8 +111,9 @@ class ProcessFleet:
             files = sorted((self.state_dir / "updates" / f"round_{h['round']:05d}").glob("*.safetensors"))
             assert sorted(f.name.split("__")[0] for f in files) == expected_devices
             method = METHODS[s["training"]["method"]]
-            reports = (h.get("configurator") or {}).get("reports", {})   # DropPEFT's per-block step counts
-            ups = [Update(d, load_file(f), h["weights"][d], h["steps"][d], reports.get(d, {}))
+            reports = (h.get("configurator") or {}).get("reports", {})
+            ups = [Update(d, load_file(f), h["weights"][d], h["steps"][d], reports.get(d, {}),
+                          tuple(h.get("layer_steps", {}).get(d, ())))   # DropPEFT's per-block step counts
                    for f in files for d in [f.name.split("__")[0]]]
             before = self.state_dir / "server" / f"round_{h['round'] - 1:05d}.safetensors"
             expected, _ = method.aggregate(load_file(self.state_dir / "global" / f"round_{h['round'] - 1:05d}.safetensors"),
@@ -275,12 +276,13 @@ def test_droppeft_over_mosquitto_offers_only_fitting_configurations(tmp_path, mo
             rep = conf["reports"][dev]
             assert (rep["drop_ratio"], ["uniform", "increasing", "decreasing"][int(rep["drop_shape"])]) == \
                 (a["ratio"], a["shape"])
-            assert all(f"layer_steps.{l}" in rep for l in range(2)) and "val_loss_after" in rep
+            assert len(h["layer_steps"][dev]) == 2 and "val_loss_after" in rep   # typed per-block step counts
             tried.add(a["arm"])
         assert set(conf["rewards"]) == {"dev0", "dev1", "dev2"}
     assert len(tried) >= 4                          # round 1 spread the devices over different arms
-    bandit_files = sorted((fleet.state_dir / "server").glob("*.safetensors"))
-    assert bandit_files and set(droppeft.bandit_state(load_file(bandit_files[-1]), spec)) == {"dev0", "dev1", "dev2"}
+    bandit_files = sorted((fleet.state_dir / "server").glob("configurator_*.json"))
+    assert bandit_files and set(droppeft.bandit_state(json.loads(bandit_files[-1].read_text()), spec)) == \
+        {"dev0", "dev1", "dev2"}
     out = subprocess.run([sys.executable, "-m", "broker_server.cli", "status", "--state-dir", str(fleet.state_dir)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "configurator" in out.stdout and "dev0" in out.stdout, out.stdout

@@ -2,12 +2,13 @@
 configuration, aggregation knows who trained what, the bandit's offers fit the device."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
 
 from edge_runtime.algorithms.aggregation import Update
-from edge_runtime.algorithms.layer_dropout import drop_probabilities
+from edge_runtime.algorithms.layer_dropout import SHAPES, drop_probabilities
 from edge_runtime.errors import AggregationError, ConfigError
 from edge_runtime.methods import droppeft, lora
 from edge_runtime.methods.droppeft import DropPEFTConfig
@@ -100,7 +101,8 @@ def test_keep_frequency_in_training_matches_the_configured_probabilities(splits)
     model, tok = _four_block_model("tiny-llama", spec)
     res, _ = droppeft.local_train(model, tok, splits, spec, seed=3, personal=None)
     probs = drop_probabilities(4, 0.5, "increasing")
-    steps = [res.metrics[f"layer_steps.{l}"] for l in range(4)]
+    steps = list(res.layer_steps)
+    assert len(steps) == 4 and not any(k.startswith("layer_steps") for k in res.metrics)
     assert res.steps == 200 and res.metrics["kept_max"] == 2
     for l in range(4):   # 200 draws: binomial sd <= 0.036; 3 sd
         assert steps[l] / 200 == pytest.approx(1 - probs[l], abs=0.11)
@@ -114,11 +116,11 @@ def test_aggregation_averages_each_block_over_who_trained_it():
          "base_model.model.score.weight": torch.tensor([0.0])}
     k0, k1, head = list(g)
     a = Update("a", {k0: torch.tensor([1.0]), k1: torch.tensor([10.0]), head: torch.tensor([1.0])}, 100, 10,
-               {"layer_steps.0": 10, "layer_steps.1": 0})
+               {}, (10, 0))
     b = Update("b", {k0: torch.tensor([4.0]), k1: torch.tensor([10.0]), head: torch.tensor([4.0])}, 50, 5,
-               {"layer_steps.0": 1, "layer_steps.1": 0})
+               {}, (1, 0))
     c = Update("c", {k0: torch.tensor([7.0]), k1: torch.tensor([10.0]), head: torch.tensor([7.0])}, 100, 20,
-               {"layer_steps.0": 0, "layer_steps.1": 0})
+               {}, (0, 0))
     spec = _spec(bandit=False)
     new, _ = droppeft.aggregate(g, [a, b, c], {}, spec, 3)
     # block 0: a weighs 100 x 10/10 = 100, b 50 x 1/5 = 10, c trained it 0 steps -> 0
@@ -128,10 +130,14 @@ def test_aggregation_averages_each_block_over_who_trained_it():
     # the head trains every step: plain FedAvg by samples
     assert new[head].item() == pytest.approx((100 * 1 + 50 * 4 + 100 * 7) / 250)
     # a report without the step counts is refused (the coordinator rejects such an update)
-    with pytest.raises(AggregationError, match="layer_steps.1"):
-        droppeft.check_update({"layer_steps.0": 3}, 3, g, spec)
-    with pytest.raises(AggregationError, match="not a step count"):
-        droppeft.check_update({"layer_steps.0": 4, "layer_steps.1": 0}, 3, g, spec)
+    with pytest.raises(AggregationError, match="has 1 entries, the model has 2 blocks"):
+        droppeft.check_update(Update("d", {}, 1, 3, {}, (3,)), g, spec)
+    with pytest.raises(AggregationError, match=r"layer_steps\[0\]=4 is not a step count in 0..3"):
+        droppeft.check_update(Update("d", {}, 1, 3, {}, (4, 0)), g, spec)
+    droppeft.check_update(Update("d", {}, 1, 3, {}, (3, 0)), g, spec)   # a possible count passes
+    # the old metric keys carry no weight any more: an update that sends only them is refused
+    with pytest.raises(AggregationError, match="has 0 entries"):
+        droppeft.aggregate(g, [Update("d", dict(g), 1, 3, {"layer_steps.0": 3, "layer_steps.1": 3})], {}, spec, 1)
 
 
 def test_at_ratio_zero_droppeft_is_lora_fedavg(splits):
@@ -144,7 +150,7 @@ def test_at_ratio_zero_droppeft_is_lora_fedavg(splits):
     for k in range(2):
         droppeft.load_trainable_state(model, g)
         res, _ = droppeft.local_train(model, tok, splits, spec, seed=k, personal=None)
-        ups.append(Update(f"d{k}", droppeft.trainable_state(model), 10.0 * (k + 1), res.steps, res.metrics))
+        ups.append(Update(f"d{k}", droppeft.trainable_state(model), 10.0 * (k + 1), res.steps, res.metrics, res.layer_steps))
     got, _ = droppeft.aggregate(g, ups, {}, spec, 2)
     want, _ = fedavg(g, ups, {}, spec, 2)
     for k in want:
@@ -204,13 +210,34 @@ def test_the_bandit_offers_only_arms_that_fit_and_learns_from_rewards():
                                       "val_loss_before": 2.0,
                                       "val_loss_after": 2.0 - {3: 0.9, 6: 0.5}.get(info[d]["arm"], 0.1),
                                       "train_seconds": 1.0}) for d in devices]
-        _, state = droppeft.aggregate({}, ups, state, dataclasses.replace(spec), 2)
+        state = json.loads(json.dumps(droppeft.learn(state, ups, spec)))   # as persisted: a JSON document
     assert offered["small"] <= {5, 6}                                  # never an arm that does not fit
     assert offered["big"] == set(range(7))                             # every arm tried where all fit
     final, _ = droppeft.assign(state, devices, spec, 25)
     assert final["big"]["droppeft"] == {"ratio": 0.4, "shape": "uniform"}
     assert final["small"]["droppeft"] == {"ratio": 0.6, "shape": "increasing"}
     assert set(droppeft.bandit_state(state, spec)) == {"small", "big"}
+    # a changed arm set starts the bandit afresh; a corrupt entry is dropped, the rest kept
+    assert droppeft.bandit_state(state, _spec(ratios=(0.0, 0.5))) == {}
+    bad = json.loads(json.dumps(state))
+    bad[droppeft.BANDIT]["devices"]["small"]["n"] = ["x"] * 7
+    assert set(droppeft.bandit_state(bad, spec)) == {"big"}
+
+
+def test_a_pre_0_3_bandit_in_the_server_tensors_migrates_to_the_json_state():
+    spec = _spec()
+    arms = spec.droppeft.arms()
+    stats = {"d0": ([1.0] + [0.0] * (len(arms) - 1), [0.7] + [0.0] * (len(arms) - 1)),
+             "d1": ([0.0, 2.0] + [0.0] * (len(arms) - 2), [0.0, 1.5] + [0.0] * (len(arms) - 2))}
+    legacy = {"bandit.arms": torch.tensor([[r, SHAPES.index(s)] for r, s in arms], dtype=torch.float64),
+              "other": torch.ones(2)}
+    for d, (n, s_) in stats.items():
+        legacy[f"bandit.n.{d}"], legacy[f"bandit.s.{d}"] = torch.tensor(n, dtype=torch.float64), torch.tensor(s_)
+    rest, config = droppeft.migrate_state(legacy)
+    assert set(rest) == {"other"}
+    got = droppeft.bandit_state(json.loads(json.dumps(config)), spec)
+    assert {d: (st.n, pytest.approx(st.s)) for d, st in got.items()} == stats
+    assert droppeft.migrate_state({"other": torch.ones(2)})[1] is None
 
 
 def test_assignments_change_only_what_the_server_may_set():

@@ -18,10 +18,12 @@ SHA = "a" * 64
 @settings(max_examples=60, deadline=None)
 @given(dev=ids, upd=ids, rnd=st.integers(0, 10**6), n=st.integers(0, 10**6),
        size=st.integers(0, 10**9), chunks=st.integers(1, 5000),
-       metrics=st.dictionaries(st.text(max_size=8), st.floats(allow_nan=False, allow_infinity=False), max_size=4))
-def test_update_manifest_round_trips(dev, upd, rnd, n, size, chunks, metrics):
-    m = UpdateManifest("run-1", dev, rnd, upd, PayloadRef(upd, size, SHA, chunks), n, metrics)
-    assert decode_message(encode_message(m)) == m
+       metrics=st.dictionaries(st.text(max_size=8), st.floats(allow_nan=False, allow_infinity=False), max_size=4),
+       steps=st.lists(st.integers(0, 10**6), max_size=40))
+def test_update_manifest_round_trips(dev, upd, rnd, n, size, chunks, metrics, steps):
+    m = UpdateManifest("run-1", dev, rnd, upd, PayloadRef(upd, size, SHA, chunks), n, metrics, tuple(steps))
+    got = decode_message(encode_message(m))
+    assert got == m and isinstance(got.layer_steps, tuple)
 
 
 @settings(max_examples=30, deadline=None)
@@ -41,7 +43,7 @@ def test_other_messages_round_trip():
 
 
 def _update_body(**over):
-    body = {"v": 1, "type": "update", "run_id": "r", "device_id": "d", "round": 1, "update_id": "u",
+    body = {"v": 2, "type": "update", "run_id": "r", "device_id": "d", "round": 1, "update_id": "u",
             "payload": {"payload_id": "u", "size": 10, "sha256": SHA, "n_chunks": 1}, "n_samples": 5,
             "metrics": {}}
     body.update(over)
@@ -51,15 +53,15 @@ def _update_body(**over):
 @pytest.mark.parametrize("data, message", [
     (b"\xff\xfe", "message is not UTF-8"),
     (b"{not json", "message is not valid JSON"),
-    (b'{"v": 1, "type": []}', "message type must be a string, got list"),       # was: TypeError unhashable
-    (b'{"v": 1, "type": {"a": 1}}', "message type must be a string, got dict"),
+    (b'{"v": 2, "type": []}', "message type must be a string, got list"),       # was: TypeError unhashable
+    (b'{"v": 2, "type": {"a": 1}}', "message type must be a string, got dict"),
     (b'{"v": [1], "type": "ack"}', "unsupported protocol version"),
     (b"[" * 5000 + b"]" * 5000, "nests deeper than 12 levels"),                 # was: RecursionError
-    (b'{"v": 1, "type": "hello", "device_id": "d", "n_samples": 1' + b"0" * 4000 + b"}", "not valid JSON"),
-    (b'{"v": 1, "type": "hello", "device_id": "d", "profile": {"a": "' + b"x" * 20000 + b'"}}', "over the 16384"),
+    (b'{"v": 2, "type": "hello", "device_id": "d", "n_samples": 1' + b"0" * 4000 + b"}", "not valid JSON"),
+    (b'{"v": 2, "type": "hello", "device_id": "d", "profile": {"a": "' + b"x" * 20000 + b'"}}', "over the 16384"),
     (b"[1, 2]", "must be a JSON object"),
     (b'{"v": 99, "type": "ack"}', "unsupported protocol version 99"),
-    (b'{"v": 1, "type": "nope"}', "unknown message type"),
+    (b'{"v": 2, "type": "nope"}', "unknown message type"),
     (_update_body(round=-1), "round must be an integer >= 0"),
     (_update_body(round="1"), "update.round must be an integer"),
     (_update_body(round=True), "update.round must be an integer"),
@@ -68,9 +70,14 @@ def _update_body(**over):
     (_update_body(payload={"payload_id": "u", "size": 10, "sha256": "zz", "n_chunks": 1}), "sha256 must be"),
     (_update_body(payload={"payload_id": "u", "size": -5, "sha256": SHA, "n_chunks": 1}), "payload size"),
     (_update_body(metrics=[1]), "update.metrics must be an object"),
-    (b'{"v": 1, "type": "update", "run_id": "r"}', "missing field"),
-    (b'{"v": 1, "type": "heartbeat", "device_id": "d", "sent_at": NaN}', "NaN is not allowed"),
-    (b'{"v": 1, "type": "hello", "device_id": "d", "profile": ' + b'{"a":' * 12 + b"1" + b"}" * 12 + b"}",
+    (_update_body(layer_steps=[1, -2]), "layer_steps must be at most 4096 integers >= 0"),
+    (_update_body(layer_steps=[1, 2.5]), "update.layer_steps must be a list of integers"),
+    (_update_body(layer_steps=[True]), "update.layer_steps must be a list of integers"),
+    (_update_body(layer_steps=list(range(4097))), "at most 4096"),
+    (_update_body(v=1), "unsupported protocol version 1; this runtime speaks 2"),   # a protocol-1 device
+    (b'{"v": 2, "type": "update", "run_id": "r"}', "missing field"),
+    (b'{"v": 2, "type": "heartbeat", "device_id": "d", "sent_at": NaN}', "NaN is not allowed"),
+    (b'{"v": 2, "type": "hello", "device_id": "d", "profile": ' + b'{"a":' * 12 + b"1" + b"}" * 12 + b"}",
      "nests deeper"),
 ])
 def test_malformed_messages_say_what_is_wrong(data, message):

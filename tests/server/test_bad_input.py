@@ -10,6 +10,8 @@ import torch
 
 from broker_server.coordinator import Coordinator, ServerConfig
 from broker_server.store import Store
+from edge_runtime.algorithms.layer_dropout import SHAPES
+from edge_runtime.methods import droppeft
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.chunking import split_payload
 from edge_runtime.protocol.codec import decode_message, encode_message, encode_tensors
@@ -198,7 +200,7 @@ def test_wrong_run_and_garbage_manifest(server):
     devs[0].send(1, "u1", encode_tensors(_good(coord)), run_id="other-run")
     assert "run other-run" in devs[0].ack().reason
     devs[0].t.publish(topics.device_topic(F, "d0", "update"), b"{garbage")
-    devs[0].t.publish(topics.device_topic(F, "d0", "hello"), b'{"v":1,"type":"hello","device_id":"d1"}')
+    devs[0].t.publish(topics.device_topic(F, "d0", "hello"), b'{"v":2,"type":"hello","device_id":"d1"}')
     time.sleep(0.3)
     assert any("update manifest from d0" in r["reason"] for r in coord.state["rejects"])
     _assert_nothing_accepted(coord, path)
@@ -288,29 +290,48 @@ def test_droppeft_updates_without_block_step_counts_are_refused_and_assignments_
         assert all(set(a["droppeft"]) == {"ratio", "shape"} for a in m.assignments.values())
         assert coord.state["configurator"]["d0"]["feasible"]
 
-        def send(dev, uid, metrics):
+        def send(dev, uid, metrics, layer_steps=()):
             blob = encode_tensors(_good(coord))
             ref, frames = split_payload(uid, blob, 1000)
             dev.t.publish(topics.device_topic(F, dev.id, "update"),
-                          encode_message(UpdateManifest("run-test", dev.id, 1, uid, ref, 10, metrics)))
+                          encode_message(UpdateManifest("run-test", dev.id, 1, uid, ref, 10, metrics, layer_steps)))
             for f in frames:
                 dev.t.publish(topics.device_topic(F, dev.id, "update/chunk"), f)
             return dev.ack()
 
         base = {"train_steps": 4, "drop_ratio": 0.0, "drop_shape": 0, "train_seconds": 1.0}
-        for metrics, reason in (({**base}, "layer_steps.0"),
-                                ({**base, "layer_steps.0": 4, "layer_steps.1": 9}, "not a step count"),
-                                ({**base, "layer_steps.0": 4, "layer_steps.1": 2.5}, "not a step count")):
-            ack = send(devs[0], f"bad{len(reason)}{len(metrics)}", metrics)
+        old_style = {**base, "layer_steps.0": 4, "layer_steps.1": 2}   # the protocol-1 metric keys: no weight
+        for k, (metrics, steps, reason) in enumerate(((old_style, (), "layer_steps has 0 entries"),
+                                                      (base, (4,), "layer_steps has 1 entries"),
+                                                      (base, (4, 9), "layer_steps[1]=9 is not a step count"))):
+            ack = send(devs[0], f"bad{k}", metrics, steps)
             assert not ack.accepted and reason in ack.reason, ack
         assert coord.state["accepted"] == {}
-        good = {**base, "layer_steps.0": 4, "layer_steps.1": 2, "val_loss_before": 2.0, "val_loss_after": 1.5}
-        assert send(devs[0], "ok0", good).accepted and send(devs[1], "ok1", good).accepted
+        good = {**base, "val_loss_before": 2.0, "val_loss_after": 1.5}
+        assert send(devs[0], "ok0", good, (4, 2)).accepted and send(devs[1], "ok1", good, (3, 4)).accepted
         _wait_round(coord, 2)
         row = coord.state["history"][-1]
-        assert row["configurator"]["reports"]["d0"]["layer_steps.1"] == 2 and set(row["configurator"]["rewards"]) == {"d0", "d1"}
+        assert row["layer_steps"] == {"d0": [4, 2], "d1": [3, 4]} and set(row["configurator"]["rewards"]) == {"d0", "d1"}
+        # the bandit's statistics: a JSON document beside the global, named by the state; no bandit tensors
+        conf = json.loads((coord.store.root / coord.state["configurator_file"]).read_text())
+        assert set(droppeft.bandit_state(conf, coord.spec)) == {"d0", "d1"}
+        assert not any(k.startswith("bandit") for k in coord.server_state)
     finally:
         close()
+    # a state saved by a protocol-1 server (the statistics as bandit.* tensors, no configurator file) migrates
+    root, doc = coord.store.root, _state(coord.store.root)
+    bandit_doc = conf[droppeft.BANDIT]
+    legacy = {"bandit.arms": torch.tensor([[r, SHAPES.index(sh)] for r, sh in bandit_doc["arms"]], dtype=torch.float64)}
+    for d, st in bandit_doc["devices"].items():
+        legacy[f"bandit.n.{d}"], legacy[f"bandit.s.{d}"] = torch.tensor(st["n"]), torch.tensor(st["s"])
+    coord.store.write_tensors(root / "server" / "legacy.safetensors", legacy)
+    doc.pop("configurator_file")
+    (root / "state.json").write_text(json.dumps({**doc, "server_file": "server/legacy.safetensors"}))
+    again = Coordinator(ServerConfig(fleet=F, rounds=1, training=spec.to_json(), min_devices=2), Store(root),
+                        MemoryTransport(MemoryBroker(), "server"), initial_global(spec), run_id="run-test")
+    assert again.server_state == {}
+    assert {d: (st.n, st.s) for d, st in droppeft.bandit_state(again.configurator_state, spec).items()} == \
+        {d: (st["n"], pytest.approx(st["s"])) for d, st in bandit_doc["devices"].items()}
 
 
 def test_round_manifest_assignments_are_validated():

@@ -4,11 +4,9 @@ disk stays consistent, and nothing counts twice (in-process, over the in-memory 
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from broker_server.coordinator import Coordinator, ServerConfig
@@ -19,7 +17,7 @@ from edge_runtime.protocol.messages import Hello
 from edge_runtime.transport.memory import MemoryTransport
 from tests.conftest import fill_disk
 from tests.fleet_helpers import TOY_CORPUS, initial_global, toy_spec
-from tests.server.test_bad_input import F, FakeDevice, _good, _serve, _wait_round
+from tests.server.test_bad_input import F, _good, _serve, _wait_round
 
 ROOT = Path(__file__).resolve().parents[2]
 
