@@ -186,16 +186,7 @@ class Rounds:
             self._round_failed(now, updates, exc)
             return
         s["failed_rounds"] = 0
-        self.run.server_state = server_state
-        if self.run.server_state:  # written before the state points at it: a crash redoes the round from the old one
-            server_path = self.run.store.root / "server" / f"round_{r:05d}.safetensors"
-            self.run.store.write_tensors(server_path, self.run.server_state)
-            s["server_file"] = self.run.store.relative(server_path)
-        self.run.configurator_state = configurator_state
-        if configurator_state:
-            config_path = self.run.store.root / "server" / f"configurator_{r:05d}.json"
-            self.run.store.write_json(config_path, configurator_state)
-            s["configurator_file"] = self.run.store.relative(config_path)
+        self._persist_method_state(r, server_state, configurator_state)
         path = self.run.store.global_path(r)
         self.run.global_blob = self.run.store.write_tensors(path, new_global)
         crash_point("close:after_global_write")
@@ -248,6 +239,25 @@ class Rounds:
         if row is not None and self.run.state["phase"] != Phase.EVALUATE:
             self.run.publish_summary(row)
 
+    def _persist_method_state(self, r: int, server_state: dict, configurator_state: dict) -> None:
+        """The method's server tensors and configurator state after round ``r``: each file written
+        before the state points at it (a crash redoes the round from the old ones), the state held
+        in memory only once both are on disk; an empty one points at no file."""
+        s, root = self.run.state, self.run.store.root
+        files = {}
+        if server_state:
+            files["server_file"] = root / "server" / f"round_{r:05d}.safetensors"
+            self.run.store.write_tensors(files["server_file"], server_state)
+        if configurator_state:
+            files["configurator_file"] = root / "server" / f"configurator_{r:05d}.json"
+            self.run.store.write_json(files["configurator_file"], configurator_state)
+        for key in ("server_file", "configurator_file"):
+            if key in files:
+                s[key] = self.run.store.relative(files[key])
+            else:
+                s.pop(key, None)
+        self.run.server_state, self.run.configurator_state = server_state, configurator_state
+
     def _prune(self, closed_round: int) -> None:
         """Keep the update files of the last two rounds (older ones were aggregated and persisted)."""
         old = self.run.store.root / "updates" / f"round_{closed_round - 2:05d}"
@@ -255,3 +265,4 @@ class Rounds:
             shutil.rmtree(old, ignore_errors=True)
         if closed_round >= 2:  # the method's server state: the current one and the one before suffice
             (self.run.store.root / "server" / f"round_{closed_round - 2:05d}.safetensors").unlink(missing_ok=True)
+            (self.run.store.root / "server" / f"configurator_{closed_round - 2:05d}.json").unlink(missing_ok=True)

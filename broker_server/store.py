@@ -143,7 +143,8 @@ class Store:
         write_bytes_atomic(path, data)
 
     def write_json(self, path: Path, doc: dict) -> None:
-        write_json_atomic(path, doc)
+        """Atomically, compact (a configurator state can hold thousands of devices)."""
+        write_bytes_atomic(path, json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8"))
 
     def read_json(self, path: Path) -> dict:
         """A JSON object the server wrote (StateError if unreadable or not an object)."""

@@ -17,7 +17,7 @@ from edge_runtime.agent.state import Pending
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.chunking import split_payload
 from edge_runtime.protocol.codec import encode_message
-from edge_runtime.protocol.messages import Ack, RoundManifest, UpdateManifest
+from edge_runtime.protocol.messages import Ack, RoundManifest, UpdateManifest, protocol1_layer_steps
 from edge_runtime.transport.base import backoff_delay
 
 if TYPE_CHECKING:
@@ -84,7 +84,9 @@ class Uploader:
             data = Path(pending["file"]).read_bytes()
             ref, frames = split_payload(pending["update_id"], data, self.agent.cfg.chunk_bytes)
         m = UpdateManifest(pending["run_id"], d, pending["round"], pending["update_id"], ref,
-                           pending["n_samples"], pending["metrics"], tuple(pending.get("layer_steps", ())))
+                           pending["n_samples"], pending["metrics"],
+                           tuple(pending["layer_steps"]) if "layer_steps" in pending   # else saved before protocol 2
+                           else protocol1_layer_steps(pending["metrics"]))
         self.agent.transport.publish(topics.device_topic(f, d, "update"), encode_message(m), qos=1)
         fault = os.environ.get(FAULT_ENV, "")
         for i, frame in enumerate(frames):

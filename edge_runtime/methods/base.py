@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Callable, Generic, Mapping, TypeVar
 
 from edge_runtime.algorithms.aggregation import fedavg
-from edge_runtime.errors import ConfigError
+from edge_runtime.errors import AggregationError, ConfigError
 
 S = TypeVar("S")
 
@@ -103,7 +103,10 @@ def _nothing_to_migrate(server_state) -> tuple[dict, None]:
 
 
 def _accept_update(update, global_state, spec) -> None:
-    """Every update with the global's keys and shapes is usable."""
+    """Every update with the global's keys and shapes is usable; per-block step counts are refused
+    (a method without layer dropout has no use for them, and the round history would keep them)."""
+    if update.layer_steps:
+        raise AggregationError("this method takes no layer_steps (only layer-dropout methods report them)")
 
 
 def _no_rewards(updates) -> dict[str, float]:

@@ -60,6 +60,7 @@ log = logging.getLogger("edge_runtime.droppeft")
 
 BANDIT = "droppeft_bandit"          # the configurator state's section: {"format", "arms", "devices"}
 BANDIT_FORMAT = 1
+MAX_BANDIT_DEVICES = 10_000          # devices the bandit remembers (the least recently trained go first)
 LEGACY_BANDIT = "bandit."           # protocol-1 servers kept the statistics as server-state tensors bandit.{n,s}.<device>
 # what the server's history keeps of each device's report: the configurator's evidence (the step
 # counts that make each round's aggregation reproducible are the row's typed "layer_steps")
@@ -283,10 +284,10 @@ def save_personal_adapter(model, personal: PersonalState | None, folder: Path) -
 def check_update(update: Update, global_state: Mapping[str, Tensor], spec: "TrainingSpec") -> None:
     """Refuse an update whose per-block step counts are missing or impossible (AggregationError)."""
     layers = sorted({l for k in global_state if (l := layer_of(k)) is not None})
-    need = layers[-1] + 1 if layers else 0
-    if len(update.layer_steps) != need:
+    # one count per block of the model; the global may lack the top ones (personal layers stay on the device)
+    if layers and len(update.layer_steps) <= layers[-1]:
         raise AggregationError(f"droppeft update: layer_steps has {len(update.layer_steps)} entries, the model "
-                               f"has {need} blocks (steps each block ran)")
+                               f"has at least {layers[-1] + 1} blocks (steps each block ran)")
     steps = max(int(update.steps), 0)
     for l, v in enumerate(update.layer_steps):
         if not 0 <= v <= steps:
@@ -312,12 +313,15 @@ def rewards(updates: Sequence[Update]) -> dict[str, float]:
     for u in updates:
         m = u.metrics
         if all(k in m for k in ("val_loss_before", "val_loss_after", "train_seconds")) and m["train_seconds"] > 0:
-            raw[u.device_id] = (float(m["val_loss_before"]) - float(m["val_loss_after"])) / float(m["train_seconds"])
+            r = (float(m["val_loss_before"]) - float(m["val_loss_after"])) / float(m["train_seconds"])
+            if math.isfinite(r):   # a hostile report (1e308 - -1e308) earns nothing rather than failing the round
+                raw[u.device_id] = r
     scale = sum(abs(v) for v in raw.values()) / len(raw) if raw else 0.0
     return {d: (v / scale if scale > 0 else 0.0) for d, v in raw.items()}
 
 
-# -- the configurator's state: {"droppeft_bandit": {"format", "arms": [[ratio, shape]], "devices": {id: {n, s}}}}
+# -- the configurator's state: {"droppeft_bandit": {"format", "arms": [[ratio, shape]], "devices": {id: {n, s}}}},
+#    devices in the order they last trained (oldest first; at most MAX_BANDIT_DEVICES)
 def _arms_json(cfg: DropPEFTConfig) -> list[list]:
     return [[r, s] for r, s in cfg.arms()]
 
@@ -354,7 +358,7 @@ def bandit_state(config_state: Mapping | None, spec: "TrainingSpec") -> dict[str
 
 def _to_json(stats: Mapping[str, bandit.ArmStats], spec: "TrainingSpec") -> dict:
     return {BANDIT: {"format": BANDIT_FORMAT, "arms": _arms_json(_cfg(spec)),
-                     "devices": {d: {"n": list(st.n), "s": list(st.s)} for d, st in sorted(stats.items())}}}
+                     "devices": {d: {"n": list(st.n), "s": list(st.s)} for d, st in stats.items()}}}
 
 
 def migrate_state(server_state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict | None]:
@@ -398,9 +402,11 @@ def learn(config_state: Mapping | None, updates: Sequence[Update], spec: "Traini
             arm = arms.index((float(u.metrics["drop_ratio"]), SHAPES[int(u.metrics["drop_shape"])]))
         except (KeyError, ValueError, IndexError, TypeError):
             continue   # trained with a configuration outside the arm set: no evidence for the bandit
-        if r is not None:
-            stats[u.device_id] = bandit.update(stats.get(u.device_id, bandit.ArmStats.empty(len(arms))), arm, r,
+        if r is not None:   # re-inserted: the devices stay in the order they last trained, oldest first
+            stats[u.device_id] = bandit.update(stats.pop(u.device_id, bandit.ArmStats.empty(len(arms))), arm, r,
                                                cfg.gamma)
+    if len(stats) > MAX_BANDIT_DEVICES:   # bounded whatever the churn: the longest idle are forgotten
+        stats = dict(list(stats.items())[-MAX_BANDIT_DEVICES:])
     return _to_json(stats, spec)
 
 

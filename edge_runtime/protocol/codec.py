@@ -41,7 +41,7 @@ def decode_message(data: bytes, expect: type | None = None) -> Message:
     version, kind = body.get("v"), body.get("type")
     if isinstance(version, bool) or version != PROTOCOL_VERSION:
         raise ProtocolError(f"unsupported protocol version {version!r:.40}; this runtime speaks {PROTOCOL_VERSION} "
-                            f"(run the same edge-runtime release on the server and its devices)")
+                            f"(upgrade the server and its devices together)")
     if not isinstance(kind, str):
         raise ProtocolError(f"message type must be a string, got {type(kind).__name__}")
     cls = MESSAGE_TYPES.get(kind)

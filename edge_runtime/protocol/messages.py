@@ -38,6 +38,20 @@ def _check_round(value: object, name: str = "round") -> int:
     return value
 
 
+def protocol1_layer_steps(metrics: dict) -> tuple[int, ...]:
+    """The per-block step counts a protocol-1 update carried as ``layer_steps.<l>`` metric keys (an
+    update accepted, or a pending one saved, before the upgrade): ``()`` unless they run 0..L-1."""
+    found = {}
+    for k, v in metrics.items():
+        if isinstance(k, str) and k.startswith("layer_steps.") and k[12:].isdigit() and len(k) < 20:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer() or v < 0:
+                return ()
+            found[int(k[12:])] = int(v)
+    if sorted(found) != list(range(len(found))) or len(found) > MAX_LAYERS:
+        return ()
+    return tuple(found[l] for l in range(len(found)))
+
+
 @dataclass(frozen=True)
 class PayloadRef:
     """Describes a chunked payload: id, total size (bytes), sha256 (hex) of the whole, chunk count."""

@@ -19,6 +19,7 @@ from torch import Tensor
 from edge_runtime.algorithms.aggregation import Update, check_compatible
 from edge_runtime.errors import AggregationError
 from edge_runtime.methods.base import Method
+from edge_runtime.protocol.messages import protocol1_layer_steps
 from edge_runtime.training.spec import TrainingSpec
 
 
@@ -68,7 +69,8 @@ def finite_metrics(metrics: Mapping) -> dict[str, float]:
 def as_update(device_id: str, accepted: Mapping, tensors: dict[str, Tensor]) -> Update:
     """The aggregation's view of one accepted record and its tensors (weight: ``n_samples``)."""
     return Update(device_id, tensors, float(accepted["n_samples"]), int(accepted["metrics"].get("train_steps", 0)),
-                  accepted["metrics"], tuple(accepted.get("layer_steps", ())))
+                  accepted["metrics"], tuple(accepted["layer_steps"]) if "layer_steps" in accepted
+                  else protocol1_layer_steps(accepted["metrics"]))   # a record accepted before protocol 2
 
 
 def score_reports(accepted: Mapping[str, Mapping]) -> list[tuple[Mapping, float]]:

@@ -9,7 +9,7 @@ from edge_runtime.algorithms.aggregation import Update
 from edge_runtime.errors import AggregationError
 from edge_runtime.methods import METHODS
 from edge_runtime.round.device import score_seed, train_seed
-from edge_runtime.round.server import (aggregate_checked, configurator_row, finite_metrics, record_eval, round_row,
+from edge_runtime.round.server import (aggregate_checked, as_update, configurator_row, finite_metrics, record_eval, round_row,
                                        select_participants, weighted)
 from edge_runtime.training.spec import TrainingSpec
 
@@ -71,6 +71,19 @@ def test_an_aggregate_with_nan_or_other_keys_is_refused():
             aggregate_checked(learner, g, ups, {}, {}, SPEC, 1, 1)
     keeps = dataclasses.replace(METHODS["lora"], learn=lambda state, updates, spec: {"seen": len(updates)})
     assert aggregate_checked(keeps, g, ups, {}, {}, SPEC, 1, 1)[2] == {"seen": 1}
+
+
+def test_layer_steps_are_typed_refused_where_unused_and_read_from_protocol_1_records():
+    with pytest.raises(AggregationError, match="takes no layer_steps"):
+        METHODS["lora"].check_update(Update("d0", {}, 1.0, 3, {}, (3, 3)), {}, SPEC)
+    METHODS["lora"].check_update(Update("d0", {}, 1.0, 3, {}), {}, SPEC)
+    rec = {"n_samples": 4, "metrics": {"train_steps": 3}, "layer_steps": [3, 1]}
+    assert as_update("d0", rec, {}).layer_steps == (3, 1)
+    old = {"n_samples": 4, "metrics": {"train_steps": 3, "layer_steps.1": 1, "layer_steps.0": 3}}   # protocol 1
+    assert as_update("d0", old, {}).layer_steps == (3, 1)
+    assert as_update("d0", {"n_samples": 4, "metrics": {"layer_steps.1": 1}}, {}).layer_steps == ()  # a gap: none
+    row = round_row(1, ["d0", "d1"], {"d0": {**rec, "bytes": 1}, "d1": {**old, "bytes": 1}}, 0, 1.0)
+    assert row["layer_steps"] == {"d0": [3, 1]}
 
 
 def test_configurator_row_keeps_the_method_round_metrics_only():

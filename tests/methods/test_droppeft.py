@@ -130,7 +130,7 @@ def test_aggregation_averages_each_block_over_who_trained_it():
     # the head trains every step: plain FedAvg by samples
     assert new[head].item() == pytest.approx((100 * 1 + 50 * 4 + 100 * 7) / 250)
     # a report without the step counts is refused (the coordinator rejects such an update)
-    with pytest.raises(AggregationError, match="has 1 entries, the model has 2 blocks"):
+    with pytest.raises(AggregationError, match="has 1 entries, the model has at least 2 blocks"):
         droppeft.check_update(Update("d", {}, 1, 3, {}, (3,)), g, spec)
     with pytest.raises(AggregationError, match=r"layer_steps\[0\]=4 is not a step count in 0..3"):
         droppeft.check_update(Update("d", {}, 1, 3, {}, (4, 0)), g, spec)
@@ -176,6 +176,10 @@ def test_personal_top_blocks_stay_on_the_device(splits):
     assert moved                                                   # the personal block trained
     up = droppeft.trainable_state(model)
     assert set(up) == set(g)
+    # the update counts every block, the global holds block 0 only: the server takes it and averages it
+    assert len(res.layer_steps) == 2
+    new, _ = droppeft.aggregate(g, [Update("d0", up, 10, res.steps, res.metrics, res.layer_steps)], {}, spec, 1)
+    assert set(new) == set(g)
     blobs = {v.numpy().tobytes() for v in up.values()}
     assert not any(personal.tensors[k].numpy().tobytes() in blobs for k in moved)
     # loading a global resets the personal block to the base; personalise puts the device's back
@@ -224,7 +228,24 @@ def test_the_bandit_offers_only_arms_that_fit_and_learns_from_rewards():
     assert set(droppeft.bandit_state(bad, spec)) == {"big"}
 
 
-def test_a_pre_0_3_bandit_in_the_server_tensors_migrates_to_the_json_state():
+def test_the_bandit_remembers_a_bounded_number_of_devices_and_ignores_non_finite_rewards(monkeypatch):
+    spec = _spec()
+    monkeypatch.setattr(droppeft, "MAX_BANDIT_DEVICES", 3)
+
+    def up(d, before=2.0, after=1.0):
+        return Update(d, {}, 10, 10, {"drop_ratio": 0.0, "drop_shape": 0, "val_loss_before": before,
+                                      "val_loss_after": after, "train_seconds": 1.0})
+
+    state: dict = {}
+    for group in (["a", "b"], ["c", "d"], ["a", "e"]):
+        state = droppeft.learn(state, [up(d) for d in group], spec)
+    assert list(droppeft.bandit_state(state, spec)) == ["d", "a", "e"]   # the longest idle (b, c) forgotten
+    hostile = droppeft.learn(state, [up("d", 1e308, -1e308), up("a")], spec)   # inf reward: no evidence, no error
+    assert droppeft.rewards([up("d", 1e308, -1e308), up("a")]) == {"a": 1.0}
+    assert droppeft.bandit_state(hostile, spec)["d"] == droppeft.bandit_state(state, spec)["d"]
+
+
+def test_a_protocol_1_bandit_in_the_server_tensors_migrates_to_the_json_state():
     spec = _spec()
     arms = spec.droppeft.arms()
     stats = {"d0": ([1.0] + [0.0] * (len(arms) - 1), [0.7] + [0.0] * (len(arms) - 1)),

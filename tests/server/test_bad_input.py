@@ -315,7 +315,7 @@ def test_droppeft_updates_without_block_step_counts_are_refused_and_assignments_
         # the bandit's statistics: a JSON document beside the global, named by the state; no bandit tensors
         conf = json.loads((coord.store.root / coord.state["configurator_file"]).read_text())
         assert set(droppeft.bandit_state(conf, coord.spec)) == {"d0", "d1"}
-        assert not any(k.startswith("bandit") for k in coord.server_state)
+        assert not any(k.startswith("bandit") for k in coord.server_state) and "server_file" not in coord.state
     finally:
         close()
     # a state saved by a protocol-1 server (the statistics as bandit.* tensors, no configurator file) migrates
@@ -332,6 +332,10 @@ def test_droppeft_updates_without_block_step_counts_are_refused_and_assignments_
     assert again.server_state == {}
     assert {d: (st.n, st.s) for d, st in droppeft.bandit_state(again.configurator_state, spec).items()} == \
         {d: (st["n"], pytest.approx(st["s"])) for d, st in bandit_doc["devices"].items()}
+    # the next round's close points the state at the JSON only: the legacy tensor file is named no more
+    again.rounds._persist_method_state(2, {}, again.configurator_state)
+    assert "server_file" not in again.state and again.state["configurator_file"] == "server/configurator_00002.json"
+    assert json.loads((root / "server" / "configurator_00002.json").read_text()) == again.configurator_state
 
 
 def test_round_manifest_assignments_are_validated():
