@@ -14,26 +14,31 @@ import threading
 import time
 from pathlib import Path
 
+from broker_server import cli_security
 from broker_server.broker import run_broker
 from broker_server.coordinator import Coordinator, ServerConfig
+from broker_server.enrolment import SERVER_KEY_FILE, Enrolment
 from broker_server.store import Store
 from edge_runtime import __version__
 from edge_runtime.algorithms.aggregation import weighted_mean
 from edge_runtime.atomic_io import write_bytes_atomic
-from edge_runtime.cli_common import add_broker_args, add_service_args, service_options
+from edge_runtime.cli_common import (add_broker_args, add_service_args,
+                                     service_key, service_options)
 from edge_runtime.device.profiles import read_yaml
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.methods import METHODS, default_lr
 from edge_runtime.methods.lora import LoraMethodConfig
 from edge_runtime.protocol import topics
-from edge_runtime.protocol.codec import decode_message, encode_message
-from edge_runtime.protocol.messages import ProfileAck, ProfilePush, ProtocolError, Status
+from edge_runtime.protocol.messages import (ProfileAck, ProfilePush,
+                                            ProtocolError, Status)
 from edge_runtime.report import export_adapter, write_report
-from edge_runtime.service.config import finish_parser, options_argv, parse_command_line, subcommand
+from edge_runtime.service.config import (finish_parser, options_argv,
+                                         parse_command_line, subcommand)
 from edge_runtime.service.install import install, uninstall
 from edge_runtime.service.sdnotify import Notifier
 from edge_runtime.training.data import resolve_labels
-from edge_runtime.training.spec import TrainingSpec, apply_overrides, build_model
+from edge_runtime.training.spec import (TrainingSpec, apply_overrides,
+                                        build_model)
 from edge_runtime.training.trainer import TrainConfig
 from edge_runtime.transport.base import Will
 from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
@@ -149,12 +154,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
                               state)
         log.info("final global adapter written to %s; report in %s", path, out_dir / "report.json")
 
+    security = cli_security.server_security(args, Path(args.state_dir))
+    status_topic = topics.server_status_topic(args.fleet)
     transport = MqttTransport(BrokerAddress.parse(args.broker), client_id=f"server-{args.fleet}",
-                              will=Will(topics.server_status_topic(args.fleet),
-                                        encode_message(Status("server", False))),
+                              will=Will(status_topic, security.encode(Status("server", False), status_topic)),
                               ca_certs=args.ca_certs, certfile=args.certfile, keyfile=args.keyfile)
     notifier = Notifier()
-    coord = Coordinator(cfg, store, transport, initial_global, on_done=on_done, notifier=notifier)
+    coord = Coordinator(cfg, store, transport, initial_global, on_done=on_done, notifier=notifier, security=security)
     stop = threading.Event()
 
     def on_signal(signum, _frame) -> None:  # the loop stops between two messages: state is always saved
@@ -180,11 +186,19 @@ def _cmd_status(args: argparse.Namespace) -> int:
         raise EdgeRuntimeError(f"{args.state_dir}: no server state here")
     if args.json:
         print(json.dumps({k: state.get(k) for k in ("run_id", "round", "phase", "participants", "accepted", "devices",
-                                                     "history", "rejects", "errors", "configurator")}, indent=2))
+                                                     "history", "rejects", "errors", "configurator", "security")},
+                         indent=2))
         return 0
     now = time.time()
     print(f"run {state['run_id']}  fleet {state['fleet_name']}  round {state['round']}  phase {state['phase']}  "
           f"accepted {len(state['accepted'])}/{len(state['participants'])}")
+    sec = state.get("security") or {}
+    if sec.get("mode") == "signed":
+        enrolled = Enrolment(Path(args.state_dir)).entries()
+        print(f"signed by server key {sec.get('key')}; {sum(e.get('revoked_at') is None for e in enrolled.values())} "
+              f"device(s) enrolled, {sum(e.get('revoked_at') is not None for e in enrolled.values())} revoked")
+    else:
+        print("INSECURE: this run signs nothing and accepts any device on its broker (--insecure)")
     devices = sorted(state["devices"].values(), key=lambda d: (-d["rounds_done"], d["device_id"]))
     shown = devices if args.all else devices[:50]
     print(f"\n{len(devices)} device(s) registered (presence as of the last registry write)")
@@ -241,6 +255,7 @@ def _cmd_push_profile(args: argparse.Namespace) -> int:
 
 
     profile = read_yaml(args.file)   # syntax is checked here; what it says is for the device to judge
+    security = cli_security.server_security(args, args.state_dir)   # devices act on pushes the server signed
     digest = hashlib.sha256(json.dumps(profile, sort_keys=True, default=str).encode()).hexdigest()[:12]
     push = ProfilePush(f"p{digest}-{int(time.time())}", json.loads(json.dumps(profile, default=str)), time.time())
     acks: queue.Queue = queue.Queue()
@@ -249,8 +264,9 @@ def _cmd_push_profile(args: argparse.Namespace) -> int:
 
     def on_ack(_topic: str, payload: bytes) -> None:
         try:
-            ack = decode_message(payload, ProfileAck)
-        except ProtocolError:
+            ack = security.decode(payload, ProfileAck, _topic)
+        except ProtocolError as exc:
+            log.warning("ignored a profile ack on %s: %s", _topic, exc)
             return
         if ack.profile_id == push.profile_id:
             acks.put(ack)
@@ -262,7 +278,7 @@ def _cmd_push_profile(args: argparse.Namespace) -> int:
             raise EdgeRuntimeError(f"cannot connect to the broker at {args.broker}")
         topic = (topics.device_topic(args.fleet, args.device, "profile") if args.device
                  else topics.fleet_profile_topic(args.fleet))
-        transport.publish(topic, encode_message(push), qos=1, retain=True)
+        transport.publish(topic, security.encode(push, topic), qos=1, retain=True)
         print(f"pushed {args.file} as {push.profile_id} to {args.device or 'every device of ' + args.fleet}", flush=True)
         deadline, seen, ok = time.monotonic() + args.wait, set(), True
         while time.monotonic() < deadline:
@@ -316,6 +332,7 @@ def _add_run(sub) -> None:
                    help="rounds in a row whose aggregation fails before the run is marked failed")
     p.add_argument("--keep-serving", action="store_true", help="stay up after the last round")
     p.add_argument("--tokenizer-corpus", default=None, help=argparse.SUPPRESS)  # tiny test models only
+    cli_security.add_security_args(p)
     add_training_args(p)
     p.set_defaults(func=_cmd_run)
 
@@ -332,6 +349,9 @@ def _add_push_profile(sub) -> None:
     target.add_argument("--all", action="store_true", help="every device of the fleet")
     p.add_argument("--fleet", default="default")
     p.add_argument("--wait", type=float, default=20.0, help="seconds to wait for acks")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="the server's state folder: its key signs the push, its enrolment checks the acks")
+    cli_security.add_security_args(p)
     add_broker_args(p)
     p.set_defaults(func=_cmd_push_profile)
 
@@ -388,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_push_profile(sub)
     _add_status(sub)
+    cli_security.add_commands(sub)
+    cli_security.add_provision(sub)
     _add_broker(sub)
     _add_aggregate(sub)
     _add_install(sub)
@@ -407,7 +429,14 @@ def _cmd_install(args: argparse.Namespace) -> int:
         options[key.strip().replace("-", "_")] = yaml.safe_load(raw)
     # the written config is checked against `run`'s options now, not at the service's first start
     options_argv(subcommand(build_parser(), "run"), options, "install-service")
-    install(service_options(args, "server", options), prefix=args.prefix, dry_run=args.dry_run, enable=args.enable)
+    o = service_options(args, "server", options)
+    install(o, prefix=args.prefix, dry_run=args.dry_run, enable=args.enable)
+    if not options.get("insecure") and not args.dry_run:
+        identity, created = service_key(Path(args.prefix or "/") / o.state_dir.lstrip("/") / SERVER_KEY_FILE,
+                                        args.user, args.prefix)
+        print(f"{'created' if created else 'kept'} the server key {identity.path}; every device's agent takes:\n"
+              f"  --server-key {identity.public_text}\nenrol each device with: broker-server devices add ID "
+              f"--public-key ... --state-dir {o.state_dir}")
     return 0
 
 

@@ -35,7 +35,7 @@ from broker_server.store import Store
 from edge_runtime.errors import ConfigError
 from edge_runtime.methods import METHODS
 from edge_runtime.protocol import topics
-from edge_runtime.protocol.codec import encode_tensors
+from edge_runtime.protocol.codec import Security, encode_tensors
 from edge_runtime.protocol.messages import ProtocolError, check_id
 from edge_runtime.service import lifecycle
 from edge_runtime.service.sdnotify import Notifier
@@ -84,8 +84,12 @@ class Coordinator:
                  initial_global: Callable[[], dict[str, torch.Tensor]],
                  on_done: Callable[[dict, dict[str, torch.Tensor]], None] | None = None,
                  clock: Callable[[], float] = time.time, run_id: str | None = None,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, security: Security | None = None) -> None:
         self.cfg = cfg
+        # signs what the server publishes, checks devices' signatures against the enrolment; None: insecure
+        self.security = security or Security()
+        if self.security.insecure:
+            log.warning("INSECURE: this server signs nothing and accepts any device on its broker (--insecure)")
         self.notifier = notifier or Notifier({})
         self.store = store
         self.transport = transport
@@ -95,7 +99,7 @@ class Coordinator:
         self.hellos: queue.Queue = queue.Queue()   # served when the inbox is empty: updates never wait on them
         self.flushed_at = 0.0
         self._retry_at = 0.0                 # after a failed step: when to try again
-        self.publisher = Publisher(transport, cfg.fleet, clock)
+        self.publisher = Publisher(transport, cfg.fleet, clock, self.security)
         self.ingest = Ingest(self)     # update manifests and chunks -> accepted updates
         self.presence = Presence(self)   # hellos, status and heartbeats -> the fleet registry
         self.rounds = Rounds(self)     # deadlines, starting and closing rounds
@@ -119,6 +123,7 @@ class Coordinator:
         cfg, store = self.cfg, self.store
         old = getattr(self, "fleet", None)
         self.state = state
+        state["security"] = self.security.describe()   # for `broker-server status`
         self.fleet = Fleet(cfg.heartbeat_timeout_s, state.pop("devices", {}), cfg.max_devices)
         for rec in self.fleet.devices.values():  # presence is re-learnt from retained status / heartbeats
             was = old.devices.get(rec.device_id) if old else None
@@ -286,6 +291,17 @@ class Coordinator:
         except Exception as exc:  # loop guard: one message never stops the server; the operator sees it
             self._step_failed(f"handling a message on {topic} ({len(payload)} bytes)", exc)
             self.record_reject(topic, "-", -1, f"internal error handling it: {type(exc).__name__}: {exc}"[:500])
+
+    def may_speak(self, device_id: str) -> bool:
+        """The device holds an enrolled, unrevoked key (any device, in an insecure fleet)."""
+        keys = self.security.keys
+        return keys is None or not hasattr(keys, "active") or keys.active(device_id)
+
+    def sample_caps(self, devices) -> dict[str, int | None]:
+        """Each device's enrolled ``max_samples`` (``devices add --max-samples``), None where there is none."""
+        keys = self.security.keys
+        cap = getattr(keys, "max_samples", None)
+        return {d: cap(d) for d in devices} if cap else {}
 
     def record_reject(self, who: str, update_id: str, round_: int, reason: str) -> None:
         rejects = self.state["rejects"]

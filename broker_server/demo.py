@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from broker_server.broker import free_port, start_broker_process
+from broker_server.enrolment import enrol_local_devices
 from edge_runtime.cli_common import positive_int
 from edge_runtime.deps import require
 from edge_runtime.device.profiler import parse_size
@@ -36,7 +37,8 @@ from edge_runtime.methods import METHODS, default_lr
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.codec import decode_message
 from edge_runtime.protocol.messages import RoundSummary
-from edge_runtime.training.data import LocalDataset, federation_shards, resolve_dataset
+from edge_runtime.training.data import (LocalDataset, federation_shards,
+                                        resolve_dataset)
 from edge_runtime.training.models import resolve_model_source
 from edge_runtime.training.spec import TrainingSpec
 from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
@@ -83,7 +85,8 @@ def write_device_data(cfg: DemoConfig, full: LocalDataset | None = None) -> list
 
 def export_and_try(out: Path, cfg: DemoConfig, echo) -> dict:
     """Export the final global adapter to ONNX (merged, parity-checked) and classify one held-out gloss."""
-    from edge_runtime.export.onnx import OnnxPredictor, export_merged  # onnx + onnxscript: only once trained
+    from edge_runtime.export.onnx import (  # onnx + onnxscript: only once trained
+        OnnxPredictor, export_merged)
 
     res = export_merged(out / "global_adapter", out / "onnx")
     echo(f"exported {res.path / 'model.onnx'} ({res.onnx_bytes / 1e6:.0f} MB, onnxruntime vs PyTorch max |diff| "
@@ -175,6 +178,9 @@ def _start_fleet(cfg: DemoConfig, broker_url: str, data_files: list[Path], procs
     server_dir = out / "server"
     if server_dir.exists():
         shutil.rmtree(server_dir)  # a demo is a fresh run
+    # signed end to end, like a real fleet: each device's key made in its folder and enrolled, the
+    # server's key pinned by every agent (only the loopback broker stays anonymous)
+    server_key = enrol_local_devices(server_dir, {f"dev{k:02d}": p.parent for k, p in enumerate(data_files)})
     server = _spawn(["broker_server.cli", "run", "--broker", broker_url, "--state-dir", str(server_dir),
                      "--out", str(out), "--fleet", cfg.fleet, "--rounds", str(cfg.rounds), "--min-devices",
                      str(cfg.devices), "--labels", cfg.data, *common, *cfg.server_args], out / "server.log")
@@ -184,6 +190,7 @@ def _start_fleet(cfg: DemoConfig, broker_url: str, data_files: list[Path], procs
         (dev_dir / "agent.json").unlink(missing_ok=True)  # a demo is a fresh run for every device too
         procs.append(_spawn(["edge_runtime.cli", "agent", "--broker", broker_url, "--device-id", f"dev{k:02d}",
                              "--fleet", cfg.fleet, "--data", str(path), "--state-dir", str(dev_dir),
+                             "--server-key", server_key,
                              *(["--memory-budget", cfg.memory_budget] if cfg.memory_budget else [])],
                             dev_dir / "agent.log"))
     return server

@@ -16,7 +16,7 @@ from edge_runtime.algorithms.aggregation import check_compatible
 from edge_runtime.errors import AggregationError, ConfigError
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.chunking import Reassembler, parse_chunk
-from edge_runtime.protocol.codec import decode_message, decode_tensors, encode_message
+from edge_runtime.protocol.codec import decode_tensors
 from edge_runtime.protocol.messages import Ack, ProtocolError, UpdateManifest
 from edge_runtime.round.server import as_update, finite_metrics
 from edge_runtime.service.faults import crash_point
@@ -35,20 +35,21 @@ class Ingest:
         cfg = run.cfg
         self.reassembler = Reassembler(cfg.max_update_bytes, ttl_s=max(600.0, cfg.deadline_s))
         self.pending: dict[tuple[str, str], UpdateManifest] = {}   # (device, update id) -> manifest
-        self.orphans: dict[tuple[str, str], bytes] = {}            # payloads that beat their manifest
+        self.orphans: dict[tuple[str, str], tuple] = {}    # (ref, bytes) of payloads that beat their manifest
         self.dropped_payloads: set[tuple[str, str]] = set()        # refused payloads whose chunks are ignored
 
     def _reply(self, device_id: str, round_: int, update_id: str, accepted: bool, reason: str = "",
                retry: bool = False) -> None:
         ack = Ack(device_id, round_, update_id, accepted, reason, retry)
-        self.run.transport.publish(topics.device_topic(self.run.cfg.fleet, device_id, "ack"), encode_message(ack), qos=1)
+        self.run.publisher.publish(topics.device_topic(self.run.cfg.fleet, device_id, "ack"), ack, qos=1)
         if not accepted:
             log.warning("rejected update %s of %s for round %d: %s", update_id, device_id, round_, reason)
             self.run.record_reject(device_id, update_id, round_, reason)
 
     def on_update_manifest(self, device_id: str, payload: bytes) -> None:
-        try:
-            m = decode_message(payload, UpdateManifest)
+        try:   # signed by the device's enrolled key (a secured fleet): checked before anything else
+            m = self.run.security.decode(payload, UpdateManifest,
+                                         topics.device_topic(self.run.cfg.fleet, device_id, "update"))
         except ProtocolError as exc:
             raise ProtocolError(f"update manifest from {device_id}: {exc}") from exc
         if m.device_id != device_id:
@@ -66,7 +67,13 @@ class Ingest:
         key = (device_id, m.update_id)
         self.pending[key] = m
         if key in self.orphans:
-            self._ingest(m, self.orphans.pop(key))
+            ref, whole = self.orphans.pop(key)
+            if ref != m.payload:   # the signed manifest names the payload: chunks of another one are not it
+                self.pending.pop(key)
+                self._reply(device_id, m.round, m.update_id, False, "chunks do not match the manifest's payload",
+                            retry=True)
+                return
+            self._ingest(m, whole)
 
     def _check_manifest(self, m: UpdateManifest) -> tuple[bool, str] | None:
         """None if the update may proceed, else (accepted, reason) to answer right away."""
@@ -129,6 +136,8 @@ class Ingest:
         key = (device_id, header.payload.payload_id)
         if key in self.dropped_payloads:
             return
+        if not self.run.may_speak(device_id):   # not enrolled, or revoked: buffered nowhere, answered never
+            return
         if not self.run.fleet.known(device_id):
             self._drop_payload(*key)
             self._reply(device_id, self.run.state["round"], header.payload.payload_id, False,
@@ -149,8 +158,8 @@ class Ingest:
         if m is None:  # chunks that beat their manifest: one payload per device, bounded in bytes in total
             for k in [k for k in self.orphans if k[0] == device_id]:
                 del self.orphans[k]
-            self.orphans[key] = whole
-            while sum(map(len, self.orphans.values())) > 2 * self.run.cfg.max_update_bytes:
+            self.orphans[key] = (ref, whole)
+            while sum(len(w) for _, w in self.orphans.values()) > 2 * self.run.cfg.max_update_bytes:
                 self.orphans.pop(next(iter(self.orphans)))
             return
         if m.payload != ref:

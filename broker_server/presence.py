@@ -9,8 +9,8 @@ import logging
 from typing import TYPE_CHECKING
 
 from broker_server.fleet import RegistryFull
-from edge_runtime.protocol.codec import decode_message
-from edge_runtime.protocol.messages import Heartbeat, Hello, ProtocolError, Status
+from edge_runtime.protocol.messages import (Heartbeat, Hello, ProtocolError,
+                                            Status)
 
 if TYPE_CHECKING:
     from broker_server.coordinator import Coordinator
@@ -25,16 +25,16 @@ class Presence:
 
     def on_message(self, topic: str, kind: str, device_id: str, payload: bytes, deferred: bool) -> None:
         """A hello, status or heartbeat from ``device_id`` (ProtocolError: a bad one, nothing changed)."""
-        fleet = self.run.fleet
+        fleet, decode = self.run.fleet, self.run.security.decode   # signatures checked first (a secured fleet)
         if kind == "dev/hello":
-            self._on_hello(device_id, decode_message(payload, Hello))
+            self._on_hello(device_id, decode(payload, Hello, topic))
         elif kind == "dev/status":
             if fleet.known(device_id):
-                self._on_status(device_id, decode_message(payload, Status))
+                self._on_status(device_id, decode(payload, Status, topic))
             elif not deferred:
                 self.run.hellos.put((topic, payload, True))
         else:
-            hb = decode_message(payload, Heartbeat)
+            hb = decode(payload, Heartbeat, topic)
             if hb.device_id != device_id:
                 raise ProtocolError(f"heartbeat on {device_id}'s topic names {hb.device_id}")
             if not fleet.known(device_id):

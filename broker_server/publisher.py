@@ -12,14 +12,18 @@ from typing import Callable
 from broker_server.run_state import ANNOUNCED
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.chunking import split_payload
-from edge_runtime.protocol.codec import encode_message
-from edge_runtime.protocol.messages import GlobalAnnouncement, PayloadRef, RoundManifest, RoundSummary, Status
+from edge_runtime.protocol.codec import Security
+from edge_runtime.protocol.messages import (GlobalAnnouncement, PayloadRef,
+                                            RoundManifest, RoundSummary,
+                                            Status)
 from edge_runtime.transport.base import Transport
 
 
 class Publisher:
-    def __init__(self, transport: Transport, fleet: str, clock: Callable[[], float]) -> None:
+    def __init__(self, transport: Transport, fleet: str, clock: Callable[[], float],
+                 security: Security | None = None) -> None:
         self.transport, self.fleet, self.clock = transport, fleet, clock
+        self.security = security or Security()
         self._framed: dict[str, tuple[bytes, PayloadRef, list[bytes]]] = {}   # what was last cut into chunks
         self._digest: tuple[bytes | None, str] = (None, "")
 
@@ -54,13 +58,12 @@ class Publisher:
     def retained(self, state: dict, global_blob: bytes, init_blob: bytes | None) -> None:
         """(Re)publish everything a late joiner needs: presence, the init and global payloads, the manifest."""
         f = self.fleet
-        self.transport.publish(topics.server_status_topic(f), encode_message(Status("server", True)), retain=True)
+        self.publish(topics.server_status_topic(f), Status("server", True), retain=True)
         self.init_payload(state["run_id"], init_blob, publish=True)
         ref, frames = self.global_payload(state, global_blob)
         for i, frame in enumerate(frames):
             self.transport.publish(topics.global_chunk_topic(f, i), frame, qos=1, retain=True)
-        self.transport.publish(topics.global_topic(f),
-                               encode_message(GlobalAnnouncement(state["run_id"], state["round"], ref)), retain=True)
+        self.publish(topics.global_topic(f), GlobalAnnouncement(state["run_id"], state["round"], ref), retain=True)
         self.manifest(state, global_blob, init_blob)
 
     def manifest(self, state: dict, global_blob: bytes, init_blob: bytes | None) -> None:
@@ -73,11 +76,15 @@ class Publisher:
         m = RoundManifest(s["run_id"], s["round"], s["phase"], tuple(s["participants"]), ref, deadline_left,
                           s["training"], self.clock(), self.init_payload(s["run_id"], init_blob),
                           s.get("assignments") or {})
-        self.transport.publish(topics.round_topic(self.fleet), encode_message(m), retain=True)
+        self.publish(topics.round_topic(self.fleet), m, retain=True)
 
     def summary(self, run_id: str, row: dict) -> None:
         """A round's history row for watchers (the demo prints them)."""
         msg = RoundSummary(run_id, row["round"], tuple(row["participants"]), len(row["accepted"]),
                            row["accuracy"], row["loss"], row["train_loss"], row["seconds"], row["bytes_up"],
                            row["bytes_down"], bool(row.get("final")))
-        self.transport.publish(topics.summary_topic(self.fleet), encode_message(msg), qos=1)
+        self.publish(topics.summary_topic(self.fleet), msg, qos=1)
+
+    def publish(self, topic: str, msg, qos: int = 1, retain: bool = False) -> None:
+        """A control message, signed by the server's key (in a secured fleet)."""
+        self.transport.publish(topic, self.security.encode(msg, topic), qos=qos, retain=retain)

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING
 from broker_server.run_state import OPEN, Phase
 from edge_runtime.algorithms.aggregation import Update
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.round.server import (aggregate_checked, as_update, configurator_row, failed_row, record_eval,
-                                       round_row, score_reports, select_participants)
+from edge_runtime.round.server import (aggregate_checked, as_update,
+                                       configurator_row, failed_row,
+                                       record_eval, round_row, score_reports,
+                                       select_participants)
 from edge_runtime.service.faults import crash_point
 
 if TYPE_CHECKING:
@@ -111,7 +113,7 @@ class Rounds:
     def _select(self, round_: int) -> list[str]:
         """Eligible devices (online and heartbeating), sampled to ``devices_per_round``, capped at
         ``max_participants`` (keeping the devices that have done rounds first)."""
-        pool = self.run.fleet.eligible_ids(self.run.clock())
+        pool = [d for d in self.run.fleet.eligible_ids(self.run.clock()) if self.run.may_speak(d)]
         return select_participants(pool, round_, self.run.cfg.seed, self.run.cfg.devices_per_round, self.run.cfg.max_participants,
                                    {d: self.run.fleet.devices[d].rounds_done for d in pool})
 
@@ -179,9 +181,9 @@ class Rounds:
                    for dev, a in sorted(accepted.items())]
         crash_point("close:before_aggregate")
         try:
-            new_global, server_state, configurator_state = aggregate_checked(
+            new_global, server_state, configurator_state, defence = aggregate_checked(
                 self.run.method, self.run.global_state, updates, self.run.server_state, self.run.configurator_state,
-                self.run.spec, self.run.fleet.active_count(accepted), r)
+                self.run.spec, self.run.fleet.active_count(accepted), r, self.run.sample_caps(accepted))
         except Exception as exc:  # noqa: BLE001 - a method's failure fails the round, never the server
             self._round_failed(now, updates, exc)
             return
@@ -195,7 +197,7 @@ class Rounds:
             self.run.fleet.worked(dev)
         s["history"].append(round_row(r, s["participants"], accepted, len(self.run.global_blob), now - s["round_started_at"],
                                       configurator_row(self.run.method, s["configurator"], updates)
-                                      if s.get("configurator") else None))
+                                      if s.get("configurator") else None, defence))
         s["global_file"] = self.run.store.relative(path)
         log.info("round %d closed: %d update(s) averaged", r, len(accepted))
         self._start_round(r + 1, Phase.EVALUATE if r >= self.run.cfg.rounds else Phase.TRAIN)

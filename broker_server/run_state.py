@@ -60,6 +60,7 @@ class RunState(TypedDict, total=False):
     failed_rounds: int                  # rounds in a row whose aggregation failed
     training: dict                      # TrainingSpec.to_json()
     config: dict                        # the ServerConfig the run was started with
+    security: dict                      # signed or insecure, the server key's fingerprint (Security.describe)
 
 
 def fresh_state(run_id: str, fleet: str, training: dict, config: dict, global_file: str) -> RunState:

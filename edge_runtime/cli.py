@@ -10,19 +10,25 @@ from pathlib import Path
 
 from edge_runtime import __version__
 from edge_runtime.agent import Agent, AgentConfig
-from edge_runtime.cli_common import add_broker_args, add_service_args, add_set_option, positive_int, service_options
+from edge_runtime.cli_common import (add_broker_args, add_service_args,
+                                     add_set_option, positive_int, service_key,
+                                     service_options)
 from edge_runtime.device.memory_model import load_arch
-from edge_runtime.device.planner import Capabilities, choose_plan, request_from_spec
-from edge_runtime.device.profiler import format_size, parse_size, profile_device
-from edge_runtime.device.profiles import find_device_class, find_training_profile
+from edge_runtime.device.planner import (Capabilities, choose_plan,
+                                         request_from_spec)
+from edge_runtime.device.profiler import (format_size, parse_size,
+                                          profile_device)
+from edge_runtime.device.profiles import (find_device_class,
+                                          find_training_profile)
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.export.device import write_device_adapter
 from edge_runtime.export.metadata import FILE
 from edge_runtime.methods import METHODS, config_sections, default_lr
 from edge_runtime.methods.lora import LoraMethodConfig
 from edge_runtime.protocol import topics
-from edge_runtime.protocol.codec import encode_message
-from edge_runtime.protocol.messages import Status
+from edge_runtime.protocol.codec import Security
+from edge_runtime.protocol.messages import Status, check_id
+from edge_runtime.protocol.signing import Identity, PinnedKey
 from edge_runtime.service import lifecycle
 from edge_runtime.service.config import finish_parser, parse_command_line
 from edge_runtime.service.install import install, uninstall
@@ -36,7 +42,7 @@ from edge_runtime.training.trainer import TrainConfig
 from edge_runtime.transport.base import Will
 from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
 
-
+DEVICE_KEY_FILE = "device.key"   # in the agent's state folder
 log = logging.getLogger("edge_runtime")
 
 
@@ -141,9 +147,64 @@ def _add_agent(sub) -> None:
                    help="auto: fit batch, sequence length, checkpointing and quantization to this device's memory")
     p.add_argument("--memory-budget", default=None, metavar="SIZE",
                    help="act as a device with this much memory for training, e.g. 2GiB")
+    p.add_argument("--server-key", default=None, metavar="ed25519:...",
+                   help="the server's public key (`broker-server keys` prints it): only messages it signed are "
+                        "acted on; this device signs its own with <state-dir>/device.key")
+    p.add_argument("--insecure", action="store_true",
+                   help="sign nothing and trust every message on the broker (demo / test fleets only)")
 
     add_limit_args(p)
     p.set_defaults(func=_cmd_agent)
+
+
+def agent_security(args: argparse.Namespace) -> Security:
+    """The agent's keys: its own (created on first use) and the server's pinned one; or, only when
+    asked with --insecure, none."""
+    if args.insecure:
+        if args.server_key:
+            raise EdgeRuntimeError("--insecure and --server-key contradict each other: choose one")
+        log.warning("INSECURE: this agent signs nothing and acts on any message on its broker (--insecure); "
+                    "a real fleet pins the server's key with --server-key")
+        return Security()
+    if not args.server_key:
+        raise EdgeRuntimeError("the agent needs the server's public key: --server-key ed25519:... (print it on the "
+                               "server with `broker-server keys --state-dir DIR`), or --insecure for a demo or test "
+                               "fleet that trusts everyone on its broker")
+    server = PinnedKey(args.server_key)
+    identity, created = Identity.load_or_create(Path(args.state_dir) / DEVICE_KEY_FILE)
+    if created:
+        log.warning("created this device's key %s; until the server enrols it, nothing it sends is accepted: "
+                    "broker-server devices add %s --public-key %s", identity.path, args.device_id,
+                    identity.public_text)
+    log.info("signing as %s, trusting server key %s", identity.fingerprint, server.fingerprint)
+    return Security(identity, server)
+
+
+def _add_enroll(sub) -> None:
+    p = sub.add_parser("enroll", help="create this device's key pair and print what the operator registers",
+                       description="Create the device's Ed25519 key (<state-dir>/device.key, mode 0600; never "
+                                   "sent anywhere) if there is none, and print its public key with the command "
+                                   "that enrols it on the server.")
+    p.add_argument("--state-dir", type=Path, default=Path("/var/lib/edge-runtime/agent"))
+    p.add_argument("--device-id", required=True)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_enroll)
+
+
+def _cmd_enroll(args: argparse.Namespace) -> int:
+    import json
+
+    check_id("device_id", args.device_id)
+    identity, created = Identity.load_or_create(args.state_dir / DEVICE_KEY_FILE)
+    command = f"broker-server devices add {args.device_id} --public-key {identity.public_text}"
+    if args.json:
+        print(json.dumps({"device_id": args.device_id, "public_key": identity.public_text, "key_file":
+                          str(identity.path), "fingerprint": identity.fingerprint, "created": created,
+                          "enrol_command": command}))
+        return 0
+    print(f"{'created' if created else 'existing'} key {identity.path} (fingerprint {identity.fingerprint})")
+    print(f"on the server, run:\n  {command}")
+    return 0
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
@@ -159,11 +220,13 @@ def _cmd_agent(args: argparse.Namespace) -> int:
                       exit_when_done=not args.keep_running, progress=args.progress, plan=args.plan,
                       memory_budget=parse_size(args.memory_budget) if args.memory_budget else None,
                       test_data=args.test_data, val_data=args.val_data, limits=limits_from_args(args))
-    will = Will(topics.device_topic(args.fleet, args.device_id, "status"),
-                encode_message(Status(args.device_id, False)))
-    transport = MqttTransport(BrokerAddress.parse(args.broker), client_id=f"dev-{args.fleet}-{args.device_id}",
+    address = BrokerAddress.parse(args.broker)   # a malformed URL is the first thing said
+    security = agent_security(args)
+    status_topic = topics.device_topic(args.fleet, args.device_id, "status")
+    will = Will(status_topic, security.encode(Status(args.device_id, False), status_topic))
+    transport = MqttTransport(address, client_id=f"dev-{args.fleet}-{args.device_id}",
                               will=will, ca_certs=args.ca_certs, certfile=args.certfile, keyfile=args.keyfile)
-    agent = Agent(cfg, transport, notifier=Notifier())
+    agent = Agent(cfg, transport, notifier=Notifier(), security=security)
 
     def on_signal(signum, _frame) -> None:  # a safe point: the loop, or the next training / evaluation step
         log.info("%s: stopping at the next safe point", signal.Signals(signum).name)
@@ -242,11 +305,19 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if status.get("last_error"):
         e = status["last_error"]
         print(f"  last error (round {e.get('round')}, {age_of(e.get('at')):.0f} s ago): {e.get('error')}")
+    _print_security(status.get("security") or {})
     bad = status.get("bad_messages") or {}
     if bad.get("count"):
         print(f"  {bad['count']} malformed message(s) ignored; the last on {bad['last']['topic']}: "
               f"{bad['last']['reason']}")
     return 0
+
+
+def _print_security(sec: dict) -> None:
+    if sec.get("mode") == "insecure":
+        print("  INSECURE: signs nothing and acts on any message on its broker (--insecure)")
+    elif sec:
+        print(f"  messages signed with key {sec.get('key')}; only the pinned server key is trusted")
 
 
 def age_of(at) -> float:
@@ -339,6 +410,11 @@ def _add_install(sub) -> None:
     p.add_argument("--fleet", default="default")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--heartbeat", type=float, default=10.0)
+    trust = p.add_mutually_exclusive_group(required=True)
+    trust.add_argument("--server-key", default=None, metavar="ed25519:...",
+                       help="the server's public key (`broker-server keys`); the device's own key is created "
+                            "in the service's state folder")
+    trust.add_argument("--insecure", action="store_true", help="a fleet that signs nothing (tests, demos)")
     add_service_args(p, "agent")
     p.set_defaults(func=_cmd_install)
     u = sub.add_parser("uninstall-service", help="stop and remove the agent's systemd service")
@@ -355,8 +431,23 @@ def _cmd_install(args: argparse.Namespace) -> int:
     for key in ("test_data", "val_data"):
         if getattr(args, key):
             options[key] = str(getattr(args, key).resolve())
-    install(service_options(args, "agent", options), prefix=args.prefix, dry_run=args.dry_run, enable=args.enable)
+    if args.insecure:
+        options["insecure"] = True
+    else:
+        PinnedKey(args.server_key)   # a malformed key fails here, not at the service's first start
+        options["server_key"] = args.server_key
+    o = service_options(args, "agent", options)
+    install(o, prefix=args.prefix, dry_run=args.dry_run, enable=args.enable)
+    if not args.insecure and not args.dry_run:
+        _service_key(Path(args.prefix or "/") / o.state_dir.lstrip("/"), args.user, args.device_id, args.prefix)
     return 0
+
+
+def _service_key(state_dir: Path, user: str, device_id: str, prefix) -> None:
+    """The device's key in the service's state folder, owned by the service's user (a real install)."""
+    identity, created = service_key(state_dir / DEVICE_KEY_FILE, user, prefix)
+    print(f"{'created' if created else 'kept'} the device key {identity.path}; on the server, run:\n"
+          f"  broker-server devices add {device_id} --public-key {identity.public_text}")
 
 
 def _cmd_uninstall(args: argparse.Namespace, role: str) -> int:
@@ -471,6 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.load()(sub)                                     # pyproject.toml (this package never imports it)
     _add_simulate(sub)
     _add_agent(sub)
+    _add_enroll(sub)
     _add_status(sub)
     _add_profile(sub)
     _add_plan(sub)

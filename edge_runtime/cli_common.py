@@ -50,3 +50,18 @@ def service_options(args: argparse.Namespace, role: str, options: dict):
     return ServiceOptions(role, options, broker=args.broker, user=args.user, python=args.python,
                           watchdog_s=args.watchdog, stop_timeout_s=args.stop_timeout, memory_max=args.memory_max,
                           log_format=args.service_log_format)
+
+
+def service_key(path: Path, user: str, prefix: Path | None):
+    """(identity, created): the key pair a service signs with, in its state folder; a real install
+    (root, no --prefix) hands the folder and the key to the service's user, who alone may read it."""
+    from edge_runtime.protocol.signing import Identity
+
+    identity, created = Identity.load_or_create(path)
+    if created and prefix is None and os.geteuid() == 0:
+        import pwd
+
+        pw = pwd.getpwnam(user)
+        for p in (path.parent, path):
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+    return identity, created

@@ -36,11 +36,16 @@ from edge_runtime.methods.personal import PersonalState
 from edge_runtime.protocol.codec import decode_tensors, encode_tensors
 from edge_runtime.report import export_adapter, write_history, write_report
 from edge_runtime.round.device import DeviceReport, device_round
-from edge_runtime.round.server import (aggregate_checked, as_update, configurator_row, finite_metrics, initial_row,
-                                       record_eval, round_row, score_reports, select_participants)
-from edge_runtime.training.data import LocalDataset, Splits, federation_shards, local_splits, resolve_dataset
+from edge_runtime.round.server import (aggregate_checked, as_update,
+                                       configurator_row, finite_metrics,
+                                       initial_row, record_eval, round_row,
+                                       score_reports, select_participants)
+from edge_runtime.training.data import (LocalDataset, Splits,
+                                        federation_shards, local_splits,
+                                        resolve_dataset)
 from edge_runtime.training.models import resolve_model_source
-from edge_runtime.training.spec import TrainingSpec, build_model, with_assignment
+from edge_runtime.training.spec import (TrainingSpec, build_model,
+                                        with_assignment)
 from edge_runtime.training.trainer import TrainConfig
 
 log = logging.getLogger("edge_runtime.simulate")
@@ -207,14 +212,14 @@ class Federation:
         evaluated = self.record(r - 1, accepted, reports)
         updates = [as_update(d, a, decode_tensors(blobs[d])) for d, a in sorted(accepted.items())]
         t0 = time.perf_counter()
-        self.global_state, self.server_state, self.configurator_state = aggregate_checked(
+        self.global_state, self.server_state, self.configurator_state, defence = aggregate_checked(
             self.method, self.global_state, updates, self.server_state, self.configurator_state, self.spec,
             len(self.devices), r)
         seconds = time.perf_counter() - t0 + sum(rep.timings.get("train_s", 0.0) for rep in reports.values())
         for d in accepted:
             self.rounds_done[d] = self.rounds_done.get(d, 0) + 1
         self.history.append(round_row(r, sorted(reports), accepted, len(encode_tensors(self.global_state)), seconds,
-                                      configurator_row(self.method, offered, updates) if offered else None))
+                                      configurator_row(self.method, offered, updates) if offered else None, defence))
         return evaluated
 
     def final_round(self) -> dict:

@@ -116,11 +116,13 @@ def run_arm(work: Path, data_files: list[Path], n_flood: int, tag: str) -> dict:
         server = _spawn(["broker_server.cli", "run", "--broker", url, "--state-dir", str(state_dir), "--fleet", FLEET,
                          "--rounds", "1", "--min-devices", "3", "--quorum", "1.0", "--deadline", "600",
                          "--model", "minilm-l6", "--labels", "wordnet", "--epochs", "1", "--seed", "0",
-                         "--keep-serving"], work / "server.log", PIN["server"])
+                         "--keep-serving", "--insecure"],   # the worst case: every flooding id is believed
+                        work / "server.log", PIN["server"])
         procs.append(server)
         for k, f in enumerate(data_files):
             procs.append(_spawn(["edge_runtime.cli", "agent", "--broker", url, "--device-id", f"dev{k}", "--fleet",
-                                 FLEET, "--data", str(f), "--state-dir", str(work / f"dev{k}"), "--heartbeat", "2"],
+                                 FLEET, "--data", str(f), "--state-dir", str(work / f"dev{k}"), "--heartbeat", "2",
+                                 "--insecure"],
                                 work / f"dev{k}.log", PIN["devices"]))
         deadline = time.monotonic() + 900
         while not (_state(state_dir).get("round") == 1 and _state(state_dir).get("phase") == "train"):

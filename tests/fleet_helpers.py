@@ -7,10 +7,14 @@ import time
 from pathlib import Path
 
 from broker_server.coordinator import Coordinator, ServerConfig
+from broker_server.enrolment import (Enrolment, enrol_local_devices,
+                                     server_identity)
 from broker_server.store import Store
 from edge_runtime.agent import Agent, AgentConfig
 from edge_runtime.methods import METHODS
 from edge_runtime.methods.lora import LoraMethodConfig
+from edge_runtime.protocol.codec import Security
+from edge_runtime.protocol.signing import Identity, PinnedKey
 from edge_runtime.training.spec import TrainingSpec, build_model
 from edge_runtime.training.trainer import TrainConfig
 from edge_runtime.transport.memory import MemoryBroker, MemoryTransport
@@ -38,18 +42,26 @@ def device_files(tmp: Path, n: int, rows: int = 300) -> list[Path]:
 
 class InProcessFleet:
     def __init__(self, tmp: Path, n_devices: int = 3, rounds: int = 2, spec: TrainingSpec | None = None,
-                 **server_kw) -> None:
+                 secure: bool = False, rows: int = 300, **server_kw) -> None:
+        """``secure``: every device's key enrolled, the server's pinned (signed end to end)."""
         self.broker = MemoryBroker()
         self.spec = spec or toy_spec()
         self.cfg = ServerConfig(fleet="t", rounds=rounds, min_devices=n_devices, training=self.spec.to_json(),
                                 **({"deadline_s": 60.0} | server_kw))
         self.store = Store(tmp / "server")
         self.server_transport = MemoryTransport(self.broker, "server")
+        server_sec, device_sec = Security(), {}
+        if secure:
+            server_key = enrol_local_devices(tmp / "server", {f"dev{k}": tmp / f"dev{k}" for k in range(n_devices)})
+            server_sec = Security(server_identity(tmp / "server")[0], Enrolment(tmp / "server"))
+            device_sec = {k: Security(Identity.load(tmp / f"dev{k}" / "device.key"), PinnedKey(server_key))
+                          for k in range(n_devices)}
         self.coordinator = Coordinator(self.cfg, self.store, self.server_transport, initial_global(self.spec),
-                                       run_id="run-test")
-        self.files = device_files(tmp, n_devices)
+                                       run_id="run-test", security=server_sec)
+        self.files = device_files(tmp, n_devices, rows)
         self.agents = [Agent(AgentConfig(f"dev{k}", str(f), tmp / f"dev{k}", fleet="t", ack_timeout_s=5.0,
-                                         heartbeat_s=1.0), MemoryTransport(self.broker, f"dev{k}"))
+                                         heartbeat_s=1.0), MemoryTransport(self.broker, f"dev{k}"),
+                             security=device_sec.get(k))
                        for k, f in enumerate(self.files)]
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []

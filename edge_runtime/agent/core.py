@@ -32,17 +32,10 @@ from edge_runtime.atomic_io import write_json_atomic
 from edge_runtime.device.profiler import basic_profile
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.protocol import topics
-from edge_runtime.protocol.codec import decode_message, encode_message
-from edge_runtime.protocol.messages import (
-    Ack,
-    GlobalAnnouncement,
-    Heartbeat,
-    Hello,
-    ProfilePush,
-    ProtocolError,
-    RoundManifest,
-    Status,
-)
+from edge_runtime.protocol.codec import Security
+from edge_runtime.protocol.messages import (Ack, GlobalAnnouncement, Heartbeat,
+                                            Hello, ProfilePush, ProtocolError,
+                                            RoundManifest, Status)
 from edge_runtime.service import lifecycle
 from edge_runtime.service.limits import ManifestRefused
 from edge_runtime.service.sdnotify import Notifier
@@ -54,9 +47,10 @@ log = logging.getLogger("edge_runtime.agent")
 
 class Agent:
     def __init__(self, cfg: AgentConfig, transport: Transport, clock=time.time,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, security: Security | None = None) -> None:
         self.cfg = cfg
         self.transport = transport
+        self.security = security or Security()   # insecure unless given keys (the CLI insists on --insecure)
         self.clock = clock
         self._status_lock = threading.Lock()   # status.json is written from the loop and the transport thread
         self.notifier = notifier or Notifier({})
@@ -139,24 +133,27 @@ class Agent:
         self.transport.subscribe(topics.fleet_profile_topic(f), put)
         self.transport.on_connect(self._announce)
 
+    def publish(self, topic: str, msg, qos: int = 1, retain: bool = False) -> None:
+        """A control message, signed when this device has a key."""
+        self.transport.publish(topic, self.security.encode(msg, topic), qos=qos, retain=retain)
+
     def _publish_hello(self) -> None:
         f, d = self.cfg.fleet, self.cfg.device_id
         profile = {**basic_profile(), **({"memory_budget": self.cfg.memory_budget} if self.cfg.memory_budget else {})}
         hello = Hello(d, profile, __version__, len(self.raw_data), self.state["last_round_done"])
-        self.transport.publish(topics.device_topic(f, d, "hello"), encode_message(hello), retain=True)
+        self.publish(topics.device_topic(f, d, "hello"), hello, retain=True)
 
     def _announce(self) -> None:
         f, d = self.cfg.fleet, self.cfg.device_id
         self._publish_hello()
-        self.transport.publish(topics.device_topic(f, d, "status"), encode_message(Status(d, True)), retain=True)
+        self.publish(topics.device_topic(f, d, "status"), Status(d, True), retain=True)
         self._heartbeat()   # at once: the server selects only devices whose heartbeats it hears
         self.write_status(connected=True)   # called on connect: the flag may not be set yet
 
     def _heartbeat(self) -> None:
         f, d = self.cfg.fleet, self.cfg.device_id
         round_ = self.manifest.round if self.manifest else -1
-        self.transport.publish(topics.device_topic(f, d, "heartbeat"),
-                               encode_message(Heartbeat(d, self.activity, round_, self.clock())), qos=0)
+        self.publish(topics.device_topic(f, d, "heartbeat"), Heartbeat(d, self.activity, round_, self.clock()), qos=0)
 
     def _heartbeats(self) -> None:
         """Heartbeats; and while no manifest names this device, the hello again now and then: a broker
@@ -221,7 +218,8 @@ class Agent:
                 if payload:
                     self.fetcher.on_chunk(t.kind, payload)
             elif t.kind == "round" and payload:
-                m = decode_message(payload, RoundManifest)
+                m = self.security.decode(payload, RoundManifest, topic)
+                self.fetcher.check_fresh(m)
                 try:
                     self.fetcher.vet(m)
                 except ManifestRefused as exc:
@@ -233,11 +231,11 @@ class Agent:
                 if before != (self.manifest.round, self.manifest.action):
                     self.write_status()
             elif t.kind == "global" and payload:
-                decode_message(payload, GlobalAnnouncement)  # validated; the manifest names the payload
+                self.security.decode(payload, GlobalAnnouncement, topic)  # checked; the manifest names the payload
             elif t.kind == "dev/ack" and payload:
-                self.uploader.on_ack(decode_message(payload, Ack))
+                self.uploader.on_ack(self.security.decode(payload, Ack, topic))
             elif t.kind in ("profile", "dev/profile") and payload:
-                on_profile(self, decode_message(payload, ProfilePush))
+                on_profile(self, self.security.decode(payload, ProfilePush, topic))
         except ProtocolError as exc:
             log.warning("ignored a bad message on %s: %s", topic, exc)
             self._bad_message(topic, str(exc))
@@ -270,7 +268,7 @@ class Agent:
             return self.cfg.exit_when_done
         if self.cfg.device_id not in m.participants or m.round <= s["last_round_done"]:
             return False
-        blob = self.fetcher.global_blobs.get(m.global_payload.payload_id) if m.global_payload else None
+        blob = self.fetcher.global_blob(m)
         init = self.fetcher.init_blob(m)
         if blob is None or (m.init_payload is not None and init is None):
             self.activity = "fetching"
@@ -285,5 +283,5 @@ class Agent:
         self.activity = "stopped"
         self.save_state()
         f, d = self.cfg.fleet, self.cfg.device_id
-        self.transport.publish(topics.device_topic(f, d, "status"), encode_message(Status(d, False)), retain=True)
+        self.publish(topics.device_topic(f, d, "status"), Status(d, False), retain=True)
         self.transport.stop(timeout)

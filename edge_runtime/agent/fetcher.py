@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from edge_runtime.atomic_io import write_bytes_atomic
 from edge_runtime.protocol.chunking import Reassembler
-from edge_runtime.protocol.messages import RoundManifest, check_id
+from edge_runtime.protocol.messages import PayloadRef, ProtocolError, RoundManifest, check_id
 
 if TYPE_CHECKING:
     from edge_runtime.agent.core import Agent
@@ -25,23 +25,27 @@ class Fetcher:
         self.agent = agent
         cap = agent.cfg.limits.max_payload_bytes   # one payload under it; unfinished chunks under twice that
         self.globals = Reassembler(cap, ttl_s=3600, max_buffered_bytes=2 * cap, max_per_source_bytes=2 * cap)
-        self.global_blobs: dict[str, bytes] = {}           # payload id -> bytes (sha-checked)
+        # (payload id, sha256) -> bytes: chunks of the same id but other bytes (forged) never stand in for it
+        self.global_blobs: dict[tuple[str, str], bytes] = {}
         self.inits = Reassembler(cap, ttl_s=3600, max_buffered_bytes=2 * cap, max_per_source_bytes=2 * cap)
-        self._init_candidate: tuple[str, bytes] | None = None   # a complete init payload no manifest named yet
+        self._init_candidate: tuple[PayloadRef, bytes] | None = None   # a complete init payload no manifest named yet
         self.refused: dict | None = None                   # the last manifest refused, and why (status shows it)
 
     def on_chunk(self, kind: str, frame: bytes) -> None:
         """A retained chunk of a global ("global/chunk") or of the run's init payload ("init/chunk")."""
         if kind == "global/chunk":
             ref, whole = self.globals.add("server", frame, self.agent.clock())
-            if whole is not None:   # the two latest globals are kept (a manifest names one of them)
-                self.global_blobs[ref.payload_id] = whole
-                while len(self.global_blobs) > 2:
-                    self.global_blobs.pop(next(iter(self.global_blobs)))
+            if whole is not None:   # the two latest globals are kept, and always the one the manifest names
+                self.global_blobs[(ref.payload_id, ref.sha256)] = whole
+                m = self.agent.manifest
+                named = (m.global_payload.payload_id, m.global_payload.sha256) if m and m.global_payload else None
+                for k in list(self.global_blobs)[:-2]:
+                    if k != named:
+                        del self.global_blobs[k]
         else:
             ref, whole = self.inits.add("server", frame, self.agent.clock())
             if whole is not None:   # on disk only once the run's manifest names it
-                self._init_candidate = (ref.payload_id, whole)
+                self._init_candidate = (ref, whole)
                 self.keep_init()
 
     def vet(self, m: RoundManifest) -> None:
@@ -59,6 +63,18 @@ class Fetcher:
                                                                        **(assignment.get("train") or {})}},
                                   {}, len(self.agent.raw_data))
 
+    def check_fresh(self, m: RoundManifest) -> None:
+        """A signed fleet: an older manifest of the server's (a replay) never replaces a newer one, so
+        a replayed old run cannot make the device drop its progress."""
+        cur = self.agent.manifest
+        if self.agent.security.insecure or cur is None:
+            return
+        if m.run_id != cur.run_id and m.issued_at < cur.issued_at:
+            raise ProtocolError(f"stale manifest of run {m.run_id} (issued {cur.issued_at - m.issued_at:.0f} s before "
+                                f"the one of run {cur.run_id} in force): a replay")
+        if m.run_id == cur.run_id and m.round < cur.round:
+            raise ProtocolError(f"stale manifest of round {m.round} (round {cur.round} is in force): a replay")
+
     def refuse(self, m: RoundManifest, reason: str) -> None:
         key = (m.run_id, m.round, m.action, reason)
         if self.refused is None or self.refused.get("key") != list(key):
@@ -71,15 +87,20 @@ class Fetcher:
     def keep_init(self) -> None:
         """Write the init payload the manifest in force names (once), and only that one."""
         m, cand = self.agent.manifest, self._init_candidate
-        if m is None or m.init_payload is None or cand is None or cand[0] != m.init_payload.payload_id:
+        if m is None or m.init_payload is None or cand is None or cand[0] != m.init_payload:
             return
-        path = self.init_path(cand[0])
+        path = self.init_path(cand[0].payload_id)
         if not path.exists():
             write_bytes_atomic(path, cand[1])   # kept: a restarted device needs no retained copy
         for other in path.parent.glob("*.safetensors"):
             if other != path:
                 other.unlink(missing_ok=True)
         self._init_candidate = None
+
+    def global_blob(self, m: RoundManifest) -> bytes | None:
+        """The global the manifest names (its id and its sha256), if it has arrived."""
+        ref = m.global_payload
+        return self.global_blobs.get((ref.payload_id, ref.sha256)) if ref else None
 
     def init_path(self, payload_id: str) -> Path:
         return Path(self.agent.cfg.state_dir) / "init" / f"{check_id('payload_id', payload_id)}.safetensors"

@@ -13,7 +13,6 @@ from edge_runtime.atomic_io import write_json_atomic
 from edge_runtime.device.profiles import ProfileError, validate_device_profile
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.protocol import topics
-from edge_runtime.protocol.codec import encode_message
 from edge_runtime.protocol.messages import ProfileAck, ProfilePush
 from edge_runtime.training.spec import TrainingSpec
 
@@ -40,6 +39,7 @@ def status_of(agent: "Agent", connected: bool | None = None) -> dict:
                   "batch_size": (spec.get("train") or {}).get("batch_size"),
                   "max_seq_len": (spec.get("train") or {}).get("max_seq_len")} if spec else None,
               "last_result": acked, "updated_at": agent.clock(),
+              "security": agent.security.describe() if getattr(agent, "security", None) else None,
               "refused_manifest": ({k: v for k, v in fetcher.refused.items() if k != "key"}
                                    if fetcher is not None and fetcher.refused else None),
               "last_error": getattr(agent, "last_error", None),
@@ -79,5 +79,4 @@ def on_profile(agent: "Agent", push: ProfilePush) -> None:
                      overrides, applies)
             accepted, reason = True, ""
     ack = ProfileAck(agent.cfg.device_id, push.profile_id, accepted, reason[:500], applies)
-    agent.transport.publish(topics.device_topic(agent.cfg.fleet, agent.cfg.device_id, "profile/ack"),
-                           encode_message(ack))
+    agent.publish(topics.device_topic(agent.cfg.fleet, agent.cfg.device_id, "profile/ack"), ack)

@@ -12,12 +12,13 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edge_runtime.agent.config import FAULT_ENV, RESEND_BACKOFF_BASE_S, RESEND_BACKOFF_CAP_S
+from edge_runtime.agent.config import (FAULT_ENV, RESEND_BACKOFF_BASE_S,
+                                       RESEND_BACKOFF_CAP_S)
 from edge_runtime.agent.state import Pending
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.chunking import split_payload
-from edge_runtime.protocol.codec import encode_message
-from edge_runtime.protocol.messages import Ack, RoundManifest, UpdateManifest, protocol1_layer_steps
+from edge_runtime.protocol.messages import (Ack, RoundManifest, UpdateManifest,
+                                            protocol1_layer_steps)
 from edge_runtime.transport.base import backoff_delay
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ class Uploader:
                            pending["n_samples"], pending["metrics"],
                            tuple(pending["layer_steps"]) if "layer_steps" in pending   # else saved before protocol 2
                            else protocol1_layer_steps(pending["metrics"]))
-        self.agent.transport.publish(topics.device_topic(f, d, "update"), encode_message(m), qos=1)
+        self.agent.publish(topics.device_topic(f, d, "update"), m, qos=1)   # signed: covers the chunks' sha256
         fault = os.environ.get(FAULT_ENV, "")
         for i, frame in enumerate(frames):
             self.agent.transport.publish(topics.device_topic(f, d, "update/chunk"), frame, qos=1)

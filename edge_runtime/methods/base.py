@@ -42,7 +42,8 @@ Server hooks:
 Traits (read by the planner, the memory model, the CLI and the profile validator):
 :attr:`needs_init`, :attr:`scoring`, :attr:`quantized_base`, :attr:`prompt_like`,
 :attr:`adapter_copies`, :attr:`default_lr`, :attr:`personal_format`, :attr:`round_metrics`,
-:attr:`config` and :meth:`layer_dropout`.
+:attr:`config`, :meth:`layer_dropout` and :attr:`mean_aggregate` (a robust aggregator may replace
+its aggregate).
 """
 
 from __future__ import annotations
@@ -185,6 +186,12 @@ class Method:
 
     def save_global_in_personal_layout(self, model, personal, folder: Path) -> None:
         (self.save_global_like_personal or (lambda m, _p, f: self.save_adapter(m, f)))(model, personal, folder)
+
+    @property
+    def mean_aggregate(self) -> bool:
+        """Its aggregate is the weighted mean of the updates, so a robust aggregator (coordinate-wise
+        median, trimmed mean) may take its place."""
+        return self.aggregate is fedavg
 
     def round_metric(self, key: str) -> bool:
         """Whether the round history keeps update metric ``key`` (listed, or under a listed "prefix.")."""

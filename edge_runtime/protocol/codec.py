@@ -11,33 +11,42 @@ import typing
 from typing import Mapping
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from edge_runtime.protocol import bounded_json
-from edge_runtime.protocol.messages import (MESSAGE_TYPES, PROTOCOL_VERSION, Message, PayloadRef, ProtocolError)
+from edge_runtime.protocol import bounded_json, signing
+from edge_runtime.protocol.messages import (MESSAGE_TYPES, PROTOCOL_VERSION,
+                                            Message, PayloadRef, ProtocolError)
 
 MAX_MESSAGE_BYTES = 64 * 1024        # a control message is small; anything larger is refused unparsed
 ALLOWED_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64}
 
 
-def encode_message(msg: Message) -> bytes:
+def encode_message(msg: Message, identity: signing.Identity | None = None, topic: str = "") -> bytes:
+    """One control message as JSON; signed by ``identity`` for ``topic`` (the topic it is published on)."""
     body = {"v": PROTOCOL_VERSION, "type": msg.TYPE}
     for f in dataclasses.fields(msg):
         value = getattr(msg, f.name)
         body[f.name] = dataclasses.asdict(value) if isinstance(value, PayloadRef) else value
+    if identity is not None:
+        body = json.loads(json.dumps(body, allow_nan=False))   # tuples -> lists: what the receiver re-serialises
+        body["sig"] = signing.signature(identity, topic, body)
     data = json.dumps(body, allow_nan=False, separators=(",", ":")).encode("utf-8")
     if len(data) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"{msg.TYPE} message is {len(data)} bytes, over the {MAX_MESSAGE_BYTES}-byte limit")
     return data
 
 
-def decode_message(data: bytes, expect: type | None = None) -> Message:
-    """Parse and validate one control message; ProtocolError says what is wrong."""
+def decode_message(data: bytes, expect: type | None = None, keys: signing.Keyring | None = None,
+                   topic: str = "") -> Message:
+    """Parse and validate one control message; ProtocolError says what is wrong.
+
+    With ``keys`` the message must carry a valid signature for ``topic`` by the key ``keys`` allows
+    there (checked before anything else of it is used); without, a signature is ignored."""
     body = bounded_json.loads(data, bounded_json.JsonLimits(max_bytes=MAX_MESSAGE_BYTES))
     if not isinstance(body, dict):
         raise ProtocolError(f"message must be a JSON object, got {type(body).__name__}")
+    sig = body.pop("sig", None)
     version, kind = body.get("v"), body.get("type")
     if isinstance(version, bool) or version != PROTOCOL_VERSION:
         raise ProtocolError(f"unsupported protocol version {version!r:.40}; this runtime speaks {PROTOCOL_VERSION} "
@@ -47,6 +56,8 @@ def decode_message(data: bytes, expect: type | None = None) -> Message:
     cls = MESSAGE_TYPES.get(kind)
     if cls is None:
         raise ProtocolError(f"unknown message type {kind!r:.40}")
+    if keys is not None:
+        signing.verify(keys, topic, body, sig, kind)
     try:
         return _build(cls, body, expect)
     except ProtocolError:
@@ -142,3 +153,28 @@ def decode_tensors(data: bytes) -> dict[str, torch.Tensor]:
         if not bool(torch.isfinite(t).all()):
             raise ProtocolError(f"tensor {name!r} contains NaN or Inf")
     return state
+
+
+@dataclasses.dataclass(frozen=True)
+class Security:
+    """What a process signs its messages with (``identity``) and whose signatures it requires
+    (``keys``). Both None: an insecure process (demo, tests), which signs nothing and checks nothing."""
+
+    identity: signing.Identity | None = None
+    keys: signing.Keyring | None = None
+
+    @property
+    def insecure(self) -> bool:
+        return self.keys is None
+
+    def encode(self, msg: Message, topic: str) -> bytes:
+        return encode_message(msg, self.identity, topic)
+
+    def decode(self, data: bytes, expect: type, topic: str) -> Message:
+        return decode_message(data, expect, self.keys, topic)
+
+    def describe(self) -> dict:
+        """For ``status``: whether messages are signed and checked, and with which keys."""
+        return {"signed": self.identity is not None, "verified": self.keys is not None,
+                "key": self.identity.fingerprint if self.identity else None,
+                "mode": "insecure" if self.insecure else "signed"}

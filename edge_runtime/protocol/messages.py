@@ -4,8 +4,10 @@ Every control message travels as one small JSON object ``{"v": 2, "type": ..., .
 tensors never travel inside them (they go as safetensors payloads, see ``chunking``).
 
 Version 2: an update's per-block step counts travel as the typed ``layer_steps`` field,
-no longer as ``layer_steps.<l>`` metric keys. A server and its devices must speak the same version:
-a message of another version is refused with a reason that names both.
+no longer as ``layer_steps.<l>`` metric keys. Version 3: messages may carry a ``sig`` field
+(``signing``), and the training spec has a ``robust`` section (the server's defences). A server and
+its devices must speak the same version: a message of another version is refused with a reason
+that names both.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, ClassVar
 
 from edge_runtime.errors import EdgeRuntimeError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_LAYERS = 4096          # bound on ``layer_steps`` entries (one per transformer block)
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import math
 import random
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from edge_runtime.algorithms.aggregation import Update, check_compatible
+from edge_runtime.algorithms.robust import defend, robust_aggregate
 from edge_runtime.errors import AggregationError
 from edge_runtime.methods.base import Method
 from edge_runtime.protocol.messages import protocol1_layer_steps
@@ -39,13 +40,27 @@ def select_participants(pool: Sequence[str], round_: int, seed: int, per_round: 
 MAX_CONFIGURATOR_BYTES = 16 * 1024 * 1024   # the configurator's JSON state (DropPEFT: ~200 bytes a device)
 
 
+class Aggregate(NamedTuple):
+    global_state: dict[str, Tensor]
+    server_state: dict[str, Tensor]
+    configurator_state: dict
+    defence: dict          # what the bounded-influence step changed (robust.defend's report)
+
+
 def aggregate_checked(method: Method, global_state: Mapping[str, Tensor], updates: Sequence[Update],
                       server_state: Mapping[str, Tensor], configurator_state: Mapping, spec: TrainingSpec,
-                      fleet_size: int, round_: int) -> tuple[dict[str, Tensor], dict[str, Tensor], dict]:
-    """The method's aggregate and its configurator's new state, refused (AggregationError) unless
-    the aggregate has the global's keys, shapes and dtypes and only finite values, and the state is
-    a JSON object (finite numbers) under :data:`MAX_CONFIGURATOR_BYTES`."""
-    new_global, new_server = method.aggregate(global_state, updates, server_state, spec, fleet_size)
+                      fleet_size: int, round_: int, sample_caps: Mapping[str, int | None] | None = None
+                      ) -> Aggregate:
+    """The updates' influence bounded (``spec.robust``: weight caps, with ``sample_caps`` per device
+    from the enrolment, and the norm bound), then the method's aggregate (or the robust aggregator
+    that replaces a weighted mean) and its configurator's new state, refused (AggregationError)
+    unless the aggregate has the global's keys, shapes and dtypes and only finite values, and the
+    state is a JSON object (finite numbers) under :data:`MAX_CONFIGURATOR_BYTES`."""
+    updates, defence = defend(global_state, updates, spec.robust, sample_caps)
+    if spec.robust.aggregator != "fedavg":
+        new_global, new_server = robust_aggregate(updates, spec.robust), {}
+    else:
+        new_global, new_server = method.aggregate(global_state, updates, server_state, spec, fleet_size)
     check_compatible(global_state, new_global, where=f"round {round_}'s aggregate")
     if not all(torch.isfinite(t).all() for t in new_global.values() if t.is_floating_point()):
         raise AggregationError("the aggregate holds NaN or infinite values")
@@ -57,7 +72,7 @@ def aggregate_checked(method: Method, global_state: Mapping[str, Tensor], update
     if not isinstance(new_config, dict) or size > MAX_CONFIGURATOR_BYTES:
         raise AggregationError(f"the configurator's state must be a JSON object of at most "
                                f"{MAX_CONFIGURATOR_BYTES} bytes, got {type(new_config).__name__} of {size}")
-    return new_global, new_server, new_config
+    return Aggregate(new_global, new_server, new_config, defence)
 
 
 def finite_metrics(metrics: Mapping) -> dict[str, float]:
@@ -91,7 +106,7 @@ def weighted(accepted: Mapping[str, Mapping], key: str, weight: str = "n_samples
 
 
 def round_row(round_: int, participants: Sequence[str], accepted: Mapping[str, Mapping], global_bytes: int,
-              seconds: float, configurator: dict | None = None) -> dict:
+              seconds: float, configurator: dict | None = None, defence: dict | None = None) -> dict:
     """The history row of a training round that was aggregated (its accuracy is filled in by
     :func:`record_eval` once devices have evaluated the new global)."""
     return {"round": round_, "participants": list(participants), "accepted": sorted(accepted),
@@ -102,7 +117,8 @@ def round_row(round_: int, participants: Sequence[str], accepted: Mapping[str, M
             "train_seconds": weighted(accepted, "train_seconds"), "accuracy": None, "loss": None, "final": False,
             **({"layer_steps": {d: list(a["layer_steps"]) for d, a in accepted.items() if a.get("layer_steps")}}
                if any(a.get("layer_steps") for a in accepted.values()) else {}),
-            **({"configurator": configurator} if configurator else {})}
+            **({"configurator": configurator} if configurator else {}),
+            **({"defence": defence} if defence else {})}
 
 
 def failed_row(round_: int, participants: Sequence[str], accepted: Mapping[str, Mapping], seconds: float,

@@ -12,10 +12,12 @@ import threading
 from dataclasses import field
 from typing import Any, Sequence
 
+from edge_runtime.algorithms.robust import RobustConfig
 from edge_runtime.errors import ConfigError
 from edge_runtime.methods import METHODS, config_sections
-from edge_runtime.training.models import (QUANTIZATIONS, TASKS, bitsandbytes_problem, load_model, load_tokenizer,
-                                          resolve_model_source)
+from edge_runtime.training.models import (QUANTIZATIONS, TASKS,
+                                          bitsandbytes_problem, load_model,
+                                          load_tokenizer, resolve_model_source)
 from edge_runtime.training.trainer import TrainConfig
 
 log = logging.getLogger("edge_runtime.training")
@@ -33,6 +35,9 @@ class _SpecMethods:
             raise ConfigError(f"training.quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.task == "classification" and len(self.labels) < 2:
             raise ConfigError(f"training.labels must list >= 2 labels for classification, got {list(self.labels)}")
+        if self.robust.aggregator != "fedavg" and not METHODS[self.method].mean_aggregate:
+            raise ConfigError(f"robust.aggregator {self.robust.aggregator} replaces a weighted mean, and "
+                              f"{self.method} aggregates otherwise; use the norm bound and weight caps with it")
 
     def to_json(self) -> dict[str, Any]:
         return json_ready(dataclasses.asdict(self))
@@ -53,6 +58,7 @@ TrainingSpec = dataclasses.make_dataclass("TrainingSpec", [
     ("method", str, field(default="lora")),
     ("quantization", str, field(default="fp32")),   # the frozen base's linear weights: fp32, nf4 or int8
     *[(name, cls, field(default_factory=cls)) for name, cls in config_sections().items()],
+    ("robust", RobustConfig, field(default_factory=RobustConfig)),   # the server's defences (bounded influence)
     ("train", TrainConfig, field(default_factory=TrainConfig)),
     ("split", tuple, field(default=(0.8, 0.1, 0.1))),   # a device's own train / val / test
     ("seed", int, field(default=0)),

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from edge_runtime.algorithms.aggregation import Update
-from edge_runtime.errors import AggregationError
+from edge_runtime.errors import AggregationError, ConfigError
 from edge_runtime.methods import METHODS
 from edge_runtime.round.device import score_seed, train_seed
-from edge_runtime.round.server import (aggregate_checked, as_update, configurator_row, finite_metrics, record_eval, round_row,
+from edge_runtime.round.server import (aggregate_checked, as_update,
+                                       configurator_row, finite_metrics,
+                                       record_eval, round_row,
                                        select_participants, weighted)
 from edge_runtime.training.spec import TrainingSpec
 
@@ -55,8 +57,8 @@ def test_finite_metrics_keeps_numbers_only():
 def test_an_aggregate_with_nan_or_other_keys_is_refused():
     g = {"w": torch.zeros(2)}
     ups = [Update("d0", {"w": torch.ones(2)}, 1.0, 1, {})]
-    new, server, config = aggregate_checked(METHODS["lora"], g, ups, {}, {}, SPEC, 1, 1)
-    assert server == {} and config == {}
+    new, server, config, defence = aggregate_checked(METHODS["lora"], g, ups, {}, {}, SPEC, 1, 1)
+    assert server == {} and config == {} and defence["clipped"] == [] and defence["bound"] == pytest.approx(3 * 2 ** 0.5)
     torch.testing.assert_close(new["w"], torch.ones(2))
     nan = dataclasses.replace(METHODS["lora"], aggregate=lambda *a: ({"w": torch.full((2,), float("nan"))}, {}))
     with pytest.raises(AggregationError, match="NaN"):
@@ -123,3 +125,19 @@ def test_device_round_evaluates_trains_and_builds_the_upload_on_a_tiny_model(tmp
     assert set(rep.upload) == set(before) and any(not torch.equal(rep.upload[k], before[k]) for k in before)
     ev = device_round(method, model, tok, splits, spec, action="evaluate", round_=2, device_id="dev0", personal=None)
     assert ev.upload is None and ev.n_samples == 0 and "train_steps" not in ev.metrics
+
+
+def test_the_spec_s_defences_apply_before_the_method_and_a_robust_aggregator_replaces_the_mean():
+    g = {"w": torch.zeros(2)}
+    ups = [Update("d0", {"w": torch.tensor([1.0, 0.0])}, 10.0), Update("d1", {"w": torch.tensor([0.0, 1.0])}, 10.0),
+           Update("d2", {"w": torch.tensor([1.0, 1.0])}, 10.0), Update("d3", {"w": torch.tensor([-1e6, 1e6])}, 10.0)]
+    # FedAvg after clipping d3 to 3 x the lower median norm (1): d3 counts as 3/sqrt2 * (-1, 1)
+    new, _, _, defence = aggregate_checked(METHODS["lora"], g, ups, {}, {}, SPEC, 4, 1)
+    c = 3 / 2 ** 0.5
+    torch.testing.assert_close(new["w"], torch.tensor([(2 - c) / 4, (2 + c) / 4]))
+    assert defence["clipped"] == ["d3"]
+    median = TrainingSpec.from_json({**SPEC.to_json(), "robust": {"aggregator": "median", "norm_bound": "off"}})
+    new, *_ = aggregate_checked(METHODS["lora"], g, ups, {}, {}, median, 4, 1)
+    torch.testing.assert_close(new["w"], torch.tensor([0.5, 1.0]))    # the coordinates' medians
+    with pytest.raises(ConfigError, match="droppeft aggregates otherwise"):
+        TrainingSpec.from_json({**SPEC.to_json(), "method": "droppeft", "robust": {"aggregator": "median"}})

@@ -25,7 +25,8 @@ import pytest
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.chunking import split_payload
 from edge_runtime.protocol.codec import encode_message
-from edge_runtime.protocol.messages import Hello, PayloadRef, RoundManifest
+from edge_runtime.protocol.messages import Hello, PayloadRef, RoundManifest, UpdateManifest
+from edge_runtime.protocol.signing import Identity
 from tests.conftest import fill_disk
 from tests.integration.mosquitto import Mosquitto
 from tests.integration.test_mqtt_fleet import ProcessFleet
@@ -52,7 +53,10 @@ def _publish_all(port: int, items) -> None:
 
 def test_hello_flood_chunk_flood_and_forged_manifest_do_not_stop_the_honest_fleet(tmp_path):
     broker = Mosquitto(tmp_path / "mosquitto").start()
-    fleet = ProcessFleet(tmp_path, broker, rounds=2, epochs=3, extra_server_args=("--max-update-mb", "2"))
+    # insecure: any hello registers a device, the worst case for a flood (a signed fleet refuses
+    # these unread: test_identity_fleet, test_signed_fleet_ignores_a_flood_of_unsigned_hellos)
+    fleet = ProcessFleet(tmp_path, broker, rounds=2, epochs=3, extra_server_args=("--max-update-mb", "2"),
+                         secure=False)
     try:
         _publish_all(broker.port, [(topics.device_topic(FLEET, f"fake{i}", "hello"),
                                     encode_message(Hello(f"fake{i}", {"memory_total": 8 << 30}, "0.1", 10**6)), True)
@@ -97,6 +101,47 @@ def test_hello_flood_chunk_flood_and_forged_manifest_do_not_stop_the_honest_flee
         assert fleet.server.wait(60) == 0, fleet.log("server.log")
         assert journal.stat().st_size == size
         assert "Traceback" not in fleet.log("server.log")
+    finally:
+        fleet.close()
+        broker.stop()
+
+
+def test_signed_fleet_ignores_a_flood_of_unsigned_hellos_and_forgeries_by_a_logged_in_client(tmp_path):
+    """A client with a broker login but no enrolled key: 2,000 unsigned hellos, hellos and an
+    update signed by its own key (one in dev0's name), a forged retained manifest signed by its key.
+    Nothing registers, nothing counts; the agents refuse the manifest and finish the real run."""
+    broker = Mosquitto(tmp_path / "mosquitto").start()
+    fleet = ProcessFleet(tmp_path, broker, rounds=2, epochs=3)
+    rogue = Identity.generate()
+
+    def signed(topic, msg, retain=False):
+        return topic, encode_message(msg, rogue, topic), retain
+
+    try:
+        _publish_all(broker.port, [(topics.device_topic(FLEET, f"fake{i}", "hello"),
+                                    encode_message(Hello(f"fake{i}", {}, "0.1", 10**6)), True) for i in range(2000)])
+        fleet.start()
+        fleet.wait_for(lambda s: s.get("round") == 1 and s.get("phase") == "train", "round 1 to open")
+        run_id, training = fleet.state()["run_id"], fleet.state()["training"]
+        forged = RoundManifest("run-forged", 1, "train", ("dev0", "dev1", "dev2"), None, 600.0, training,
+                               time.time() + 3600)
+        _publish_all(broker.port, [
+            signed(topics.round_topic(FLEET), forged, True),
+            signed(topics.device_topic(FLEET, "dev0", "update"),
+                   UpdateManifest(run_id, "dev0", 1, "uforged", None, 10**9)),
+            signed(topics.device_topic(FLEET, "dev0", "hello"), Hello("dev0", {}, "0.1", 10**9), True),
+            signed(topics.device_topic(FLEET, "rogue", "hello"), Hello("rogue", {}, "0.1", 10**6), True)])
+        s = fleet.assert_complete_and_exactly_once()
+        assert set(s["devices"]) == {"dev0", "dev1", "dev2"}          # nothing of the flood was registered
+        assert s["devices"]["dev0"]["n_samples"] < 10**6
+        reasons = " | ".join(r["reason"] for r in s["rejects"])
+        assert "is not enrolled on this server" in reasons and "bad signature on the update message" in reasons
+        assert s["security"]["mode"] == "signed"
+        for k in range(3):
+            st = json.loads((tmp_path / f"dev{k}" / "status.json").read_text())
+            assert st["run_id"] == run_id and st["security"]["mode"] == "signed"
+            assert "bad signature on the round message" in fleet.log(f"dev{k}.log")
+        assert fleet.server.wait(60) == 0, fleet.log("server.log")
     finally:
         fleet.close()
         broker.stop()

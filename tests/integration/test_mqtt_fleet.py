@@ -18,9 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from broker_server.enrolment import enrol_local_devices
 from broker_server.store import StateError, Store
 from edge_runtime.algorithms.aggregation import Update
 from edge_runtime.methods import METHODS
+from edge_runtime.round.server import aggregate_checked
 from edge_runtime.training.spec import TrainingSpec
 from tests.conftest import make_toy_rows, write_jsonl
 from tests.fleet_helpers import TOY_CORPUS
@@ -33,7 +35,9 @@ ROWS = (120, 300, 600)   # different data sizes spread the devices' finishing ti
 class ProcessFleet:
     def __init__(self, tmp: Path, broker: Mosquitto, rounds: int = 2, epochs: int = 12,
                  extra_server_args: tuple[str, ...] = (), agent_args: dict[int, tuple[str, ...]] | None = None,
-                 state_dir: Path | None = None) -> None:
+                 state_dir: Path | None = None, secure: bool = True) -> None:
+        """``secure``: signed end to end (every device enrolled, the server's key pinned); else
+        ``--insecure`` on every process (what an unauthenticated attacker faces without keys)."""
         self.tmp, self.broker, self.rounds, self.epochs = tmp, broker, rounds, epochs
         self.agent_args = agent_args or {}
         self.state_dir = state_dir or tmp / "server"
@@ -44,8 +48,13 @@ class ProcessFleet:
                             "--deadline", "120", "--eval-deadline", "60", "--heartbeat-timeout", "30",
                             "--model", "tiny-llama", "--labels", "animal,food,tool", "--tokenizer-corpus", str(corpus),
                             "--rank", "4", "--epochs", str(epochs), "--lr", "0.01", "--max-seq-len", "16",
-                            *extra_server_args]
+                            *extra_server_args, *(() if secure else ("--insecure",))]
         self.files = [write_jsonl(tmp / f"dev{k}.jsonl", make_toy_rows(n, seed=k)) for k, n in enumerate(ROWS)]
+        # signed end to end: every device's key enrolled, the server's pinned
+        self.trust = (("--server-key", enrol_local_devices(self.state_dir, {f"dev{k}": tmp / f"dev{k}"
+                                                                          for k in range(len(ROWS))}))
+                      if secure else ("--insecure",))
+        self.server_key = self.trust[1] if secure else None
         self.server: subprocess.Popen | None = None
         self.agents: dict[int, subprocess.Popen] = {}
 
@@ -62,7 +71,8 @@ class ProcessFleet:
         self.agents[k] = self._spawn(
             ["edge_runtime.cli", "agent", "--broker", self.broker.url, "--device-id", f"dev{k}", "--fleet", "it",
              "--data", str(self.files[k]), "--state-dir", str(self.tmp / f"dev{k}"), "--ack-timeout", "4",
-             "--heartbeat", "1", "--chunk-bytes", "4096", *self.agent_args.get(k, ())], f"dev{k}.log", env)
+             "--heartbeat", "1", "--chunk-bytes", "4096", *self.trust,
+             *self.agent_args.get(k, ())], f"dev{k}.log", env)
         return self.agents[k]
 
     def start(self) -> None:
@@ -116,11 +126,13 @@ class ProcessFleet:
                           tuple(h.get("layer_steps", {}).get(d, ())))   # DropPEFT's per-block step counts
                    for f in files for d in [f.name.split("__")[0]]]
             before = self.state_dir / "server" / f"round_{h['round'] - 1:05d}.safetensors"
-            expected, _ = method.aggregate(load_file(self.state_dir / "global" / f"round_{h['round'] - 1:05d}.safetensors"),
-                                           ups, load_file(before) if before.exists() else {},
-                                           TrainingSpec.from_json(s["training"]),
-                                           # the fleet size a method scales by: devices that have done a round so far
-                                           len({d for h2 in hist[1:h["round"] + 1] for d in h2["accepted"]}))
+            # the server's path: bounded influence (weight caps, norm bound), then the method's aggregate
+            expected = aggregate_checked(method, load_file(self.state_dir / "global" / f"round_{h['round'] - 1:05d}.safetensors"),
+                                         ups, load_file(before) if before.exists() else {}, {},
+                                         TrainingSpec.from_json(s["training"]),
+                                         # the fleet size a method scales by: devices that have done a round so far
+                                         len({d for h2 in hist[1:h["round"] + 1] for d in h2["accepted"]}),
+                                         h["round"]).global_state
             got = load_file(self.state_dir / "global" / f"round_{h['round']:05d}.safetensors")
             for k in expected:
                 torch.testing.assert_close(got[k], expected[k])
@@ -159,7 +171,8 @@ def test_three_agents_two_rounds_over_mosquitto(fleet):
     # the exported adapter is a plain peft folder holding exactly the final global
     from peft import PeftModel, get_peft_model_state_dict
 
-    from edge_runtime.training.models import load_model, load_tokenizer, resolve_model_source
+    from edge_runtime.training.models import (load_model, load_tokenizer,
+                                              resolve_model_source)
 
     src = resolve_model_source("tiny-llama")
     tok = load_tokenizer(src, TOY_CORPUS)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from broker_server.enrolment import enrol_local_devices
 from tests.conftest import make_toy_rows, write_jsonl
 from tests.integration.mosquitto import Mosquitto
 
@@ -28,16 +29,20 @@ def broker(tmp_path):
 
 def _agent(tmp_path: Path, broker: Mosquitto, device: str) -> subprocess.Popen:
     data = write_jsonl(tmp_path / f"{device}.jsonl", make_toy_rows(40))
+    server_key = enrol_local_devices(tmp_path / "server", {device: tmp_path / device})   # signed both ways
     return subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "agent", "--broker", broker.url, "--fleet", "pp",
-                             "--device-id", device, "--data", str(data), "--state-dir", str(tmp_path / device)],
+                             "--device-id", device, "--data", str(data), "--state-dir", str(tmp_path / device),
+                             "--server-key", server_key],
                             stdout=open(tmp_path / f"{device}.log", "ab"), stderr=subprocess.STDOUT, cwd=ROOT,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
 
-def _push(broker: Mosquitto, path: Path, *target: str) -> subprocess.CompletedProcess:
+def _push(tmp_path: Path, broker: Mosquitto, path: Path, *target: str, key_dir: str = "server",
+          wait: int = 30) -> subprocess.CompletedProcess:
+    """Signed with the key of the server in ``tmp_path / key_dir`` (by default the fleet's own)."""
     return subprocess.run([sys.executable, "-m", "broker_server.cli", "push-profile", str(path), "--broker", broker.url,
-                           "--fleet", "pp", "--wait", "30", *target], capture_output=True, text=True, cwd=ROOT,
-                          timeout=90)
+                           "--fleet", "pp", "--wait", str(wait), "--state-dir", str(tmp_path / key_dir), *target],
+                          capture_output=True, text=True, cwd=ROOT, timeout=90)
 
 
 def _profile(tmp_path: Path, device: str) -> dict:
@@ -62,7 +67,7 @@ def test_push_reject_keep_previous_and_restart(tmp_path, broker):
         for d in ("d0", "d1"):
             _wait_connected(tmp_path, d)
         good = ROOT / "profiles" / "overrides" / "low-memory.yaml"
-        res = _push(broker, good, "--device", "d0")
+        res = _push(tmp_path, broker, good, "--device", "d0")
         assert res.returncode == 0 and "d0: accepted" in res.stdout, res.stdout + res.stderr
         first = _profile(tmp_path, "d0")
         assert first["name"] == "low-memory" and first["overrides"]["train"] == {"batch_size": 4, "max_seq_len": 48}
@@ -75,12 +80,20 @@ def test_push_reject_keep_previous_and_restart(tmp_path, broker):
         }
         for name, (text, reason) in bad_cases.items():
             (tmp_path / name).write_text(text)
-            res = _push(broker, tmp_path / name, "--device", "d0")
+            res = _push(tmp_path, broker, tmp_path / name, "--device", "d0")
             assert res.returncode == 1 and "REJECTED" in res.stdout and reason in res.stdout, res.stdout
             assert _profile(tmp_path, "d0") == first   # the previous profile stays in force
 
+        # a push signed by any other key (a forged server) is refused unread: no ack, nothing applied
+        (tmp_path / "rogue.yaml").write_text("name: rogue\ntraining: {train: {batch_size: 2}}\n")
+        res = _push(tmp_path, broker, tmp_path / "rogue.yaml", "--device", "d0", key_dir="rogue", wait=5)
+        assert res.returncode == 2 and "no answer from d0" in res.stdout, res.stdout + res.stderr
+        assert _profile(tmp_path, "d0") == first
+        bad = json.loads((tmp_path / "d0" / "status.json").read_text())["bad_messages"]
+        assert "bad signature on the profile message" in bad["last"]["reason"], bad
+
         (tmp_path / "broken.yaml").write_text("name: [x\n")
-        res = _push(broker, tmp_path / "broken.yaml", "--device", "d0")
+        res = _push(tmp_path, broker, tmp_path / "broken.yaml", "--device", "d0")
         assert res.returncode != 0 and "not valid YAML: line" in res.stderr   # never published
 
         status = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "status", "--state-dir",
@@ -89,7 +102,7 @@ def test_push_reject_keep_previous_and_restart(tmp_path, broker):
 
         # the whole fleet: both devices answer
         (tmp_path / "all.yaml").write_text("name: short\ntraining: {train: {max_seq_len: 32}}\n")
-        res = _push(broker, tmp_path / "all.yaml", "--all")
+        res = _push(tmp_path, broker, tmp_path / "all.yaml", "--all")
         assert res.returncode == 0 and "d0: accepted" in res.stdout and "d1: accepted" in res.stdout, res.stdout
         assert _profile(tmp_path, "d1")["name"] == "short"
 

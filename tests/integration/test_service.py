@@ -39,7 +39,7 @@ def test_sigterm_during_training_then_restart_loses_no_accepted_work(tmp_path):
     reader = threading.Thread(target=read, daemon=True)
     try:
         install(ServiceOptions("agent", {"device_id": "dev2", "data": str(fleet.files[2]), "fleet": "it",
-                                         "keep_running": True, "heartbeat": 1}),
+                                         "keep_running": True, "heartbeat": 1, "server_key": fleet.server_key}),
                 prefix=tmp_path / "root", echo=lambda s: None)
         config = tmp_path / "root/etc/edge-runtime/agent.yaml"
         state_dir = tmp_path / "dev2"

@@ -26,8 +26,9 @@ import pytest
 import torch
 
 from broker_server.demo import DemoConfig, write_device_data
-from edge_runtime.simulation import SimulationConfig, prepare_devices, run_simulation
 from edge_runtime.methods.lora import LoraMethodConfig
+from edge_runtime.simulation import (SimulationConfig, prepare_devices,
+                                     run_simulation)
 from edge_runtime.training.trainer import TrainConfig
 from tests.conftest import make_toy_rows, write_jsonl
 from tests.integration.mosquitto import Mosquitto
@@ -49,9 +50,10 @@ def _run_fleet(tmp: Path, broker: Mosquitto, files: list[Path], corpus: Path, ro
                           "--quorum", "1.0", "--deadline", "300", "--model", "tiny-llama", "--method", method,
                           "--labels", "animal,food,tool", "--tokenizer-corpus", str(corpus), "--rank", "4",
                           "--epochs", "2", "--batch-size", "16", "--lr", "0.01", "--max-seq-len", "16",
-                          "--seed", "3"], "server.log")]
+                          "--seed", "3", "--insecure"], "server.log")]
     procs += [_spawn(tmp, ["edge_runtime.cli", "agent", "--broker", broker.url, "--device-id", f"dev{k:02d}",
-                           "--fleet", "eq", "--data", str(f), "--state-dir", str(tmp / f"dev{k:02d}")], f"dev{k:02d}.log")
+                           "--fleet", "eq", "--data", str(f), "--state-dir", str(tmp / f"dev{k:02d}"), "--insecure"],
+                          f"dev{k:02d}.log")
               for k, f in enumerate(files)]
     try:
         deadline = time.monotonic() + 300

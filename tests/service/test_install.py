@@ -11,9 +11,12 @@ import pytest
 
 from edge_runtime.cli import build_parser, main
 from edge_runtime.errors import ConfigError
+from edge_runtime.protocol.signing import Identity
 from edge_runtime.service.config import expand_config
-from edge_runtime.service.install import ServiceOptions, install, render_unit, uninstall
-from edge_runtime.service.logs import JsonFormatter, TextFormatter, setup_logging
+from edge_runtime.service.install import (ServiceOptions, install, render_unit,
+                                          uninstall)
+from edge_runtime.service.logs import (JsonFormatter, TextFormatter,
+                                       setup_logging)
 
 needs_systemd = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                                    reason="systemd-analyze missing (.ci/run installs the systemd package)")
@@ -28,9 +31,14 @@ def _verify(unit_path) -> tuple[bool, str]:
 
 @needs_systemd
 def test_agent_unit_written_by_the_cli_passes_systemd_analyze_verify(tmp_path, toy_jsonl):
+    server_key = Identity.generate().public_text
     rc = main(["install-service", "--device-id", "jetson-07", "--data", str(toy_jsonl), "--prefix", str(tmp_path),
-               "--broker", "mqtts://dev:secret@broker.lan:8883", "--memory-max", "6G", "--watchdog", "120"])
+               "--broker", "mqtts://dev:secret@broker.lan:8883", "--memory-max", "6G", "--watchdog", "120",
+               "--server-key", server_key])
     assert rc == 0
+    key = tmp_path / "var/lib/edge-runtime/agent/device.key"   # made on the device, private
+    assert key.stat().st_mode & 0o777 == 0o600 and Identity.load(key).public_text != server_key
+    assert f"server_key: {server_key}" in (tmp_path / "etc/edge-runtime/agent.yaml").read_text()
     unit = tmp_path / "etc/systemd/system/edge-runtime-agent.service"
     ok, err = _verify(unit)
     assert ok, err
@@ -52,6 +60,8 @@ def test_server_unit_passes_verify_and_a_broken_unit_does_not(tmp_path):
 
     assert server_main(["install-service", "--prefix", str(tmp_path), "--rounds", "5", "--method", "fdlora",
                         "--option", "deadline=900"]) == 0
+    key = tmp_path / "var/lib/edge-runtime/server/server.key"
+    assert key.stat().st_mode & 0o777 == 0o600 and Identity.load(key).public_text.startswith("ed25519:")
     unit = tmp_path / "etc/systemd/system/edge-runtime-server.service"
     ok, err = _verify(unit)
     assert ok, err
@@ -73,7 +83,8 @@ def test_server_install_refuses_an_option_run_does_not_have(tmp_path, capsys):
 
 def test_dry_run_writes_nothing_and_prints_every_file(tmp_path, capsys, toy_jsonl):
     root = tmp_path / "root"
-    main(["install-service", "--device-id", "d1", "--data", str(toy_jsonl), "--prefix", str(root), "--dry-run"])
+    main(["install-service", "--device-id", "d1", "--data", str(toy_jsonl), "--prefix", str(root), "--dry-run",
+          "--insecure"])
     out = capsys.readouterr().out
     assert "[Service]" in out and "device_id: d1" in out and "EDGE_RUNTIME_BROKER=" in out
     assert not root.exists()
@@ -153,8 +164,10 @@ def test_install_service_passes_the_devices_own_test_and_validation_files(tmp_pa
     test_file.write_text(toy_jsonl.read_text())
     val_file.write_text(toy_jsonl.read_text())
     assert main(["install-service", "--device-id", "d1", "--data", str(toy_jsonl), "--test-data", str(test_file),
-                 "--val-data", str(val_file), "--prefix", str(tmp_path)]) == 0
+                 "--val-data", str(val_file), "--prefix", str(tmp_path),
+                 "--server-key", Identity.generate().public_text]) == 0
     cfg = tmp_path / "etc/edge-runtime/agent.yaml"
     parser = build_parser()
     args = parser.parse_args(expand_config(parser, ["agent", "--config", str(cfg)]))
     assert (args.test_data, args.val_data) == (str(test_file.resolve()), str(val_file.resolve()))
+    assert args.server_key.startswith("ed25519:") and not args.insecure

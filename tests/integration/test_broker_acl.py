@@ -1,0 +1,162 @@
+"""``broker-server provision`` output run by a real Mosquitto: TLS with the generated CA, one login
+per device, and the ACL. The broker itself must refuse what the signatures would also refuse."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from broker_server.broker import free_port, wait_for_port
+from broker_server.provision import mosquitto_hash, provision, server_user
+from edge_runtime.protocol import topics
+from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
+
+pytestmark = pytest.mark.integration
+FLEET = "sec"
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(exe).exists():
+        raise RuntimeError("mosquitto is not installed (apt-get install mosquitto; .ci/run does this)")
+    out = tmp_path_factory.mktemp("prov")
+    port = free_port()
+    r = provision(out, FLEET, ["dev0", "dev1"], ["127.0.0.1", "localhost"], port=port, bind="127.0.0.1")
+    conf = out / "broker" / "mosquitto.conf"
+    extra = [f"log_dest file {out}/mosquitto.log"] + (["user root"] if os.geteuid() == 0 else [])
+    conf.write_text(conf.read_text() + "\n".join(extra) + "\n")
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port("127.0.0.1", port, timeout=10)
+    logins = json.loads((out / "credentials.json").read_text())["logins"]
+    yield {"out": out, "port": port, "logins": logins, "ca": str(out / "broker" / "ca.crt"), "result": r}
+    proc.terminate()
+    proc.wait(10)
+
+
+def _client(b: dict, user: str | None, password: str | None = None, tls: bool = True, name: str = "") -> MqttTransport:
+    cred = f"{user}:{password if password is not None else b['logins'][user]}@" if user else ""
+    url = f"{'mqtts' if tls else 'mqtt'}://{cred}127.0.0.1:{b['port']}"
+    return MqttTransport(BrokerAddress.parse(url), client_id=name or f"t-{user}-{time.monotonic_ns()}",
+                         ca_certs=b["ca"] if tls else None, backoff_cap=1.0)
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.items: list[tuple[str, bytes]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, topic: str, payload: bytes) -> None:
+        with self.lock:
+            self.items.append((topic, payload))
+
+    def payloads(self) -> set[bytes]:
+        with self.lock:
+            return {p for _, p in self.items}
+
+
+def _started(t: MqttTransport) -> MqttTransport:
+    t.start()
+    assert t.wait_connected(15), "no connection"
+    return t
+
+
+def test_the_password_hash_is_mosquittos_own(tmp_path):
+    """The same salt gives the hash mosquitto_passwd writes (when it is installed)."""
+    exe = shutil.which("mosquitto_passwd")
+    if exe is None:
+        pytest.skip("mosquitto_passwd is not installed")
+    f = tmp_path / "p"
+    subprocess.run([exe, "-c", "-b", str(f), "u", "secret"], check=True, capture_output=True)
+    line = f.read_text().strip().split(":", 1)[1]
+    _, _, iterations, salt, _ = line.split("$")
+    import base64
+
+    assert mosquitto_hash("secret", base64.b64decode(salt), int(iterations)) == line
+    assert mosquitto_hash("other", base64.b64decode(salt), int(iterations)) != line
+
+
+def test_logins_tls_and_the_acl_are_enforced_by_the_broker(broker):
+    b = broker
+    server, dev0, dev1 = (_started(_client(b, u)) for u in (server_user(FLEET), "dev0", "dev1"))
+    at_server, at_dev1, at_dev0 = Inbox(), Inbox(), Inbox()
+    try:
+        for kind in ("hello", "update", "update/chunk"):
+            server.subscribe(topics.device_wildcard(FLEET, kind), at_server)
+        server.subscribe(topics.round_topic(FLEET), at_server)
+        dev1.subscribe(topics.round_topic(FLEET), at_dev1)
+        dev1.subscribe(topics.global_wildcard(FLEET), at_dev1)
+        dev1.subscribe(topics.device_topic(FLEET, "dev1", "ack"), at_dev1)
+        dev0.subscribe(topics.device_wildcard(FLEET, "update"), at_dev0)      # another device's updates
+        dev0.subscribe(topics.device_topic(FLEET, "dev1", "ack"), at_dev0)    # another device's acks
+        time.sleep(1.0)
+        # dev0 on its own topic: delivered (the control that shows the checks below can fail)
+        dev0.publish(topics.device_topic(FLEET, "dev0", "hello"), b"own-hello")
+        # dev0 as dev1, and dev0 as the server: the broker drops both
+        dev0.publish(topics.device_topic(FLEET, "dev1", "hello"), b"dev0-as-dev1")
+        dev0.publish(topics.device_topic(FLEET, "dev1", "update"), b"dev0-update-as-dev1")
+        dev0.publish(topics.round_topic(FLEET), b"forged-round", retain=True)
+        dev0.publish(topics.global_topic(FLEET), b"forged-global", retain=True)
+        dev0.publish(topics.device_topic(FLEET, "dev1", "ack"), b"forged-ack")
+        # the server publishes the fleet's topics; dev1 its own update
+        server.publish(topics.round_topic(FLEET), b"real-round", retain=True)
+        server.publish(topics.device_topic(FLEET, "dev1", "ack"), b"real-ack")
+        dev1.publish(topics.device_topic(FLEET, "dev1", "update"), b"dev1-update")
+        for t in (server, dev0, dev1):
+            assert t.flush(10)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not {b"own-hello", b"dev1-update"} <= at_server.payloads():
+            time.sleep(0.1)
+        time.sleep(1.0)   # time for anything the broker wrongly forwarded to arrive
+        assert {b"own-hello", b"dev1-update", b"real-round"} <= at_server.payloads()
+        assert not at_server.payloads() & {b"dev0-as-dev1", b"dev0-update-as-dev1", b"forged-round"}
+        assert b"real-round" in at_dev1.payloads() and b"real-ack" in at_dev1.payloads()
+        assert not at_dev1.payloads() & {b"forged-round", b"forged-global", b"forged-ack"}
+        assert at_dev0.payloads() == set(), at_dev0.items     # no device reads another's updates or acks
+    finally:
+        for t in (server, dev0, dev1):
+            t.stop(2)
+    # a late subscriber sees the server's retained round, never the forged one
+    late = _started(_client(b, "dev1"))
+    inbox = Inbox()
+    try:
+        late.subscribe(topics.round_topic(FLEET), inbox)
+        time.sleep(1.5)
+        assert inbox.payloads() == {b"real-round"}
+    finally:
+        late.stop(2)
+
+
+@pytest.mark.parametrize("how", ["wrong password", "anonymous", "no TLS", "unknown user"])
+def test_the_broker_refuses_clients_without_a_valid_login_over_tls(broker, how):
+    b = broker
+    t = {"wrong password": lambda: _client(b, "dev0", "nope"), "anonymous": lambda: _client(b, None),
+         "no TLS": lambda: _client(b, "dev0", tls=False),
+         "unknown user": lambda: _client(b, "mallory", "x")}[how]()
+    t.start()
+    try:
+        assert not t.wait_connected(3)
+    finally:
+        t.stop(1)
+
+
+def test_re_provisioning_adds_devices_and_keeps_issued_logins(broker, tmp_path):
+    out = tmp_path / "p"
+    first = provision(out, "f2", ["a"], ["broker.lan"])
+    creds = json.loads((out / "credentials.json").read_text())["logins"]
+    ca = (out / "broker" / "ca.crt").read_bytes()
+    second = provision(out, "f2", ["a", "b"], ["broker.lan"])
+    again = json.loads((out / "credentials.json").read_text())["logins"]
+    assert first.added == ("a",) and second.added == ("b",)
+    assert again["a"] == creds["a"] and (out / "broker" / "ca.crt").read_bytes() == ca
+    for p in ("ca.key", "credentials.json", "broker/passwd", "broker/broker.key", "devices/a.env", "server.env"):
+        assert (out / p).stat().st_mode & 0o777 == 0o600, p
+    assert "pattern write efl/v1/f2/dev/%u/update" in (out / "broker" / "acl").read_text()
+    assert (out / "devices" / "b.env").read_text().startswith("EDGE_RUNTIME_BROKER=mqtts://b:")

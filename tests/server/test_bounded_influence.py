@@ -1,0 +1,70 @@
+"""One of four devices lies, through the whole protocol path (server + agents, tiny model): it
+declares n_samples = 1e9, or sends an update 10^6 times its honest delta. With the default
+defences the final global stays within 2 accuracy points of the all-honest run; without them the
+huge update wrecks it (so the check can fail)."""
+
+import dataclasses
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from broker_server.store import Store
+from edge_runtime.algorithms.robust import RobustConfig
+from edge_runtime.protocol.codec import decode_tensors
+from tests.fleet_helpers import InProcessFleet, toy_spec
+
+UNDEFENDED = RobustConfig(norm_bound="off", max_share=1.0, weight_multiple=1e12)
+
+
+def _attacker(agent, mode: str) -> None:
+    """``agent`` trains honestly, then lies about what it sends."""
+    honest = agent.uploader.set_pending
+
+    def set_pending(m, file, n_samples, metrics, timings, update_id=None, layer_steps=()):
+        if m.action == "train" and file is not None:
+            if mode == "samples":
+                n_samples = 10**9
+            else:
+                g = decode_tensors(agent.fetcher.global_blob(m))
+                u = load_file(file)
+                save_file({k: g[k] + (u[k] - g[k]) * 1e6 for k in u}, file)
+        honest(m, file, n_samples, metrics, timings, update_id, layer_steps)
+
+    agent.uploader.set_pending = set_pending
+
+
+def _run(tmp_path, name: str, mode: str | None, robust: RobustConfig | None = None) -> dict:
+    spec = toy_spec() if robust is None else dataclasses.replace(toy_spec(), robust=robust)
+    fleet = InProcessFleet(tmp_path / name, n_devices=4, rounds=3, spec=spec, rows=600)   # 240 test examples
+    if mode:
+        _attacker(fleet.agents[3], mode)
+    fleet.start()
+    try:
+        fleet.wait_done(240)
+    finally:
+        fleet.close()
+    return Store(tmp_path / name / "server").load()
+
+
+@pytest.fixture(scope="module")
+def honest(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("honest"), "honest", None)
+
+
+def test_an_inflated_sample_count_is_capped_and_costs_under_2_points(tmp_path, honest):
+    state = _run(tmp_path, "samples", "samples")
+    acc, ref = state["history"][-1]["accuracy"], honest["history"][-1]["accuracy"]
+    assert ref > 0.6, ref    # the honest run learnt something worth defending
+    assert abs(acc - ref) <= 0.02, (acc, ref)
+    for h in state["history"][1:4]:
+        declared, counted = h["defence"]["capped"]["dev3"]
+        assert declared == 10**9 and counted <= 4 * sorted(h["weights"].values())[1]   # 4 x the lower median
+
+
+def test_a_huge_update_is_clipped_and_costs_under_2_points_and_wrecks_an_undefended_run(tmp_path, honest):
+    state = _run(tmp_path, "norm", "norm")
+    acc, ref = state["history"][-1]["accuracy"], honest["history"][-1]["accuracy"]
+    assert abs(acc - ref) <= 0.02, (acc, ref)
+    assert all(h["defence"]["clipped"] == ["dev3"] for h in state["history"][1:4])
+    wrecked = _run(tmp_path, "undefended", "norm", UNDEFENDED)
+    assert wrecked["history"][-1]["accuracy"] < ref - 0.2, (wrecked["history"][-1]["accuracy"], ref)
