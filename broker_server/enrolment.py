@@ -101,8 +101,8 @@ class Enrolment:
             log.error("%s: %s; the enrolment read before stays in force", self.path, exc)
             self._stamp = stamp
             return
-        if self._stamp is not None or entries:
-            log.info("enrolment: %d device(s), %d active", len(entries), len(keys))
+        if not force:   # a running server saw the operator's change
+            log.info("enrolment changed: %d device(s), %d active", len(entries), len(keys))
         self._stamp, self._entries, self._keys = stamp, entries, keys
 
     def key_for(self, topic: str):

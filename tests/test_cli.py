@@ -47,3 +47,31 @@ def test_broker_server_aggregate_rejects_mismatch_and_garbage(tmp_path, capsys):
     assert server_main(["aggregate", "--out", str(tmp_path / "g"), str(tmp_path / "c.safetensors")]) == 2
     assert "cannot read as safetensors" in capsys.readouterr().err
     assert not (tmp_path / "g").exists()
+
+
+def test_enroll_keys_and_devices_commands_round_trip(tmp_path, capsys):
+    assert main(["enroll", "--state-dir", str(tmp_path / "dev"), "--device-id", "jetson-07", "--json"]) == 0
+    enrolled = json.loads(capsys.readouterr().out)
+    assert enrolled["created"] and enrolled["enrol_command"] == \
+        f"broker-server devices add jetson-07 --public-key {enrolled['public_key']}"
+    assert main(["enroll", "--state-dir", str(tmp_path / "dev"), "--device-id", "jetson-07", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["public_key"] == enrolled["public_key"]   # kept, not replaced
+    server = str(tmp_path / "server")
+    assert server_main(["keys", "--state-dir", server, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["public_key"].startswith("ed25519:")
+    assert server_main(["devices", "add", "jetson-07", "--public-key", enrolled["public_key"], "--max-samples", "900",
+                        "--state-dir", server]) == 0
+    assert "enrolled jetson-07" in capsys.readouterr().out
+    assert server_main(["devices", "add", "pi-3", "--public-key", "ed25519:nope", "--state-dir", server]) == 2
+    assert "an Ed25519 public key is 32 bytes" in capsys.readouterr().err
+    assert server_main(["devices", "revoke", "jetson-07", "--state-dir", server]) == 0
+    assert server_main(["devices", "list", "--state-dir", server, "--json"]) == 0
+    out = capsys.readouterr().out
+    listed = json.loads(out[out.index("{"):])
+    assert listed["jetson-07"]["revoked_at"] is not None and listed["jetson-07"]["max_samples"] == 900
+    assert server_main(["devices", "revoke", "nobody", "--state-dir", server]) == 2
+
+
+def test_agent_without_keys_insists_on_insecure(tmp_path, toy_jsonl, capsys):
+    rc = main(["agent", "--device-id", "d1", "--data", str(toy_jsonl), "--state-dir", str(tmp_path / "s")])
+    assert rc == 2 and "needs the server's public key" in capsys.readouterr().err

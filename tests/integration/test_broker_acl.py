@@ -16,6 +16,9 @@ import pytest
 from broker_server.broker import free_port, wait_for_port
 from broker_server.provision import mosquitto_hash, provision, server_user
 from edge_runtime.protocol import topics
+from edge_runtime.protocol.codec import encode_message
+from edge_runtime.protocol.messages import Hello, RoundManifest, UpdateManifest
+from edge_runtime.protocol.signing import Identity
 from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
 
 pytestmark = pytest.mark.integration
@@ -160,3 +163,66 @@ def test_re_provisioning_adds_devices_and_keeps_issued_logins(broker, tmp_path):
         assert (out / p).stat().st_mode & 0o777 == 0o600, p
     assert "pattern write efl/v1/f2/dev/%u/update" in (out / "broker" / "acl").read_text()
     assert (out / "devices" / "b.env").read_text().startswith("EDGE_RUNTIME_BROKER=mqtts://b:")
+
+
+class ProvisionedBroker:
+    """A Mosquitto run from ``broker-server provision`` output, as ProcessFleet takes a broker."""
+
+    def __init__(self, out: Path, fleet: str, devices: list[str]) -> None:
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.out, self.fleet, self.port = out, fleet, free_port()
+        provision(out, fleet, devices, ["127.0.0.1"], port=self.port, bind="127.0.0.1")
+        conf = out / "broker" / "mosquitto.conf"
+        extra = [f"log_dest file {out}/mosquitto.log"] + (["user root"] if os.geteuid() == 0 else [])
+        conf.write_text(conf.read_text() + "\n".join(extra) + "\n")
+        self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port("127.0.0.1", self.port, timeout=10)
+        self.logins = json.loads((out / "credentials.json").read_text())["logins"]
+        self.tls_args = ("--ca-certs", str(out / "broker" / "ca.crt"))
+
+    def url_for(self, who: str) -> str:
+        user = server_user(self.fleet) if who == "server" else who
+        return f"mqtts://{user}:{self.logins[user]}@127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def test_a_signed_fleet_over_the_provisioned_broker_and_a_logged_in_intruder(tmp_path):
+    """The whole fleet over TLS + ACL + logins, signed end to end. An intruder with a valid broker
+    login ("intruder") but no enrolled key: its signed hello is refused by the server; its
+    forged retained manifest and its update in dev0's name never get past the broker."""
+    from tests.integration.test_mqtt_fleet import ProcessFleet
+
+    broker = ProvisionedBroker(tmp_path / "prov", "it", ["dev0", "dev1", "dev2", "intruder"])
+    fleet = ProcessFleet(tmp_path, broker, rounds=2, epochs=3)
+    b = {"port": broker.port, "logins": broker.logins, "ca": broker.tls_args[1]}
+    rogue = Identity.generate()
+    try:
+        fleet.start()
+        fleet.wait_for(lambda s: s.get("round") == 1 and s.get("phase") == "train", "round 1 to open")
+        intruder = _started(_client(b, "intruder"))
+        try:
+            state = fleet.state()
+            for topic, msg, retain in [
+                    (topics.device_topic("it", "intruder", "hello"), Hello("intruder", {}, "0.1", 10**6), True),
+                    (topics.round_topic("it"), RoundManifest("run-forged", 1, "train", ("dev0", "dev1", "dev2"),
+                                                             None, 600.0, state["training"], time.time() + 3600), True),
+                    (topics.device_topic("it", "dev0", "update"),
+                     UpdateManifest(state["run_id"], "dev0", 1, "uforged", None, 10**9), False)]:
+                intruder.publish(topic, encode_message(msg, rogue, topic), retain=retain)
+            assert intruder.flush(10)
+        finally:
+            intruder.stop(2)
+        s = fleet.assert_complete_and_exactly_once()
+        assert "intruder" not in s["devices"] and s["security"]["mode"] == "signed"
+        reasons = " | ".join(r["reason"] for r in s["rejects"])
+        assert "device intruder is not enrolled" in reasons, reasons
+        assert "uforged" not in reasons and "bad signature on the update" not in reasons   # the broker dropped it
+        for k in range(3):   # the forged manifest never reached them (the broker dropped it, no signature check needed)
+            assert "bad signature on the round message" not in fleet.log(f"dev{k}.log")
+        assert fleet.server.wait(60) == 0, fleet.log("server.log")
+    finally:
+        fleet.close()
+        broker.stop()

@@ -43,7 +43,11 @@ class ProcessFleet:
         self.state_dir = state_dir or tmp / "server"
         corpus = tmp / "corpus.txt"
         corpus.write_text(" ".join(TOY_CORPUS))
-        self.server_args = ["broker_server.cli", "run", "--broker", broker.url, "--state-dir", str(self.state_dir),
+        # a provisioned broker (test_broker_acl.Provisioned) has a login per client and a CA to pin
+        self.url_for = getattr(broker, "url_for", lambda who: broker.url)
+        self.tls_args = tuple(getattr(broker, "tls_args", ()))
+        self.server_args = ["broker_server.cli", "run", "--broker", self.url_for("server"), *self.tls_args,
+                            "--state-dir", str(self.state_dir),
                             "--fleet", "it", "--rounds", str(rounds), "--min-devices", "3", "--quorum", "1.0",
                             "--deadline", "120", "--eval-deadline", "60", "--heartbeat-timeout", "30",
                             "--model", "tiny-llama", "--labels", "animal,food,tool", "--tokenizer-corpus", str(corpus),
@@ -69,7 +73,8 @@ class ProcessFleet:
 
     def start_agent(self, k: int, env: dict | None = None) -> subprocess.Popen:
         self.agents[k] = self._spawn(
-            ["edge_runtime.cli", "agent", "--broker", self.broker.url, "--device-id", f"dev{k}", "--fleet", "it",
+            ["edge_runtime.cli", "agent", "--broker", self.url_for(f"dev{k}"), *self.tls_args, "--device-id", f"dev{k}",
+             "--fleet", "it",
              "--data", str(self.files[k]), "--state-dir", str(self.tmp / f"dev{k}"), "--ack-timeout", "4",
              "--heartbeat", "1", "--chunk-bytes", "4096", *self.trust,
              *self.agent_args.get(k, ())], f"dev{k}.log", env)
