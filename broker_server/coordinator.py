@@ -298,10 +298,16 @@ class Coordinator:
         return keys is None or not hasattr(keys, "active") or keys.active(device_id)
 
     def sample_caps(self, devices) -> dict[str, int | None]:
-        """Each device's enrolled ``max_samples`` (``devices add --max-samples``), None where there is none."""
-        keys = self.security.keys
-        cap = getattr(keys, "max_samples", None)
-        return {d: cap(d) for d in devices} if cap else {}
+        """The most examples each device may count with: what its hello declared (all its rows; an
+        update counts its training split) and its enrolled ``max_samples`` (``devices add
+        --max-samples``), the lower of the two; None where neither says."""
+        enrolled = getattr(self.security.keys, "max_samples", lambda d: None)
+        caps = {}
+        for d in devices:
+            rec = self.fleet.devices.get(d)
+            found = [c for c in (enrolled(d), rec.n_samples if rec and rec.n_samples > 0 else None) if c]
+            caps[d] = min(found) if found else None
+        return caps
 
     def record_reject(self, who: str, update_id: str, round_: int, reason: str) -> None:
         rejects = self.state["rejects"]

@@ -34,7 +34,7 @@ class FakeDevice:
         self.t.start()
 
     def hello(self):
-        self.t.publish(topics.device_topic(F, self.id, "hello"), encode_message(Hello(self.id, {}, "t", 10)), retain=True)
+        self.t.publish(topics.device_topic(F, self.id, "hello"), encode_message(Hello(self.id, {}, "t", 100)), retain=True)
         self.t.publish(topics.device_topic(F, self.id, "status"), encode_message(Status(self.id, True)), retain=True)
         self.t.publish(topics.device_topic(F, self.id, "heartbeat"), encode_message(Heartbeat(self.id, "idle", -1, 0.0)))
 
@@ -387,3 +387,16 @@ def test_agent_resends_back_off_exponentially_with_jitter_and_a_cap(tmp_path):
     assert agent.uploader.backoff(timeout=True) >= 30.0          # ... and only grows after timeouts
     assert agent.uploader.resend_after >= 30.0
     agent.shutdown()
+
+
+def test_an_update_counts_at_most_the_examples_its_hello_declared(server):
+    coord, devs, _, path = server
+    before = {k: v.clone() for k, v in coord.global_state.items()}
+    devs[0].send(1, "u0", encode_tensors(_good(coord, 1.0)), n_samples=10**9)   # its hello said 100
+    assert devs[0].ack().accepted
+    devs[1].send(1, "u1", encode_tensors(_good(coord, 3.0)), n_samples=100)
+    assert devs[1].ack().accepted
+    _wait_round(coord, 2)
+    for k, v in coord.global_state.items():   # (1 * 100 + 3 * 100) / 200 = 2
+        torch.testing.assert_close(v, before[k] + 2.0)
+    assert _state(path)["history"][1]["defence"]["capped"] == {"d0": [10**9, 100]}
