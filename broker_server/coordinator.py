@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from broker_server.enrolment import Enrolment
 from broker_server.fleet import Fleet
 from broker_server.ingest import Ingest
 from broker_server.presence import Presence
@@ -88,6 +89,7 @@ class Coordinator:
         self.cfg = cfg
         # signs what the server publishes, checks devices' signatures against the enrolment; None: insecure
         self.security = security or Security()
+        self.enrolment = self.security.keys if isinstance(self.security.keys, Enrolment) else None
         if self.security.insecure:
             log.warning("INSECURE: this server signs nothing and accepts any device on its broker (--insecure)")
         self.notifier = notifier or Notifier({})
@@ -294,18 +296,17 @@ class Coordinator:
 
     def may_speak(self, device_id: str) -> bool:
         """The device holds an enrolled, unrevoked key (any device, in an insecure fleet)."""
-        keys = self.security.keys
-        return keys is None or not hasattr(keys, "active") or keys.active(device_id)
+        return self.enrolment is None or self.enrolment.active(device_id)
 
     def sample_caps(self, devices) -> dict[str, int | None]:
         """The most examples each device may count with: what its hello declared (all its rows; an
         update counts its training split) and its enrolled ``max_samples`` (``devices add
         --max-samples``), the lower of the two; None where neither says."""
-        enrolled = getattr(self.security.keys, "max_samples", lambda d: None)
         caps = {}
         for d in devices:
             rec = self.fleet.devices.get(d)
-            found = [c for c in (enrolled(d), rec.n_samples if rec and rec.n_samples > 0 else None) if c]
+            found = [c for c in (self.enrolment.max_samples(d) if self.enrolment else None,
+                                 rec.n_samples if rec and rec.n_samples > 0 else None) if c]
             caps[d] = min(found) if found else None
         return caps
 

@@ -28,8 +28,8 @@ def encode_message(msg: Message, identity: signing.Identity | None = None, topic
     for f in dataclasses.fields(msg):
         value = getattr(msg, f.name)
         body[f.name] = dataclasses.asdict(value) if isinstance(value, PayloadRef) else value
-    if identity is not None:
-        body = json.loads(json.dumps(body, allow_nan=False))   # tuples -> lists: what the receiver re-serialises
+    if identity is not None:   # signed as the receiver will parse it: tuples as lists, every key a string
+        body = json.loads(json.dumps(body, allow_nan=False))
         body["sig"] = signing.signature(identity, topic, body)
     data = json.dumps(body, allow_nan=False, separators=(",", ":")).encode("utf-8")
     if len(data) > MAX_MESSAGE_BYTES:
