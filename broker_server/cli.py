@@ -31,7 +31,8 @@ from edge_runtime.methods.lora import LoraMethodConfig
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.messages import (ProfileAck, ProfilePush,
                                             ProtocolError, Status)
-from edge_runtime.report import export_adapter, write_report
+from edge_runtime.report import (describe_privacy, export_adapter,
+                                 last_privacy, write_report)
 from edge_runtime.service.config import (finish_parser, options_argv,
                                          parse_command_line, subcommand)
 from edge_runtime.service.install import install, uninstall
@@ -185,9 +186,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if state is None:
         raise EdgeRuntimeError(f"{args.state_dir}: no server state here")
     if args.json:
-        print(json.dumps({k: state.get(k) for k in ("run_id", "round", "phase", "participants", "accepted", "devices",
-                                                     "history", "rejects", "errors", "configurator", "security")},
-                         indent=2))
+        keys = ("run_id", "round", "phase", "participants", "accepted", "devices", "history", "rejects", "errors",
+                "configurator", "security")
+        print(json.dumps({**{k: state.get(k) for k in keys}, "privacy": last_privacy(state["history"])}, indent=2))
         return 0
     now = time.time()
     print(f"run {state['run_id']}  fleet {state['fleet_name']}  round {state['round']}  phase {state['phase']}  "
@@ -199,6 +200,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
               f"device(s) enrolled, {sum(e.get('revoked_at') is not None for e in enrolled.values())} revoked")
     else:
         print("INSECURE: this run signs nothing and accepts any device on its broker (--insecure)")
+    print(describe_privacy(last_privacy(state["history"])))
     devices = sorted(state["devices"].values(), key=lambda d: (-d["rounds_done"], d["device_id"]))
     shown = devices if args.all else devices[:50]
     print(f"\n{len(devices)} device(s) registered (presence as of the last registry write)")

@@ -17,8 +17,8 @@ from edge_runtime.algorithms.aggregation import Update
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.round.server import (aggregate_checked, as_update,
                                        configurator_row, failed_row,
-                                       record_eval, round_row, score_reports,
-                                       select_participants)
+                                       note_privacy, record_eval, round_row,
+                                       score_reports, select_participants)
 from edge_runtime.service.faults import crash_point
 
 if TYPE_CHECKING:
@@ -198,6 +198,7 @@ class Rounds:
         s["history"].append(round_row(r, s["participants"], accepted, len(self.run.global_blob), now - s["round_started_at"],
                                       configurator_row(self.run.method, s["configurator"], updates)
                                       if s.get("configurator") else None, defence))
+        note_privacy(s["history"], self.run.spec)
         s["global_file"] = self.run.store.relative(path)
         log.info("round %d closed: %d update(s) averaged", r, len(accepted))
         self._start_round(r + 1, Phase.EVALUATE if r >= self.run.cfg.rounds else Phase.TRAIN)

@@ -104,7 +104,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         lora=LoraMethodConfig(rank=args.rank, alpha=args.lora_alpha),
     )
     if args.set:
-        sections = (*config_sections(), "train")
+        sections = (*config_sections(), "train", "robust", "dp")
         d = apply_overrides({k: dataclasses.asdict(getattr(cfg, k)) for k in sections}, args.set)
         cfg = dataclasses.replace(cfg, **{k: dataclass_from_json(type(getattr(cfg, k)), d[k], k) for k in sections})
 
@@ -114,12 +114,19 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                     if "mean_personal_accuracy" in row else "")
         print(f"round {row['round']:>3}/{cfg.rounds}  global acc {100 * row['global_accuracy']:5.1f}%  "
               f"device acc {100 * row['mean_device_accuracy']:5.1f}%  {personal}loss {row['loss']:.3f}  {train}"
-              f"{row['seconds']:6.1f} s  up {row['bytes_up'] / 1e6:.2f} MB", flush=True)
+              f"{row['seconds']:6.1f} s  up {row['bytes_up'] / 1e6:.2f} MB{_epsilon(row)}", flush=True)
 
     history = run_simulation(cfg, args.out, progress=not args.no_progress, on_round=print_round)
     print(f"done in {history['total_seconds']:.0f} s: {args.out / 'report.json'}, {args.out / 'report.png'}, "
           f"{args.out / 'history.json'}, adapter in {history['adapter_dir']}")
     return 0
+
+
+def _epsilon(row: dict) -> str:
+    privacy = row.get("privacy")
+    if not privacy:
+        return ""
+    return f"  epsilon {privacy['epsilon']:.3g}" if privacy["epsilon"] is not None else "  epsilon inf (no noise)"
 
 
 def _add_agent(sub) -> None:

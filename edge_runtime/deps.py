@@ -22,6 +22,7 @@ MODULES: dict[str, tuple[str, str | None]] = {
     "onnxruntime": ("onnxruntime", None),
     "amqtt": ("amqtt", None),
     "matplotlib": ("matplotlib", None),
+    "opacus": ("opacus", "dp"),
 }
 
 

@@ -10,10 +10,12 @@ from typing import Mapping, Sequence
 
 import torch
 
-from edge_runtime.atomic_io import replace_dir_atomic, write_bytes_atomic, write_json_atomic
+from edge_runtime.atomic_io import (replace_dir_atomic, write_bytes_atomic,
+                                    write_json_atomic)
 from edge_runtime.export.adapter_folder import finish_adapter_folder
 from edge_runtime.methods import METHODS
 from edge_runtime.training.spec import TrainingSpec, build_model
+
 
 def write_history(out_dir: Path, history: Mapping) -> Path:
     return write_json_atomic(Path(out_dir) / "history.json", history)
@@ -50,6 +52,20 @@ def plot_accuracy(path: Path, curves: Mapping[str, Sequence[tuple[float, float]]
     return write_bytes_atomic(path, buf.getvalue())
 
 
+def last_privacy(history: Sequence[Mapping]) -> dict | None:
+    """The privacy spent as of the newest round aggregated with DP (its row's ``privacy``), or None."""
+    return next((h["privacy"] for h in reversed(history) if h.get("privacy")), None)
+
+
+def describe_privacy(privacy: Mapping | None) -> str:
+    """One line for ``status``: the run's differential privacy, or that it has none."""
+    if not privacy:
+        return "differential privacy: off (no dp.clip in the training spec)"
+    eps = "infinite (clipping without noise)" if privacy["epsilon"] is None else f"{privacy['epsilon']:.3g}"
+    return (f"differential privacy: epsilon {eps} at delta {privacy['delta']:g} after {privacy['rounds']} round(s) "
+            f"(noise multiplier {privacy['noise_multiplier']:g}, clip {privacy['clip']:g}; device-level, central)")
+
+
 def write_report(out_dir: Path, state: dict) -> Path:
     out_dir = Path(out_dir)
     hist = state["history"]
@@ -66,6 +82,9 @@ def write_report(out_dir: Path, state: dict) -> Path:
                                               "reward": conf.get("rewards", {}).get(dev)})
     if picks:
         report["configurator"] = picks
+    privacy = last_privacy(hist)
+    if privacy:   # DP-FedAvg (spec.dp): epsilon at delta after the rounds so far
+        report["privacy"] = privacy
     write_json_atomic(out_dir / "report.json", report)
     curves = {"global model, device-weighted test accuracy":
               [(h["round"], h["accuracy"]) for h in hist if h.get("accuracy") is not None]}

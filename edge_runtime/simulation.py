@@ -29,7 +29,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from edge_runtime.algorithms.dp import DPConfig
 from edge_runtime.algorithms.partition import label_histogram
+from edge_runtime.algorithms.robust import RobustConfig
 from edge_runtime.errors import ConfigError
 from edge_runtime.methods import METHODS, config_sections
 from edge_runtime.methods.personal import PersonalState
@@ -38,8 +40,9 @@ from edge_runtime.report import export_adapter, write_history, write_report
 from edge_runtime.round.device import DeviceReport, device_round
 from edge_runtime.round.server import (aggregate_checked, as_update,
                                        configurator_row, finite_metrics,
-                                       initial_row, record_eval, round_row,
-                                       score_reports, select_participants)
+                                       initial_row, note_privacy, record_eval,
+                                       round_row, score_reports,
+                                       select_participants)
 from edge_runtime.training.data import (LocalDataset, Splits,
                                         federation_shards, local_splits,
                                         resolve_dataset)
@@ -88,6 +91,8 @@ SimulationConfig = dataclasses.make_dataclass("SimulationConfig", [
     ("eval_batch_size", int, field(default=64)),
     ("train", TrainConfig, field(default_factory=TrainConfig)),
     *[(name, cls, field(default_factory=cls)) for name, cls in config_sections().items()],
+    ("robust", RobustConfig, field(default_factory=RobustConfig)),  # the server's defences, as in the spec
+    ("dp", DPConfig, field(default_factory=DPConfig)),              # DP-FedAvg, as in the spec
 ], bases=(_SimulationChecks,), frozen=True)
 SimulationConfig.__module__ = __name__
 SimulationConfig.__doc__ = "What ``edge-runtime simulate`` federates, and how (see the module docstring)."
@@ -149,15 +154,21 @@ def simulation_spec(cfg: SimulationConfig, devices: list[DeviceData]) -> Trainin
     return TrainingSpec(model=cfg.model, task="classification" if classification else "causal-lm",
                         labels=tuple(first.label_names) if classification else (), method=cfg.method,
                         quantization=cfg.quantization, train=cfg.train, split=cfg.split, seed=cfg.seed,
-                        tokenizer_corpus=corpus, **{k: getattr(cfg, k) for k in config_sections()})
+                        tokenizer_corpus=corpus, robust=cfg.robust, dp=cfg.dp,
+                        **{k: getattr(cfg, k) for k in config_sections()})
+
+
+# what lying devices send instead of their training reports: (round, reports, global) -> reports
+Tamper = Callable[[int, "dict[str, DeviceReport]", "dict[str, torch.Tensor]"], "dict[str, DeviceReport]"]
 
 
 class Federation:
     """The simulated devices and the server of one run: what the agents and the coordinator do with a
     round, called in turn (the devices share one model, loading the global before each turn)."""
 
-    def __init__(self, cfg: SimulationConfig, devices: list[DeviceData], progress: bool = False) -> None:
-        self.cfg, self.progress = cfg, progress
+    def __init__(self, cfg: SimulationConfig, devices: list[DeviceData], progress: bool = False,
+                 tamper: Tamper | None = None) -> None:
+        self.cfg, self.progress, self.tamper = cfg, progress, tamper
         self.devices = {d.device_id: d for d in devices}
         self.spec = simulation_spec(cfg, devices)
         self.method = METHODS[cfg.method]
@@ -206,6 +217,8 @@ class Federation:
             profiles = {d: _sim_profile(self.cfg, index[d]) for d in participants}
             assignments, offered = self.method.assign(self.configurator_state, profiles, self.spec, r)
         reports = self.device_turns(r, "train", participants, assignments)
+        if self.tamper:   # lying devices (the defences' benchmark): what they send instead
+            reports = self.tamper(r, dict(reports), self.global_state)
         blobs = {d: encode_tensors(rep.upload) for d, rep in reports.items()}
         accepted = {d: {"n_samples": rep.n_samples, "metrics": finite_metrics(rep.metrics), "bytes": len(blobs[d]),
                         "layer_steps": list(rep.layer_steps)} for d, rep in reports.items()}
@@ -220,6 +233,7 @@ class Federation:
             self.rounds_done[d] = self.rounds_done.get(d, 0) + 1
         self.history.append(round_row(r, sorted(reports), accepted, len(encode_tensors(self.global_state)), seconds,
                                       configurator_row(self.method, offered, updates) if offered else None, defence))
+        note_privacy(self.history, self.spec)
         return evaluated
 
     def final_round(self) -> dict:
@@ -249,12 +263,14 @@ class Federation:
 
 
 def run_simulation(cfg: SimulationConfig, out_dir: Path | None, progress: bool = True,
-                   on_round: Callable[[dict], None] | None = None) -> dict:
+                   on_round: Callable[[dict], None] | None = None, tamper: Tamper | None = None) -> dict:
     """Run ``cfg.rounds`` rounds; returns the history (also written to ``out_dir``). ``on_round`` gets
-    each row as soon as its accuracy is known (row r once round r + 1's devices evaluated it)."""
+    each row as soon as its accuracy is known (row r once round r + 1's devices evaluated it).
+    ``tamper(round, reports, global_state)`` returns the training reports as the server receives
+    them: how a benchmark makes some devices lie (inflated counts, huge updates)."""
     t_start = time.perf_counter()
     devices = prepare_devices(cfg)
-    fed = Federation(cfg, devices, progress)
+    fed = Federation(cfg, devices, progress, tamper)
     if fed.method.scoring:
         fed.score_round()
     update_bytes = len(encode_tensors(fed.global_state))

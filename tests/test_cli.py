@@ -19,6 +19,23 @@ def test_simulate_prints_one_line_per_round_and_writes_outputs(toy_jsonl, tmp_pa
     assert hist["config"]["train"]["max_steps"] == 4 and len(hist["rounds"]) == 3
 
 
+def test_simulate_takes_the_defences_and_dp_from_set_and_reports_epsilon(toy_jsonl, tmp_path, capsys):
+    from edge_runtime.algorithms.dp import epsilon
+
+    rc = main(["simulate", "--model", "tiny-bert", "--data", str(toy_jsonl), "--devices", "3", "--rounds", "2",
+               "--max-steps", "2", "--out", str(tmp_path / "o"), "--no-progress", "--set", "dp.clip=0.5",
+               "--set", "dp.noise_multiplier=2", "--set", "robust.max_share=0.9"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    lines = [l for l in out.splitlines() if l.startswith("round")]
+    assert f"epsilon {epsilon(2.0, 1, 1e-5):.3g}" in lines[1] and f"epsilon {epsilon(2.0, 2, 1e-5):.3g}" in lines[2]
+    hist = json.loads((tmp_path / "o" / "history.json").read_text())
+    assert hist["config"]["dp"]["clip"] == 0.5 and hist["config"]["robust"]["max_share"] == 0.9
+    assert all(h["defence"]["dp"]["noise_std"] == 2 * 0.5 / 3 for h in hist["rounds"][1:])
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["privacy"]["rounds"] == 2 and report["training"]["dp"]["noise_multiplier"] == 2
+
+
 def test_bad_data_file_is_a_clear_error_not_a_traceback(tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok", "label": "a"}, {"text": 3, "label": "b"}])
     rc = main(["simulate", "--model", "tiny-bert", "--data", str(bad), "--out", str(tmp_path / "o")])

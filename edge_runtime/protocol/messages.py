@@ -1,11 +1,12 @@
 """Versioned protocol messages: frozen dataclasses, validated on construction.
 
-Every control message travels as one small JSON object ``{"v": 2, "type": ..., ...fields}``;
+Every control message travels as one small JSON object ``{"v": 4, "type": ..., ...fields}``;
 tensors never travel inside them (they go as safetensors payloads, see ``chunking``).
 
 Version 2: an update's per-block step counts travel as the typed ``layer_steps`` field,
 no longer as ``layer_steps.<l>`` metric keys. Version 3: messages may carry a ``sig`` field
-(``signing``), and the training spec has a ``robust`` section (the server's defences). A server and
+(``signing``), and the training spec has a ``robust`` section (the server's defences). Version 4:
+the training spec has a ``dp`` section (DP-FedAvg). A server and
 its devices must speak the same version: a message of another version is refused with a reason
 that names both.
 """
@@ -18,7 +19,7 @@ from typing import Any, ClassVar
 
 from edge_runtime.errors import EdgeRuntimeError
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAX_LAYERS = 4096          # bound on ``layer_steps`` entries (one per transformer block)
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

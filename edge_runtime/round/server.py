@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from edge_runtime.algorithms.aggregation import Update, check_compatible
+from edge_runtime.algorithms.dp import dp_mean, privacy_spent
 from edge_runtime.algorithms.robust import defend, robust_aggregate
 from edge_runtime.errors import AggregationError
 from edge_runtime.methods.base import Method
@@ -53,11 +54,15 @@ def aggregate_checked(method: Method, global_state: Mapping[str, Tensor], update
                       ) -> Aggregate:
     """The updates' influence bounded (``spec.robust``: weight caps, with ``sample_caps`` per device
     from the enrolment, and the norm bound), then the method's aggregate (or the robust aggregator
-    that replaces a weighted mean) and its configurator's new state, refused (AggregationError)
+    that replaces a weighted mean, or DP-FedAvg's noised mean when ``spec.dp`` is on: its report is
+    the defence's ``dp``) and its configurator's new state, refused (AggregationError)
     unless the aggregate has the global's keys, shapes and dtypes and only finite values, and the
     state is a JSON object (finite numbers) under :data:`MAX_CONFIGURATOR_BYTES`."""
     updates, defence = defend(global_state, updates, spec.robust, sample_caps)
-    if spec.robust.aggregator != "fedavg":
+    if spec.dp.enabled:
+        new_global, defence["dp"] = dp_mean(global_state, updates, spec.dp)
+        new_server = {}
+    elif spec.robust.aggregator != "fedavg":
         new_global, new_server = robust_aggregate(updates, spec.robust), {}
     else:
         new_global, new_server = method.aggregate(global_state, updates, server_state, spec, fleet_size)
@@ -119,6 +124,12 @@ def round_row(round_: int, participants: Sequence[str], accepted: Mapping[str, M
                if any(a.get("layer_steps") for a in accepted.values()) else {}),
             **({"configurator": configurator} if configurator else {}),
             **({"defence": defence} if defence else {})}
+
+
+def note_privacy(history: list[dict], spec: TrainingSpec) -> None:
+    """The privacy the run has spent, on the newest row when it was aggregated with DP (``spec.dp``)."""
+    if history and (history[-1].get("defence") or {}).get("dp"):
+        history[-1]["privacy"] = privacy_spent(history, spec.dp)
 
 
 def failed_row(round_: int, participants: Sequence[str], accepted: Mapping[str, Mapping], seconds: float,

@@ -12,6 +12,7 @@ import threading
 from dataclasses import field
 from typing import Any, Sequence
 
+from edge_runtime.algorithms.dp import DPConfig
 from edge_runtime.algorithms.robust import RobustConfig
 from edge_runtime.errors import ConfigError
 from edge_runtime.methods import METHODS, config_sections
@@ -38,6 +39,9 @@ class _SpecMethods:
         if self.robust.aggregator != "fedavg" and not METHODS[self.method].mean_aggregate:
             raise ConfigError(f"robust.aggregator {self.robust.aggregator} replaces a weighted mean, and "
                               f"{self.method} aggregates otherwise; use the norm bound and weight caps with it")
+        if self.dp.enabled and (self.robust.aggregator != "fedavg" or not METHODS[self.method].mean_aggregate):
+            raise ConfigError(f"dp (DP-FedAvg) replaces a mean of the updates; it works with robust.aggregator "
+                              f"fedavg and a method that averages (not {self.method} with {self.robust.aggregator})")
 
     def to_json(self) -> dict[str, Any]:
         return json_ready(dataclasses.asdict(self))
@@ -59,6 +63,7 @@ TrainingSpec = dataclasses.make_dataclass("TrainingSpec", [
     ("quantization", str, field(default="fp32")),   # the frozen base's linear weights: fp32, nf4 or int8
     *[(name, cls, field(default_factory=cls)) for name, cls in config_sections().items()],
     ("robust", RobustConfig, field(default_factory=RobustConfig)),   # the server's defences (bounded influence)
+    ("dp", DPConfig, field(default_factory=DPConfig)),   # DP-FedAvg on the server (off unless dp.clip is set)
     ("train", TrainConfig, field(default_factory=TrainConfig)),
     ("split", tuple, field(default=(0.8, 0.1, 0.1))),   # a device's own train / val / test
     ("seed", int, field(default=0)),

@@ -96,6 +96,13 @@ class MqttTransport:
         c.on_connect = self._handle_connect
         c.on_disconnect = self._handle_disconnect
         c.on_message = self._handle_message
+        # Only the network thread may touch the socket. paho writes a publish (subscribe,
+        # disconnect) at once from the calling thread when it runs no loop thread of its own, as
+        # here (``_run`` drives ``loop()``); over TLS, that SSL_write racing the network thread's
+        # SSL_read corrupts OpenSSL's heap (seen as "malloc(): unsorted double linked list
+        # corrupted" in a server under load). With this callback set, paho only queues the packet
+        # and wakes ``loop()``, which writes it.
+        c.on_socket_register_write = lambda *_: None
         self._client = c
 
     # -- lifecycle ---------------------------------------------------------------------------

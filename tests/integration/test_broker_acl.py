@@ -44,6 +44,22 @@ def broker(tmp_path_factory):
     proc.wait(10)
 
 
+def test_publishing_from_many_threads_over_tls_never_races_the_network_thread(broker):
+    """paho, driven by our own loop thread, used to write a publish from the calling thread while
+    the network thread read: two threads in one OpenSSL connection, which corrupts the heap (a
+    server died with "malloc(): unsorted double linked list corrupted"). In a subprocess, so a
+    crash fails this test instead of killing the run."""
+    import sys
+
+    url = f"mqtts://{server_user(FLEET)}:{broker['logins'][server_user(FLEET)]}@127.0.0.1:{broker['port']}"
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("tls_stress.py")), url, broker["ca"], "1500",
+                          f"efl/v1/{FLEET}/stress"], capture_output=True, text=True, timeout=240,
+                         cwd=Path(__file__).resolve().parents[2])
+    # before the fix: "5731 of 6000" and "connection ... lost" twice (or the crash), every run
+    assert out.returncode == 0 and "reconnecting" not in out.stderr, (out.returncode, out.stdout, out.stderr[-3000:])
+    assert out.stdout.split()[0] == "6000", out.stdout
+
+
 def _client(b: dict, user: str | None, password: str | None = None, tls: bool = True, name: str = "") -> MqttTransport:
     cred = f"{user}:{password if password is not None else b['logins'][user]}@" if user else ""
     url = f"{'mqtts' if tls else 'mqtt'}://{cred}127.0.0.1:{b['port']}"
@@ -226,3 +242,43 @@ def test_a_signed_fleet_over_the_provisioned_broker_and_a_logged_in_intruder(tmp
     finally:
         fleet.close()
         broker.stop()
+
+
+def test_over_the_provisioned_broker_a_replayed_update_and_a_revoked_device_are_refused(tmp_path):
+    """dev0's signed round-1 update, captured off the broker, is published again in round 2 with
+    dev0's own login (what a compromised device or a leaked capture can do: the ACL lets it
+    through); dev2 is revoked as round 2 opens. The server refuses both, and round 2 closes with
+    dev0 and dev1 only."""
+    from broker_server.enrolment import Enrolment
+    from tests.integration.test_mqtt_fleet import ProcessFleet
+
+    broker = ProvisionedBroker(tmp_path / "prov", "it", ["dev0", "dev1", "dev2"])
+    fleet = ProcessFleet(tmp_path, broker, rounds=2, epochs=3,
+                         extra_server_args=("--quorum", "0.6", "--min-devices", "2", "--deadline", "30"))
+    b = {"port": broker.port, "logins": broker.logins, "ca": broker.tls_args[1]}
+    captured = Inbox()
+    spy = _started(_client(b, server_user("it")))   # only the server's login may read a device's update
+    spy.subscribe(topics.device_topic("it", "dev0", "update"), captured)
+    try:
+        fleet.start()
+        fleet.wait_for(lambda s: s.get("round") == 2 and s.get("phase") == "train", "round 2 to open")
+        Enrolment(fleet.state_dir).revoke("dev2")
+        first = [p for _, p in captured.items if json.loads(p).get("round") == 1]
+        assert first, "dev0's round-1 update manifest was never seen"
+        replayer = _started(_client(b, "dev0"))
+        try:
+            replayer.publish(topics.device_topic("it", "dev0", "update"), first[-1])
+            assert replayer.flush(10)
+        finally:
+            replayer.stop(2)
+        s = fleet.wait_for(lambda s: s["phase"] == "done", "the run to finish", timeout=240)
+    finally:
+        spy.stop(2)
+        fleet.close()
+        broker.stop()
+    hist = {h["round"]: h for h in s["history"]}
+    assert sorted(hist[1]["accepted"]) == ["dev0", "dev1", "dev2"]
+    assert sorted(hist[2]["accepted"]) == ["dev0", "dev1"]
+    reasons = " | ".join(r["reason"] for r in s["rejects"])
+    assert "stale update: round 1 is over" in reasons, reasons
+    assert "dev2 was revoked" in reasons, reasons

@@ -4,13 +4,19 @@ defences the final global stays within 2 accuracy points of the all-honest run; 
 huge update wrecks it (so the check can fail)."""
 
 import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
 
 from broker_server.store import Store
+from edge_runtime.algorithms.dp import DPConfig, epsilon
 from edge_runtime.algorithms.robust import RobustConfig
 from edge_runtime.protocol.codec import decode_tensors
+from edge_runtime.report import write_report
 from tests.fleet_helpers import InProcessFleet, toy_spec
 
 UNDEFENDED = RobustConfig(norm_bound="off", max_share=1.0, weight_multiple=1e12)
@@ -33,8 +39,8 @@ def _attacker(agent, mode: str) -> None:
     agent.uploader.set_pending = set_pending
 
 
-def _run(tmp_path, name: str, mode: str | None, robust: RobustConfig | None = None) -> dict:
-    spec = toy_spec() if robust is None else dataclasses.replace(toy_spec(), robust=robust)
+def _run(tmp_path, name: str, mode: str | None, robust: RobustConfig | None = None, dp: DPConfig | None = None) -> dict:
+    spec = dataclasses.replace(toy_spec(), **({"robust": robust} if robust else {}), **({"dp": dp} if dp else {}))
     fleet = InProcessFleet(tmp_path / name, n_devices=4, rounds=3, spec=spec, rows=600)   # 240 test examples
     if mode:
         _attacker(fleet.agents[3], mode)
@@ -68,3 +74,25 @@ def test_a_huge_update_is_clipped_and_costs_under_2_points_and_wrecks_an_undefen
     assert all(h["defence"]["clipped"] == ["dev3"] for h in state["history"][1:4])
     wrecked = _run(tmp_path, "undefended", "norm", UNDEFENDED)
     assert wrecked["history"][-1]["accuracy"] < ref - 0.2, (wrecked["history"][-1]["accuracy"], ref)
+
+
+def test_dp_fedavg_through_the_protocol_spends_epsilon_shown_by_status(tmp_path, honest):
+    dp = DPConfig(clip=0.5, noise_multiplier=0.8, delta=1e-4)
+    state = _run(tmp_path, "dp", None, dp=dp)
+    rows = [h for h in state["history"] if h["round"] >= 1]
+    assert len(rows) == 3
+    for k, h in enumerate(rows, start=1):
+        assert h["defence"]["dp"]["noise_std"] == pytest.approx(0.8 * 0.5 / 4)
+        assert h["privacy"] == {"epsilon": pytest.approx(epsilon(0.8, k, 1e-4)), "delta": 1e-4,
+                                "noise_multiplier": 0.8, "clip": 0.5, "rounds": k}
+    assert not any("privacy" in h for h in honest["history"])    # no DP: nothing spent, nothing shown
+    report = json.loads(write_report(tmp_path / "report", state).read_text())
+    assert report["privacy"] == rows[-1]["privacy"]
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-m", "broker_server.cli", "status", "--state-dir", str(tmp_path / "dp" / "server")],
+                         capture_output=True, text=True, cwd=root)
+    eps = f"{epsilon(0.8, 3, 1e-4):.3g}"
+    assert f"differential privacy: epsilon {eps} at delta 0.0001 after 3 round(s)" in out.stdout, out.stdout + out.stderr
+    js = subprocess.run([sys.executable, "-m", "broker_server.cli", "status", "--json", "--state-dir",
+                         str(tmp_path / "dp" / "server")], capture_output=True, text=True, cwd=root)
+    assert json.loads(js.stdout)["privacy"]["rounds"] == 3
