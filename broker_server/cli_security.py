@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from broker_server.enrolment import Enrolment, server_identity
-from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.errors import ConfigError, EdgeRuntimeError
 from edge_runtime.protocol.codec import Security
 
 log = logging.getLogger("broker_server")
@@ -86,13 +86,20 @@ def add_provision(sub) -> None:
                    help="a name or address devices reach the broker at (repeatable; the certificate's SAN)")
     p.add_argument("--port", type=int, default=8883)
     p.add_argument("--bind", default="0.0.0.0", help="the address the broker's TLS listener binds")
+    p.add_argument("--tls-ca", type=Path, default=None, metavar="PEM",
+                   help="your own CA certificate (with --tls-cert and --tls-key) instead of a generated CA")
+    p.add_argument("--tls-cert", type=Path, default=None, metavar="PEM", help="the broker's certificate, issued by --tls-ca")
+    p.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="the broker certificate's key (unencrypted)")
     p.set_defaults(func=_cmd_provision)
 
 
 def _cmd_provision(args: argparse.Namespace) -> int:
     from broker_server.provision import provision
 
-    r = provision(args.out, args.fleet, args.device, args.host, args.port, args.bind)
+    own = (args.tls_ca, args.tls_cert, args.tls_key)
+    if any(own) and not all(own):
+        raise ConfigError("--tls-ca, --tls-cert and --tls-key go together (your own CA and broker certificate)")
+    r = provision(args.out, args.fleet, args.device, args.host, args.port, args.bind, own if all(own) else None)
     print(f"fleet {args.fleet}: broker {r.broker_url}, {len(r.devices)} device login(s)"
           f"{' (new: ' + ', '.join(r.added) + ')' if r.added else ''}")
     print(f"  broker:  sudo chown -R mosquitto: {r.out / 'broker'} && mosquitto -c {r.out / 'broker' / 'mosquitto.conf'}")

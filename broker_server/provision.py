@@ -33,6 +33,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -155,9 +156,34 @@ def _san(host: str):
         return x509.DNSName(host)
 
 
+def use_own_tls(out: Path, ca: Path, cert: Path, key: Path) -> None:
+    """The operator's own CA certificate, broker certificate and key in place of generated ones:
+    checked (PEM, the key is the certificate's, the certificate is issued by the CA) and copied
+    into ``broker/`` (the key 0600). No ``ca.key`` is written: the CA stays the operator's."""
+    try:
+        ca_cert = x509.load_pem_x509_certificate(Path(ca).read_bytes())
+        cert_obj = x509.load_pem_x509_certificate(Path(cert).read_bytes())
+        key_obj = serialization.load_pem_private_key(Path(key).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"--tls-ca / --tls-cert / --tls-key: {exc} (PEM files, the key unencrypted)") from exc
+    pub = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key_obj.public_key().public_bytes(serialization.Encoding.PEM, pub) != \
+            cert_obj.public_key().public_bytes(serialization.Encoding.PEM, pub):
+        raise ConfigError(f"{key} is not the key of the certificate {cert}")
+    try:
+        cert_obj.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise ConfigError(f"{cert} is not issued by the CA {ca}: {exc or 'bad signature'}") from exc
+    (out / "broker").mkdir(parents=True, exist_ok=True)
+    (out / "broker" / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    (out / "broker" / "broker.crt").write_bytes(cert_obj.public_bytes(serialization.Encoding.PEM))
+    _write_private(out / "broker" / "broker.key", _pem_key(key_obj))
+
+
 def provision(out: Path, fleet: str, devices: list[str], hosts: list[str], port: int = 8883,
-              bind: str = "0.0.0.0") -> Provisioned:
-    """Write (or extend) the fleet's broker setup under ``out``; see the module's docstring."""
+              bind: str = "0.0.0.0", own_tls: tuple[Path, Path, Path] | None = None) -> Provisioned:
+    """Write (or extend) the fleet's broker setup under ``out``; see the module's docstring.
+    ``own_tls``: the operator's (CA certificate, broker certificate, broker key) instead of a generated CA."""
     check_id("fleet", fleet)
     if not hosts:
         raise ConfigError("give at least one --host: the name or address devices reach the broker at")
@@ -177,8 +203,13 @@ def provision(out: Path, fleet: str, devices: list[str], hosts: list[str], port:
             logins[d] = secrets.token_urlsafe(24)
             added.append(d)
     _write_private(creds_path, json.dumps(creds, indent=2, sort_keys=True).encode())
-    ca_key, ca_cert = _ca(out, fleet)
-    _broker_cert(out, ca_key, ca_cert, hosts)
+    if own_tls:
+        use_own_tls(out, *own_tls)
+    elif (out / "broker" / "ca.crt").exists() and not (out / "ca.key").exists():
+        pass   # the operator's own CA and certificate, from an earlier run: kept as they are
+    else:
+        ca_key, ca_cert = _ca(out, fleet)
+        _broker_cert(out, ca_key, ca_cert, hosts)
     _write_private(out / "broker" / "passwd",
                    "".join(f"{u}:{mosquitto_hash(p)}\n" for u, p in sorted(logins.items())).encode())
     device_ids = sorted(u for u in logins if u != server)

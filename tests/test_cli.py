@@ -92,3 +92,10 @@ def test_enroll_keys_and_devices_commands_round_trip(tmp_path, capsys):
 def test_agent_without_keys_insists_on_insecure(tmp_path, toy_jsonl, capsys):
     rc = main(["agent", "--device-id", "d1", "--data", str(toy_jsonl), "--state-dir", str(tmp_path / "s")])
     assert rc == 2 and "needs the server's public key" in capsys.readouterr().err
+
+
+def test_provision_with_own_tls_files_needs_all_three(tmp_path, capsys):
+    rc = server_main(["provision", "--out", str(tmp_path / "p"), "--fleet", "f", "--host", "127.0.0.1",
+                      "--device", "dev0", "--tls-ca", str(tmp_path / "ca.crt")])
+    assert rc == 2 and "--tls-ca, --tls-cert and --tls-key go together" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

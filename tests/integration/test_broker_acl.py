@@ -60,6 +60,48 @@ def test_publishing_from_many_threads_over_tls_never_races_the_network_thread(br
     assert out.stdout.split()[0] == "6000", out.stdout
 
 
+def test_provision_with_the_operators_own_ca_and_certificate(tmp_path):
+    """``--tls-ca/--tls-cert/--tls-key``: the operator's files are checked and used (no CA key is
+    written), kept when devices are added later, and a broker run from them serves TLS that
+    verifies against the operator's CA."""
+    from broker_server.provision import _broker_cert, _ca
+    from edge_runtime.errors import ConfigError
+
+    own = tmp_path / "own"
+    ca_key, ca_cert = _ca(own, "corp")                   # stands in for the operator's PKI
+    _broker_cert(own, ca_key, ca_cert, ["127.0.0.1"])
+    files = (own / "broker" / "ca.crt", own / "broker" / "broker.crt", own / "broker" / "broker.key")
+    other = tmp_path / "other"
+    _ca(other, "other")
+    with pytest.raises(ConfigError, match="not issued by the CA"):
+        provision(tmp_path / "bad1", "it", ["dev0"], ["127.0.0.1"], own_tls=(other / "broker" / "ca.crt", *files[1:]))
+    with pytest.raises(ConfigError, match="is not the key of the certificate"):
+        provision(tmp_path / "bad2", "it", ["dev0"], ["127.0.0.1"], own_tls=(*files[:2], other / "ca.key"))
+    out, port = tmp_path / "prov", free_port()
+    provision(out, "it", ["dev0"], ["127.0.0.1"], port=port, bind="127.0.0.1", own_tls=files)
+    provision(out, "it", ["dev0", "dev1"], ["127.0.0.1"], port=port, bind="127.0.0.1")   # a device added later
+    assert not (out / "ca.key").exists()
+    assert (out / "broker" / "ca.crt").read_bytes() == files[0].read_bytes()
+    assert (out / "broker" / "broker.crt").read_bytes() == files[1].read_bytes()
+    conf = out / "broker" / "mosquitto.conf"
+    conf.write_text(conf.read_text() + "\n".join([f"log_dest file {out}/mosquitto.log"]
+                                                 + (["user root"] if os.geteuid() == 0 else [])) + "\n")
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port("127.0.0.1", port, timeout=10)
+        logins = json.loads((out / "credentials.json").read_text())["logins"]
+        c = _client({"port": port, "logins": logins, "ca": str(files[0])}, "dev1")
+        c.start()
+        try:
+            assert c.wait_connected(15), "no TLS connection verified by the operator's CA"
+        finally:
+            c.stop(2)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def _client(b: dict, user: str | None, password: str | None = None, tls: bool = True, name: str = "") -> MqttTransport:
     cred = f"{user}:{password if password is not None else b['logins'][user]}@" if user else ""
     url = f"{'mqtts' if tls else 'mqtt'}://{cred}127.0.0.1:{b['port']}"
