@@ -100,3 +100,14 @@ def test_dp_needs_a_method_that_averages():
         dataclasses.replace(spec, dp=DPConfig(clip=1.0), robust=dataclasses.replace(spec.robust, aggregator="median"))
     assert dataclasses.replace(spec, dp=DPConfig(clip=1.0)).to_json()["dp"] == {"clip": 1.0, "noise_multiplier": 0.0,
                                                                                "delta": 1e-5}
+
+
+def test_without_opacus_the_accountant_names_the_extra(monkeypatch):
+    import sys
+
+    from edge_runtime.deps import MissingDependency
+
+    monkeypatch.setitem(sys.modules, "opacus.accountants.analysis.rdp", None)   # as if not installed
+    with pytest.raises(MissingDependency, match=r"'opacus'.*edge-runtime\[dp\]"):
+        epsilon(1.0, 3, 1e-5)
+    assert epsilon(0.0, 3, 1e-5) == math.inf   # no noise: nothing to account, no opacus needed
