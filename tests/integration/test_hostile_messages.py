@@ -30,10 +30,10 @@ def _hostile_payloads(rng: random.Random) -> list[bytes]:
     deep = b"[" * 5000 + b"]" * 5000
     header = struct.pack(">I", 7) + b"[1,2,3]" + b"x"
     deep_header = struct.pack(">I", 4000) + b"[" * 2000 + b"]" * 2000
-    fixed = [b'{"v":3,"type":[]}', b'{"v":3,"type":{"a":1}}', deep, b'{"v":3,"type":"hello","device_id":"x",'
+    fixed = [b'{"v":4,"type":[]}', b'{"v":4,"type":{"a":1}}', deep, b'{"v":4,"type":"hello","device_id":"x",'
              b'"profile":' + b'{"a":' * 50 + b"1" + b"}" * 50 + b"}", header, deep_header, b"\xff\xfe\x00",
-             b'{"v":3,"type":"round","run_id":"r","round":1,"action":"train","participants":[[1]]}',
-             b'{"v":3,"type":"ack","device_id":"dev0","round":1,"update_id":"u","accepted":"yes"}',
+             b'{"v":4,"type":"round","run_id":"r","round":1,"action":"train","participants":[[1]]}',
+             b'{"v":4,"type":"ack","device_id":"dev0","round":1,"update_id":"u","accepted":"yes"}',
              b"\x00\x00\x00\x00", b"{}", b"null", b'{"v":1e999}']
     return fixed + [rng.randbytes(rng.randint(1, 300)) for _ in range(40)] + _mutated(rng, 40)
 
