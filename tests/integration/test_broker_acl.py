@@ -289,24 +289,41 @@ def test_a_signed_fleet_over_the_provisioned_broker_and_a_logged_in_intruder(tmp
 def test_over_the_provisioned_broker_a_replayed_update_and_a_revoked_device_are_refused(tmp_path):
     """dev0's signed round-1 update, captured off the broker, is published again in round 2 with
     dev0's own login (what a compromised device or a leaked capture can do: the ACL lets it
-    through); dev2 is revoked as round 2 opens. The server refuses both, and round 2 closes with
-    dev0 and dev1 only."""
+    through); dev2 is revoked once its round-1 update is out. The server refuses both, and round 2
+    closes with dev0 and dev1 only."""
+    import signal
+
     from broker_server.enrolment import Enrolment
     from tests.integration.test_mqtt_fleet import ProcessFleet
 
     broker = ProvisionedBroker(tmp_path / "prov", "it", ["dev0", "dev1", "dev2"])
     fleet = ProcessFleet(tmp_path, broker, rounds=2, epochs=3,
-                         extra_server_args=("--quorum", "0.6", "--min-devices", "2", "--deadline", "30"))
+                         extra_server_args=("--quorum", "0.6", "--min-devices", "3", "--deadline", "30"))
     b = {"port": broker.port, "logins": broker.logins, "ca": broker.tls_args[1]}
     captured = Inbox()
-    spy = _started(_client(b, server_user("it")))   # only the server's login may read a device's update
+    dev2_sent = threading.Event()
+
+    def freeze_dev2(topic: str, payload: bytes) -> None:
+        # a tiny model trains a round in well under a second: dev2 is frozen the moment its round-1
+        # update goes out, so that the revocation is in place before it can send anything for round 2
+        if not dev2_sent.is_set() and json.loads(payload).get("round") == 1:
+            fleet.agents[2].send_signal(signal.SIGSTOP)
+            dev2_sent.set()
+
+    spy = _started(_client(b, server_user("it")))   # only the server's login may read a device's messages
     spy.subscribe(topics.device_topic("it", "dev0", "update"), captured)
+    spy.subscribe(topics.device_topic("it", "dev2", "update"), freeze_dev2)
     try:
         fleet.start()
+        assert dev2_sent.wait(120), "dev2 never sent its round-1 update"
+        try:
+            Enrolment(fleet.state_dir).revoke("dev2")
+        finally:
+            fleet.agents[2].send_signal(signal.SIGCONT)
         fleet.wait_for(lambda s: s.get("round") == 2 and s.get("phase") == "train", "round 2 to open")
-        Enrolment(fleet.state_dir).revoke("dev2")
         first = [p for _, p in captured.items if json.loads(p).get("round") == 1]
-        assert first, "dev0's round-1 update manifest was never seen"
+        assert first, ("dev0's round-1 update manifest was never seen", [(t, p[:120]) for t, p in captured.items],
+                       fleet.log("dev0.log"))
         replayer = _started(_client(b, "dev0"))
         try:
             replayer.publish(topics.device_topic("it", "dev0", "update"), first[-1])
@@ -319,8 +336,11 @@ def test_over_the_provisioned_broker_a_replayed_update_and_a_revoked_device_are_
         fleet.close()
         broker.stop()
     hist = {h["round"]: h for h in s["history"]}
-    assert sorted(hist[1]["accepted"]) == ["dev0", "dev1", "dev2"]
+    # round 1 may close at its deadline with 2 of 3 on a loaded machine; the replay is dev0's, so dev0 is in it
+    assert "dev0" in hist[1]["accepted"] and len(hist[1]["accepted"]) >= 2, hist[1]
     assert sorted(hist[2]["accepted"]) == ["dev0", "dev1"]
+    replayed_id = json.loads(first[-1])["update_id"]
+    replays = [r for r in s["rejects"] if r["from"] == "dev0" and r["update_id"] == replayed_id]
+    assert replays and all(r["reason"].startswith("stale update: round 1 is over") for r in replays), s["rejects"]
     reasons = " | ".join(r["reason"] for r in s["rejects"])
-    assert "stale update: round 1 is over" in reasons, reasons
     assert "dev2 was revoked" in reasons, reasons
