@@ -74,29 +74,33 @@ class RobustConfig:
 
 def cap_shares(weights: Sequence[float], max_share: float) -> list[float]:
     """Weights with no share above ``max_share``: the largest are lowered to one level ``c`` with
-    ``c / total' = max_share``, the rest unchanged. When ``max_share * n < 1`` no weighting can
-    meet it and every update gets the same weight (the mean of the weights).
-
-    Known edge, open: with a zero weight and a cap of exactly ``1 / k`` (weights 0, 1, 1, 2 at
-    1/3) rounding can walk the level down to the zero and divide by zero; the round then fails
-    visibly (aggregation errors are caught), it never stops the server. Its property test runs
-    derandomized until this is fixed."""
+    ``c / total' = max_share``, the rest unchanged. Zero weights stay zero and do not count. When
+    ``max_share * m < 1`` for the ``m`` positive weights, no weighting can meet it and each of them
+    gets the same weight (their mean); at exactly ``1 / m`` all are lowered to the smallest.
+    Comparisons allow for rounding (1e-9 relative)."""
     w = [float(x) for x in weights]
-    n, total = len(w), sum(w)
-    if n == 0 or total <= 0 or max_share >= 1:
+    positive = [i for i, x in enumerate(w) if x > 0]
+    m, total = len(positive), sum(w)
+    if m == 0 or total <= 0 or max_share >= 1:
         return w
-    if max_share * n < 1:
-        return [total / n] * n
-    order = sorted(range(n), key=lambda i: -w[i])
-    for k in range(n):   # k = how many are capped; ends by k = n - 1 since max_share * n >= 1
-        rest = sum(w[i] for i in order[k:])
-        level = max_share * rest / (1 - max_share * k)
-        if w[order[k]] <= level or k == n - 1:   # (at k = n - 1 it holds but for rounding)
+
+    def each(value: float) -> list[float]:
+        return [value if x > 0 else x for x in w]
+
+    if max_share * m < 1 - 1e-9:
+        return each(total / m)
+    order = sorted(positive, key=lambda i: -w[i])
+    for k in range(m):   # k = how many are capped; ends by k = m - 1 since max_share * m >= 1
+        room = 1 - max_share * k
+        if room <= 1e-12:   # only reachable through rounding, at a cap of 1 / m: all at the smallest
+            return each(min(w[i] for i in positive))
+        level = max_share * sum(w[i] for i in order[k:]) / room
+        if w[order[k]] <= level * (1 + 1e-9) or k == m - 1:
             out = list(w)
             for i in order[:k]:
                 out[i] = level
             return out
-    return w   # n == 0 returned above; never reached
+    return w   # never reached: the loop returns by k = m - 1
 
 
 def delta_norm(update: StateDict, global_state: StateDict) -> float:

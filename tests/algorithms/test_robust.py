@@ -29,20 +29,27 @@ def test_cap_shares_water_fills_the_largest_to_one_level():
     assert cap_shares([5, 1], 0.5) == [1, 1]                    # two devices: at most half each
     assert cap_shares([9, 1, 2], 0.3) == [4, 4, 4]              # 0.3 x 3 < 1: only equal weights come close
     assert cap_shares([3, 7], 1.0) == [3, 7]
+    # found by Hypothesis: a zero weight and a cap of 1/3 used to divide by zero (rounding walked the
+    # water level down to it); a cap of exactly 1/n gave two levels instead of equal weights
+    assert cap_shares([0.0, 1.0, 1.0, 2.0], 1 / 3) == pytest.approx([0.0, 1.0, 1.0, 1.0])
+    assert cap_shares([1.0, 1.0, 2.0], 1 / 3) == pytest.approx([1.0, 1.0, 1.0])
+    assert cap_shares([0.0, 0.0, 5.0], 0.5) == [0.0, 0.0, 5.0]   # one positive weight: it is the mean of itself
 
 
-@settings(max_examples=200, deadline=None, derandomize=True)   # see the note at cap_shares
+@settings(max_examples=200, deadline=None)
 @given(st.lists(st.one_of(st.just(0.0), st.floats(1e-3, 1e9)), min_size=1, max_size=12), st.floats(0.05, 1.0))
 def test_cap_shares_never_leaves_a_share_above_the_cap(weights, share):
     out = cap_shares(weights, share)
     total = sum(out)
     if total <= 0:
         return
-    if share * len(weights) > 1:
-        assert max(out) / total <= share + 1e-9
-        assert all(o == w or o <= w for o, w in zip(out, weights))   # only lowered, never raised
+    positive = [o for o, w in zip(out, weights) if w > 0]
+    assert all(o == 0 for o, w in zip(out, weights) if w == 0)   # a zero weight stays zero
+    if share * len(positive) > 1 + 1e-9:
+        assert max(out) / total <= share * (1 + 1e-6)
+        assert all(o <= w * (1 + 1e-9) for o, w in zip(out, weights))   # only lowered, never raised
     else:
-        assert len(set(out)) == 1
+        assert max(positive) - min(positive) <= 1e-9 * max(positive)   # equal weights
 
 
 def test_norm_and_clip_keep_the_direction():
