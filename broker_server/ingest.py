@@ -16,9 +16,10 @@ from edge_runtime.algorithms.aggregation import check_compatible
 from edge_runtime.errors import AggregationError, ConfigError
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.chunking import Reassembler, parse_chunk
-from edge_runtime.protocol.codec import decode_tensors
+from edge_runtime.protocol.codec import encode_tensors
 from edge_runtime.protocol.messages import Ack, ProtocolError, UpdateManifest
 from edge_runtime.round.server import as_update, finite_metrics
+from edge_runtime.round.wire import decode_update, uplink_compressed
 from edge_runtime.service.faults import crash_point
 
 if TYPE_CHECKING:
@@ -180,20 +181,22 @@ class Ingest:
         if verdict is not None:
             self._reply(m.device_id, m.round, m.update_id, *verdict)
             return
-        try:
-            tensors = decode_tensors(data)
+        compression = self.run.spec.compression
+        try:   # a compressed delta comes back as the state it stands for: the checks see real values
+            tensors = decode_update(data, self.run.global_state, compression)
             check_compatible(self.run.global_state, tensors, where=f"update {m.update_id} from {m.device_id}")
         except (ProtocolError, AggregationError) as exc:
             self._reply(m.device_id, m.round, m.update_id, False, str(exc))
             return
+        stored = encode_tensors(tensors) if uplink_compressed(compression) else data
         path = self.run.store.update_path(m.round, m.device_id, m.update_id)
         crash_point("update:before_write")
         try:
-            self.run.store.write_bytes(path, data)
+            self.run.store.write_bytes(path, stored)
         except OSError as exc:
             self._cannot_store(m, exc)
             return
-        self._accept(m, path)
+        self._accept(m, path, raw=len(stored))
 
     def _cannot_store(self, m: UpdateManifest, exc: OSError) -> None:
         """A write failed (disk full): nothing changed; the device is told to back off and re-send."""
@@ -203,14 +206,15 @@ class Ingest:
                     f"the server cannot store updates right now ({exc.strerror or exc}); back off and re-send",
                     retry=True)
 
-    def _record(self, m: UpdateManifest, path: Path | None) -> dict:
+    def _record(self, m: UpdateManifest, path: Path | None, raw: int | None = None) -> dict:
         """The accepted record of ``m`` (see :mod:`edge_runtime.round.server`)."""
+        size = m.payload.size if m.payload else 0
         return {"update_id": m.update_id, "n_samples": m.n_samples, "metrics": finite_metrics(m.metrics),
                 "layer_steps": list(m.layer_steps), "file": self.run.store.relative(path) if path else None,
-                "bytes": m.payload.size if m.payload else 0, "at": self.run.clock()}
+                "bytes": size, "raw_bytes": size if raw is None else raw, "at": self.run.clock()}
 
-    def _accept(self, m: UpdateManifest, path: Path | None) -> None:
-        self.run.state["accepted"][m.device_id] = self._record(m, path)
+    def _accept(self, m: UpdateManifest, path: Path | None, raw: int | None = None) -> None:
+        self.run.state["accepted"][m.device_id] = self._record(m, path, raw)
         self.run.fleet.seen(m.device_id, self.run.clock())
         crash_point("update:before_save")
         try:

@@ -16,7 +16,7 @@ from broker_server.run_state import OPEN, Phase
 from edge_runtime.algorithms.aggregation import Update
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.round.server import (aggregate_checked, as_update,
-                                       configurator_row, failed_row,
+                                       configurator_row, describe_bytes, failed_row,
                                        note_privacy, record_eval, round_row,
                                        score_reports, select_participants)
 from edge_runtime.service.faults import crash_point
@@ -200,7 +200,7 @@ class Rounds:
                                       if s.get("configurator") else None, defence))
         note_privacy(s["history"], self.run.spec)
         s["global_file"] = self.run.store.relative(path)
-        log.info("round %d closed: %d update(s) averaged", r, len(accepted))
+        log.info("round %d closed: %d update(s) averaged; %s", r, len(accepted), describe_bytes(s["history"][-1]))
         self._start_round(r + 1, Phase.EVALUATE if r >= self.run.cfg.rounds else Phase.TRAIN)
         self._prune(r)
 

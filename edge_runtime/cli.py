@@ -29,6 +29,7 @@ from edge_runtime.protocol import topics
 from edge_runtime.protocol.codec import Security
 from edge_runtime.protocol.messages import Status, check_id
 from edge_runtime.protocol.signing import Identity, PinnedKey
+from edge_runtime.round.server import describe_bytes
 from edge_runtime.service import lifecycle
 from edge_runtime.service.config import finish_parser, parse_command_line
 from edge_runtime.service.install import install, uninstall
@@ -104,7 +105,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         lora=LoraMethodConfig(rank=args.rank, alpha=args.lora_alpha),
     )
     if args.set:
-        sections = (*config_sections(), "train", "robust", "dp")
+        sections = (*config_sections(), "train", "robust", "dp", "compression")
         d = apply_overrides({k: dataclasses.asdict(getattr(cfg, k)) for k in sections}, args.set)
         cfg = dataclasses.replace(cfg, **{k: dataclass_from_json(type(getattr(cfg, k)), d[k], k) for k in sections})
 
@@ -114,7 +115,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                     if "mean_personal_accuracy" in row else "")
         print(f"round {row['round']:>3}/{cfg.rounds}  global acc {100 * row['global_accuracy']:5.1f}%  "
               f"device acc {100 * row['mean_device_accuracy']:5.1f}%  {personal}loss {row['loss']:.3f}  {train}"
-              f"{row['seconds']:6.1f} s  up {row['bytes_up'] / 1e6:.2f} MB{_epsilon(row)}", flush=True)
+              f"{row['seconds']:6.1f} s  {describe_bytes(row)}{_epsilon(row)}", flush=True)
 
     history = run_simulation(cfg, args.out, progress=not args.no_progress, on_round=print_round)
     print(f"done in {history['total_seconds']:.0f} s: {args.out / 'report.json'}, {args.out / 'report.png'}, "

@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from edge_runtime.algorithms.compression import CompressionConfig
 from edge_runtime.algorithms.dp import DPConfig
 from edge_runtime.algorithms.partition import label_histogram
 from edge_runtime.algorithms.robust import RobustConfig
@@ -43,6 +44,7 @@ from edge_runtime.round.server import (aggregate_checked, as_update,
                                        initial_row, note_privacy, record_eval,
                                        round_row, score_reports,
                                        select_participants)
+from edge_runtime.round.wire import decode_update, encode_update, raw_bytes
 from edge_runtime.training.data import (LocalDataset, Splits,
                                         federation_shards, local_splits,
                                         resolve_dataset)
@@ -93,6 +95,7 @@ SimulationConfig = dataclasses.make_dataclass("SimulationConfig", [
     *[(name, cls, field(default_factory=cls)) for name, cls in config_sections().items()],
     ("robust", RobustConfig, field(default_factory=RobustConfig)),  # the server's defences, as in the spec
     ("dp", DPConfig, field(default_factory=DPConfig)),              # DP-FedAvg, as in the spec
+    ("compression", CompressionConfig, field(default_factory=CompressionConfig)),   # how updates travel, as in the spec
 ], bases=(_SimulationChecks,), frozen=True)
 SimulationConfig.__module__ = __name__
 SimulationConfig.__doc__ = "What ``edge-runtime simulate`` federates, and how (see the module docstring)."
@@ -103,6 +106,7 @@ class DeviceData:
     device_id: str
     splits: Splits
     personal: PersonalState | None = None   # what the method keeps on the device between rounds
+    residual: dict | None = None            # the error feedback of its compressed uploads (``round.wire``)
 
     @property
     def train(self) -> LocalDataset:
@@ -154,7 +158,7 @@ def simulation_spec(cfg: SimulationConfig, devices: list[DeviceData]) -> Trainin
     return TrainingSpec(model=cfg.model, task="classification" if classification else "causal-lm",
                         labels=tuple(first.label_names) if classification else (), method=cfg.method,
                         quantization=cfg.quantization, train=cfg.train, split=cfg.split, seed=cfg.seed,
-                        tokenizer_corpus=corpus, robust=cfg.robust, dp=cfg.dp,
+                        tokenizer_corpus=corpus, robust=cfg.robust, dp=cfg.dp, compression=cfg.compression,
                         **{k: getattr(cfg, k) for k in config_sections()})
 
 
@@ -219,11 +223,17 @@ class Federation:
         reports = self.device_turns(r, "train", participants, assignments)
         if self.tamper:   # lying devices (the defences' benchmark): what they send instead
             reports = self.tamper(r, dict(reports), self.global_state)
-        blobs = {d: encode_tensors(rep.upload) for d, rep in reports.items()}
+        blobs = {}
+        for d, rep in reports.items():   # the bytes the agent would send (its residual kept as the agent keeps it)
+            blobs[d], residual = encode_update(rep.upload, self.global_state, self.spec.compression,
+                                               self.devices[d].residual)
+            self.devices[d].residual = residual
         accepted = {d: {"n_samples": rep.n_samples, "metrics": finite_metrics(rep.metrics), "bytes": len(blobs[d]),
-                        "layer_steps": list(rep.layer_steps)} for d, rep in reports.items()}
+                        "raw_bytes": raw_bytes(rep.upload), "layer_steps": list(rep.layer_steps)}
+                    for d, rep in reports.items()}
         evaluated = self.record(r - 1, accepted, reports)
-        updates = [as_update(d, a, decode_tensors(blobs[d])) for d, a in sorted(accepted.items())]
+        updates = [as_update(d, a, decode_update(blobs[d], self.global_state, self.spec.compression))
+                   for d, a in sorted(accepted.items())]
         t0 = time.perf_counter()
         self.global_state, self.server_state, self.configurator_state, defence = aggregate_checked(
             self.method, self.global_state, updates, self.server_state, self.configurator_state, self.spec,

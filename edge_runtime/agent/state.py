@@ -21,6 +21,7 @@ class Pending(TypedDict):
     layer_steps: list[int]          # steps each block ran (DropPEFT); absent in a protocol-1 pending
     timings: dict[str, float]
     action: str                     # the manifest's action: train, score or evaluate
+    residual_file: str | None       # the error-feedback residual to keep once this update is accepted
 
 
 class Attempt(TypedDict):

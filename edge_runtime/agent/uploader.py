@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from edge_runtime.agent.config import (FAULT_ENV, RESEND_BACKOFF_BASE_S,
                                        RESEND_BACKOFF_CAP_S)
+from edge_runtime.agent.residual import commit_residual
 from edge_runtime.agent.state import Pending
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.chunking import split_payload
@@ -41,6 +42,7 @@ class Uploader:
         now = agent.clock()
         if pending["round"] != m.round:
             log.info("dropping the unacked update for round %d: the server is at round %d", pending["round"], m.round)
+            commit_residual(agent.cfg.state_dir, pending.get("residual_file"), accepted=False)
             agent.state["pending"] = None
             agent.save_state()
         elif now >= self.hold_until and (self.sent_at is None or now - self.sent_at > self.resend_after):
@@ -67,11 +69,13 @@ class Uploader:
         return wait
 
     def set_pending(self, m: RoundManifest, file: Path | None, n_samples: int, metrics: dict, timings: dict,
-                    update_id: str | None = None, layer_steps: tuple[int, ...] = ()) -> None:
+                    update_id: str | None = None, layer_steps: tuple[int, ...] = (),
+                    residual_file: str | None = None) -> None:
         self.agent.state["pending"] = {"run_id": m.run_id, "round": m.round,
                                  "update_id": update_id or f"u{uuid.uuid4().hex[:20]}",
                                  "file": str(file) if file else None, "n_samples": n_samples, "metrics": metrics,
-                                 "layer_steps": list(layer_steps), "timings": timings, "action": m.action}
+                                 "layer_steps": list(layer_steps), "timings": timings, "action": m.action,
+                                 "residual_file": residual_file}
         self.agent.save_state()
         self.sent_at = None
         self._retries, self._ack_wait, self.hold_until = 0, None, 0.0
@@ -115,6 +119,7 @@ class Uploader:
             log.error("round %d: update %s rejected: %s", ack.round, ack.update_id, ack.reason)
         if pending["file"]:
             Path(pending["file"]).unlink(missing_ok=True)
+        commit_residual(self.agent.cfg.state_dir, pending.get("residual_file"), ack.accepted)
         t = pending.get("timings", {})
         if "first_send_at" in t:  # seconds from the first send of the update to its ack (re-sends included)
             t["upload_to_ack_s"] = self.agent.clock() - t.pop("first_send_at")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from edge_runtime.agent.residual import load_residual, stage_residual
 from edge_runtime.atomic_io import write_bytes_atomic, write_json_atomic
 from edge_runtime.device.memory_model import load_arch
 from edge_runtime.device.planner import (Capabilities, PlanError, choose_plan, plan_of, plan_overrides,
@@ -25,9 +26,10 @@ from edge_runtime.device.profiles import apply_device_profile
 from edge_runtime.errors import ConfigError, DataError, EdgeRuntimeError
 from edge_runtime.methods import METHODS
 from edge_runtime.methods.personal import PersonalState, load_personal, save_personal
-from edge_runtime.protocol.codec import decode_tensors, encode_tensors
+from edge_runtime.protocol.codec import decode_tensors
 from edge_runtime.protocol.messages import ProtocolError, RoundManifest
 from edge_runtime.round.device import device_round
+from edge_runtime.round.wire import encode_update, uplink_compressed
 from edge_runtime.training.data import Splits, local_splits, resolve_dataset
 from edge_runtime.training.models import bitsandbytes_problem
 from edge_runtime.training.spec import TrainingSpec, build_model, with_assignment
@@ -109,7 +111,8 @@ class RoundWorker:
             model, tok, splits = self.prepare(spec, init)
             method = METHODS[spec.method]
             t0 = time.perf_counter()
-            method.load_trainable_state(model, decode_tensors(blob))
+            base = decode_tensors(blob)
+            method.load_trainable_state(model, base)
             timings["decode_s"] = time.perf_counter() - t0
             self.keep_model_record(m, blob, init)
         except (EdgeRuntimeError, ProtocolError) as exc:
@@ -139,18 +142,28 @@ class RoundWorker:
         if "personal_accuracy" in metrics:
             log.info("round %d: personalised acc %.3f", m.round, metrics["personal_accuracy"])
         update_id = f"u{uuid.uuid4().hex[:20]}"
-        file = None
+        file = staged = None
         if report.upload is not None:
             t0 = time.perf_counter()
-            file = Path(self.agent.cfg.state_dir) / "pending" / f"{update_id}.safetensors"
-            write_bytes_atomic(file, encode_tensors(report.upload))
+            file, staged = self.write_upload(m, spec, report.upload, base, update_id)
             timings["encode_s"] = time.perf_counter() - t0
             res = report.train_result
             log.info("round %d: global acc %.3f on %d local test examples; trained %d steps in %.1f s "
                      "(loss %.3f)", m.round, metrics["eval_accuracy"], metrics["eval_n"], res.steps, res.seconds,
                      res.mean_loss)
         self.agent.uploader.set_pending(m, file, report.n_samples, metrics, timings, update_id,
-                                        layer_steps=report.layer_steps)
+                                        layer_steps=report.layer_steps, residual_file=staged)
+
+    def write_upload(self, m: RoundManifest, spec: TrainingSpec, upload: dict, base: dict,
+                     update_id: str) -> tuple[Path, str | None]:
+        """The update's bytes under ``pending/`` (compressed as the run says, from ``base``, the global
+        it trained from), and the error-feedback residual staged beside it (None without one)."""
+        file = Path(self.agent.cfg.state_dir) / "pending" / f"{update_id}.safetensors"
+        feedback = spec.compression.error_feedback and uplink_compressed(spec.compression)
+        residual = load_residual(self.agent.cfg.state_dir, m.run_id, upload) if feedback else None
+        data, residual = encode_update(upload, base, spec.compression, residual)
+        write_bytes_atomic(file, data)
+        return file, (str(stage_residual(file, residual, m.run_id)) if residual is not None else None)
 
     def assigned(self, spec: TrainingSpec, m: RoundManifest) -> TrainingSpec:
         """The spec with the server's assignment for this device this round (DropPEFT's dropout

@@ -3,7 +3,8 @@
 with what its devices returned; nothing here touches the disk, the network or the clock.
 
 An *accepted* record is what the server keeps of one device's update:
-``{"n_samples": int, "metrics": {name: float}, "bytes": int, "layer_steps": [int], ...}``.
+``{"n_samples": int, "metrics": {name: float}, "bytes": int, "raw_bytes": int, "layer_steps": [int], ...}``
+(``bytes``: what the upload took on the wire; ``raw_bytes``: its state in fp32, the uncompressed figure).
 """
 
 from __future__ import annotations
@@ -117,13 +118,23 @@ def round_row(round_: int, participants: Sequence[str], accepted: Mapping[str, M
     return {"round": round_, "participants": list(participants), "accepted": sorted(accepted),
             "weights": {d: a["n_samples"] for d, a in accepted.items()},
             "steps": {d: int(a["metrics"].get("train_steps", 0)) for d, a in accepted.items()},
-            "bytes_up": sum(a["bytes"] for a in accepted.values()), "bytes_down": global_bytes * len(participants),
+            "bytes_up": sum(a["bytes"] for a in accepted.values()),
+            "bytes_up_raw": sum(a.get("raw_bytes", a["bytes"]) for a in accepted.values()),
+            "bytes_down": global_bytes * len(participants),
             "seconds": seconds, "train_loss": weighted(accepted, "train_loss"),
             "train_seconds": weighted(accepted, "train_seconds"), "accuracy": None, "loss": None, "final": False,
             **({"layer_steps": {d: list(a["layer_steps"]) for d, a in accepted.items() if a.get("layer_steps")}}
                if any(a.get("layer_steps") for a in accepted.values()) else {}),
             **({"configurator": configurator} if configurator else {}),
             **({"defence": defence} if defence else {})}
+
+
+def describe_bytes(row: Mapping) -> str:
+    """A round's traffic for the round lines: bytes up a device and how much smaller than uncompressed."""
+    n = max(1, len(row.get("accepted") or ()))
+    up, raw = row.get("bytes_up", 0), row.get("bytes_up_raw") or row.get("bytes_up", 0)
+    ratio = f" ({raw / up:.1f}x smaller)" if up and raw > up else ""
+    return f"up {up / n / 1e3:.1f} kB a device{ratio}"
 
 
 def note_privacy(history: list[dict], spec: TrainingSpec) -> None:

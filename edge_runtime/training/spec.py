@@ -12,6 +12,7 @@ import threading
 from dataclasses import field
 from typing import Any, Sequence
 
+from edge_runtime.algorithms.compression import CompressionConfig
 from edge_runtime.algorithms.dp import DPConfig
 from edge_runtime.algorithms.robust import RobustConfig
 from edge_runtime.errors import ConfigError
@@ -64,6 +65,7 @@ TrainingSpec = dataclasses.make_dataclass("TrainingSpec", [
     *[(name, cls, field(default_factory=cls)) for name, cls in config_sections().items()],
     ("robust", RobustConfig, field(default_factory=RobustConfig)),   # the server's defences (bounded influence)
     ("dp", DPConfig, field(default_factory=DPConfig)),   # DP-FedAvg on the server (off unless dp.clip is set)
+    ("compression", CompressionConfig, field(default_factory=CompressionConfig)),   # how updates travel (off by default)
     ("train", TrainConfig, field(default_factory=TrainConfig)),
     ("split", tuple, field(default=(0.8, 0.1, 0.1))),   # a device's own train / val / test
     ("seed", int, field(default=0)),

@@ -230,6 +230,36 @@ def test_agent_killed_mid_upload_then_restarted(fleet):
     assert stored.exists()
 
 
+def test_compressed_updates_over_mosquitto_with_an_agent_killed_mid_upload(tmp_path, mosquitto):
+    """int4 deltas of the top 30% entries with error feedback. dev2 dies after the first chunk of its
+    round-1 update and restarts: it re-sends the persisted update (same key), counted once (the
+    aggregate is recomputed from the decoded updates the server stored); its residual becomes the
+    one of the update the server accepted, and carries into round 2."""
+    from edge_runtime.agent.residual import FILE
+
+    fleet = ProcessFleet(tmp_path, mosquitto, extra_server_args=("--set", "compression.uplink=int4",
+                                                                 "--set", "compression.topk=0.3"))
+    try:
+        fleet.start_server()
+        fleet.start_agent(0)
+        fleet.start_agent(1)
+        crashing = fleet.start_agent(2, env={"EDGE_RUNTIME_FAULT": "after_chunk:0"})
+        assert crashing.wait(120) == 17, fleet.log("dev2.log")
+        pending = json.loads((tmp_path / "dev2" / "agent.json").read_text())["pending"]
+        assert pending["round"] == 1 and Path(pending["residual_file"]).exists()
+        assert not (tmp_path / "dev2" / FILE).exists()   # staged only: no ack yet
+        fleet.start_agent(2)
+        s = fleet.assert_complete_and_exactly_once()
+    finally:
+        fleet.close()
+    stored = fleet.state_dir / "updates" / "round_00001" / f"dev2__{pending['update_id']}.safetensors"
+    assert stored.exists()
+    for h in s["history"][1:3]:
+        assert h["bytes_up_raw"] > 2.5 * h["bytes_up"], h
+    for k in range(3):
+        assert (tmp_path / f"dev{k}" / FILE).exists() and not list((tmp_path / f"dev{k}" / "pending").glob("*.residual.*"))
+
+
 @pytest.mark.parametrize("method", ["federa", "fdlora", "fedpeptao"])
 def test_methods_over_mosquitto_with_an_agent_restart(tmp_path, mosquitto, method):
     """The init payload (FeDeRA), the personal state (FDLoRA; FedPepTAO's personal prompts and AdamW

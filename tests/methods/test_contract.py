@@ -164,3 +164,48 @@ def test_methods_keep_no_private_attributes_on_the_model(name):
     METHODS[name].initial_global(model, spec)
     own = [k for k in vars(model) if k.startswith(("_dp_", "_fpt_", "_federa_", "_fdlora_"))]
     assert own == []
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8", "int4", "nf4"])
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_methods_upload_travels_through_every_codec(name, codec):
+    """What each method uploads (LoRA states, FedPepTAO's prompts and control variate, FDLoRA's global
+    adapter, DropPEFT's shared blocks) goes through each codec, top-k and dense, and comes back as
+    a state the method loads, within the codec's error."""
+    from edge_runtime.algorithms.aggregation import check_compatible
+    from edge_runtime.algorithms.compression import CompressionConfig
+    from edge_runtime.round.wire import decode_update, encode_update
+
+    spec = _spec(name)
+    method = METHODS[name]
+    model, _ = build_model(spec)
+    g = method.initial_global(model, spec)
+    gen = torch.Generator().manual_seed(0)
+    upload = {k: (v + 0.01 * torch.randn(v.shape, generator=gen)) if v.is_floating_point() else v
+              for k, v in method.trainable_state(model).items()}
+    assert set(upload) == set(g), "an upload names the global's tensors (the server refuses others)"
+    for topk in (1.0, 0.25):
+        cfg = CompressionConfig(uplink=codec, topk=topk)
+        data, residual = encode_update(upload, g, cfg)
+        out = decode_update(data, g, cfg)
+        check_compatible(g, out)
+        method.load_trainable_state(model, out)
+        for k, v in upload.items():
+            if v.is_floating_point():   # what was sent plus what was kept back is the upload, exactly
+                torch.testing.assert_close(out[k] - g[k] + residual[k], v - g[k], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_method_runs_a_round_with_compressed_updates(tmp_path, name):
+    from edge_runtime.algorithms.compression import CompressionConfig
+
+    spec = dataclasses.replace(_spec(name), compression=CompressionConfig(uplink="int4", topk=0.5))
+    fleet = InProcessFleet(tmp_path, n_devices=2, rounds=1, spec=spec)
+    fleet.start()
+    try:
+        fleet.wait_done(timeout=240)
+    finally:
+        fleet.close()
+    trained = [h for h in fleet.coordinator.state["history"] if h["round"] == 1]
+    assert trained and sorted(trained[0]["accepted"]) == ["dev0", "dev1"], fleet.coordinator.state["rejects"]
+    assert trained[0]["bytes_up_raw"] > 2 * trained[0]["bytes_up"], trained[0]

@@ -45,7 +45,7 @@ def test_other_messages_round_trip():
 
 
 def _update_body(**over):
-    body = {"v": 4, "type": "update", "run_id": "r", "device_id": "d", "round": 1, "update_id": "u",
+    body = {"v": 5, "type": "update", "run_id": "r", "device_id": "d", "round": 1, "update_id": "u",
             "payload": {"payload_id": "u", "size": 10, "sha256": SHA, "n_chunks": 1}, "n_samples": 5,
             "metrics": {}}
     body.update(over)
@@ -55,15 +55,15 @@ def _update_body(**over):
 @pytest.mark.parametrize("data, message", [
     (b"\xff\xfe", "message is not UTF-8"),
     (b"{not json", "message is not valid JSON"),
-    (b'{"v": 4, "type": []}', "message type must be a string, got list"),       # was: TypeError unhashable
-    (b'{"v": 4, "type": {"a": 1}}', "message type must be a string, got dict"),
+    (b'{"v": 5, "type": []}', "message type must be a string, got list"),       # was: TypeError unhashable
+    (b'{"v": 5, "type": {"a": 1}}', "message type must be a string, got dict"),
     (b'{"v": [1], "type": "ack"}', "unsupported protocol version"),
     (b"[" * 5000 + b"]" * 5000, "nests deeper than 12 levels"),                 # was: RecursionError
-    (b'{"v": 4, "type": "hello", "device_id": "d", "n_samples": 1' + b"0" * 4000 + b"}", "not valid JSON"),
-    (b'{"v": 4, "type": "hello", "device_id": "d", "profile": {"a": "' + b"x" * 20000 + b'"}}', "over the 16384"),
+    (b'{"v": 5, "type": "hello", "device_id": "d", "n_samples": 1' + b"0" * 4000 + b"}", "not valid JSON"),
+    (b'{"v": 5, "type": "hello", "device_id": "d", "profile": {"a": "' + b"x" * 20000 + b'"}}', "over the 16384"),
     (b"[1, 2]", "must be a JSON object"),
     (b'{"v": 99, "type": "ack"}', "unsupported protocol version 99"),
-    (b'{"v": 4, "type": "nope"}', "unknown message type"),
+    (b'{"v": 5, "type": "nope"}', "unknown message type"),
     (_update_body(round=-1), "round must be an integer >= 0"),
     (_update_body(round="1"), "update.round must be an integer"),
     (_update_body(round=True), "update.round must be an integer"),
@@ -79,9 +79,9 @@ def _update_body(**over):
     (_update_body(v=1), "unsupported protocol version 1; this runtime speaks 4"),   # a protocol-1 device
     (_update_body(v=2), "unsupported protocol version 2; this runtime speaks 4"),   # before signatures
     (_update_body(v=3), "unsupported protocol version 3; this runtime speaks 4"),   # before the spec's dp section
-    (b'{"v": 4, "type": "update", "run_id": "r"}', "missing field"),
-    (b'{"v": 4, "type": "heartbeat", "device_id": "d", "sent_at": NaN}', "NaN is not allowed"),
-    (b'{"v": 4, "type": "hello", "device_id": "d", "profile": ' + b'{"a":' * 12 + b"1" + b"}" * 12 + b"}",
+    (b'{"v": 5, "type": "update", "run_id": "r"}', "missing field"),
+    (b'{"v": 5, "type": "heartbeat", "device_id": "d", "sent_at": NaN}', "NaN is not allowed"),
+    (b'{"v": 5, "type": "hello", "device_id": "d", "profile": ' + b'{"a":' * 12 + b"1" + b"}" * 12 + b"}",
      "nests deeper"),
 ])
 def test_malformed_messages_say_what_is_wrong(data, message):

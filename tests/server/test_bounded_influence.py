@@ -26,7 +26,7 @@ def _attacker(agent, mode: str) -> None:
     """``agent`` trains honestly, then lies about what it sends."""
     honest = agent.uploader.set_pending
 
-    def set_pending(m, file, n_samples, metrics, timings, update_id=None, layer_steps=()):
+    def set_pending(m, file, n_samples, metrics, timings, update_id=None, layer_steps=(), **kw):
         if m.action == "train" and file is not None:
             if mode == "samples":
                 n_samples = 10**9
@@ -34,7 +34,7 @@ def _attacker(agent, mode: str) -> None:
                 g = decode_tensors(agent.fetcher.global_blob(m))
                 u = load_file(file)
                 save_file({k: g[k] + (u[k] - g[k]) * 1e6 for k in u}, file)
-        honest(m, file, n_samples, metrics, timings, update_id, layer_steps)
+        honest(m, file, n_samples, metrics, timings, update_id, layer_steps, **kw)
 
     agent.uploader.set_pending = set_pending
 

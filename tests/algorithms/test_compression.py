@@ -1,0 +1,138 @@
+"""Update compression: codes on hand-computed numbers, the error bounds, top-k's choice, and error
+feedback making the sum of what was sent follow the sum of the true deltas."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_runtime.algorithms.compression import (NF4_LEVELS, CompressionConfig,
+                                                 compress_state,
+                                                 compress_tensor,
+                                                 decompress_state,
+                                                 decompress_tensor, dequantize,
+                                                 quantize, select_topk)
+from edge_runtime.errors import ConfigError
+
+
+def _t(*v):
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def test_int8_codes_and_values_by_hand():
+    # absmax 127 -> scale 127 / 127 = 1 (exact in bfloat16); round half to even: 0.5 -> 0, 2.5 -> 2
+    q = quantize(_t(127.0, -63.4, 0.5, 2.5, 0, 0, 0, 0), "int8", block=8)
+    assert q.codes.dtype == torch.int8 and q.codes.tolist() == [127, -63, 0, 2, 0, 0, 0, 0]
+    assert q.scales.dtype == torch.bfloat16 and q.scales.tolist() == [1.0]
+    assert dequantize(q, 8).tolist() == [127.0, -63.0, 0.0, 2.0, 0, 0, 0, 0]
+
+
+def test_int4_packs_two_codes_a_byte_low_nibble_first():
+    # absmax 7 -> scale 1; codes 7, -7, 3, -1 -> +8 -> 15, 1, 11, 7 -> bytes 15 | 1 << 4, 11 | 7 << 4
+    q = quantize(_t(7.0, -7.0, 3.4, -0.6), "int4", block=8)
+    assert q.codes.dtype == torch.uint8 and q.codes.tolist() == [31, 123]
+    assert dequantize(q, 8).tolist() == [7.0, -7.0, 3.0, -1.0]
+    # an odd count pads the last byte's high nibble; the decoder reads n values only
+    q = quantize(_t(7.0, 1.0, -7.0), "int4", block=8)
+    assert q.codes.tolist() == [15 | 9 << 4, 1] and dequantize(q, 8).tolist() == [7.0, 1.0, -7.0]
+
+
+def test_nf4_goes_to_the_nearest_normal_float_level():
+    # absmax 1 -> scale 1; 1 -> level 15, -1 -> 0, 0 -> 7, 0.08 -> 8 (0.0796), 0.5 -> 12 (0.4407: 0.0593 away, 0.5626 is 0.0626)
+    q = quantize(_t(1.0, -1.0, 0.0, 0.08, 0.5, 0.0), "nf4", block=8)
+    assert q.codes.tolist() == [15 | 0 << 4, 7 | 8 << 4, 12 | 7 << 4]
+    assert dequantize(q, 8).tolist() == pytest.approx([1.0, -1.0, 0.0, 0.07958, 0.44071, 0.0], abs=1e-5)
+
+
+def test_fp16_rounds_to_half_precision_and_saturates():
+    out = dequantize(quantize(_t(1 / 3, 1e6, -1e6), "fp16"))
+    assert out.tolist() == [0.333251953125, 65504.0, -65504.0]
+
+
+def test_each_block_has_its_own_scale():
+    x = torch.cat([torch.full((4,), 100.0), torch.full((4,), 0.01)])
+    q = quantize(x, "int8", block=4)
+    assert q.scales.numel() == 2
+    torch.testing.assert_close(dequantize(q, 4), x, rtol=5e-3, atol=0)   # the small block is not crushed to 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-1e4, 1e4, allow_nan=False, width=32), min_size=1, max_size=300),
+       st.sampled_from(["int8", "int4", "nf4"]), st.sampled_from([8, 16, 64]))
+def test_the_error_of_each_value_is_bounded_by_its_blocks_scale(values, codec, block):
+    x = torch.tensor(values, dtype=torch.float32)
+    q = quantize(x, codec, block)
+    out = dequantize(q, block)
+    assert out.shape == x.shape and bool(torch.isfinite(out).all())
+    scale = q.scales.to(torch.float32).repeat_interleave(block)[: x.numel()]
+    if codec == "nf4":   # half the widest gap between neighbouring levels, times the block's absmax
+        bound = scale * float((NF4_LEVELS[1:] - NF4_LEVELS[:-1]).max()) / 2
+    else:
+        bound = scale / 2
+    assert bool(((out - x).abs() <= bound * (1 + 1e-5) + 1e-30).all())
+    # the scale sent is never below the block's true scale (rounded up into bfloat16), except for
+    # blocks of subnormal values (|x| < 1e-30), whose scale underflows to 0: they decode as 0
+    level = {"int8": 127, "int4": 7, "nf4": 1}[codec]
+    absmax = torch.cat([x, x.new_zeros(-x.numel() % block)]).view(-1, block).abs().amax(1)
+    assert bool(((q.scales.to(torch.float32) * level >= absmax) | (absmax < 1e-30)).all())
+
+
+def test_topk_keeps_the_largest_magnitudes_ties_to_the_lower_position():
+    assert select_topk(_t(0.1, -5.0, 3.0, 3.0, 0.2), 0.4).tolist() == [1, 2]
+    assert select_topk(_t(0.1, 0.2), 0.01).tolist() == [1]        # at least one entry
+    c = compress_tensor(_t(0.1, -5.0, 3.0, 3.0, 0.2).reshape(5, 1), "none", topk=0.4)
+    assert decompress_tensor(c).tolist() == [[0.0], [-5.0], [3.0], [0.0], [0.0]]
+
+
+def test_non_float_tensors_travel_exactly_and_have_no_residual():
+    sent, residual = compress_state({"step": torch.tensor([3, 4]), "w": _t(1.0, 2.0)}, "int4", topk=0.5, block=8)
+    out = decompress_state(sent, 8)
+    assert out["step"].dtype == torch.int64 and out["step"].tolist() == [3, 4]
+    assert set(residual) == {"w"}
+
+
+def test_the_residual_is_exactly_what_was_not_sent():
+    delta = {"w": torch.linspace(-1, 1, 50).reshape(5, 10)}
+    carried = {"w": torch.full((5, 10), 0.01)}
+    sent, residual = compress_state(delta, "int4", topk=0.3, block=16, residual=carried)
+    torch.testing.assert_close(decompress_state(sent, 16)["w"] + residual["w"], delta["w"] + carried["w"])
+
+
+def test_a_non_finite_delta_is_refused():
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        compress_state({"w": _t(1.0, math.inf)}, "int8")
+
+
+def _sent_sum(rounds, feedback, codec="int4", topk=0.1):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(400, generator=g)
+    total_sent, total_true, residual = torch.zeros(400), torch.zeros(400), None
+    for _ in range(rounds):
+        d = base + 0.3 * torch.randn(400, generator=g)   # deltas that point the same way, with noise
+        sent, r = compress_state({"w": d}, codec, topk, 64, residual if feedback else None)
+        residual = r
+        total_sent += decompress_state(sent, 64)["w"]
+        total_true += d
+    return float((total_sent - total_true).norm() / total_true.norm())
+
+
+def test_error_feedback_makes_the_sum_of_sent_deltas_follow_the_true_sum():
+    # top 10% of int4: one round alone sends about a third of the delta's norm
+    with_fb = [_sent_sum(t, True) for t in (10, 40)]
+    without = _sent_sum(40, False)
+    assert with_fb[1] < with_fb[0] / 2.5   # the residual stays bounded while the true sum grows
+    assert with_fb[1] < 0.1 and without > 0.6, (with_fb, without)
+
+
+@pytest.mark.parametrize("field,value", [("uplink", "int3"), ("downlink", "zip"), ("topk", 0.0), ("topk", 1.5),
+                                         ("topk", True), ("error_feedback", "yes"), ("block", 4), ("block", 64.0)])
+def test_the_config_names_the_bad_field(field, value):
+    with pytest.raises(ConfigError, match=f"compression.{field}"):
+        CompressionConfig(**{field: value})
+
+
+def test_the_default_config_compresses_nothing():
+    assert not CompressionConfig().enabled
+    assert CompressionConfig(uplink="int4").enabled and CompressionConfig(topk=0.5).enabled
