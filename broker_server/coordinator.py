@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from broker_server import downlink
 from broker_server.enrolment import Enrolment
 from broker_server.fleet import Fleet
 from broker_server.ingest import Ingest
@@ -133,6 +134,7 @@ class Coordinator:
                 (was.online, was.last_seen, was.last_heartbeat, was.state) if was else (False, 0.0, 0.0, "unknown"))
         self.global_state = store.read_tensors(store.resolve(state["global_file"]))
         self.global_blob = encode_tensors(self.global_state)
+        self.delta_blob = downlink.load_delta(self)   # the global's compressed delta (compression.downlink)
         self.method = METHODS[state["training"].get("method", "lora")]
         self.spec = TrainingSpec.from_json(state["training"])
         # the round-0 global doubles as the run's init payload for methods whose devices need it
@@ -318,10 +320,10 @@ class Coordinator:
     # -- outbound (broker_server.publisher) ---------------------------------------------------
     def publish_retained(self) -> None:
         """(Re)publish everything a late joiner needs: presence, the global adapter, the manifest."""
-        self.publisher.retained(self.state, self.global_blob, self.init_blob)
+        self.publisher.retained(self.state, self.global_blob, self.init_blob, self.delta_blob)
 
     def publish_manifest(self) -> None:
-        self.publisher.manifest(self.state, self.global_blob, self.init_blob)
+        self.publisher.manifest(self.state, self.global_blob, self.init_blob, self.delta_blob)
 
     def publish_summary(self, row: dict) -> None:
         self.publisher.summary(self.run_id, row)

@@ -71,13 +71,14 @@ def acl_text(fleet: str, devices: list[str]) -> str:
     """The ACL: the server reads and writes the fleet's tree; a device (login = its id) only its own."""
     base = f"{ROOT}/{fleet}"
     lines = ["# written by broker-server provision: a device may publish only under its own dev/<id>/ topics",
-             "# and read the fleet's round, global, init and profile topics and its own ack and profile",
+             "# and read the fleet's round, global, delta, init and profile topics and its own ack and profile",
              f"user {server_user(fleet)}", f"topic readwrite {base}/#", ""]
     # patterns apply to every login: %u is the login name, which for a device is its id
     lines += [f"pattern write {base}/dev/%u/{kind}" for kind in DEVICE_WRITES]
     lines += [f"pattern read {base}/dev/%u/{kind}" for kind in ("ack", "profile")]
     lines += [f"pattern read {t}" for t in (f"{base}/round", f"{base}/global", f"{base}/global/#",
-                                           f"{base}/init/#", f"{base}/profile", f"{base}/server/status")]
+                                           f"{base}/init/#", f"{base}/delta/#", f"{base}/profile",
+                                           f"{base}/server/status")]
     return "\n".join(lines) + "\n"
 
 

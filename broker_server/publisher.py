@@ -33,8 +33,9 @@ class Publisher:
         if got is not None and got[0] is blob:
             return got[1], got[2]
         ref, frames = split_payload(payload_id, blob)
-        self._framed = {k: v for k, v in self._framed.items() if k.startswith("init-")} | {
-            payload_id: (blob, ref, frames)}   # the run's init payload and the latest global
+        # one of each kind: the run's init payload ("init-"), the latest global ("g"), its delta ("d")
+        self._framed = {k: v for k, v in self._framed.items() if k[0] != payload_id[0]} | {
+            payload_id: (blob, ref, frames)}
         return ref, frames
 
     def global_payload(self, state: dict, blob: bytes) -> tuple[PayloadRef, list[bytes]]:
@@ -44,6 +45,13 @@ class Publisher:
             self._digest = (blob, hashlib.sha256(blob).hexdigest()[:10])
         name = f"g{max(state['round'] - 1, 0):05d}-{self._digest[1]}-{state['run_id'][-20:]}"
         return self.frames(name.replace("_", "-")[:64], blob)
+
+    def delta_payload(self, state: dict, blob: bytes | None) -> PayloadRef | None:
+        """The compressed delta that turns the global ``state["delta_base"]`` into the one in force."""
+        if blob is None or not state.get("delta_base"):
+            return None
+        name = f"d{max(state['round'] - 1, 0):05d}-{hashlib.sha256(blob).hexdigest()[:10]}-{state['run_id'][-20:]}"
+        return self.frames(name.replace("_", "-")[:64], blob)[0]
 
     def init_payload(self, run_id: str, blob: bytes | None, publish: bool = False) -> PayloadRef | None:
         """The run's init payload (methods whose devices need the round-0 global), published when asked."""
@@ -55,27 +63,33 @@ class Publisher:
                 self.transport.publish(topics.init_chunk_topic(self.fleet, i), frame, qos=1, retain=True)
         return ref
 
-    def retained(self, state: dict, global_blob: bytes, init_blob: bytes | None) -> None:
-        """(Re)publish everything a late joiner needs: presence, the init and global payloads, the manifest."""
+    def retained(self, state: dict, global_blob: bytes, init_blob: bytes | None, delta_blob: bytes | None = None) -> None:
+        """(Re)publish everything a late joiner needs: presence, the init and global payloads, the
+        global's delta (a compressed downlink), the manifest."""
         f = self.fleet
         self.publish(topics.server_status_topic(f), Status("server", True), retain=True)
         self.init_payload(state["run_id"], init_blob, publish=True)
         ref, frames = self.global_payload(state, global_blob)
         for i, frame in enumerate(frames):
             self.transport.publish(topics.global_chunk_topic(f, i), frame, qos=1, retain=True)
+        delta = self.delta_payload(state, delta_blob)
+        if delta is not None:
+            for i, frame in enumerate(self.frames(delta.payload_id, delta_blob)[1]):
+                self.transport.publish(topics.delta_chunk_topic(f, i), frame, qos=1, retain=True)
         self.publish(topics.global_topic(f), GlobalAnnouncement(state["run_id"], state["round"], ref), retain=True)
-        self.manifest(state, global_blob, init_blob)
+        self.manifest(state, global_blob, init_blob, delta_blob)
 
-    def manifest(self, state: dict, global_blob: bytes, init_blob: bytes | None) -> None:
+    def manifest(self, state: dict, global_blob: bytes, init_blob: bytes | None, delta_blob: bytes | None = None) -> None:
         """The round manifest of the phase in force (retained); nothing while the server waits."""
         s = state
         if s["phase"] not in ANNOUNCED:
             return
         ref, _ = self.global_payload(s, global_blob)
+        delta = self.delta_payload(s, delta_blob)
         deadline_left = max(0.0, (s["deadline_at"] or 0) - self.clock())
         m = RoundManifest(s["run_id"], s["round"], s["phase"], tuple(s["participants"]), ref, deadline_left,
                           s["training"], self.clock(), self.init_payload(s["run_id"], init_blob),
-                          s.get("assignments") or {})
+                          s.get("assignments") or {}, delta, s.get("delta_base", "") if delta else "")
         self.publish(topics.round_topic(self.fleet), m, retain=True)
 
     def summary(self, run_id: str, row: dict) -> None:

@@ -12,6 +12,7 @@ import math
 import shutil
 from typing import TYPE_CHECKING
 
+from broker_server import downlink
 from broker_server.run_state import OPEN, Phase
 from edge_runtime.algorithms.aggregation import Update
 from edge_runtime.errors import EdgeRuntimeError
@@ -189,6 +190,7 @@ class Rounds:
             return
         s["failed_rounds"] = 0
         self._persist_method_state(r, server_state, configurator_state)
+        new_global = downlink.compress_global(self.run, r, new_global)   # what devices will hold, bit for bit
         path = self.run.store.global_path(r)
         self.run.global_blob = self.run.store.write_tensors(path, new_global)
         crash_point("close:after_global_write")
@@ -197,7 +199,8 @@ class Rounds:
             self.run.fleet.worked(dev)
         s["history"].append(round_row(r, s["participants"], accepted, len(self.run.global_blob), now - s["round_started_at"],
                                       configurator_row(self.run.method, s["configurator"], updates)
-                                      if s.get("configurator") else None, defence))
+                                      if s.get("configurator") else None, defence,
+                                      len(self.run.delta_blob) if self.run.delta_blob else None))
         note_privacy(s["history"], self.run.spec)
         s["global_file"] = self.run.store.relative(path)
         log.info("round %d closed: %d update(s) averaged; %s", r, len(accepted), describe_bytes(s["history"][-1]))
@@ -213,6 +216,7 @@ class Rounds:
         self.run.record_error(f"aggregating round {r}", exc)
         s["failed_rounds"] = s.get("failed_rounds", 0) + 1
         prev = self.run.store.global_path(r - 1)
+        downlink.clear_delta(self.run)   # devices hold this global already
         self.run.global_blob = self.run.store.write_tensors(self.run.store.global_path(r), self.run.global_state)
         s["history"].append(failed_row(r, s["participants"], s["accepted"], now - s["round_started_at"],
                                        f"{type(exc).__name__}: {exc}", prev.name))
@@ -230,6 +234,7 @@ class Rounds:
         reports = score_reports(accepted)
         new_global, info = self.run.method.select(self.run.global_state, reports, self.run.spec)
         path = self.run.store.global_path(0)
+        downlink.clear_delta(self.run)   # a new layout: devices fetch it whole
         self.run.global_blob = self.run.store.write_tensors(path, new_global)
         self.run.global_state = new_global
         self.run.state["selection"] = {**info, "devices": sorted(accepted)}
@@ -269,3 +274,4 @@ class Rounds:
         if closed_round >= 2:  # the method's server state: the current one and the one before suffice
             (self.run.store.root / "server" / f"round_{closed_round - 2:05d}.safetensors").unlink(missing_ok=True)
             (self.run.store.root / "server" / f"configurator_{closed_round - 2:05d}.json").unlink(missing_ok=True)
+            downlink.prune(self.run, closed_round)

@@ -44,7 +44,8 @@ from edge_runtime.round.server import (aggregate_checked, as_update,
                                        initial_row, note_privacy, record_eval,
                                        round_row, score_reports,
                                        select_participants)
-from edge_runtime.round.wire import decode_update, encode_update, raw_bytes
+from edge_runtime.round.wire import (decode_update, encode_global,
+                                     encode_update, raw_bytes)
 from edge_runtime.training.data import (LocalDataset, Splits,
                                         federation_shards, local_splits,
                                         resolve_dataset)
@@ -184,6 +185,7 @@ class Federation:
         self.history: list[dict] = [initial_row()]
         self.rounds_done: dict[str, int] = {}
         self.selection: dict | None = None
+        self.downlink_residual: dict | None = None   # the server's error feedback (compression.downlink)
 
     def participants(self, round_: int) -> list[str]:
         n = len(self.devices)
@@ -235,14 +237,18 @@ class Federation:
         updates = [as_update(d, a, decode_update(blobs[d], self.global_state, self.spec.compression))
                    for d, a in sorted(accepted.items())]
         t0 = time.perf_counter()
-        self.global_state, self.server_state, self.configurator_state, defence = aggregate_checked(
+        new_global, self.server_state, self.configurator_state, defence = aggregate_checked(
             self.method, self.global_state, updates, self.server_state, self.configurator_state, self.spec,
             len(self.devices), r)
+        # the global devices will hold: the server's compressed downlink, as the coordinator sends it
+        delta, self.global_state, self.downlink_residual = encode_global(new_global, self.global_state,
+                                                                         self.spec.compression, self.downlink_residual)
         seconds = time.perf_counter() - t0 + sum(rep.timings.get("train_s", 0.0) for rep in reports.values())
         for d in accepted:
             self.rounds_done[d] = self.rounds_done.get(d, 0) + 1
         self.history.append(round_row(r, sorted(reports), accepted, len(encode_tensors(self.global_state)), seconds,
-                                      configurator_row(self.method, offered, updates) if offered else None, defence))
+                                      configurator_row(self.method, offered, updates) if offered else None, defence,
+                                      len(delta) if delta is not None else None))
         note_privacy(self.history, self.spec)
         return evaluated
 

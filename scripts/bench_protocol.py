@@ -2,7 +2,9 @@
 
 ``ingest``: the real coordinator (own process) behind a real Mosquitto (or the embedded amqtt),
 N lightweight simulated devices (paho clients in 2 processes) each sending one 1 MB update
-(safetensors, 256 KiB chunks, sha256 checked, validated, persisted with fsync, acked).
+(safetensors, 256 KiB chunks, sha256 checked, validated, persisted with fsync, acked). The fleet is
+signed as a production one is: every device enrolled with its own Ed25519 key, every message
+signed and verified (``--insecure`` measures the unsigned path).
 Throughput = update bytes / (first send -> last ack).
 
 ``demo``: runs ``edge-runtime demo`` (MiniLM + LoRA, WordNet) and reads the server report and the
@@ -36,22 +38,32 @@ RESULTS = REPO / "scripts" / "results"
 TENSOR_ELEMS = 262_144  # float32: 1 MiB of adapter
 
 
-def _server_proc(url: str, state_dir: str, n: int, ready: mp.Event, done: mp.Event) -> None:
+def _spec_json() -> dict:
+    """A valid training spec (the server checks it); nothing is trained in the ingest benchmark."""
+    from edge_runtime.training.spec import TrainingSpec
+
+    return TrainingSpec(model="tiny-llama", labels=("a", "b")).to_json()
+
+
+def _server_proc(url: str, state_dir: str, n: int, ready: mp.Event, done: mp.Event, signed: bool) -> None:
     import logging
     import threading
 
     import torch
 
     from broker_server.coordinator import Coordinator, ServerConfig
+    from broker_server.enrolment import Enrolment, server_identity
     from broker_server.store import Store
+    from edge_runtime.protocol.codec import Security
     from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
 
     logging.basicConfig(level=logging.WARNING)
     cfg = ServerConfig(fleet="bench", rounds=1, min_devices=n, quorum=1.0, deadline_s=600,
-                       max_update_bytes=4 * 1024 * 1024, training={"model": "synthetic"})
+                       max_update_bytes=4 * 1024 * 1024, training=_spec_json())
     transport = MqttTransport(BrokerAddress.parse(url), client_id="bench-server")
+    security = (Security(server_identity(Path(state_dir))[0], Enrolment(Path(state_dir))) if signed else Security())
     coord = Coordinator(cfg, Store(Path(state_dir)), transport, lambda: {"w": torch.zeros(TENSOR_ELEMS)},
-                        run_id="bench-run")
+                        run_id="bench-run", security=security)
     stop = threading.Event()
     threading.Thread(target=lambda: (done.wait(), stop.set()), daemon=True).start()
     ready.set()
@@ -59,16 +71,27 @@ def _server_proc(url: str, state_dir: str, n: int, ready: mp.Event, done: mp.Eve
     transport.stop()
 
 
-def _devices_proc(url: str, ids: list[str], go: mp.Event, out: mp.Queue) -> None:
+def _devices_proc(url: str, ids: list[str], go: mp.Event, out: mp.Queue, keys_dir: str | None,
+                  server_key: str | None) -> None:
     import threading
 
     import torch
 
     from edge_runtime.protocol import topics
     from edge_runtime.protocol.chunking import split_payload
-    from edge_runtime.protocol.codec import decode_message, encode_message, encode_tensors
+    from edge_runtime.protocol.codec import Security, encode_tensors
     from edge_runtime.protocol.messages import Ack, Heartbeat, Hello, RoundManifest, Status, UpdateManifest
+    from edge_runtime.protocol.signing import Identity, PinnedKey
     from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
+
+    sec = {d: (Security(Identity.load(Path(keys_dir) / d / "device.key"), PinnedKey(server_key))
+               if keys_dir else Security()) for d in ids}
+
+    def encode_message(msg, d, topic):
+        return sec[d].encode(msg, topic)
+
+    def decode_message(payload, kind, d, topic):
+        return sec[d].decode(payload, kind, topic)
 
     blob = encode_tensors({"w": torch.randn(TENSOR_ELEMS)})
     acks: dict[str, float] = {}
@@ -79,18 +102,21 @@ def _devices_proc(url: str, ids: list[str], go: mp.Event, out: mp.Queue) -> None
         t = MqttTransport(BrokerAddress.parse(url), client_id=f"bench-{d}")
 
         def on_ack(topic, payload, d=d):
-            a = decode_message(payload, Ack)
+            a = decode_message(payload, Ack, d, topic)
             with lock:
                 acks.setdefault(d, time.time()) if a.accepted else None
 
         def on_round(topic, payload, d=d):
-            manifests[d] = decode_message(payload, RoundManifest)
+            manifests[d] = decode_message(payload, RoundManifest, d, topic)
+
+        def hello(t=t, d=d):
+            for kind, msg, retain in (("hello", Hello(d, {}, "bench", 100), True), ("status", Status(d, True), True),
+                                      ("heartbeat", Heartbeat(d), False)):
+                topic = topics.device_topic("bench", d, kind)
+                t.publish(topic, encode_message(msg, d, topic), retain=retain)
         t.subscribe(topics.device_topic("bench", d, "ack"), on_ack)
         t.subscribe(topics.round_topic("bench"), on_round)
-        t.on_connect(lambda t=t, d=d: (
-            t.publish(topics.device_topic("bench", d, "hello"), encode_message(Hello(d, {}, "bench", 100)), retain=True),
-            t.publish(topics.device_topic("bench", d, "status"), encode_message(Status(d, True)), retain=True),
-            t.publish(topics.device_topic("bench", d, "heartbeat"), encode_message(Heartbeat(d)))))
+        t.on_connect(hello)
         t.start()
         clients[d] = t
     while not all(d in manifests and manifests[d].action == "train" for d in ids):
@@ -102,8 +128,8 @@ def _devices_proc(url: str, ids: list[str], go: mp.Event, out: mp.Queue) -> None
         m = manifests[d]
         uid = f"u-{d}"
         ref, frames = split_payload(uid, blob)
-        t.publish(topics.device_topic("bench", d, "update"),
-                  encode_message(UpdateManifest(m.run_id, d, m.round, uid, ref, 100, {})))
+        topic = topics.device_topic("bench", d, "update")
+        t.publish(topic, encode_message(UpdateManifest(m.run_id, d, m.round, uid, ref, 100, {}), d, topic))
         for f in frames:
             t.publish(topics.device_topic("bench", d, "update/chunk"), f)
     while len(acks) < len(ids) and time.time() - t_start < 300:
@@ -113,10 +139,14 @@ def _devices_proc(url: str, ids: list[str], go: mp.Event, out: mp.Queue) -> None
         t.stop(2)
 
 
-def bench_ingest(n_devices: int, broker: str) -> dict:
+def bench_ingest(n_devices: int, broker: str, signed: bool = True) -> dict:
     from broker_server.broker import free_port, start_broker_process, wait_for_port
+    from broker_server.enrolment import enrol_local_devices
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    ids = [f"d{k:03d}" for k in range(n_devices)]
+    keys_dir = tmp / "devices" if signed else None
+    server_key = enrol_local_devices(tmp / "state", {d: keys_dir / d for d in ids}) if signed else None
     port = free_port()
     if broker == "mosquitto":
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -131,12 +161,12 @@ def bench_ingest(n_devices: int, broker: str) -> dict:
     ctx = mp.get_context("spawn")
     ready, done, go = ctx.Event(), ctx.Event(), ctx.Event()
     out = ctx.Queue()
-    server = ctx.Process(target=_server_proc, args=(url, str(tmp / "state"), n_devices, ready, done))
+    server = ctx.Process(target=_server_proc, args=(url, str(tmp / "state"), n_devices, ready, done, signed))
     server.start()
     ready.wait(60)
-    ids = [f"d{k:03d}" for k in range(n_devices)]
     halves = [ids[: n_devices // 2], ids[n_devices // 2:]]
-    senders = [ctx.Process(target=_devices_proc, args=(url, h, go, out)) for h in halves]
+    senders = [ctx.Process(target=_devices_proc, args=(url, h, go, out, str(keys_dir) if keys_dir else None,
+                                                       server_key)) for h in halves]
     for p in senders:
         p.start()
     for _ in senders:
@@ -154,7 +184,8 @@ def bench_ingest(n_devices: int, broker: str) -> dict:
     size = results[0][4]
     secs = end - start
     shutil.rmtree(tmp, ignore_errors=True)
-    return {"broker": broker, "devices": n_devices, "update_bytes": size, "acked": acked, "seconds": secs,
+    return {"broker": broker, "signed": signed, "devices": n_devices, "update_bytes": size, "acked": acked,
+            "seconds": secs,
             "throughput_MB_s": acked * size / secs / 1e6, "updates_per_s": acked / secs}
 
 
@@ -205,15 +236,16 @@ def main() -> None:
     ap.add_argument("what", choices=["ingest", "demo", "all"])
     ap.add_argument("--devices", type=int, default=100)
     ap.add_argument("--broker", choices=["mosquitto", "embedded"], default="mosquitto")
+    ap.add_argument("--insecure", action="store_true", help="ingest: unsigned messages (default: signed, enrolled)")
     ap.add_argument("--demo-out", type=Path, default=REPO / "runs" / "bench-demo")
     ap.add_argument("--reuse-demo", action="store_true", help="read an existing demo run instead of running one")
     ap.add_argument("--out", type=Path, default=RESULTS / "protocol.json")
     args = ap.parse_args()
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
     if args.what in ("ingest", "all"):
-        r = bench_ingest(args.devices, args.broker)
-        result[f"ingest_{args.broker}"] = r
-        print(f"ingest via {r['broker']}: {r['acked']}/{r['devices']} updates of {r['update_bytes'] / 1e6:.2f} MB "
+        r = bench_ingest(args.devices, args.broker, signed=not args.insecure)
+        result[f"ingest_{args.broker}{'_insecure' if args.insecure else ''}"] = r
+        print(f"ingest via {r['broker']} ({'signed' if r['signed'] else 'unsigned'}): {r['acked']}/{r['devices']} updates of {r['update_bytes'] / 1e6:.2f} MB "
               f"acked in {r['seconds']:.2f} s = {r['throughput_MB_s']:.1f} MB/s ({r['updates_per_s']:.1f} updates/s)")
     if args.what in ("demo", "all"):
         d = bench_demo(args.demo_out, args.reuse_demo)

@@ -124,14 +124,21 @@ class Agent:
     # -- transport wiring --------------------------------------------------------------------
     def attach(self) -> None:
         f, d = self.cfg.fleet, self.cfg.device_id
-        put = lambda t, p: self.inbox.put((t, p))  # noqa: E731
+        put = self.enqueue
         self.transport.subscribe(topics.round_topic(f), put)
-        self.transport.subscribe(topics.global_wildcard(f), put)
+        self.transport.subscribe(topics.delta_wildcard(f), put)
+        # the whole global: from the start unless a global is held (a compressed downlink may need
+        # only its delta); the fetcher subscribes and unsubscribes as the run needs
+        self.fetcher.want_full(not self.fetcher.global_blobs)
         self.transport.subscribe(topics.init_wildcard(f), put)
         self.transport.subscribe(topics.device_topic(f, d, "ack"), put)
         self.transport.subscribe(topics.device_topic(f, d, "profile"), put)
         self.transport.subscribe(topics.fleet_profile_topic(f), put)
         self.transport.on_connect(self._announce)
+
+    def enqueue(self, topic: str, payload: bytes) -> None:
+        """Transport callback: inbound messages are handled on the agent's thread, in order."""
+        self.inbox.put((topic, payload))
 
     def publish(self, topic: str, msg, qos: int = 1, retain: bool = False) -> None:
         """A control message, signed when this device has a key."""
@@ -214,7 +221,7 @@ class Agent:
         """One inbound message; a malformed one is logged and ignored."""
         try:
             t = topics.parse_topic(topic)
-            if t.kind in ("global/chunk", "init/chunk"):
+            if t.kind in ("global/chunk", "init/chunk", "delta/chunk"):
                 if payload:
                     self.fetcher.on_chunk(t.kind, payload)
             elif t.kind == "round" and payload:

@@ -1,6 +1,12 @@
 """What comes from the server before a round can run: the global and init payloads (retained
 chunks, reassembled under the device's payload limit), and each manifest vetted against the
 device's limits (a refused one is shown in ``status.json`` with its reason).
+
+With a compressed downlink (``compression.downlink``) the device listens to the global's delta
+only, and rebuilds the new global from the one it holds (``round.wire.apply_delta``); the rebuilt
+bytes must have the sha256 the signed manifest names. A device that cannot (it missed a round,
+restarted from nothing, or the rebuild does not match) subscribes to the whole global until it has
+it: a full resync, then back to deltas.
 """
 
 from __future__ import annotations
@@ -11,8 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_runtime.atomic_io import write_bytes_atomic
+from edge_runtime.errors import ConfigError
+from edge_runtime.protocol import topics
 from edge_runtime.protocol.chunking import Reassembler
+from edge_runtime.protocol.codec import decode_tensors, encode_tensors
 from edge_runtime.protocol.messages import PayloadRef, ProtocolError, RoundManifest, check_id
+from edge_runtime.round.wire import apply_delta
+from edge_runtime.training.spec import TrainingSpec
 
 if TYPE_CHECKING:
     from edge_runtime.agent.core import Agent
@@ -30,6 +41,15 @@ class Fetcher:
         self.inits = Reassembler(cap, ttl_s=3600, max_buffered_bytes=2 * cap, max_per_source_bytes=2 * cap)
         self._init_candidate: tuple[PayloadRef, bytes] | None = None   # a complete init payload no manifest named yet
         self.refused: dict | None = None                   # the last manifest refused, and why (status shows it)
+        self.deltas = Reassembler(cap, ttl_s=3600, max_buffered_bytes=2 * cap, max_per_source_bytes=2 * cap)
+        self.delta_blobs: dict[tuple[str, str], bytes] = {}   # (payload id, sha256) -> a compressed delta
+        self._unbuildable: set[tuple[str, str]] = set()       # deltas whose rebuild failed: fetch the whole global
+        held = Path(agent.cfg.state_dir) / "model" / "global.safetensors"   # the last global this device used
+        if held.exists():
+            data = held.read_bytes()
+            self.global_blobs[("held", hashlib.sha256(data).hexdigest())] = data
+        self.full = False                                     # subscribed to the whole global's chunks
+        self.resyncs = 0                                      # times the whole global was asked for
 
     def on_chunk(self, kind: str, frame: bytes) -> None:
         """A retained chunk of a global ("global/chunk") or of the run's init payload ("init/chunk")."""
@@ -42,6 +62,10 @@ class Fetcher:
                 for k in list(self.global_blobs)[:-2]:
                     if k != named:
                         del self.global_blobs[k]
+        elif kind == "delta/chunk":
+            ref, whole = self.deltas.add("server", frame, self.agent.clock())
+            if whole is not None:
+                self.delta_blobs = dict(list(self.delta_blobs.items())[-1:]) | {(ref.payload_id, ref.sha256): whole}
         else:
             ref, whole = self.inits.add("server", frame, self.agent.clock())
             if whole is not None:   # on disk only once the run's manifest names it
@@ -98,9 +122,55 @@ class Fetcher:
         self._init_candidate = None
 
     def global_blob(self, m: RoundManifest) -> bytes | None:
-        """The global the manifest names (its id and its sha256), if it has arrived."""
+        """The global the manifest names (its id and its sha256), if it has arrived or can be rebuilt
+        from the delta the manifest names and the global it applies to."""
         ref = m.global_payload
-        return self.global_blobs.get((ref.payload_id, ref.sha256)) if ref else None
+        if ref is None:
+            return None
+        blob = self.global_blobs.get((ref.payload_id, ref.sha256)) or self._rebuild(m)
+        self.want_full(blob is None and self._needs_full(m) or (blob is not None and not _compressed_down(m)))
+        return blob
+
+    def _base_for(self, m: RoundManifest) -> bytes | None:
+        return next((b for (_, sha), b in self.global_blobs.items() if sha == m.delta_base), None)
+
+    def _needs_full(self, m: RoundManifest) -> bool:
+        d = m.global_delta
+        return d is None or (d.payload_id, d.sha256) in self._unbuildable or self._base_for(m) is None
+
+    def _rebuild(self, m: RoundManifest) -> bytes | None:
+        """``held + delta`` encoded as the server encodes the global, kept if its sha256 is the manifest's."""
+        d, ref = m.global_delta, m.global_payload
+        delta = self.delta_blobs.get((d.payload_id, d.sha256)) if d else None
+        base = self._base_for(m) if d else None
+        if delta is None or base is None or (d.payload_id, d.sha256) in self._unbuildable:
+            return None
+        try:
+            cfg = TrainingSpec.from_json(m.training).compression
+            blob = encode_tensors(apply_delta(decode_tensors(base), delta, cfg.downlink, cfg.block))
+        except (ProtocolError, ConfigError) as exc:
+            blob, why = None, str(exc)
+        else:
+            why = "its sha256 is not the manifest's"
+        if blob is None or hashlib.sha256(blob).hexdigest() != ref.sha256:
+            log.warning("cannot rebuild global %s from delta %s (%s); fetching it whole", ref.payload_id,
+                        d.payload_id, why)
+            self._unbuildable.add((d.payload_id, d.sha256))
+            return None
+        named = (ref.payload_id, ref.sha256)
+        self.global_blobs = {k: v for k, v in list(self.global_blobs.items())[-1:]} | {named: blob}
+        return blob
+
+    def want_full(self, on: bool) -> None:
+        """Listen to the whole global's retained chunks (a resync, or an uncompressed downlink), or not."""
+        if on != self.full:
+            pattern = topics.global_wildcard(self.agent.cfg.fleet)
+            if on:
+                self.resyncs += 1
+                self.agent.transport.subscribe(pattern, self.agent.enqueue)
+            else:
+                self.agent.transport.unsubscribe(pattern)
+            self.full = on
 
     def init_path(self, payload_id: str) -> Path:
         return Path(self.agent.cfg.state_dir) / "init" / f"{check_id('payload_id', payload_id)}.safetensors"
@@ -118,3 +188,8 @@ class Fetcher:
             path.unlink(missing_ok=True)
             return None
         return data
+
+
+def _compressed_down(m: RoundManifest) -> bool:
+    section = m.training.get("compression") if isinstance(m.training, dict) else None
+    return isinstance(section, dict) and section.get("downlink", "none") != "none"

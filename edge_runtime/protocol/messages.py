@@ -22,6 +22,7 @@ from edge_runtime.errors import EdgeRuntimeError
 PROTOCOL_VERSION = 5
 MAX_LAYERS = 4096          # bound on ``layer_steps`` entries (one per transformer block)
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ProtocolError(EdgeRuntimeError, ValueError):
@@ -106,10 +107,15 @@ class RoundManifest:
     issued_at: float = 0.0                        # server wall clock (seconds since epoch)
     init_payload: PayloadRef | None = None        # the run's init adapter, for methods that need it (FeDeRA)
     assignments: dict = field(default_factory=dict)   # device -> its spec overrides this round (DropPEFT)
+    global_delta: PayloadRef | None = None        # compressed downlink: the global as a delta from ...
+    delta_base: str = ""                          # ... the global whose payload has this sha256 (hex)
 
     def __post_init__(self) -> None:
         check_id("run_id", self.run_id)
         _check_round(self.round)
+        if (self.global_delta is None) != (self.delta_base == "") or (
+                self.delta_base and not _SHA_RE.match(str(self.delta_base))):
+            raise ProtocolError("round.global_delta and round.delta_base (a sha256 in hex) come together")
         if self.action not in ("score", "train", "evaluate", "done"):
             raise ProtocolError(f"round.action must be score / train / evaluate / done, got {self.action!r:.40}")
         for d in self.participants:

@@ -5,6 +5,7 @@ Layout (``<fleet>`` isolates fleets sharing a broker; ``v1`` is the protocol ver
     efl/v1/<fleet>/round                         server -> all, retained RoundManifest
     efl/v1/<fleet>/global                        server -> all, retained GlobalAnnouncement
     efl/v1/<fleet>/global/chunk/<i>              server -> all, retained chunks of the global adapter
+    efl/v1/<fleet>/delta/chunk/<i>               server -> all, retained chunks of the global's compressed delta
     efl/v1/<fleet>/init/chunk/<i>                server -> all, retained chunks of the run's init adapter
                                                  (methods that need it, e.g. FeDeRA's A0 / B0)
     efl/v1/<fleet>/summary                       server -> observers, RoundSummary per round
@@ -33,7 +34,7 @@ DEVICE_KINDS = ("hello", "status", "heartbeat", "update", "update/chunk", "ack",
 @dataclass(frozen=True)
 class Topic:
     fleet: str
-    kind: str                  # round | global | global/chunk | init/chunk | summary | server/status | dev/<kind>
+    kind: str                  # round | global | global/chunk | init/chunk | delta/chunk | summary | server/status | dev/<kind>
     device_id: str | None = None
     index: int | None = None   # chunk index of the global / init adapter
 
@@ -60,6 +61,14 @@ def init_chunk_topic(fleet: str, index: int) -> str:
 
 def init_wildcard(fleet: str) -> str:
     return f"{_fleet(fleet)}/init/#"
+
+
+def delta_chunk_topic(fleet: str, index: int) -> str:
+    return f"{_fleet(fleet)}/delta/chunk/{int(index)}"
+
+
+def delta_wildcard(fleet: str) -> str:
+    return f"{_fleet(fleet)}/delta/#"
 
 
 def fleet_profile_topic(fleet: str) -> str:
@@ -99,7 +108,7 @@ def parse_topic(topic: str) -> Topic:
     fleet, rest = check_id("fleet", parts[2]), parts[3:]
     if rest in (["round"], ["global"], ["summary"], ["profile"], ["server", "status"]):
         return Topic(fleet, "/".join(rest))
-    if len(rest) == 3 and rest[0] in ("global", "init") and rest[1] == "chunk" and rest[2].isdigit():
+    if len(rest) == 3 and rest[0] in ("global", "init", "delta") and rest[1] == "chunk" and rest[2].isdigit():
         return Topic(fleet, f"{rest[0]}/chunk", index=int(rest[2]))
     if len(rest) >= 3 and rest[0] == "dev":
         kind = "/".join(rest[2:])

@@ -112,15 +112,18 @@ def weighted(accepted: Mapping[str, Mapping], key: str, weight: str = "n_samples
 
 
 def round_row(round_: int, participants: Sequence[str], accepted: Mapping[str, Mapping], global_bytes: int,
-              seconds: float, configurator: dict | None = None, defence: dict | None = None) -> dict:
+              seconds: float, configurator: dict | None = None, defence: dict | None = None,
+              delta_bytes: int | None = None) -> dict:
     """The history row of a training round that was aggregated (its accuracy is filled in by
-    :func:`record_eval` once devices have evaluated the new global)."""
+    :func:`record_eval` once devices have evaluated the new global). ``delta_bytes``: the new
+    global's compressed delta, what an in-sync device downloads instead of ``global_bytes``."""
     return {"round": round_, "participants": list(participants), "accepted": sorted(accepted),
             "weights": {d: a["n_samples"] for d, a in accepted.items()},
             "steps": {d: int(a["metrics"].get("train_steps", 0)) for d, a in accepted.items()},
             "bytes_up": sum(a["bytes"] for a in accepted.values()),
             "bytes_up_raw": sum(a.get("raw_bytes", a["bytes"]) for a in accepted.values()),
-            "bytes_down": global_bytes * len(participants),
+            "bytes_down": (delta_bytes or global_bytes) * len(participants),
+            "bytes_down_raw": global_bytes * len(participants),
             "seconds": seconds, "train_loss": weighted(accepted, "train_loss"),
             "train_seconds": weighted(accepted, "train_seconds"), "accuracy": None, "loss": None, "final": False,
             **({"layer_steps": {d: list(a["layer_steps"]) for d, a in accepted.items() if a.get("layer_steps")}}
@@ -130,11 +133,14 @@ def round_row(round_: int, participants: Sequence[str], accepted: Mapping[str, M
 
 
 def describe_bytes(row: Mapping) -> str:
-    """A round's traffic for the round lines: bytes up a device and how much smaller than uncompressed."""
-    n = max(1, len(row.get("accepted") or ()))
-    up, raw = row.get("bytes_up", 0), row.get("bytes_up_raw") or row.get("bytes_up", 0)
-    ratio = f" ({raw / up:.1f}x smaller)" if up and raw > up else ""
-    return f"up {up / n / 1e3:.1f} kB a device{ratio}"
+    """A round's traffic for the round lines: bytes up and down a device, and how much smaller than
+    uncompressed."""
+    def one(bytes_: int, raw: int, n: int) -> str:
+        return f"{bytes_ / max(1, n) / 1e3:.1f} kB a device" + (f" ({raw / bytes_:.1f}x smaller)" if bytes_ and raw > bytes_ else "")
+
+    up = one(row.get("bytes_up", 0), row.get("bytes_up_raw") or 0, len(row.get("accepted") or ()))
+    down = one(row.get("bytes_down", 0), row.get("bytes_down_raw") or 0, len(row.get("participants") or ()))
+    return f"up {up}, down {down}"
 
 
 def note_privacy(history: list[dict], spec: TrainingSpec) -> None:

@@ -1,9 +1,14 @@
-"""An update's bytes, both ways, for the agent, the server and the simulation alike: plain safetensors
-of the method's upload, or (the spec's ``compression.uplink`` / ``topk``) the compressed *delta*
-from the global the device trained from, with the sender's error-feedback residual.
+"""Updates and globals on the wire, for the agent, the server and the simulation alike.
 
-The server turns a compressed delta back into the state it stands for (``base + delta``), so the
-norm bound, robust aggregation, DP and every method's aggregate see real values, unchanged.
+Up: plain safetensors of the method's upload, or (``compression.uplink`` / ``topk``) the compressed
+*delta* from the global the device trained from, with the device's error-feedback residual. The
+server turns it back into the state it stands for (``base + delta``), so the norm bound, robust
+aggregation, DP and every method's aggregate see real values, unchanged.
+
+Down (``compression.downlink``): the new global as a compressed delta from the one devices hold,
+with the server's residual. The global in force *is* ``held + decoded delta``, computed from the
+bytes by the same function on the server and on every device, so all of them hold it bit for bit
+(the manifest names its sha256; a device that cannot rebuild it fetches it whole).
 """
 
 from __future__ import annotations
@@ -49,7 +54,38 @@ def decode_update(data: bytes, base: Mapping[str, Tensor], cfg: CompressionConfi
     ``base + delta`` in ``base``'s dtypes."""
     if not uplink_compressed(cfg):
         return decode_tensors(data)
-    delta = decode_delta(data, base, cfg.uplink, cfg.block)
+    return apply_delta(base, data, cfg.uplink, cfg.block)
+
+
+def downlink_compressed(cfg: CompressionConfig) -> bool:
+    return cfg.downlink != "none"
+
+
+def encode_global(new: Mapping[str, Tensor], held: Mapping[str, Tensor], cfg: CompressionConfig,
+                  residual: Mapping[str, Tensor] | None = None
+                  ) -> tuple[bytes | None, dict[str, Tensor], dict[str, Tensor] | None]:
+    """The server's aggregate ``new`` -> (the delta's bytes, the global in force, the new residual).
+
+    The global in force is ``held + decoded delta`` (what every device rebuilds from the bytes), not
+    ``new``: the difference is the residual, carried into the next round's delta when
+    ``cfg.error_feedback``. No delta (None, ``new`` as it is, no residual) when the downlink is
+    not compressed or the layout changed (a score round picks other tensors): devices fetch it whole."""
+    if not downlink_compressed(cfg) or {k: v.shape for k, v in new.items()} != {k: v.shape for k, v in held.items()}:
+        return None, dict(new), None
+    delta = {k: _minus(v, held[k]) for k, v in new.items()}
+    if residual is not None and {k: v.shape for k, v in residual.items()} != {
+            k: v.shape for k, v in delta.items() if v.is_floating_point()}:
+        residual = None   # kept for another layout: start again from zero
+    sent, new_residual = compress_state(delta, cfg.downlink, cfg.topk, cfg.block,
+                                        residual if cfg.error_feedback else None)
+    data = encode_delta(sent, cfg.downlink, cfg.block)
+    return data, apply_delta(held, data, cfg.downlink, cfg.block), (new_residual if cfg.error_feedback else None)
+
+
+def apply_delta(base: Mapping[str, Tensor], data: bytes, codec: str, block: int) -> dict[str, Tensor]:
+    """``base + decode(data)`` in ``base``'s dtypes (ProtocolError when the bytes are malformed or the
+    sum is not finite): how the server rebuilds an update and every party the global."""
+    delta = decode_delta(data, base, codec, block)
     out = {}
     for k, b in base.items():
         if not b.is_floating_point():

@@ -33,6 +33,9 @@ class Transport(Protocol):
     def subscribe(self, pattern: str, handler: Handler, qos: int = 1) -> None:
         """Deliver messages matching ``pattern`` (MQTT wildcards) to ``handler``; kept across reconnects."""
 
+    def unsubscribe(self, pattern: str) -> None:
+        """Stop delivering ``pattern`` (every handler subscribed with exactly that pattern)."""
+
     def on_connect(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` after every (re)connection, once subscriptions are restored."""
 

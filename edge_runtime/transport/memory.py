@@ -92,6 +92,9 @@ class MemoryTransport:
         for topic, payload in self.broker.retained_matching(pattern):
             self._queue.put((topic, payload, handler))
 
+    def unsubscribe(self, pattern: str) -> None:
+        self._subs = [(p, h) for p, h in self._subs if p != pattern]
+
     def on_connect(self, callback: Callable[[], None]) -> None:
         self._on_connect.append(callback)
 

@@ -201,6 +201,12 @@ class MqttTransport:
         if self._connected.is_set():
             self._client.subscribe(pattern, qos)
 
+    def unsubscribe(self, pattern: str) -> None:
+        with self._subs_lock:
+            self._subs = [s for s in self._subs if s[0] != pattern]
+        if self._connected.is_set():
+            self._client.unsubscribe(pattern)
+
     def on_connect(self, callback: Callable[[], None]) -> None:
         self._on_connect_cbs.append(callback)
 

@@ -23,6 +23,7 @@ from broker_server.store import StateError, Store
 from edge_runtime.algorithms.aggregation import Update
 from edge_runtime.methods import METHODS
 from edge_runtime.round.server import aggregate_checked
+from edge_runtime.round.wire import encode_global
 from edge_runtime.training.spec import TrainingSpec
 from tests.conftest import make_toy_rows, write_jsonl
 from tests.fleet_helpers import TOY_CORPUS
@@ -138,6 +139,11 @@ class ProcessFleet:
                                          # the fleet size a method scales by: devices that have done a round so far
                                          len({d for h2 in hist[1:h["round"] + 1] for d in h2["accepted"]}),
                                          h["round"]).global_state
+            spec = TrainingSpec.from_json(s["training"])
+            if spec.compression.downlink != "none":   # the global in force is what devices rebuild from its delta
+                carried = self.state_dir / "server" / f"downlink_{h['round'] - 1:05d}.safetensors"
+                _, expected, _ = encode_global(expected, load_file(self.state_dir / "global" / f"round_{h['round'] - 1:05d}.safetensors"),
+                                               spec.compression, load_file(carried) if carried.exists() else None)
             got = load_file(self.state_dir / "global" / f"round_{h['round']:05d}.safetensors")
             for k in expected:
                 torch.testing.assert_close(got[k], expected[k])
@@ -231,13 +237,15 @@ def test_agent_killed_mid_upload_then_restarted(fleet):
 
 
 def test_compressed_updates_over_mosquitto_with_an_agent_killed_mid_upload(tmp_path, mosquitto):
-    """int4 deltas of the top 30% entries with error feedback. dev2 dies after the first chunk of its
-    round-1 update and restarts: it re-sends the persisted update (same key), counted once (the
-    aggregate is recomputed from the decoded updates the server stored); its residual becomes the
-    one of the update the server accepted, and carries into round 2."""
+    """int4 deltas of the top 30% entries with error feedback, both ways. dev2 dies after the first
+    chunk of its round-1 update and restarts: it re-sends the persisted update (same key), counted
+    once (the aggregate is recomputed from the decoded updates the server stored, then passed
+    through the downlink as the server does); its residual becomes the one of the update the server
+    accepted, and carries into round 2; every device ends holding the server's final global."""
     from edge_runtime.agent.residual import FILE
 
     fleet = ProcessFleet(tmp_path, mosquitto, extra_server_args=("--set", "compression.uplink=int4",
+                                                                 "--set", "compression.downlink=int4",
                                                                  "--set", "compression.topk=0.3"))
     try:
         fleet.start_server()
@@ -255,9 +263,14 @@ def test_compressed_updates_over_mosquitto_with_an_agent_killed_mid_upload(tmp_p
     stored = fleet.state_dir / "updates" / "round_00001" / f"dev2__{pending['update_id']}.safetensors"
     assert stored.exists()
     for h in s["history"][1:3]:
-        assert h["bytes_up_raw"] > 2.5 * h["bytes_up"], h
+        assert h["bytes_up_raw"] > 2.5 * h["bytes_up"] and h["bytes_down_raw"] > 2.5 * h["bytes_down"], h
+    final = (fleet.state_dir / "global" / "round_00002.safetensors").read_bytes()
     for k in range(3):
         assert (tmp_path / f"dev{k}" / FILE).exists() and not list((tmp_path / f"dev{k}" / "pending").glob("*.residual.*"))
+        # every device rebuilt the final global from deltas, bit for bit (the restarted one from the
+        # global it had kept on disk)
+        assert (tmp_path / f"dev{k}" / "model" / "global.safetensors").read_bytes() == final, k
+        assert "cannot rebuild" not in fleet.log(f"dev{k}.log")
 
 
 @pytest.mark.parametrize("method", ["federa", "fdlora", "fedpeptao"])

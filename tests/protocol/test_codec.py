@@ -76,9 +76,10 @@ def _update_body(**over):
     (_update_body(layer_steps=[1, 2.5]), "update.layer_steps must be a list of integers"),
     (_update_body(layer_steps=[True]), "update.layer_steps must be a list of integers"),
     (_update_body(layer_steps=list(range(4097))), "at most 4096"),
-    (_update_body(v=1), "unsupported protocol version 1; this runtime speaks 4"),   # a protocol-1 device
-    (_update_body(v=2), "unsupported protocol version 2; this runtime speaks 4"),   # before signatures
-    (_update_body(v=3), "unsupported protocol version 3; this runtime speaks 4"),   # before the spec's dp section
+    (_update_body(v=1), "unsupported protocol version 1; this runtime speaks 5"),   # a protocol-1 device
+    (_update_body(v=2), "unsupported protocol version 2; this runtime speaks 5"),   # before signatures
+    (_update_body(v=3), "unsupported protocol version 3; this runtime speaks 5"),   # before the spec's dp section
+    (_update_body(v=4), "unsupported protocol version 4; this runtime speaks 5"),   # before compression
     (b'{"v": 5, "type": "update", "run_id": "r"}', "missing field"),
     (b'{"v": 5, "type": "heartbeat", "device_id": "d", "sent_at": NaN}', "NaN is not allowed"),
     (b'{"v": 5, "type": "hello", "device_id": "d", "profile": ' + b'{"a":' * 12 + b"1" + b"}" * 12 + b"}",

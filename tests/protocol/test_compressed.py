@@ -151,3 +151,38 @@ def test_bad_compressed_payloads_are_refused_with_a_reason(codec, make, reason):
     with pytest.raises(ProtocolError) as e:
         decode_delta(make(), REF, codec, 64)
     assert reason in str(e.value), str(e.value)
+
+
+def test_server_and_devices_hold_the_same_global_bit_for_bit_after_5_compressed_rounds():
+    import hashlib
+
+    from edge_runtime.algorithms.compression import CompressionConfig
+    from edge_runtime.protocol.codec import encode_tensors
+    from edge_runtime.round.wire import apply_delta, encode_global
+
+    cfg = CompressionConfig(uplink="int4", downlink="int4", topk=0.5)
+    g = torch.Generator().manual_seed(1)
+    server = {"a.lora_A": torch.zeros(8, 64), "head.bias": torch.zeros(5)}
+    devices = [dict(server), dict(server)]
+    residual = {k: torch.zeros_like(v) for k, v in server.items()}
+    for _ in range(5):
+        aggregate = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in server.items()}
+        carried = residual
+        data, server, residual = encode_global(aggregate, server, cfg, carried)
+        devices = [apply_delta(d, data, cfg.downlink, cfg.block) for d in devices]
+        digest = hashlib.sha256(encode_tensors(server)).hexdigest()
+        assert all(hashlib.sha256(encode_tensors(d)).hexdigest() == digest for d in devices)
+        # what the devices hold plus the new residual is the aggregate plus what was carried in
+        for k in server:
+            torch.testing.assert_close(server[k] + residual[k], aggregate[k] + carried[k], rtol=0, atol=1e-6)
+
+
+def test_no_delta_when_the_downlink_is_plain_or_the_layout_changes():
+    from edge_runtime.algorithms.compression import CompressionConfig
+    from edge_runtime.round.wire import encode_global
+
+    held = {"w": torch.zeros(4)}
+    new = {"w": torch.ones(4)}
+    assert encode_global(new, held, CompressionConfig(uplink="int4"))[0] is None
+    data, wire, res = encode_global({"v": torch.ones(3)}, held, CompressionConfig(downlink="int8"))
+    assert data is None and res is None and wire["v"].tolist() == [1.0, 1.0, 1.0]

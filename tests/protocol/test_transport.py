@@ -57,3 +57,49 @@ def test_broker_urls():
     from edge_runtime.errors import ConfigError
     with pytest.raises(ConfigError, match="scheme"):
         BrokerAddress.parse("http://x")
+
+
+def _unsubscribe_stops_delivery_and_resubscribing_replays_retained(pub, sub):
+    import time
+
+    pub.publish("g/chunk/0", b"v1", retain=True)
+    got, ev = _collect(sub, "g/#")
+    assert ev.wait(10) and got == [("g/chunk/0", b"v1")]
+    sub.unsubscribe("g/#")
+    time.sleep(0.5)   # the UNSUBSCRIBE reaches the broker before the next publish
+    pub.publish("g/chunk/0", b"v2", retain=True)
+    time.sleep(0.5)
+    assert got == [("g/chunk/0", b"v1")]              # nothing after the unsubscribe
+    again, ev2 = _collect(sub, "g/#")
+    assert ev2.wait(10) and again == [("g/chunk/0", b"v2")]   # the retained copy, on subscribing again
+
+
+def test_memory_transport_unsubscribe():
+    b = MemoryBroker()
+    pub, sub = MemoryTransport(b, "pub"), MemoryTransport(b, "sub")
+    pub.start()
+    sub.start()
+    try:
+        _unsubscribe_stops_delivery_and_resubscribing_replays_retained(pub, sub)
+    finally:
+        pub.stop()
+        sub.stop()
+
+
+def test_mqtt_transport_unsubscribe_over_mosquitto(tmp_path):
+    """What a device does to stop and resume receiving the whole global (a compressed downlink)."""
+    from edge_runtime.transport.mqtt import MqttTransport
+    from tests.integration.mosquitto import Mosquitto
+
+    broker = Mosquitto(tmp_path / "m").start()
+    pub = MqttTransport(BrokerAddress.parse(broker.url), client_id="pub")
+    sub = MqttTransport(BrokerAddress.parse(broker.url), client_id="sub")
+    try:
+        for t in (pub, sub):
+            t.start()
+            assert t.wait_connected(10)
+        _unsubscribe_stops_delivery_and_resubscribing_replays_retained(pub, sub)
+    finally:
+        pub.stop(2)
+        sub.stop(2)
+        broker.stop()

@@ -135,3 +135,31 @@ def test_a_compressed_fleet_learns_and_reports_its_bytes(tmp_path):
     for k in range(3):   # each device kept the residual of its last accepted update
         r = load_residual(tmp_path / f"dev{k}", "run-test", fleet.coordinator.global_state)
         assert r is not None and all(float(v.abs().sum()) > 0 for v in r.values())
+
+
+def test_both_ways_compressed_devices_hold_the_servers_global_bit_for_bit_and_resync(tmp_path):
+    """int4 up and down, two of three devices a round: a device that sat a round out holds no base
+    for the next delta and fetches the whole global (a resync); every device holds exactly the
+    server's bytes of the last global it worked on."""
+    spec = _spec(CompressionConfig(uplink="int4", downlink="int4", topk=0.5))
+    # seed 1 picks dev0+dev1, dev1+dev2, dev0+dev2, dev0+dev1: dev0 and dev1 each sit one round out
+    fleet = InProcessFleet(tmp_path, n_devices=3, rounds=4, spec=spec, devices_per_round=2, seed=1)
+    fleet.start()
+    try:
+        fleet.wait_done()
+    finally:
+        fleet.close()
+    hist = Store(tmp_path / "server").load()["history"]
+    for k in range(3):
+        record = json.loads((tmp_path / f"dev{k}" / "model" / "device.json").read_text())
+        server = tmp_path / "server" / "global" / f"round_{record['global_round']:05d}.safetensors"
+        assert (tmp_path / f"dev{k}" / "model" / "global.safetensors").read_bytes() == server.read_bytes(), k
+    for h in hist[1:5]:
+        assert h["bytes_down_raw"] > 3 * h["bytes_down"] > 0, h
+    resyncs = {a.cfg.device_id: a.fetcher.resyncs for a in fleet.agents}
+    # a device that took part, sat a round out, and came back (before its first round a device
+    # listens to the whole global anyway: it has nothing to apply a delta to)
+    came_back = {d for r in range(2, 4) for d in hist[r + 1]["participants"] if d not in hist[r]["participants"]
+                 and any(d in hist[j]["participants"] for j in range(1, r))}
+    assert came_back, [h["participants"] for h in hist]
+    assert all(resyncs[d] >= 2 for d in came_back), (resyncs, came_back)   # at the start, and after sitting out
