@@ -210,14 +210,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"{d['device_id']:<16}{d['rounds_done']:>8}{d['n_samples']:>9}{seen:>14}  {d['runtime_version']}")
     if len(shown) < len(devices):
         print(f"... and {len(devices) - len(shown)} more that did fewer rounds (--all lists them)")
-    print(f"\n{'round':>5}{'devices':>9}{'MB up':>8}{'x up':>7}{'MB down':>9}{'seconds':>9}{'accuracy':>10}"
-          f"{'train loss':>12}")
+    print(f"\n{'round':>5}{'devices':>9}{'MB up':>8}{'x up':>7}{'MB down':>9}{'x down':>8}{'seconds':>9}"
+          f"{'accuracy':>10}{'train loss':>12}")
     for h in state["history"]:
         acc = f"{100 * h['accuracy']:.1f}%" if h["accuracy"] is not None else "-"
         tl = f"{h['train_loss']:.3f}" if h["train_loss"] is not None else "-"
-        ratio = f"{h['bytes_up_raw'] / h['bytes_up']:.1f}" if h.get("bytes_up") and h.get("bytes_up_raw") else "-"
-        print(f"{h['round']:>5}{len(h['accepted']):>9}{h['bytes_up'] / 1e6:>8.2f}{ratio:>7}{h['bytes_down'] / 1e6:>9.2f}"
-              f"{h['seconds']:>9.1f}{acc:>10}{tl:>12}")
+        up, down = (f"{h[f'{k}_raw'] / h[k]:.1f}" if h.get(k) and h.get(f"{k}_raw") else "-"
+                    for k in ("bytes_up", "bytes_down"))
+        print(f"{h['round']:>5}{len(h['accepted']):>9}{h['bytes_up'] / 1e6:>8.2f}{up:>7}{h['bytes_down'] / 1e6:>9.2f}"
+              f"{down:>8}{h['seconds']:>9.1f}{acc:>10}{tl:>12}")
     _print_configurator(state)
     for e in (state.get("errors") or [])[-5:]:
         print(f"\nERROR round {e['round']} ({e['phase']}) {e['what']}: {e['error']}")

@@ -29,7 +29,9 @@ def compress_global(run: "Coordinator", round_: int, new: dict[str, Tensor]) -> 
     s, cfg, store = run.state, run.spec.compression, run.store
     if not downlink_compressed(cfg):
         return new
-    residual = store.read_tensors(store.resolve(s["downlink_file"])) if s.get("downlink_file") else None
+    kept = store.resolve(s["downlink_file"]) if s.get("downlink_file") else None
+    # (after failed rounds in a row the residual's round may be pruned: the delta starts again from zero)
+    residual = store.read_tensors(kept) if kept is not None and kept.exists() else None
     data, wire, new_residual = encode_global(new, run.global_state, cfg, residual)
     if data is None:   # another layout: devices fetch it whole
         clear_delta(run)

@@ -50,6 +50,9 @@ class RunState(TypedDict, total=False):
     global_file: str                    # the global in force, relative to the state folder
     server_file: str                    # the method's server-side tensors (FedPepTAO), when it has any
     configurator_file: str              # the method's configurator state, JSON (DropPEFT's bandit)
+    delta_file: str                     # the global's compressed delta (compression.downlink), when it has one
+    delta_base: str                     # sha256 (hex) of the global payload that delta applies to
+    downlink_file: str                  # the server's downlink error-feedback residual
     accepted: dict[str, Accepted]
     assignments: dict[str, dict]        # the configurator's per-device overrides this round (DropPEFT)
     configurator: dict[str, dict]       # what it offered, for the history row

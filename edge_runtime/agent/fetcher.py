@@ -127,7 +127,8 @@ class Fetcher:
         ref = m.global_payload
         if ref is None:
             return None
-        blob = self.global_blobs.get((ref.payload_id, ref.sha256)) or self._rebuild(m)
+        # by sha256, the content the signed manifest names (a global kept on disk has no payload id)
+        blob = next((b for (_, sha), b in self.global_blobs.items() if sha == ref.sha256), None) or self._rebuild(m)
         self.want_full(blob is None and self._needs_full(m) or (blob is not None and not _compressed_down(m)))
         return blob
 
@@ -167,6 +168,8 @@ class Fetcher:
             pattern = topics.global_wildcard(self.agent.cfg.fleet)
             if on:
                 self.resyncs += 1
+                if self.resyncs > 1:
+                    log.info("fetching the whole global (resync): no global held that its delta applies to")
                 self.agent.transport.subscribe(pattern, self.agent.enqueue)
             else:
                 self.agent.transport.unsubscribe(pattern)

@@ -318,6 +318,11 @@ def test_over_the_provisioned_broker_a_replayed_update_and_a_revoked_device_are_
         assert dev2_sent.wait(120), "dev2 never sent its round-1 update"
         try:
             Enrolment(fleet.state_dir).revoke("dev2")
+            # the server re-reads the enrolment within a second of a change (on the next message):
+            # dev2 stays frozen until it has, or its round-2 update could still slip in
+            deadline = time.monotonic() + 30
+            while "enrolment changed" not in fleet.log("server.log") and time.monotonic() < deadline:
+                time.sleep(0.1)
         finally:
             fleet.agents[2].send_signal(signal.SIGCONT)
         fleet.wait_for(lambda s: s.get("round") == 2 and s.get("phase") == "train", "round 2 to open")

@@ -273,6 +273,33 @@ def test_compressed_updates_over_mosquitto_with_an_agent_killed_mid_upload(tmp_p
         assert "cannot rebuild" not in fleet.log(f"dev{k}.log")
 
 
+def test_devices_that_sit_compressed_rounds_out_resync_over_mosquitto(tmp_path, mosquitto):
+    """Both ways int4, two of three devices a round (seed 1 picks dev0+dev1, dev1+dev2, dev0+dev2,
+    dev0+dev1): dev0 sits round 2 out and dev1 round 3. Back, each holds a global older than the
+    base of the delta in force, so it fetches the whole global once (a device that is not a
+    participant does not follow the deltas), trains, and every device ends holding the server's
+    global bit for bit; each update is counted once."""
+    fleet = ProcessFleet(tmp_path, mosquitto, rounds=4, epochs=3,
+                         extra_server_args=("--set", "compression.uplink=int4", "--set", "compression.downlink=int4",
+                                            "--devices-per-round", "2", "--seed", "1"))
+    try:
+        fleet.start()
+        s = fleet.wait_for(lambda s: s["phase"] == "done", "the run to finish", timeout=300)
+    finally:
+        fleet.close()
+    picked = [sorted(h["accepted"]) for h in s["history"][1:5]]
+    assert picked == [["dev0", "dev1"], ["dev1", "dev2"], ["dev0", "dev2"], ["dev0", "dev1"]], picked
+    assert {d: e["rounds_done"] for d, e in s["devices"].items()} == {"dev0": 3, "dev1": 3, "dev2": 2}
+    for d in ("dev0", "dev1"):
+        assert "fetching the whole global (resync)" in fleet.log(f"{d}.log"), d
+    for k in range(3):
+        record = json.loads((tmp_path / f"dev{k}" / "model" / "device.json").read_text())
+        server = fleet.state_dir / "global" / f"round_{record['global_round']:05d}.safetensors"
+        assert (tmp_path / f"dev{k}" / "model" / "global.safetensors").read_bytes() == server.read_bytes(), k
+    for h in s["history"][1:5]:
+        assert h["bytes_down_raw"] > 2.5 * h["bytes_down"], h
+
+
 @pytest.mark.parametrize("method", ["federa", "fdlora", "fedpeptao"])
 def test_methods_over_mosquitto_with_an_agent_restart(tmp_path, mosquitto, method):
     """The init payload (FeDeRA), the personal state (FDLoRA; FedPepTAO's personal prompts and AdamW
