@@ -6,7 +6,7 @@ Arms (``--arms`` picks some):
 
 - ``none``: fp32 state up, the whole global down (the reference);
 - ``fp16``, ``int8``, ``int4``, ``nf4``: dense deltas, blockwise quantized (64 values a scale);
-- ``int4+top30``, ``int4+top30/no-ef``: int4 of each tensor's largest 30% entries, with and
+- ``int4+top25``, ``int4+top25/no-ef``: int4 of each tensor's largest 25% entries, with and
   without error feedback (what the feedback buys);
 - ``none/no-pooler``, ``int4/no-pooler``: the structural lever: BERT's pooler (147,840 of MiniLM's
   231,578 trainable parameters) frozen instead of trained and shared (``lora.train_pooler=false``).
@@ -15,8 +15,9 @@ Per arm and round: global test accuracy, bytes up and down a device (on the wire
 the uncompressed fp32 state (the reference arm's bytes); rounds and cumulative MB to the target
 accuracy (``--target``, default 95% of the reference arm's final accuracy at that alpha).
 
-Writes scripts/results/compression.json (after every arm) and compression.png (accuracy against
-cumulative MB a device, one panel per alpha).
+Writes scripts/results/compression.json (after every arm) and compression.png (accuracy after each
+round against the cumulative MB a device has sent and received, one panel per alpha; the first
+download of the initial global, the same for every arm, is left out).
 
     python scripts/bench_compression.py                         # both alphas, ~80 min on 2 CPU cores
     python scripts/bench_compression.py --alphas 0.5            # one alpha; results merge into the JSON
@@ -46,8 +47,8 @@ ARMS = {   # name -> (compression both ways, train the pooler)
     "int8": (CompressionConfig(uplink="int8", downlink="int8"), True),
     "int4": (CompressionConfig(uplink="int4", downlink="int4"), True),
     "nf4": (CompressionConfig(uplink="nf4", downlink="nf4"), True),
-    "int4+top30": (CompressionConfig(uplink="int4", downlink="int4", topk=0.3), True),
-    "int4+top30/no-ef": (CompressionConfig(uplink="int4", downlink="int4", topk=0.3, error_feedback=False), True),
+    "int4+top25": (CompressionConfig(uplink="int4", downlink="int4", topk=0.25), True),
+    "int4+top25/no-ef": (CompressionConfig(uplink="int4", downlink="int4", topk=0.25, error_feedback=False), True),
     "none/no-pooler": (CompressionConfig(), False),
     "int4/no-pooler": (CompressionConfig(uplink="int4", downlink="int4"), False),
 }
@@ -85,7 +86,13 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=None, help="accuracy to reach (default: 95%% of the reference's final)")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--out", type=Path, default=RESULTS / "compression.json")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON")
     args = ap.parse_args()
+    if args.plot_only:
+        import json
+
+        plot(args.out.with_suffix(".png"), json.loads(args.out.read_text()))
+        return
     logging.basicConfig(level=logging.WARNING)
     train = TrainConfig(epochs=1, batch_size=16, lr=1e-3, max_seq_len=64)
     result = {}
@@ -153,11 +160,12 @@ def plot(path: Path, result: dict) -> None:
     fig, axes = plt.subplots(1, len(alphas), figsize=(6.0 * len(alphas), 4.2), dpi=110, squeeze=False)
     for ax, (key, res) in zip(axes[0], alphas.items()):
         for name, a in res["arms"].items():
-            ax.plot([p["cum_mb"] for p in a["points"]], [100 * p["accuracy"] for p in a["points"]],
+            pts = [p for p in a["points"] if p["cum_mb"] > 0]   # after each training round
+            ax.plot([p["cum_mb"] for p in pts], [100 * p["accuracy"] for p in pts],
                     marker="o", markersize=3, label=f"{name} ({a.get('bytes_ratio', 1):.1f}x)")
         if "target" in res:
             ax.axhline(100 * res["target"], linestyle="--", linewidth=1, color="gray")
-        ax.set_xscale("symlog", linthresh=0.1)
+        ax.set_xscale("log")
         ax.set_xlabel("cumulative MB a device (up + down)")
         ax.set_ylabel("global accuracy (%)")
         ax.set_title(f"MiniLM-L6, WordNet, {result['setting']['devices']} devices, {key}", fontsize=10)
