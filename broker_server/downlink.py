@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from edge_runtime.round.wire import downlink_compressed, encode_global
+from edge_runtime.round.wire import encode_global
 
 if TYPE_CHECKING:
     from broker_server.coordinator import Coordinator
@@ -27,7 +27,7 @@ log = logging.getLogger("broker_server.coordinator")
 def compress_global(run: "Coordinator", round_: int, new: dict[str, Tensor]) -> dict[str, Tensor]:
     """The global in force after ``round_`` (``new`` itself when the downlink is not compressed)."""
     s, cfg, store = run.state, run.spec.compression, run.store
-    if not downlink_compressed(cfg):
+    if not cfg.compresses_downlink:
         return new
     kept = store.resolve(s["downlink_file"]) if s.get("downlink_file") else None
     # (after failed rounds in a row the residual's round may be pruned: the delta starts again from zero)

@@ -19,7 +19,7 @@ from edge_runtime.protocol.chunking import Reassembler, parse_chunk
 from edge_runtime.protocol.codec import encode_tensors
 from edge_runtime.protocol.messages import Ack, ProtocolError, UpdateManifest
 from edge_runtime.round.server import as_update, finite_metrics
-from edge_runtime.round.wire import decode_update, uplink_compressed
+from edge_runtime.round.wire import decode_update
 from edge_runtime.service.faults import crash_point
 
 if TYPE_CHECKING:
@@ -188,7 +188,7 @@ class Ingest:
         except (ProtocolError, AggregationError) as exc:
             self._reply(m.device_id, m.round, m.update_id, False, str(exc))
             return
-        stored = encode_tensors(tensors) if uplink_compressed(compression) else data
+        stored = encode_tensors(tensors) if compression.compresses_uplink else data
         path = self.run.store.update_path(m.round, m.device_id, m.update_id)
         crash_point("update:before_write")
         try:

@@ -25,7 +25,8 @@ class Publisher:
         self.transport, self.fleet, self.clock = transport, fleet, clock
         self.security = security or Security()
         self._framed: dict[str, tuple[bytes, PayloadRef, list[bytes]]] = {}   # what was last cut into chunks
-        self._digest: tuple[bytes | None, str] = (None, "")
+        self._digest: tuple[bytes | None, str] = (None, "")         # the global in force, its sha256
+        self._delta_digest: tuple[bytes | None, str] = (None, "")   # its delta, the delta's sha256
 
     def frames(self, payload_id: str, blob: bytes) -> tuple[PayloadRef, list[bytes]]:
         """``split_payload``, computed once per payload: manifests re-published every few seconds name it."""
@@ -50,7 +51,9 @@ class Publisher:
         """The compressed delta that turns the global ``state["delta_base"]`` into the one in force."""
         if blob is None or not state.get("delta_base"):
             return None
-        name = f"d{max(state['round'] - 1, 0):05d}-{hashlib.sha256(blob).hexdigest()[:10]}-{state['run_id'][-20:]}"
+        if self._delta_digest[0] is not blob:   # hashed once, not at every manifest
+            self._delta_digest = (blob, hashlib.sha256(blob).hexdigest()[:10])
+        name = f"d{max(state['round'] - 1, 0):05d}-{self._delta_digest[1]}-{state['run_id'][-20:]}"
         return self.frames(name.replace("_", "-")[:64], blob)[0]
 
     def init_payload(self, run_id: str, blob: bytes | None, publish: bool = False) -> PayloadRef | None:

@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edge_runtime.algorithms.compression import CompressionConfig
 from edge_runtime.atomic_io import write_bytes_atomic
 from edge_runtime.errors import ConfigError
 from edge_runtime.protocol import topics
@@ -23,7 +24,7 @@ from edge_runtime.protocol.chunking import Reassembler
 from edge_runtime.protocol.codec import decode_tensors, encode_tensors
 from edge_runtime.protocol.messages import PayloadRef, ProtocolError, RoundManifest, check_id
 from edge_runtime.round.wire import apply_delta
-from edge_runtime.training.spec import TrainingSpec
+from edge_runtime.training.spec import dataclass_from_json
 
 if TYPE_CHECKING:
     from edge_runtime.agent.core import Agent
@@ -129,7 +130,8 @@ class Fetcher:
             return None
         # by sha256, the content the signed manifest names (a global kept on disk has no payload id)
         blob = next((b for (_, sha), b in self.global_blobs.items() if sha == ref.sha256), None) or self._rebuild(m)
-        self.want_full(blob is None and self._needs_full(m) or (blob is not None and not _compressed_down(m)))
+        self.want_full(blob is None and self._needs_full(m)
+                       or (blob is not None and not _compression(m).compresses_downlink))
         return blob
 
     def _base_for(self, m: RoundManifest) -> bytes | None:
@@ -147,9 +149,9 @@ class Fetcher:
         if delta is None or base is None or (d.payload_id, d.sha256) in self._unbuildable:
             return None
         try:
-            cfg = TrainingSpec.from_json(m.training).compression
+            cfg = _compression(m)
             blob = encode_tensors(apply_delta(decode_tensors(base), delta, cfg.downlink, cfg.block))
-        except (ProtocolError, ConfigError) as exc:
+        except ProtocolError as exc:
             blob, why = None, str(exc)
         else:
             why = "its sha256 is not the manifest's"
@@ -193,6 +195,11 @@ class Fetcher:
         return data
 
 
-def _compressed_down(m: RoundManifest) -> bool:
-    section = m.training.get("compression") if isinstance(m.training, dict) else None
-    return isinstance(section, dict) and section.get("downlink", "none") != "none"
+def _compression(m: RoundManifest) -> CompressionConfig:
+    """The manifest's ``compression`` section; an unreadable one counts as none (the whole global is
+    fetched, and the worker refuses the spec with its reason)."""
+    section = m.training.get("compression", {}) if isinstance(m.training, dict) else {}
+    try:
+        return dataclass_from_json(CompressionConfig, section, "compression")
+    except ConfigError:
+        return CompressionConfig()

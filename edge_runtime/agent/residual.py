@@ -8,15 +8,13 @@ what the server has counted. A refused or dropped update leaves the last one in 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import struct
 from pathlib import Path
 from typing import Mapping
 
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_save
+from safetensors import safe_open
+from safetensors.torch import load_file, save as safetensors_save
 from torch import Tensor
 
 from edge_runtime.atomic_io import write_bytes_atomic
@@ -32,9 +30,9 @@ def load_residual(state_dir: Path, run_id: str, reference: Mapping[str, Tensor])
     if not path.exists():
         return None
     try:
-        data = path.read_bytes()
-        tensors = safetensors_load(data)
-        meta = _metadata(data)
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(path)
     except Exception as exc:   # a damaged file costs the residual, not the round
         log.warning("ignoring the error-feedback residual %s: %s", path, exc)
         return None
@@ -63,9 +61,3 @@ def commit_residual(state_dir: Path, staged: str | None, accepted: bool) -> None
         os.replace(staged, Path(state_dir) / FILE)
     else:
         Path(staged).unlink(missing_ok=True)
-
-
-def _metadata(data: bytes) -> dict:
-    (size,) = struct.unpack("<Q", data[:8])
-    head = json.loads(data[8:8 + size])
-    return head.get("__metadata__") or {}

@@ -29,7 +29,7 @@ from edge_runtime.methods.personal import PersonalState, load_personal, save_per
 from edge_runtime.protocol.codec import decode_tensors
 from edge_runtime.protocol.messages import ProtocolError, RoundManifest
 from edge_runtime.round.device import device_round
-from edge_runtime.round.wire import encode_update, uplink_compressed
+from edge_runtime.round.wire import encode_update
 from edge_runtime.training.data import Splits, local_splits, resolve_dataset
 from edge_runtime.training.models import bitsandbytes_problem
 from edge_runtime.training.spec import TrainingSpec, build_model, with_assignment
@@ -159,7 +159,7 @@ class RoundWorker:
         """The update's bytes under ``pending/`` (compressed as the run says, from ``base``, the global
         it trained from), and the error-feedback residual staged beside it (None without one)."""
         file = Path(self.agent.cfg.state_dir) / "pending" / f"{update_id}.safetensors"
-        feedback = spec.compression.error_feedback and uplink_compressed(spec.compression)
+        feedback = spec.compression.error_feedback and spec.compression.compresses_uplink
         residual = load_residual(self.agent.cfg.state_dir, m.run_id, upload) if feedback else None
         data, residual = encode_update(upload, base, spec.compression, residual)
         write_bytes_atomic(file, data)

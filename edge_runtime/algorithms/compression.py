@@ -65,8 +65,14 @@ class CompressionConfig:
             raise ConfigError(f"compression.block must be an integer in [8, 4096], got {self.block!r}")
 
     @property
-    def enabled(self) -> bool:
-        return self.uplink != "none" or self.downlink != "none" or self.topk < 1
+    def compresses_uplink(self) -> bool:
+        """Devices send compressed deltas (a codec, or top-k of plain values)."""
+        return self.uplink != "none" or self.topk < 1
+
+    @property
+    def compresses_downlink(self) -> bool:
+        """The server sends each new global as a compressed delta."""
+        return self.downlink != "none"
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,6 @@ from edge_runtime.protocol.compressed import decode_delta, encode_delta
 from edge_runtime.protocol.messages import ProtocolError
 
 
-def uplink_compressed(cfg: CompressionConfig) -> bool:
-    return cfg.uplink != "none" or cfg.topk < 1
-
-
 def encode_update(upload: Mapping[str, Tensor], base: Mapping[str, Tensor], cfg: CompressionConfig,
                   residual: Mapping[str, Tensor] | None = None) -> tuple[bytes, dict[str, Tensor] | None]:
     """``upload`` (the method's trainable state after training) -> (its bytes, the new residual).
@@ -37,7 +33,7 @@ def encode_update(upload: Mapping[str, Tensor], base: Mapping[str, Tensor], cfg:
     ``residual`` when ``cfg.error_feedback``), quantized / sparsified; the residual returned is
     what that could not carry (None without error feedback). ``base`` must hold the upload's keys
     (the server refuses an update whose keys are not the global's anyway)."""
-    if not uplink_compressed(cfg):
+    if not cfg.compresses_uplink:
         return encode_tensors(upload), None
     missing = sorted(set(upload) - set(base))
     if missing:
@@ -52,13 +48,9 @@ def decode_update(data: bytes, base: Mapping[str, Tensor], cfg: CompressionConfi
     """Bytes from a device -> the state they stand for (ProtocolError when they are malformed).
     A compressed delta must name exactly ``base``'s tensors, in their shapes; the state is
     ``base + delta`` in ``base``'s dtypes."""
-    if not uplink_compressed(cfg):
+    if not cfg.compresses_uplink:
         return decode_tensors(data)
     return apply_delta(base, data, cfg.uplink, cfg.block)
-
-
-def downlink_compressed(cfg: CompressionConfig) -> bool:
-    return cfg.downlink != "none"
 
 
 def encode_global(new: Mapping[str, Tensor], held: Mapping[str, Tensor], cfg: CompressionConfig,
@@ -70,7 +62,7 @@ def encode_global(new: Mapping[str, Tensor], held: Mapping[str, Tensor], cfg: Co
     ``new``: the difference is the residual, carried into the next round's delta when
     ``cfg.error_feedback``. No delta (None, ``new`` as it is, no residual) when the downlink is
     not compressed or the layout changed (a score round picks other tensors): devices fetch it whole."""
-    if not downlink_compressed(cfg) or {k: v.shape for k, v in new.items()} != {k: v.shape for k, v in held.items()}:
+    if not cfg.compresses_downlink or {k: v.shape for k, v in new.items()} != {k: v.shape for k, v in held.items()}:
         return None, dict(new), None
     delta = {k: _minus(v, held[k]) for k, v in new.items()}
     if residual is not None and {k: v.shape for k, v in residual.items()} != {

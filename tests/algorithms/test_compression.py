@@ -134,5 +134,6 @@ def test_the_config_names_the_bad_field(field, value):
 
 
 def test_the_default_config_compresses_nothing():
-    assert not CompressionConfig().enabled
-    assert CompressionConfig(uplink="int4").enabled and CompressionConfig(topk=0.5).enabled
+    assert not CompressionConfig().compresses_uplink and not CompressionConfig().compresses_downlink
+    assert CompressionConfig(uplink="int4").compresses_uplink and CompressionConfig(topk=0.5).compresses_uplink
+    assert CompressionConfig(downlink="int8").compresses_downlink
