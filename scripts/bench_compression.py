@@ -9,7 +9,9 @@ Arms (``--arms`` picks some):
 - ``int4+top25``, ``int4+top25/no-ef``: int4 of each tensor's largest 25% entries, with and
   without error feedback (what the feedback buys);
 - ``none/no-pooler``, ``int4/no-pooler``: the structural lever: BERT's pooler (147,840 of MiniLM's
-  231,578 trainable parameters) frozen instead of trained and shared (``lora.train_pooler=false``).
+  231,578 trainable parameters) frozen instead of trained and shared (``lora.train_pooler=false``);
+- ``none/pooler-lora``, ``int8/pooler-lora``, ``int4/pooler-lora``: the pooler trained through a
+  rank-8 LoRA on its dense layer (``lora.train_pooler=lora``: 6,144 parameters instead of 147,840).
 
 Per arm and round: global test accuracy, bytes up and down a device (on the wire), the ratio to
 the uncompressed fp32 state (the reference arm's bytes); rounds and cumulative MB to the target
@@ -41,7 +43,7 @@ from edge_runtime.simulation import SimulationConfig, run_simulation
 from edge_runtime.training.trainer import TrainConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ARMS = {   # name -> (compression both ways, train the pooler)
+ARMS = {   # name -> (compression both ways, lora.train_pooler)
     "none": (CompressionConfig(), True),
     "fp16": (CompressionConfig(uplink="fp16", downlink="fp16"), True),
     "int8": (CompressionConfig(uplink="int8", downlink="int8"), True),
@@ -51,6 +53,9 @@ ARMS = {   # name -> (compression both ways, train the pooler)
     "int4+top25/no-ef": (CompressionConfig(uplink="int4", downlink="int4", topk=0.25, error_feedback=False), True),
     "none/no-pooler": (CompressionConfig(), False),
     "int4/no-pooler": (CompressionConfig(uplink="int4", downlink="int4"), False),
+    "none/pooler-lora": (CompressionConfig(), "lora"),
+    "int8/pooler-lora": (CompressionConfig(uplink="int8", downlink="int8"), "lora"),
+    "int4/pooler-lora": (CompressionConfig(uplink="int4", downlink="int4"), "lora"),
 }
 KEEP = ("round", "global_accuracy", "mean_device_accuracy", "train_loss", "seconds", "bytes_up", "bytes_up_raw",
         "bytes_down", "bytes_down_raw", "accepted", "participants")

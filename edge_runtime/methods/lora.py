@@ -3,6 +3,8 @@
 Trainable part: LoRA A/B on the attention projections (peft's default targets for the
 architecture unless ``target_modules`` is set) plus, for classification, the task head
 (and BERT's pooler), which must be shared too or devices would disagree on the label space.
+The pooler is trained whole (``train_pooler: true``), through a rank-r LoRA on its dense layer
+(``"lora"``: 2*r*h parameters on the wire instead of h*h + h), or frozen (``false``).
 Upload: the whole trainable state. Server: weighted FedAvg (samples as weights).
 
 Every method module has the same functions (see ``edge_runtime.methods``); this one is the
@@ -39,11 +41,13 @@ class LoraMethodConfig:
     alpha: float = 16.0
     dropout: float = 0.05
     target_modules: tuple[str, ...] | None = None
-    train_pooler: bool = True   # BERT's pooler (147,840 of MiniLM's 231,578 trainable parameters) trained + shared
+    # BERT's pooler (147,840 of MiniLM's 231,578 trainable parameters): trained whole and shared (true),
+    # LoRA on pooler.dense ("lora": 6,144 at r=8), or frozen and off the wire (false)
+    train_pooler: bool | str = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.train_pooler, bool):
-            raise ConfigError(f"lora.train_pooler must be true or false, got {self.train_pooler!r}")
+        if not (isinstance(self.train_pooler, bool) or self.train_pooler == "lora"):
+            raise ConfigError(f"lora.train_pooler must be true, false or \"lora\", got {self.train_pooler!r}")
         if not isinstance(self.rank, int) or self.rank <= 0:
             raise ConfigError(f"lora.rank must be a positive integer, got {self.rank!r}")
         if not self.alpha > 0:
@@ -58,6 +62,23 @@ def head_module_names(model: torch.nn.Module) -> list[str]:
     return [h for h in HEAD_MODULES if h in names]
 
 
+def target_modules(model: torch.nn.Module, cfg: LoraMethodConfig, pooler_lora: bool) -> list[str] | None:
+    """The LoRA targets: the configured ones (peft's defaults for the architecture when unset),
+    plus ``pooler.dense`` when the pooler is trained through LoRA."""
+    targets = list(cfg.target_modules) if cfg.target_modules else None
+    if not pooler_lora:
+        return targets
+    if targets is None:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULTS:
+            raise ConfigError(f"lora.train_pooler=lora: peft has no default targets for {model_type!r}; "
+                              f"set lora.target_modules")
+        targets = list(DEFAULTS[model_type])
+    return targets + ["pooler.dense"]
+
+
 def build(model: torch.nn.Module, spec: "TrainingSpec"):
     """Wrap ``model`` in a peft LoRA model; only LoRA weights (and the head) are trainable.
 
@@ -68,13 +89,13 @@ def build(model: torch.nn.Module, spec: "TrainingSpec"):
 
     cfg = spec.lora
     task_type = TaskType.SEQ_CLS if spec.task == "classification" else TaskType.CAUSAL_LM
+    heads = head_module_names(model) if spec.task == "classification" else []
     peft_cfg = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules) if cfg.target_modules else None,
-        modules_to_save=[h for h in head_module_names(model) if h != "pooler" or cfg.train_pooler]
-        if spec.task == "classification" else None,
+        target_modules=target_modules(model, cfg, pooler_lora="pooler" in heads and cfg.train_pooler == "lora"),
+        modules_to_save=[h for h in heads if h != "pooler" or cfg.train_pooler is True] or None,
         task_type=task_type,
     )
     try:

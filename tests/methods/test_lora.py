@@ -58,20 +58,32 @@ def test_config_errors_name_the_field(kwargs, field):
         lora.LoraMethodConfig(**kwargs)
 
 
-def test_the_pooler_can_stay_frozen_and_off_the_wire():
+def test_the_pooler_is_trained_whole_through_lora_or_frozen_and_off_the_wire():
     from edge_runtime.methods import lora as lora_method
     from edge_runtime.methods.lora import LoraMethodConfig
     from edge_runtime.training.spec import TrainingSpec, build_model
 
-    def keys(train_pooler: bool) -> set[str]:
+    def state(train_pooler):
         spec = TrainingSpec(model="tiny-bert", labels=("a", "b", "c"), tokenizer_corpus=("x", "y"),
                             lora=LoraMethodConfig(rank=4, train_pooler=train_pooler))
         model, _ = build_model(spec)
-        return set(lora_method.trainable_state(model))
+        return model, lora_method.trainable_state(model)
 
-    with_pooler, without = keys(True), keys(False)
-    assert any("pooler" in k for k in with_pooler)
-    assert not any("pooler" in k for k in without)
-    assert {k for k in with_pooler if "pooler" not in k} == without       # LoRA and the classifier unchanged
+    (_, whole), (_, frozen), (model, low_rank) = state(True), state(False), state("lora")
+    assert any("pooler" in k for k in whole)
+    assert not any("pooler" in k for k in frozen)
+    assert {k for k in whole if "pooler" not in k} == set(frozen)       # LoRA and the classifier unchanged
+    pooler = {k: v for k, v in low_rank.items() if "pooler" in k}
+    hidden = model.base_model.model.config.hidden_size
+    assert sorted(pooler) == ["base_model.model.bert.pooler.dense.lora_A.weight",
+                              "base_model.model.bert.pooler.dense.lora_B.weight"]
+    assert [tuple(pooler[k].shape) for k in sorted(pooler)] == [(4, hidden), (hidden, 4)]
+    assert {k for k in low_rank if "pooler" not in k} == set(frozen)
+    whole_n = sum(v.numel() for k, v in whole.items() if "pooler" in k)
+    assert whole_n == hidden * hidden + hidden and sum(v.numel() for v in pooler.values()) == 8 * hidden
+    # only the LoRA factors of the pooler train: its dense weight and bias stay the base model's
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and "pooler" in n}
+    assert trainable == {"base_model.model.bert.pooler.dense.lora_A.default.weight",
+                         "base_model.model.bert.pooler.dense.lora_B.default.weight"}
     with pytest.raises(ConfigError, match="train_pooler"):
         LoraMethodConfig(train_pooler="no")
