@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import time
 from typing import TYPE_CHECKING
 
 from broker_server import downlink
 from broker_server.run_state import OPEN, Phase
 from edge_runtime.algorithms.aggregation import Update
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.round.phases import describe_phases, round_phases
 from edge_runtime.round.server import (aggregate_checked, as_update,
                                        configurator_row, describe_bytes, failed_row,
                                        note_privacy, record_eval, round_row,
@@ -178,6 +180,7 @@ class Rounds:
             self.run.publish_manifest()
             log.info("run %s done after %d rounds", self.run.run_id, self.run.cfg.rounds)
             return
+        t_agg = time.perf_counter()
         updates = [as_update(dev, a, self.run.store.read_tensors(self.run.store.resolve(a["file"])))
                    for dev, a in sorted(accepted.items())]
         crash_point("close:before_aggregate")
@@ -201,9 +204,11 @@ class Rounds:
                                       configurator_row(self.run.method, s["configurator"], updates)
                                       if s.get("configurator") else None, defence,
                                       len(self.run.delta_blob) if self.run.delta_blob else None))
+        s["history"][-1]["phases"] = round_phases(accepted, s["round_started_at"], now, time.perf_counter() - t_agg)
         note_privacy(s["history"], self.run.spec)
         s["global_file"] = self.run.store.relative(path)
-        log.info("round %d closed: %d update(s) averaged; %s", r, len(accepted), describe_bytes(s["history"][-1]))
+        log.info("round %d closed: %d update(s) averaged; %s; %s", r, len(accepted), describe_bytes(s["history"][-1]),
+                 describe_phases(s["history"][-1]) or "no phase timings")
         self._start_round(r + 1, Phase.EVALUATE if r >= self.run.cfg.rounds else Phase.TRAIN)
         self._prune(r)
 

@@ -14,6 +14,7 @@ from edge_runtime.atomic_io import (replace_dir_atomic, write_bytes_atomic,
                                     write_json_atomic)
 from edge_runtime.export.adapter_folder import finish_adapter_folder
 from edge_runtime.methods import METHODS
+from edge_runtime.round.phases import PHASES, phase_totals
 from edge_runtime.training.spec import TrainingSpec, build_model
 
 
@@ -45,6 +46,38 @@ def plot_accuracy(path: Path, curves: Mapping[str, Sequence[tuple[float, float]]
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return write_bytes_atomic(path, buf.getvalue())
+
+
+def plot_phases(path: Path, history: Sequence[Mapping], title: str) -> Path:
+    """A stacked bar per training round: the mean device's seconds in each phase (see
+    :mod:`edge_runtime.round.phases`), with the server's aggregation on top."""
+    import io
+
+    from edge_runtime.deps import require
+
+    matplotlib = require("matplotlib", "plotting")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [h for h in history if h.get("phases")]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    bottom = [0.0] * len(rows)
+    xs = [h["round"] for h in rows]
+    for phase in (*PHASES, "aggregate_s"):
+        vals = [h["phases"]["server"].get(phase, 0.0) if phase == "aggregate_s" else h["phases"]["mean"].get(phase, 0.0)
+                for h in rows]
+        if any(vals):
+            ax.bar(xs, vals, bottom=bottom, label=phase.removesuffix("_s"))
+            bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_xlabel("round")
+    ax.set_ylabel("seconds (mean device)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -85,6 +118,10 @@ def write_report(out_dir: Path, state: dict) -> Path:
     privacy = last_privacy(hist)
     if privacy:   # DP-FedAvg (spec.dp): epsilon at delta after the rounds so far
         report["privacy"] = privacy
+    totals = phase_totals(hist)
+    if totals:   # where the rounds' time went (mean device), summed over the run
+        report["phase_seconds"] = totals
+        plot_phases(out_dir / "phases.png", hist, title=f"where each round's time went, run {state['run_id']}")
     write_json_atomic(out_dir / "report.json", report)
     curves = {"global model, device-weighted test accuracy":
               [(h["round"], h["accuracy"]) for h in hist if h.get("accuracy") is not None]}

@@ -39,6 +39,7 @@ from edge_runtime.methods.personal import PersonalState
 from edge_runtime.protocol.codec import decode_tensors, encode_tensors
 from edge_runtime.report import export_adapter, write_history, write_report
 from edge_runtime.round.device import DeviceReport, device_round
+from edge_runtime.round.phases import round_phases
 from edge_runtime.round.server import (aggregate_checked, as_update,
                                        configurator_row, finite_metrics,
                                        initial_row, note_privacy, record_eval,
@@ -243,12 +244,14 @@ class Federation:
         # the global devices will hold: the server's compressed downlink, as the coordinator sends it
         delta, self.global_state, self.downlink_residual = encode_global(new_global, self.global_state,
                                                                          self.spec.compression, self.downlink_residual)
-        seconds = time.perf_counter() - t0 + sum(rep.timings.get("train_s", 0.0) for rep in reports.values())
+        aggregate_s = time.perf_counter() - t0
+        seconds = aggregate_s + sum(rep.timings.get("train_s", 0.0) for rep in reports.values())
         for d in accepted:
             self.rounds_done[d] = self.rounds_done.get(d, 0) + 1
         self.history.append(round_row(r, sorted(reports), accepted, len(encode_tensors(self.global_state)), seconds,
                                       configurator_row(self.method, offered, updates) if offered else None, defence,
                                       len(delta) if delta is not None else None))
+        self.history[-1]["phases"] = round_phases(accepted, aggregate_s=aggregate_s)   # devices take turns: no idle
         note_privacy(self.history, self.spec)
         return evaluated
 

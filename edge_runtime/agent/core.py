@@ -69,6 +69,7 @@ class Agent:
         self.bad_messages: dict = {"count": 0, "last": None}   # malformed messages ignored (status shows them)
         self.fetcher = Fetcher(self)    # the global and init payloads, manifests vetted against the limits
         self.worker = RoundWorker(self)   # the model, the plan, the round's work
+        self._named: tuple[tuple | None, float] = (None, 0.0)   # (run, round, action) this device was named for, when
         self.uploader = Uploader(self)  # the pending update: send, re-send with backoff, the ack
         self.profile_path = Path(cfg.state_dir) / "profile.json"
         self.profile = self._load_profile()                # the device profile in force (pushed, validated)
@@ -275,12 +276,14 @@ class Agent:
             return self.cfg.exit_when_done
         if self.cfg.device_id not in m.participants or m.round <= s["last_round_done"]:
             return False
+        if self._named[0] != (m.run_id, m.round, m.action):   # when this device first saw itself named
+            self._named = ((m.run_id, m.round, m.action), self.clock())
         blob = self.fetcher.global_blob(m)
         init = self.fetcher.init_blob(m)
         if blob is None or (m.init_payload is not None and init is None):
             self.activity = "fetching"
             return False
-        self.worker.work(m, blob, init)
+        self.worker.work(m, blob, init, fetch_s=max(0.0, self.clock() - self._named[1]))
         return False
 
     def shutdown(self, timeout: float = 5.0) -> None:

@@ -28,7 +28,7 @@ from edge_runtime.methods import METHODS
 from edge_runtime.methods.personal import PersonalState, load_personal, save_personal
 from edge_runtime.protocol.codec import decode_tensors
 from edge_runtime.protocol.messages import ProtocolError, RoundManifest
-from edge_runtime.round.device import device_round
+from edge_runtime.round.device import device_round, phase_metrics
 from edge_runtime.round.wire import encode_update
 from edge_runtime.training.data import Splits, local_splits, resolve_dataset
 from edge_runtime.training.models import bitsandbytes_problem
@@ -50,17 +50,22 @@ class RoundWorker:
         self.splits: dict[tuple, Splits] = {}
         self._device = None                                # (capabilities, budget), measured once
         self.plan_choice = None                            # the planner's last choice (status.json shows it)
+        self.load_s = 0.0                                  # seconds the last prepare() spent building the model
+        self._peak: float | None = None                    # measured matmul GFLOP/s (profiled once)
 
     def prepare(self, spec: TrainingSpec, init: bytes | None):
         shape = {k: v for k, v in spec.to_json().items() if k != "train"}   # local settings do not shape the model
         for section, keys in METHODS[spec.method].assignable.items():   # nor per-round assignments
             shape[section] = {k: v for k, v in shape[section].items() if k not in keys}
         key = json.dumps(shape, sort_keys=True) + (hashlib.sha256(init).hexdigest() if init else "")
+        self.load_s = 0.0
         if key != self._model_key:
             log.info("loading %s + %s", spec.model, spec.method)
+            t0 = time.perf_counter()
             self.model, self.tokenizer = build_model(spec)
             METHODS[spec.method].prepare(self.model, spec, decode_tensors(init) if init else None)
             self._model_key = key
+            self.load_s = time.perf_counter() - t0
             # the personal state belongs to the model's shape (not to one run): it outlives runs
             version = METHODS[spec.method].personal_format  # a new layout never reads an old file
             extra = METHODS[spec.method].personal_key(spec)  # the method's own settings
@@ -98,8 +103,10 @@ class RoundWorker:
             save_personal(self.personal_path, personal)
         self.personal = personal
 
-    def work(self, m: RoundManifest, blob: bytes, init: bytes | None) -> None:
-        timings: dict[str, float] = {}
+    def work(self, m: RoundManifest, blob: bytes, init: bytes | None, fetch_s: float = 0.0) -> None:
+        """The round of manifest ``m`` on global ``blob``; ``fetch_s``: seconds from the manifest naming
+        this device to the global in hand (the download, or a delta's rebuild)."""
+        timings: dict[str, float] = {"fetch_s": fetch_s}
         try:
             spec = TrainingSpec.from_json(m.training)
             if self.agent.profile and m.round >= self.agent.profile.get("applies_from_round", 0):
@@ -109,6 +116,7 @@ class RoundWorker:
             # again with the profile and the assignment applied
             self.agent.cfg.limits.check(spec.to_json(), {}, len(self.agent.raw_data))
             model, tok, splits = self.prepare(spec, init)
+            timings["load_s"] = self.load_s
             method = METHODS[spec.method]
             t0 = time.perf_counter()
             base = decode_tensors(blob)
@@ -147,6 +155,7 @@ class RoundWorker:
             t0 = time.perf_counter()
             file, staged = self.write_upload(m, spec, report.upload, base, update_id)
             timings["encode_s"] = time.perf_counter() - t0
+            self.add_timings(metrics, timings)
             res = report.train_result
             log.info("round %d: global acc %.3f on %d local test examples; trained %d steps in %.1f s "
                      "(loss %.3f)", m.round, metrics["eval_accuracy"], metrics["eval_n"], res.steps, res.seconds,
@@ -179,13 +188,21 @@ class RoundWorker:
         log.info("round %d: the server assigned %s", m.round, assignment)
         return out
 
+    def add_timings(self, metrics: dict, timings: dict) -> None:
+        """The round's phase seconds into the update's metrics, and the training's share of the
+        device's measured fp32 matmul peak where it profiled itself (``--plan auto``: the probe is not
+        run just for this, it takes a second or two of the round)."""
+        metrics.update(phase_metrics(timings))
+        if self._peak and "train_gflops_per_s" in metrics:
+            metrics.update(peak_gflops=self._peak, train_peak_share=metrics["train_gflops_per_s"] / self._peak)
+
     def capabilities(self):
         """(what this device can run, its training memory), profiled once."""
         if self._device is None:
             prof = profile_device(memory_budget=self.agent.cfg.memory_budget, disk_path=self.agent.cfg.state_dir)
             caps = Capabilities("cuda" if prof.cuda else "cpu", False, bitsandbytes_problem() is None,
                                 prof.gflops_fp32 or 50.0)   # fp16 training is not a plan option yet
-            self._device = (caps, prof.training_memory)
+            self._device, self._peak = (caps, prof.training_memory), prof.gflops_fp32
         return self._device
 
     def plan(self, spec: TrainingSpec, m: RoundManifest) -> TrainingSpec:

@@ -276,7 +276,9 @@ def local_train(model, tokenizer, splits: Splits, spec: "TrainingSpec", seed: in
     if p_res is None:
         return g_res, personal
     return TrainResult(g_res.steps + p_res.steps, g_res.examples + p_res.examples, g_res.mean_loss,
-                       g_res.seconds + p_res.seconds), personal
+                       g_res.seconds + p_res.seconds, tokens=g_res.tokens + p_res.tokens,
+                       padded_tokens=g_res.padded_tokens + p_res.padded_tokens,
+                       flops=g_res.flops + p_res.flops), personal
 
 
 def _write_plain_lora(model, lora_state: dict[str, Tensor], rank: int, alpha: float,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from torch import Tensor
 
@@ -20,6 +20,7 @@ from edge_runtime.methods.personal import PersonalState
 from edge_runtime.training.data import Splits
 from edge_runtime.training.evaluate import evaluate
 from edge_runtime.training.spec import TrainingSpec
+from edge_runtime.training.throughput import throughput_metrics
 from edge_runtime.training.trainer import TrainResult
 
 # train(spec, seed, personal) -> (model as trained, result, personal): the agent's fitting loop steps
@@ -57,6 +58,12 @@ def train_seed(spec: TrainingSpec, round_: int, device_id: str) -> int:
 def score_seed(spec: TrainingSpec, device_id: str) -> int:
     """The seed of a device's layer scoring (the run's score round)."""
     return spec.seed * 1000 + device_key(device_id)
+
+
+def phase_metrics(timings: Mapping[str, float]) -> dict[str, float]:
+    """A round's phase seconds as update metrics (``t_<phase>``: ``t_eval_s``, ``t_train_s``, ...),
+    so the server's history shows where each device's round went."""
+    return {f"t_{k}": float(v) for k, v in timings.items() if k.endswith("_s")}
 
 
 def device_round(method: Method, model, tokenizer, splits: Splits, spec: TrainingSpec, *, action: str, round_: int,
@@ -101,5 +108,8 @@ def device_round(method: Method, model, tokenizer, splits: Splits, spec: Trainin
         keep_personal(personal)
     metrics.update(res.metrics)
     metrics.update(train_loss=res.mean_loss, train_seconds=res.seconds, train_steps=res.steps)
+    if res.padded_tokens:
+        metrics.update(throughput_metrics(res.tokens, res.padded_tokens, res.flops, res.seconds))
     timings["train_s"] = res.seconds
+    metrics.update(phase_metrics(timings))
     return DeviceReport(metrics, len(splits.train), method.trainable_state(model), personal, timings, res)

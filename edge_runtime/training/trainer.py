@@ -13,6 +13,7 @@ import torch
 from edge_runtime.errors import ConfigError
 from edge_runtime.service import lifecycle
 from edge_runtime.training.data import LocalDataset, encode_batch
+from edge_runtime.training.throughput import count_linear_flops
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class TrainResult:
     seconds: float
     metrics: dict = field(default_factory=dict)   # method-specific numbers reported with the update
     layer_steps: tuple[int, ...] = ()   # steps each transformer block ran, when the method drops layers
+    tokens: int = 0          # real (attended) tokens trained on
+    padded_tokens: int = 0   # tokens computed, padding included
+    flops: float = 0.0       # linear layers' training FLOPs (see edge_runtime.training.throughput)
 
 
 def train_local(model: torch.nn.Module, tokenizer, data: LocalDataset, cfg: TrainConfig,
@@ -82,13 +86,14 @@ def train_local(model: torch.nn.Module, tokenizer, data: LocalDataset, cfg: Trai
     model.train()
     _set_checkpointing(model, cfg.gradient_checkpointing)
     start = time.perf_counter()
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), count_linear_flops(model) as flops:
         torch.manual_seed(seed)  # dropout masks: the same seed trains the same way
-        losses, seen = _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar, after_step,
-                                  step_context)
+        losses, seen, tokens = _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar,
+                                          after_step, step_context)
     if bar is not None:
         bar.close()
-    return TrainResult(n_steps, seen, sum(losses) / len(losses), time.perf_counter() - start)
+    return TrainResult(n_steps, seen, sum(losses) / len(losses), time.perf_counter() - start,
+                       tokens=tokens[0], padded_tokens=tokens[1], flops=flops.flops)
 
 
 def _set_checkpointing(model: torch.nn.Module, on: bool) -> None:
@@ -106,16 +111,19 @@ def _set_checkpointing(model: torch.nn.Module, on: bool) -> None:
 
 
 def _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar,
-               after_step=None, step_context=None) -> tuple[list[float], int]:
+               after_step=None, step_context=None) -> tuple[list[float], int, tuple[int, int]]:
+    """The steps; returns (losses, examples seen, (real tokens, padded tokens))."""
     order: list[int] = []
     losses: list[float] = []
-    seen = 0
+    seen = real = padded = 0
     for i in range(n_steps):
         lifecycle.progress()  # watchdog liveness; raises Interrupted once a stop was requested
         if len(order) < cfg.batch_size:
             order += torch.randperm(len(data), generator=gen).tolist()
         batch_idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
         batch = encode_batch(tokenizer, data, batch_idx, cfg.max_seq_len)
+        real += int(batch["attention_mask"].sum())
+        padded += batch["attention_mask"].numel()
         optimizer.zero_grad(set_to_none=True)
         with step_context(i) if step_context is not None else contextlib.nullcontext():
             loss = model(**batch).loss
@@ -130,4 +138,4 @@ def _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    return losses, seen
+    return losses, seen, (real, padded)

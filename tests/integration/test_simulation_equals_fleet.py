@@ -27,6 +27,7 @@ import torch
 
 from broker_server.demo import DemoConfig, write_device_data
 from edge_runtime.methods.lora import LoraMethodConfig
+from edge_runtime.round.phases import PHASES
 from edge_runtime.simulation import (SimulationConfig, prepare_devices,
                                      run_simulation)
 from edge_runtime.training.trainer import TrainConfig
@@ -107,3 +108,17 @@ def test_simulation_reports_what_the_mqtt_fleet_reports(tmp_path, method):
     # the one report writer: the simulation's report.json has the fleet's shape
     sim_report = json.loads((tmp_path / "sim" / "report.json").read_text())
     assert set(sim_report) == set(fleet) and set(sim_report["rounds"][1]) >= set(fleet["rounds"][1])
+    # where the time went: every accepted device's phases, adding up to the round on the server's clock
+    for f, s in zip(fleet["rounds"][1:3], sim["rounds"][1:3]):
+        fp, sp = f["phases"], s["phases"]
+        assert sorted(fp["devices"]) == sorted(sp["devices"]) == f["accepted"]
+        for dev, d in fp["devices"].items():
+            assert d["train_s"] > 0 and d["eval_s"] > 0 and d["transfer_s"] >= 0 and d["idle_s"] >= 0
+            assert sum(d[k] for k in PHASES) == pytest.approx(fp["server"]["collect_s"], abs=1e-3)
+            assert (d["load_s"] > 0) == (f["round"] == 1)            # each agent builds its model once
+            # the same examples in the same order: the same tokens trained on, in the fleet and the simulation
+            assert d["train_tokens"] == sp["devices"][dev]["train_tokens"] > 0
+            assert d["train_gflops_per_s"] > 0 and 0 <= d["train_padding"] < 1
+        assert fp["server"]["aggregate_s"] > 0
+    assert set(fleet["phase_seconds"]) >= {"train_s", "eval_s", "transfer_s", "idle_s"}
+    assert (tmp_path / "fleet" / "phases.png").stat().st_size > 0 and (tmp_path / "sim" / "phases.png").exists()
