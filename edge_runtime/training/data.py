@@ -264,6 +264,17 @@ def resolve_labels(spec: str) -> tuple[str, ...]:
                     f"or a comma-separated list of at least 2 labels")
 
 
+def example_lengths(tokenizer, dataset: LocalDataset, max_length: int) -> list[int]:
+    """Tokens each example takes in :func:`encode_batch` (truncated to ``max_length``)."""
+    if dataset.kind == "classification":
+        ids = tokenizer(list(dataset.inputs), truncation=True, max_length=max_length)["input_ids"]
+        return [len(x) for x in ids]
+    prompts = tokenizer(list(dataset.inputs), add_special_tokens=True)["input_ids"]
+    answers = tokenizer(list(dataset.targets), add_special_tokens=False)["input_ids"]
+    eos = 1 if tokenizer.eos_token_id is not None else 0
+    return [min(max_length, len(p) + len(r) + eos) for p, r in zip(prompts, answers)]
+
+
 def encode_batch(tokenizer, dataset: LocalDataset, indices: Sequence[int], max_length: int) -> dict[str, torch.Tensor]:
     """Tokenise examples ``indices`` into padded tensors (dynamic padding to the batch's longest).
 

@@ -6,13 +6,13 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Sequence
 
 import torch
 
 from edge_runtime.errors import ConfigError
 from edge_runtime.service import lifecycle
-from edge_runtime.training.data import LocalDataset, encode_batch
+from edge_runtime.training.data import LocalDataset, encode_batch, example_lengths
 from edge_runtime.training.throughput import count_linear_flops
 
 
@@ -28,6 +28,7 @@ class TrainConfig:
     max_seq_len: int = 64            # tokens
     grad_clip: float = 1.0           # max global grad norm; 0 disables
     gradient_checkpointing: bool = False   # recompute activations in backward: less memory, ~1/3 more compute
+    group_by_length: bool = False    # batches of similar lengths (less padding), see epoch_order
 
     def __post_init__(self) -> None:
         if not self.epochs > 0:
@@ -40,6 +41,9 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0, got {self.lr!r}")
         if self.max_seq_len < 4:
             raise ConfigError(f"train.max_seq_len must be >= 4, got {self.max_seq_len!r}")
+        for flag in ("gradient_checkpointing", "group_by_length"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"train.{flag} must be true or false, got {getattr(self, flag)!r}")
 
     def steps_for(self, n_examples: int) -> int:
         steps = math.ceil(self.epochs * n_examples / self.batch_size)
@@ -96,6 +100,29 @@ def train_local(model: torch.nn.Module, tokenizer, data: LocalDataset, cfg: Trai
                        tokens=tokens[0], padded_tokens=tokens[1], flops=flops.flops)
 
 
+GROUP_POOL = 16   # batches per length-sorted pool (group_by_length)
+
+
+def epoch_order(n: int, batch_size: int, gen: torch.Generator, lengths: Sequence[int] | None = None) -> list[int]:
+    """One epoch's example order, taken ``batch_size`` at a time: a seeded shuffle of ``range(n)``.
+
+    With ``lengths`` (tokens per example), length-grouped: the shuffle is cut into pools of
+    ``GROUP_POOL`` batches, each pool sorted by length (longest first, ties in shuffle order) and
+    its batches shuffled again. A batch then pads to similar lengths, and which examples share a
+    pool stays random. Every example still comes once an epoch."""
+    perm = torch.randperm(n, generator=gen).tolist()
+    if lengths is None:
+        return perm
+    out: list[int] = []
+    pool = batch_size * GROUP_POOL
+    for start in range(0, n, pool):
+        chunk = sorted(perm[start:start + pool], key=lambda i: -lengths[i])
+        batches = [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+        for b in torch.randperm(len(batches), generator=gen).tolist():
+            out += batches[b]
+    return out
+
+
 def _set_checkpointing(model: torch.nn.Module, on: bool) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not hasattr(base, "gradient_checkpointing_enable"):
@@ -116,10 +143,11 @@ def _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar
     order: list[int] = []
     losses: list[float] = []
     seen = real = padded = 0
+    lengths = example_lengths(tokenizer, data, cfg.max_seq_len) if cfg.group_by_length else None
     for i in range(n_steps):
         lifecycle.progress()  # watchdog liveness; raises Interrupted once a stop was requested
         if len(order) < cfg.batch_size:
-            order += torch.randperm(len(data), generator=gen).tolist()
+            order += epoch_order(len(data), cfg.batch_size, gen, lengths)
         batch_idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
         batch = encode_batch(tokenizer, data, batch_idx, cfg.max_seq_len)
         real += int(batch["attention_mask"].sum())
