@@ -22,17 +22,31 @@ def write_history(out_dir: Path, history: Mapping) -> Path:
     return write_json_atomic(Path(out_dir) / "history.json", history)
 
 
-def plot_accuracy(path: Path, curves: Mapping[str, Sequence[tuple[float, float]]], title: str,
-                  xlabel: str = "round", hlines: Mapping[str, float] | None = None) -> Path:
-    """Save a line plot of ``{label: [(x, accuracy), ...]}`` (accuracy in [0, 1]) as PNG."""
-    import io
-
+def _pyplot():
     from edge_runtime.deps import require
 
     matplotlib = require("matplotlib", "plotting")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(plt, fig, path: Path) -> Path:
+    """``fig`` as a PNG at ``path``, written atomically; the figure is closed."""
+    import io
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return write_bytes_atomic(path, buf.getvalue())
+
+
+def plot_accuracy(path: Path, curves: Mapping[str, Sequence[tuple[float, float]]], title: str,
+                  xlabel: str = "round", hlines: Mapping[str, float] | None = None) -> Path:
+    """Save a line plot of ``{label: [(x, accuracy), ...]}`` (accuracy in [0, 1]) as PNG."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     for label, pts in curves.items():
         if pts:
@@ -46,24 +60,13 @@ def plot_accuracy(path: Path, curves: Mapping[str, Sequence[tuple[float, float]]
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return write_bytes_atomic(path, buf.getvalue())
+    return _save(plt, fig, path)
 
 
 def plot_phases(path: Path, history: Sequence[Mapping], title: str) -> Path:
     """A stacked bar per training round: the mean device's seconds in each phase (see
     :mod:`edge_runtime.round.phases`), with the server's aggregation on top."""
-    import io
-
-    from edge_runtime.deps import require
-
-    matplotlib = require("matplotlib", "plotting")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = [h for h in history if h.get("phases")]
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     bottom = [0.0] * len(rows)
@@ -78,11 +81,7 @@ def plot_phases(path: Path, history: Sequence[Mapping], title: str) -> Path:
     ax.set_ylabel("seconds (mean device)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return write_bytes_atomic(path, buf.getvalue())
+    return _save(plt, fig, path)
 
 
 def last_privacy(history: Sequence[Mapping]) -> dict | None:
