@@ -50,6 +50,7 @@ from edge_runtime.methods import lora
 from edge_runtime.methods.personal import PersonalState
 from edge_runtime.training.data import Splits
 from edge_runtime.training.evaluate import evaluate
+from edge_runtime.training.blocks import find_blocks
 from edge_runtime.training.trainer import TrainResult, train_local
 from edge_runtime.methods.base import Method, ModelState
 
@@ -117,21 +118,6 @@ def personal_key(spec: "TrainingSpec") -> list:
 
 
 # -- the blocks ------------------------------------------------------------------------------
-def find_blocks(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList, str]:
-    """``(parent, attribute, blocks, path)`` of the model's transformer blocks: the ``ModuleList``
-    of identical modules with ``config.num_hidden_layers`` entries (else the longest such list)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    n_cfg = getattr(getattr(base, "config", None), "num_hidden_layers", None)
-    found = [(name, m) for name, m in base.named_modules()
-             if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1]
-    if not found:
-        raise ConfigError(f"droppeft: {type(base).__name__} has no ModuleList of blocks to drop")
-    exact = [(n, m) for n, m in found if len(m) == n_cfg]
-    name, blocks = (exact or sorted(found, key=lambda nm: -len(nm[1])))[0]
-    parent_name, _, attr = name.rpartition(".")
-    return base.get_submodule(parent_name) if parent_name else base, attr, blocks, name
-
-
 @contextlib.contextmanager
 def run_only(model: nn.Module, kept: Sequence[int]):
     """Within the block, the model runs only blocks ``kept`` (in order); all of them again after.

@@ -38,6 +38,7 @@ from torch import Tensor
 from edge_runtime.algorithms.aggregation import check_compatible, fedavg
 from edge_runtime.algorithms.fusion import search_fusion
 from edge_runtime.errors import AggregationError, ConfigError
+from edge_runtime.methods import lora
 from edge_runtime.methods.personal import PersonalState
 from edge_runtime.training.data import Splits
 from edge_runtime.training.evaluate import evaluate
@@ -131,7 +132,8 @@ def build(model: torch.nn.Module, spec: "TrainingSpec"):
     if spec.task == "classification":
         _wrap_heads(model)
     peft_cfg = LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-                          target_modules=list(spec.lora.target_modules) if spec.lora.target_modules else None)
+                          target_modules=list(spec.lora.target_modules) if spec.lora.target_modules else None,
+                          layers_to_transform=lora.layers_to_transform(model, spec.lora))
     try:
         with torch.random.fork_rng():
             torch.manual_seed(spec.seed)
@@ -278,7 +280,7 @@ def local_train(model, tokenizer, splits: Splits, spec: "TrainingSpec", seed: in
     return TrainResult(g_res.steps + p_res.steps, g_res.examples + p_res.examples, g_res.mean_loss,
                        g_res.seconds + p_res.seconds, tokens=g_res.tokens + p_res.tokens,
                        padded_tokens=g_res.padded_tokens + p_res.padded_tokens,
-                       flops=g_res.flops + p_res.flops), personal
+                       flops=g_res.flops + p_res.flops, metrics=g_res.metrics), personal
 
 
 def _write_plain_lora(model, lora_state: dict[str, Tensor], rank: int, alpha: float,

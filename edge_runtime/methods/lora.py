@@ -44,8 +44,16 @@ class LoraMethodConfig:
     # BERT's pooler (147,840 of MiniLM's 231,578 trainable parameters): trained whole and shared (true),
     # LoRA on pooler.dense ("lora": 6,144 at r=8), or frozen and off the wire (false)
     train_pooler: bool | str = True
+    # LoRA on the top ``top_blocks`` transformer blocks only (0: all); the blocks below then run
+    # frozen, and ``train.cache_frozen`` computes them once per example instead of every step
+    top_blocks: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.top_blocks, bool) or not isinstance(self.top_blocks, int) or self.top_blocks < 0:
+            raise ConfigError(f"lora.top_blocks must be an integer >= 0 (0: every block), got {self.top_blocks!r}")
+        if self.top_blocks and self.train_pooler == "lora":
+            raise ConfigError("lora.top_blocks and lora.train_pooler=lora do not combine (the pooler is in no block); "
+                              "train the pooler whole or freeze it")
         if not (isinstance(self.train_pooler, bool) or self.train_pooler == "lora"):
             raise ConfigError(f"lora.train_pooler must be true, false or \"lora\", got {self.train_pooler!r}")
         if not isinstance(self.rank, int) or self.rank <= 0:
@@ -79,6 +87,18 @@ def target_modules(model: torch.nn.Module, cfg: LoraMethodConfig, pooler_lora: b
     return targets + ["pooler.dense"]
 
 
+def layers_to_transform(model: torch.nn.Module, cfg: LoraMethodConfig) -> list[int] | None:
+    """The blocks LoRA adapts: the top ``cfg.top_blocks`` of them (None: all)."""
+    if not cfg.top_blocks:
+        return None
+    from edge_runtime.training.blocks import find_blocks
+
+    n = len(find_blocks(model)[2])
+    if cfg.top_blocks > n:
+        raise ConfigError(f"lora.top_blocks={cfg.top_blocks}, and {type(model).__name__} has {n} blocks")
+    return list(range(n - cfg.top_blocks, n))
+
+
 def build(model: torch.nn.Module, spec: "TrainingSpec"):
     """Wrap ``model`` in a peft LoRA model; only LoRA weights (and the head) are trainable.
 
@@ -96,6 +116,7 @@ def build(model: torch.nn.Module, spec: "TrainingSpec"):
         lora_dropout=cfg.dropout,
         target_modules=target_modules(model, cfg, pooler_lora="pooler" in heads and cfg.train_pooler == "lora"),
         modules_to_save=[h for h in heads if h != "pooler" or cfg.train_pooler is True] or None,
+        layers_to_transform=layers_to_transform(model, cfg),
         task_type=task_type,
     )
     try:

@@ -13,6 +13,7 @@ import torch
 from edge_runtime.errors import ConfigError
 from edge_runtime.service import lifecycle
 from edge_runtime.training.data import LocalDataset, encode_batch, example_lengths
+from edge_runtime.training.frozen_cache import frozen_cache, replaying
 from edge_runtime.training.throughput import count_linear_flops
 
 
@@ -29,6 +30,8 @@ class TrainConfig:
     grad_clip: float = 1.0           # max global grad norm; 0 disables
     gradient_checkpointing: bool = False   # recompute activations in backward: less memory, ~1/3 more compute
     group_by_length: bool = False    # batches of similar lengths (less padding), see epoch_order
+    cache_frozen: bool = False       # replay the frozen bottom blocks' output (edge_runtime.training.frozen_cache)
+    cache_mb: float = 256.0          # the most memory that cache may take; over it, training runs uncached
 
     def __post_init__(self) -> None:
         if not self.epochs > 0:
@@ -41,7 +44,9 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0, got {self.lr!r}")
         if self.max_seq_len < 4:
             raise ConfigError(f"train.max_seq_len must be >= 4, got {self.max_seq_len!r}")
-        for flag in ("gradient_checkpointing", "group_by_length"):
+        if isinstance(self.cache_mb, bool) or not isinstance(self.cache_mb, (int, float)) or not self.cache_mb > 0:
+            raise ConfigError(f"train.cache_mb must be a number of MB > 0, got {self.cache_mb!r}")
+        for flag in ("gradient_checkpointing", "group_by_length", "cache_frozen"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"train.{flag} must be true or false, got {getattr(self, flag)!r}")
 
@@ -74,6 +79,8 @@ def train_local(model: torch.nn.Module, tokenizer, data: LocalDataset, cfg: Trai
     persists across rounds); ``after_step(i)`` runs after each optimizer step (a method's
     correction, e.g. control variates); ``step_context(i)`` wraps step ``i``'s forward and backward
     (DropPEFT runs only some blocks). Batches come from a seeded shuffle, reshuffled per epoch.
+    With ``cfg.cache_frozen`` (and no ``step_context``), the blocks below the lowest trained one
+    run once per example, not per step (:mod:`edge_runtime.training.frozen_cache`).
     """
     if len(data) == 0:
         raise ConfigError("train_local: the device has no training examples")
@@ -87,16 +94,22 @@ def train_local(model: torch.nn.Module, tokenizer, data: LocalDataset, cfg: Trai
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_steps, desc=desc, leave=False, unit="step")
+    start = time.perf_counter()
+    cache, metrics = None, {}
+    if cfg.cache_frozen and step_context is None:
+        cache = frozen_cache(model, tokenizer, data, cfg.max_seq_len, cfg.cache_mb)
+        if cache is not None:
+            metrics = {"cache_block": float(cache.k), "cache_mb": cache.nbytes / 2**20,
+                       "cache_build_s": cache.seconds if cache.uses == 1 else 0.0}
     model.train()
     _set_checkpointing(model, cfg.gradient_checkpointing)
-    start = time.perf_counter()
     with torch.random.fork_rng(), count_linear_flops(model) as flops:
         torch.manual_seed(seed)  # dropout masks: the same seed trains the same way
         losses, seen, tokens = _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar,
-                                          after_step, step_context)
+                                          after_step, step_context, cache)
     if bar is not None:
         bar.close()
-    return TrainResult(n_steps, seen, sum(losses) / len(losses), time.perf_counter() - start,
+    return TrainResult(n_steps, seen, sum(losses) / len(losses), time.perf_counter() - start, metrics,
                        tokens=tokens[0], padded_tokens=tokens[1], flops=flops.flops)
 
 
@@ -138,7 +151,7 @@ def _set_checkpointing(model: torch.nn.Module, on: bool) -> None:
 
 
 def _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar,
-               after_step=None, step_context=None) -> tuple[list[float], int, tuple[int, int]]:
+               after_step=None, step_context=None, cache=None) -> tuple[list[float], int, tuple[int, int]]:
     """The steps; returns (losses, examples seen, (real tokens, padded tokens))."""
     order: list[int] = []
     losses: list[float] = []
@@ -153,7 +166,13 @@ def _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar
         real += int(batch["attention_mask"].sum())
         padded += batch["attention_mask"].numel()
         optimizer.zero_grad(set_to_none=True)
-        with step_context(i) if step_context is not None else contextlib.nullcontext():
+        if step_context is not None:
+            context = step_context(i)
+        elif cache is not None:
+            context = replaying(model, cache, batch_idx, batch["attention_mask"])
+        else:
+            context = contextlib.nullcontext()
+        with context:
             loss = model(**batch).loss
             loss.backward()
         if cfg.grad_clip:
