@@ -17,7 +17,7 @@ the peak above the loaded model and data (the cache included). Then the same sim
 (``--devices``, alpha 0.5, ``--rounds``) per arm: global test accuracy after each round and the
 devices' training seconds. Writes scripts/results/frozen_cache.json.
 
-    python scripts/bench_frozen_cache.py            # ~15 min on 2 CPU cores
+    python scripts/bench_frozen_cache.py            # ~25 min on 2 CPU cores
 """
 
 from __future__ import annotations
