@@ -217,6 +217,15 @@ def _check_alive(cfg: DemoConfig, procs: list, server: subprocess.Popen, agents:
                         f"{out / 'broker.log'}:\n{log_tail(out / 'broker.log')}")
 
 
+def launch_fleet(cfg: DemoConfig, full: LocalDataset, procs: list, echo) -> tuple[str, list[Path], subprocess.Popen]:
+    """The broker (unless ``cfg.broker``), the devices' data files and the server and agent processes
+    (appended to ``procs``, broker first): ``(broker URL, data files, server process)``. What the demo
+    runs, and what a benchmark times (``scripts/bench_time_to_accuracy.py``)."""
+    broker_url = _start_broker(cfg, procs, echo)
+    data_files = write_device_data(cfg, full)
+    return broker_url, data_files, _start_fleet(cfg, broker_url, data_files, procs)
+
+
 def _round_line(s: RoundSummary, rounds: int) -> str:
     acc = f"{100 * s.accuracy:5.1f}%" if s.accuracy is not None else "  -  "
     tl = f"{s.train_loss:.3f}" if s.train_loss is not None else "  -  "
@@ -268,14 +277,20 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     finally:
         if watcher is not None:
             watcher.stop()
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
+
+
+def stop_processes(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
+    """SIGTERM every process still running (the agents and server before the broker), SIGKILL
+    those that have not exited ``grace_s`` later."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def add_command(sub) -> None:

@@ -105,7 +105,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         lora=LoraMethodConfig(rank=args.rank, alpha=args.lora_alpha),
     )
     if args.set:
-        sections = (*config_sections(), "train", "robust", "dp", "compression")
+        sections = (*config_sections(), "train", "eval", "robust", "dp", "fedopt", "compression")
         d = apply_overrides({k: dataclasses.asdict(getattr(cfg, k)) for k in sections}, args.set)
         cfg = dataclasses.replace(cfg, **{k: dataclass_from_json(type(getattr(cfg, k)), d[k], k) for k in sections})
 
@@ -113,8 +113,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         train = f"train loss {row['train_loss']:.3f}  " if row["train_loss"] is not None else ""
         personal = (f"personalised acc {100 * row['mean_personal_accuracy']:5.1f}%  "
                     if "mean_personal_accuracy" in row else "")
-        print(f"round {row['round']:>3}/{cfg.rounds}  global acc {100 * row['global_accuracy']:5.1f}%  "
-              f"device acc {100 * row['mean_device_accuracy']:5.1f}%  {personal}loss {row['loss']:.3f}  {train}"
+        acc = (f"global acc {100 * row['global_accuracy']:5.1f}%  device acc {100 * row['mean_device_accuracy']:5.1f}%  "
+               f"{personal}loss {row['loss']:.3f}  " if row["global_accuracy"] is not None else "(not evaluated)  ")
+        print(f"round {row['round']:>3}/{cfg.rounds}  {acc}{train}"
               f"{row['seconds']:6.1f} s  {describe_bytes(row)}{_epsilon(row)}", flush=True)
 
     history = run_simulation(cfg, args.out, progress=not args.no_progress, on_round=print_round)

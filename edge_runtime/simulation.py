@@ -31,6 +31,7 @@ import torch
 
 from edge_runtime.algorithms.compression import CompressionConfig
 from edge_runtime.algorithms.dp import DPConfig
+from edge_runtime.algorithms.fedopt import FedOptConfig
 from edge_runtime.algorithms.partition import label_histogram
 from edge_runtime.algorithms.robust import RobustConfig
 from edge_runtime.errors import ConfigError
@@ -53,6 +54,7 @@ from edge_runtime.training.data import (LocalDataset, Splits,
 from edge_runtime.training.models import resolve_model_source
 from edge_runtime.training.spec import (TrainingSpec, build_model,
                                         with_assignment)
+from edge_runtime.training.evaluate import EvalConfig
 from edge_runtime.training.trainer import TrainConfig
 
 log = logging.getLogger("edge_runtime.simulate")
@@ -94,9 +96,11 @@ SimulationConfig = dataclasses.make_dataclass("SimulationConfig", [
     ("seed", int, field(default=0)),
     ("eval_batch_size", int, field(default=64)),
     ("train", TrainConfig, field(default_factory=TrainConfig)),
+    ("eval", EvalConfig, field(default_factory=EvalConfig)),        # the devices' evaluation of each global
     *[(name, cls, field(default_factory=cls)) for name, cls in config_sections().items()],
     ("robust", RobustConfig, field(default_factory=RobustConfig)),  # the server's defences, as in the spec
     ("dp", DPConfig, field(default_factory=DPConfig)),              # DP-FedAvg, as in the spec
+    ("fedopt", FedOptConfig, field(default_factory=FedOptConfig)),  # the server optimizer, as in the spec
     ("compression", CompressionConfig, field(default_factory=CompressionConfig)),   # how updates travel, as in the spec
 ], bases=(_SimulationChecks,), frozen=True)
 SimulationConfig.__module__ = __name__
@@ -161,6 +165,7 @@ def simulation_spec(cfg: SimulationConfig, devices: list[DeviceData]) -> Trainin
                         labels=tuple(first.label_names) if classification else (), method=cfg.method,
                         quantization=cfg.quantization, train=cfg.train, split=cfg.split, seed=cfg.seed,
                         tokenizer_corpus=corpus, robust=cfg.robust, dp=cfg.dp, compression=cfg.compression,
+                        fedopt=cfg.fedopt, eval=cfg.eval,
                         **{k: getattr(cfg, k) for k in config_sections()})
 
 
@@ -267,9 +272,9 @@ class Federation:
         """The coordinator's :func:`record_eval`, plus what a simulation can see: each device's number."""
         row = record_eval(self.history, global_round, accepted)
         ids = list(self.devices)
-        acc = {d: rep.metrics["eval_accuracy"] for d, rep in reports.items()}
-        row.update(global_accuracy=row["accuracy"], mean_device_accuracy=float(np.mean(list(acc.values()))),
-                   device_accuracy=[acc.get(d) for d in ids])
+        acc = {d: rep.metrics["eval_accuracy"] for d, rep in reports.items() if "eval_accuracy" in rep.metrics}
+        row.update(global_accuracy=row["accuracy"], device_accuracy=[acc.get(d) for d in ids],
+                   mean_device_accuracy=float(np.mean(list(acc.values()))) if acc else None)
         personal = {d: rep.metrics["personal_accuracy"] for d, rep in reports.items() if "personal_accuracy" in rep.metrics}
         if personal:
             row.update(mean_personal_accuracy=float(np.mean(list(personal.values()))),

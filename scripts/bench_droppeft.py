@@ -37,7 +37,6 @@ import logging
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -62,15 +61,13 @@ SETTINGS = {  # model -> (devices, rounds, max_examples, max_seq_len, batch_size
 def memory_worker(point: dict) -> dict:
     """In a fresh process: build the model as the method does, train ``steps`` steps on one fixed
     batch running ``kept`` blocks (all for LoRA), sample the RSS."""
-    import psutil
-
     from edge_runtime.algorithms.layer_dropout import drop_probabilities, sample_kept
+    from edge_runtime.device.profiler import PeakRss
     from edge_runtime.methods import METHODS
     from edge_runtime.methods.droppeft import find_blocks, run_only
     from edge_runtime.training.data import encode_batch, resolve_dataset
     from edge_runtime.training.spec import TrainingSpec, build_model
 
-    proc = psutil.Process()
     data = resolve_dataset("wordnet")
     spec = TrainingSpec(model=point["model"], labels=data.label_names, method=point["method"],
                         droppeft=DropPEFTConfig(ratio=point["ratio"], shape=point["shape"], bandit=False))
@@ -86,26 +83,17 @@ def memory_worker(point: dict) -> dict:
     n_blocks = len(find_blocks(model)[2])
     probs = drop_probabilities(n_blocks, point["ratio"], point["shape"])
     gen = torch.Generator().manual_seed(0)
-    rss_model = proc.memory_info().rss
-    peak, stop = [rss_model], threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.002)
-
-    threading.Thread(target=sample, daemon=True).start()
     model.train()
     times = []
-    for _ in range(point["steps"]):
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        with run_only(model, sample_kept(probs, gen)):
-            model(**batch).loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    stop.set()
-    return {"rss_model": rss_model, "peak": peak[0], "increment": peak[0] - rss_model,
+    with PeakRss(interval_s=0.002) as rss:
+        for _ in range(point["steps"]):
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            with run_only(model, sample_kept(probs, gen)):
+                model(**batch).loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+    return {"rss_model": rss.start, "peak": rss.peak, "increment": rss.increment,
             "step_seconds": statistics.median(times[1:] or times)}
 
 

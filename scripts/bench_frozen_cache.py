@@ -29,8 +29,6 @@ import logging
 import statistics
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -57,9 +55,9 @@ def _config(args, arm: str):
 
 def worker(args, arm: str) -> dict:
     """One arm on device 0: two rounds of training, RSS sampled."""
-    import psutil
     import torch
 
+    from edge_runtime.device.profiler import PeakRss
     from edge_runtime.simulation import prepare_devices, simulation_spec
     from edge_runtime.training.spec import build_model
     from edge_runtime.training.trainer import train_local
@@ -69,24 +67,14 @@ def worker(args, arm: str) -> dict:
     spec = simulation_spec(cfg, devices)
     data = devices[0].train
     model, tok = build_model(spec)
-    proc = psutil.Process()
-    rss_model = proc.memory_info().rss
-    peak, stop = [rss_model], threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.002)
-
-    threading.Thread(target=sample, daemon=True).start()
     rounds = []
-    for r in range(2):
-        res = train_local(model, tok, data, cfg.train, seed=r)
-        rounds.append({"seconds": res.seconds, "loss": res.mean_loss, "flops": res.flops,
-                       "padded_tokens": res.padded_tokens, **res.metrics})
-    stop.set()
-    return {"arm": arm, "examples": len(data), "rss_model": rss_model, "peak": peak[0],
-            "increment": peak[0] - rss_model, "rounds": rounds, "threads": torch.get_num_threads(),
+    with PeakRss(interval_s=0.002) as rss:
+        for r in range(2):
+            res = train_local(model, tok, data, cfg.train, seed=r)
+            rounds.append({"seconds": res.seconds, "loss": res.mean_loss, "flops": res.flops,
+                           "padded_tokens": res.padded_tokens, **res.metrics})
+    return {"arm": arm, "examples": len(data), "rss_model": rss.start, "peak": rss.peak,
+            "increment": rss.increment, "rounds": rounds, "threads": torch.get_num_threads(),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 

@@ -19,7 +19,6 @@ import json
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -32,6 +31,7 @@ def worker(point: dict) -> dict:
     import psutil
     import torch
 
+    from edge_runtime.device.profiler import PeakRss
     from edge_runtime.training.data import encode_batch, resolve_dataset
     from edge_runtime.training.spec import TrainingSpec, build_model
 
@@ -60,29 +60,19 @@ def worker(point: dict) -> dict:
         batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     if cuda:
         batch = {k: v.cuda() for k, v in batch.items()}
-    peak, stop = [proc.memory_info().rss], threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     times = []
     model.train()
-    for _ in range(point["steps"]):
-        t0 = time.perf_counter()
-        loss = model(**batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    stop.set()
-    sampler.join()
-    out = {"rss_before_model": rss_before_model, "rss_model": rss_model, "peak_train": peak[0],
+    with PeakRss(interval_s=0.002) as rss:
+        for _ in range(point["steps"]):
+            t0 = time.perf_counter()
+            loss = model(**batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    out = {"rss_before_model": rss_before_model, "rss_model": rss_model, "peak_train": rss.peak,
            "step_seconds": statistics.median(times[1:] or times)}
     if cuda:
         out["cuda_peak"] = torch.cuda.max_memory_allocated()

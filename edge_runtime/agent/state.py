@@ -39,6 +39,7 @@ class AgentState(TypedDict, total=False):
     attempt: Attempt
     results: list[dict]             # the last 20 acks (accepted, reason, metrics)
     timings: list[dict]             # the last 100 rounds' phase seconds
+    train_efficiency: dict[str, float]   # per model: the share of the matmul peak training achieved last round
 
 
 def fresh_agent_state() -> AgentState:

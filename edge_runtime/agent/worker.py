@@ -19,7 +19,8 @@ import torch
 from edge_runtime.agent.residual import load_residual, stage_residual
 from edge_runtime.atomic_io import write_bytes_atomic, write_json_atomic
 from edge_runtime.device.memory_model import load_arch
-from edge_runtime.device.planner import (Capabilities, PlanError, choose_plan, plan_of, plan_overrides,
+from edge_runtime.device.planner import (TRAIN_EFFICIENCY, Capabilities, PlanError, calibrate_efficiency,
+                                         choose_plan, plan_of, plan_overrides, predict_train_seconds,
                                          request_from_spec, step_down)
 from edge_runtime.device.profiler import profile_device
 from edge_runtime.device.profiles import apply_device_profile
@@ -155,11 +156,11 @@ class RoundWorker:
             t0 = time.perf_counter()
             file, staged = self.write_upload(m, spec, report.upload, base, update_id)
             timings["encode_s"] = time.perf_counter() - t0
-            self.add_timings(metrics, timings)
+            self.add_timings(metrics, timings, spec)
             res = report.train_result
-            log.info("round %d: global acc %.3f on %d local test examples; trained %d steps in %.1f s "
-                     "(loss %.3f)", m.round, metrics["eval_accuracy"], metrics["eval_n"], res.steps, res.seconds,
-                     res.mean_loss)
+            log.info("round %d: global acc %s on %d local test examples; trained %d steps in %.1f s "
+                     "(loss %.3f)", m.round, f"{metrics['eval_accuracy']:.3f}" if "eval_accuracy" in metrics
+                     else "(not evaluated)", metrics.get("eval_n", 0), res.steps, res.seconds, res.mean_loss)
         self.agent.uploader.set_pending(m, file, report.n_samples, metrics, timings, update_id,
                                         layer_steps=report.layer_steps, residual_file=staged)
 
@@ -188,13 +189,24 @@ class RoundWorker:
         log.info("round %d: the server assigned %s", m.round, assignment)
         return out
 
-    def add_timings(self, metrics: dict, timings: dict) -> None:
-        """The round's phase seconds into the update's metrics, and the training's share of the
-        device's measured fp32 matmul peak where it profiled itself (``--plan auto``: the probe is not
-        run just for this, it takes a second or two of the round)."""
+    def add_timings(self, metrics: dict, timings: dict, spec: TrainingSpec | None = None) -> None:
+        """The round's phase seconds into the update's metrics, and where the device profiled itself
+        (``--plan auto``: the probe is not run just for this, it takes a second or two of the round)
+        the training's share of its measured fp32 matmul peak and the time model's prediction of the
+        training seconds (``predicted_train_s``, at the efficiency the device's last round measured)."""
         metrics.update(phase_metrics(timings))
         if self._peak and "train_gflops_per_s" in metrics:
             metrics.update(peak_gflops=self._peak, train_peak_share=metrics["train_gflops_per_s"] / self._peak)
+        if self._device is not None and spec is not None and metrics.get("train_padded_tokens"):
+            arch, plan = load_arch(spec.model), plan_of(spec, METHODS[spec.method])
+            efficiency = self.agent.state.get("train_efficiency")
+            efficiency = efficiency if isinstance(efficiency, dict) else {}
+            last = efficiency.get(spec.model)
+            tokens = metrics["train_padded_tokens"]
+            metrics["predicted_train_s"] = predict_train_seconds(
+                arch, plan, self._device[0], tokens, last if isinstance(last, float) and last > 0 else TRAIN_EFFICIENCY)
+            efficiency[spec.model] = calibrate_efficiency(arch, plan, self._device[0], tokens, metrics["train_seconds"])
+            self.agent.state["train_efficiency"] = efficiency   # saved with the pending update
 
     def capabilities(self):
         """(what this device can run, its training memory), profiled once."""

@@ -4,7 +4,8 @@
          + adapter (weights + grads + AdamW moments) + activations of the kept layers for B x T
          + logits (+ their softmax and gradient)
 
-The activation term is ``B*T*(a_d*d + a_f*f) + B*heads*T^2*a_att`` bytes per kept layer (fp32
+The activation term is ``B*T*(a_d*d + a_f*f) + B*heads*T^2*a_att`` bytes per kept layer that a
+backward pass goes through (with ``top_blocks`` the blocks below the adapter keep nothing; fp32
 activations; half that in fp16), and with gradient checkpointing only each layer's input is kept
 plus one layer's activations during recomputation. ``a_*`` and the runtime constant are
 coefficients of :class:`Coefficients`, fitted by ``scripts/bench_memory.py`` against measured
@@ -104,6 +105,8 @@ class Plan:
     seq_len: int = 64
     layer_drop: float = 0.0       # fraction of blocks skipped per step (DropPEFT)
     checkpointing: bool = False
+    top_blocks: int = 0           # the adapter on the top N blocks only (lora.top_blocks; 0: all)
+    cached: bool = False          # the frozen blocks below them replayed from the cache (train.cache_frozen)
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATIONS:
@@ -113,6 +116,10 @@ class Plan:
 
     def kept_layers(self, arch: Arch) -> int:
         return max(1, math.ceil(arch.layers * (1 - self.layer_drop) - 1e-9))   # 1e-9: 30 x 0.4 is 12.000...02
+
+    def trained_layers(self, arch: Arch) -> int:
+        """Blocks a backward pass goes through: from the lowest adapted block up."""
+        return min(self.top_blocks or arch.layers, self.kept_layers(arch))
 
 
 @dataclass(frozen=True)
@@ -148,7 +155,7 @@ def adapter_params(arch: Arch, plan: Plan, task: str, num_labels: int) -> int:
         n = arch.layers * plan.prompt_length * 2 * arch.kv_dim
     else:
         per_proj = plan.rank * (arch.hidden + arch.hidden)  # A: r x d_in, B: d_out x r (q / v are d x d)
-        n = arch.layers * plan.lora_targets * per_proj * plan.adapter_copies
+        n = min(plan.top_blocks or arch.layers, arch.layers) * plan.lora_targets * per_proj * plan.adapter_copies
     if task == "classification":
         n += arch.hidden * num_labels + num_labels
     return n
@@ -165,7 +172,7 @@ def predict_peak(arch: Arch, plan: Plan, task: str = "classification", num_label
     kv_len = plan.seq_len + (plan.prompt_length if plan.prompt_like else 0)
     per_layer = (plan.batch_size * plan.seq_len * (coef.a_d * arch.hidden + coef.a_f * arch.intermediate)
                  + plan.batch_size * arch.heads * plan.seq_len * kv_len * coef.a_att) * act_bytes
-    kept = plan.kept_layers(arch)
+    kept = plan.trained_layers(arch)   # the blocks below the adapter save nothing for a backward pass
     if plan.checkpointing:
         activations = kept * plan.batch_size * plan.seq_len * arch.hidden * 4 * act_bytes + per_layer
     else:

@@ -2,7 +2,8 @@
 gradient checkpointing, at the training profile's layer-drop ratio (DropPEFT; the server's
 configurator picks the ratio per device, among those that fit).
 
-Every candidate is priced by :mod:`edge_runtime.device.memory_model`; those whose predicted peak
+Every candidate is priced by :mod:`edge_runtime.device.memory_model` and by the time model
+(:func:`predict_train_seconds`: the plan's FLOPs at the device's measured matmul speed); those whose predicted peak
 stays under ``budget x (1 - margin)`` are ranked by what they keep of the training profile's
 request (sequence length first, as truncation loses data; then weight precision; then rank; then
 batch size) and, among equals, by estimated throughput. The choice comes with its reasons.
@@ -18,6 +19,7 @@ from edge_runtime.errors import ConfigError
 
 QUALITY = {"fp32": 3, "fp16": 3, "int8": 2, "nf4": 1}   # fp16 on a GPU loses ~nothing for training adapters
 SLOWDOWN = {"fp32": 1.0, "fp16": 0.5, "int8": 1.6, "nf4": 1.4}  # vs fp32 per FLOP (fp16: GPUs with fast half)
+TRAIN_EFFICIENCY = 0.5   # the share of the matmul probe's speed training achieves, before a device measured its own
 
 
 class PlanError(ConfigError):
@@ -48,6 +50,8 @@ class Request:
     seq_len: int = 64
     layer_drop: float = 0.0
     fixed_rank: bool = False        # a federated device must keep the fleet's adapter shapes
+    top_blocks: int = 0             # lora.top_blocks (the adapter's layout: the planner keeps it)
+    cached: bool = False            # train.cache_frozen
 
 
 @dataclass(frozen=True)
@@ -72,14 +76,36 @@ def _halvings(top: int, floor: int) -> list[int]:
     return out or [top]
 
 
-def step_seconds(arch: Arch, plan: Plan, caps: Capabilities) -> float:
-    """A rough step-time estimate: forward + input-gradient backward through the kept blocks
-    (+ a recomputed forward with checkpointing), at the device's matmul speed."""
-    tokens = plan.batch_size * plan.seq_len
-    passes = 3 + (1 if plan.checkpointing else 0)
-    flops = 2 * passes * plan.kept_layers(arch) * arch.block_linear_params() * tokens
+def train_flops(arch: Arch, plan: Plan, tokens: float) -> float:
+    """The blocks' linear-layer FLOPs of training on ``tokens`` (padding included) under ``plan``:
+    a forward pass through the blocks that run (with the frozen cache, only those from the lowest
+    adapted block up), the input gradients back through the adapted blocks (a frozen weight gets no
+    weight gradient, LoRA's are ~1% of it), and a recomputed forward with checkpointing."""
+    trained = plan.trained_layers(arch)
+    forward = trained if plan.cached else plan.kept_layers(arch)
+    passes = forward + trained + (forward if plan.checkpointing else 0)
+    return 2.0 * arch.block_linear_params() * passes * tokens
+
+
+def predict_train_seconds(arch: Arch, plan: Plan, caps: Capabilities, tokens: float,
+                          efficiency: float = TRAIN_EFFICIENCY) -> float:
+    """A round's training seconds on ``tokens``: :func:`train_flops` at ``efficiency`` times the
+    device's measured matmul speed (slower for a quantized base). ``efficiency`` is what training
+    achieves of that peak: :data:`TRAIN_EFFICIENCY` until the device has measured its own
+    (:func:`calibrate_efficiency` over its last round)."""
     speed = caps.gflops_fp32 * 1e9 / SLOWDOWN[plan.quantization]
-    return flops / speed
+    return train_flops(arch, plan, tokens) / (speed * efficiency)
+
+
+def calibrate_efficiency(arch: Arch, plan: Plan, caps: Capabilities, tokens: float, seconds: float) -> float:
+    """The efficiency a measured round implies (what :func:`predict_train_seconds` would have
+    needed to predict ``seconds``)."""
+    return predict_train_seconds(arch, plan, caps, tokens, 1.0) / max(seconds, 1e-9)
+
+
+def step_seconds(arch: Arch, plan: Plan, caps: Capabilities) -> float:
+    """One step of ``plan`` on full-length examples (the planner's ranking among equals)."""
+    return predict_train_seconds(arch, plan, caps, plan.batch_size * plan.seq_len)
 
 
 def candidates(req: Request, caps: Capabilities) -> list[Plan]:
@@ -96,7 +122,8 @@ def candidates(req: Request, caps: Capabilities) -> list[Plan]:
                 for bs in _halvings(req.batch_size, 1):
                     for ckpt in (False, True):
                         out.append(Plan(quantization=q, prompt_like=req.prompt_like, adapter_copies=req.adapter_copies, rank=rank, prompt_length=req.prompt_length,
-                                        batch_size=bs, seq_len=seq, layer_drop=req.layer_drop, checkpointing=ckpt))
+                                        batch_size=bs, seq_len=seq, layer_drop=req.layer_drop, checkpointing=ckpt,
+                                        top_blocks=req.top_blocks, cached=req.cached))
     return out
 
 
@@ -122,7 +149,8 @@ def choose_plan(arch: Arch, budget: int, req: Request, caps: Capabilities = Capa
     reasons = [f"budget {format_size(budget)}, planning under {format_size(limit)} ({margin:.0%} margin)",
                f"chosen: {_describe(plan)}, predicted peak {format_size(pred.total)}"]
     asked = Plan(quantization="fp32", prompt_like=req.prompt_like, adapter_copies=req.adapter_copies, rank=req.rank, prompt_length=req.prompt_length,
-                 batch_size=req.batch_size, seq_len=req.seq_len, layer_drop=req.layer_drop)
+                 batch_size=req.batch_size, seq_len=req.seq_len, layer_drop=req.layer_drop,
+                 top_blocks=req.top_blocks, cached=req.cached)
     if plan != asked:
         full = predict_peak(arch, asked, req.task, req.num_labels, coef)
         reasons.append(f"the request as asked ({_describe(asked)}) needs {format_size(full.total)}")
@@ -167,7 +195,8 @@ def plan_of(spec, method) -> Plan:
     return Plan(quantization=spec.quantization, prompt_like=method.prompt_like, adapter_copies=method.adapter_copies,
                 rank=spec.lora.rank, prompt_length=spec.prompt.length or 20, batch_size=spec.train.batch_size,
                 seq_len=spec.train.max_seq_len, layer_drop=method.layer_dropout(spec),
-                checkpointing=spec.train.gradient_checkpointing)
+                checkpointing=spec.train.gradient_checkpointing, top_blocks=spec.lora.top_blocks,
+                cached=_cached(spec, method))
 
 
 def _describe(p: Plan) -> str:
@@ -181,4 +210,12 @@ def request_from_spec(spec, method) -> Request:
     :class:`~edge_runtime.methods.base.Method`)."""
     return Request(prompt_like=method.prompt_like, adapter_copies=method.adapter_copies, task=spec.task, num_labels=max(len(spec.labels), 2), rank=spec.lora.rank,
                    prompt_length=spec.prompt.length or 20, batch_size=spec.train.batch_size,
-                   seq_len=spec.train.max_seq_len, layer_drop=method.layer_dropout(spec), fixed_rank=True)
+                   seq_len=spec.train.max_seq_len, layer_drop=method.layer_dropout(spec), fixed_rank=True,
+                   top_blocks=spec.lora.top_blocks, cached=_cached(spec, method))
+
+
+def _cached(spec, method) -> bool:
+    """Whether the spec's training replays the frozen blocks: the cache on, the adapter above the bottom
+    block, and a method whose blocks all run every step (DropPEFT's do not; prompts sit below them)."""
+    return bool(spec.train.cache_frozen and spec.lora.top_blocks and not method.prompt_like
+                and method.name != "droppeft")

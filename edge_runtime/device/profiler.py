@@ -5,7 +5,8 @@
 disk, a CUDA device if torch sees one (total / free memory, capability, integrated or not),
 Jetson boards (``/etc/nv_tegra_release``, ``/proc/device-tree/model``) and a short compute probe
 (matmul GFLOP/s in fp32, and fp16 where the device has fast fp16). :func:`parse_tegrastats` reads
-one line of Jetson's ``tegrastats`` (pure; tested on sample lines).
+one line of Jetson's ``tegrastats`` (pure; tested on sample lines). :class:`PeakRss` samples the
+process's resident memory on a thread while a block runs (a round's training peak).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import platform
 import re
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -273,3 +275,37 @@ def basic_profile() -> dict:
         "system": platform.system(),
         "python": platform.python_version(),
     }
+
+
+class PeakRss:
+    """The process's resident memory while a ``with`` block runs, sampled every ``interval_s`` on a
+    daemon thread: ``start`` (bytes on entry), ``peak`` (the largest sample, entry and exit included)
+    and ``increment`` (``peak - start``: what the block added). ``ru_maxrss`` cannot stand in for it:
+    it is the process's lifetime peak, set once by whatever ran first."""
+
+    def __init__(self, interval_s: float = 0.01) -> None:
+        self.interval_s = interval_s
+        self.start = self.peak = 0
+        self._proc = psutil.Process()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __enter__(self) -> "PeakRss":
+        self.start = self.peak = self._proc.memory_info().rss
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def increment(self) -> int:
+        return self.peak - self.start

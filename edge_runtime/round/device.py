@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 
 from torch import Tensor
 
+from edge_runtime.device.profiler import PeakRss
 from edge_runtime.methods.base import Method
 from edge_runtime.methods.personal import PersonalState
 from edge_runtime.training.data import Splits
@@ -83,11 +84,15 @@ def device_round(method: Method, model, tokenizer, splits: Splits, spec: Trainin
         metrics = method.score(model, tokenizer, splits, spec, seed=score_seed(spec, device_id))
         timings["score_s"] = time.perf_counter() - t0
         return DeviceReport(dict(metrics), len(splits.train), None, personal, timings)
-    on_step("evaluating")
-    t0 = time.perf_counter()
-    ev = evaluate(model, tokenizer, splits.test, eval_batch_size, spec.train.max_seq_len)
-    timings["eval_s"] = time.perf_counter() - t0
-    metrics: dict[str, float] = {"eval_accuracy": ev.accuracy, "eval_loss": ev.loss, "eval_n": ev.n}
+    metrics: dict[str, float] = {}
+    if action != "train" or spec.eval.evaluates(round_ - 1):   # the final global: always, and whole
+        on_step("evaluating")
+        t0 = time.perf_counter()
+        test = splits.test if action != "train" else spec.eval.subset(splits.test, score_seed(spec, device_id))
+        ev = evaluate(model, tokenizer, test, eval_batch_size, spec.train.max_seq_len,
+                      cache_mb=spec.train.cache_mb if spec.train.cache_frozen else None)
+        timings["eval_s"] = time.perf_counter() - t0
+        metrics.update(eval_accuracy=ev.accuracy, eval_loss=ev.loss, eval_n=ev.n)
     t0 = time.perf_counter()
     personal_metrics, personal = method.personalise(model, tokenizer, splits, spec, personal, eval_batch_size)
     if personal_metrics:
@@ -103,11 +108,13 @@ def device_round(method: Method, model, tokenizer, splits: Splits, spec: Trainin
         def train(s, sd, p):   # noqa: E306 - the plain loop: no fitting
             res, p = method.local_train(model, tokenizer, splits, s, sd, p, progress=progress, desc=f"round {round_}")
             return model, res, p
-    model, res, personal = train(spec, seed, personal)
+    with PeakRss() as rss:   # the round's training peak, as the device's memory telemetry
+        model, res, personal = train(spec, seed, personal)
     if keep_personal:
         keep_personal(personal)
     metrics.update(res.metrics)
-    metrics.update(train_loss=res.mean_loss, train_seconds=res.seconds, train_steps=res.steps)
+    metrics.update(train_loss=res.mean_loss, train_seconds=res.seconds, train_steps=res.steps,
+                   rss_start_mb=rss.start / 2**20, rss_peak_mb=rss.peak / 2**20)
     if res.padded_tokens:
         metrics.update(throughput_metrics(res.tokens, res.padded_tokens, res.flops, res.seconds))
     timings["train_s"] = res.seconds

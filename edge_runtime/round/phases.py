@@ -25,7 +25,8 @@ DEVICE_PHASES = ("load_s", "fetch_s", "decode_s", "eval_s", "personalise_s", "tr
 SERVER_PHASES = ("transfer_s", "idle_s")
 PHASES = DEVICE_PHASES + SERVER_PHASES
 THROUGHPUT = ("train_tokens", "train_tokens_per_s", "train_padding", "train_gflops_per_s", "peak_gflops",
-              "train_peak_share")
+              "train_peak_share", "predicted_train_s",   # the planner's time model (agents with --plan auto)
+              "rss_start_mb", "rss_peak_mb")             # the process's RSS as training began, and its peak
 
 
 def device_phases(metrics: Mapping[str, float], accepted_after: float | None, round_seconds: float | None) -> dict:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from edge_runtime.algorithms.aggregation import Update, check_compatible
 from edge_runtime.algorithms.dp import dp_mean, privacy_spent
+from edge_runtime.algorithms.fedopt import fedopt_step, own_state
 from edge_runtime.algorithms.robust import defend, robust_aggregate
 from edge_runtime.errors import AggregationError
 from edge_runtime.methods.base import Method
@@ -56,7 +57,8 @@ def aggregate_checked(method: Method, global_state: Mapping[str, Tensor], update
     """The updates' influence bounded (``spec.robust``: weight caps, with ``sample_caps`` per device
     from the enrolment, and the norm bound), then the method's aggregate (or the robust aggregator
     that replaces a weighted mean, or DP-FedAvg's noised mean when ``spec.dp`` is on: its report is
-    the defence's ``dp``) and its configurator's new state, refused (AggregationError)
+    the defence's ``dp``), the server optimizer's step toward it (``spec.fedopt``, its state kept in
+    the server state) and the configurator's new state, refused (AggregationError)
     unless the aggregate has the global's keys, shapes and dtypes and only finite values, and the
     state is a JSON object (finite numbers) under :data:`MAX_CONFIGURATOR_BYTES`."""
     updates, defence = defend(global_state, updates, spec.robust, sample_caps)
@@ -67,6 +69,9 @@ def aggregate_checked(method: Method, global_state: Mapping[str, Tensor], update
         new_global, new_server = robust_aggregate(updates, spec.robust), {}
     else:
         new_global, new_server = method.aggregate(global_state, updates, server_state, spec, fleet_size)
+    if spec.fedopt.enabled:   # the mean above is the pseudo-gradient's target: FedAdam / FedYogi / FedAvgM
+        new_global, opt_state = fedopt_step(global_state, new_global, own_state(server_state), spec.fedopt)
+        new_server = {**new_server, **opt_state}
     check_compatible(global_state, new_global, where=f"round {round_}'s aggregate")
     if not all(torch.isfinite(t).all() for t in new_global.values() if t.is_floating_point()):
         raise AggregationError("the aggregate holds NaN or infinite values")

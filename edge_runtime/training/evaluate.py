@@ -1,13 +1,48 @@
-"""Evaluation: loss and accuracy (label accuracy, or response-token accuracy for generation)."""
+"""Evaluation: loss and accuracy (label accuracy, or response-token accuracy for generation).
+
+Batches are formed from examples of similar length (each padded only to its batch's longest), and
+the per-example results come back in data order; with the frozen-activation cache on, only the
+blocks above the cached one run. :class:`EvalConfig` (the spec's ``eval`` section)
+says how much of a round's evaluation of the received global a device does: every ``every``-th
+global, on a fixed random ``sample`` of its test split; the final global is always evaluated whole.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from edge_runtime.errors import ConfigError
 from edge_runtime.service import lifecycle
-from edge_runtime.training.data import LocalDataset, encode_batch
+from edge_runtime.training.data import LocalDataset, encode_batch, example_lengths
+from edge_runtime.training.frozen_cache import frozen_cache, replaying
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How a device evaluates the global it receives before training on it (its round's first phase)."""
+
+    every: int = 1     # evaluate global 0, every, 2 * every, ... (a round that skips reports no eval_*)
+    sample: int = 0    # at most this many examples of the test split, the same ones each round; 0 = all
+
+    def __post_init__(self) -> None:
+        for name in ("every", "sample"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "every" else 0):
+                raise ConfigError(f"eval.{name} must be an integer >= {1 if name == 'every' else 0}, got {v!r}")
+
+    def evaluates(self, global_round: int) -> bool:
+        return global_round % self.every == 0
+
+    def subset(self, test: LocalDataset, seed: int) -> LocalDataset:
+        """The examples a round evaluates: all, or ``sample`` of them drawn once with ``seed``."""
+        if not self.sample or self.sample >= len(test):
+            return test
+        keep = np.random.default_rng(seed).permutation(len(test))[: self.sample]
+        return test.subset(sorted(int(i) for i in keep))
 
 
 @dataclass(frozen=True)
@@ -20,19 +55,29 @@ class EvalResult:
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, tokenizer, data: LocalDataset, batch_size: int = 64,
-             max_seq_len: int = 64) -> EvalResult:
-    """Evaluate ``model`` on every example of ``data`` (all layers, no dropout)."""
+             max_seq_len: int = 64, cache_mb: float | None = None) -> EvalResult:
+    """Evaluate ``model`` on every example of ``data`` (all layers, no dropout), in batches of
+    similar length; ``correct`` is in data order. With ``cache_mb`` (``train.cache_frozen``), the
+    frozen blocks below the lowest trained one replay their cached output for ``data``
+    (:mod:`edge_runtime.training.frozen_cache`: built on the first call, the same numbers)."""
     if len(data) == 0:
         return EvalResult(float("nan"), float("nan"), 0)
+    cache = None
+    if cache_mb is not None:
+        with torch.inference_mode(False):   # plain tensors: a cache may serve training too
+            cache = frozen_cache(model, tokenizer, data, max_seq_len, cache_mb)
     model.eval()
     total_loss, total_tokens = 0.0, 0
+    lengths = example_lengths(tokenizer, data, max_seq_len)
+    order = sorted(range(len(data)), key=lambda i: lengths[i])
     per_example: list[float] = []
     for start in range(0, len(data), batch_size):
         lifecycle.progress()
-        idx = list(range(start, min(start + batch_size, len(data))))
+        idx = order[start: start + batch_size]
         batch = encode_batch(tokenizer, data, idx, max_seq_len)
         labels = batch.pop("labels")
-        logits = model(**batch).logits.float()
+        with replaying(model, cache, idx, batch["attention_mask"]) if cache else contextlib.nullcontext():
+            logits = model(**batch).logits.float()
         if data.kind == "classification":
             total_loss += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
             total_tokens += len(idx)
@@ -47,4 +92,7 @@ def evaluate(model: torch.nn.Module, tokenizer, data: LocalDataset, batch_size: 
             hits = ((logits.argmax(-1) == labels) & mask).sum(-1).float()
             per_example += (hits / mask.sum(-1).clamp(min=1)).tolist()
     loss = total_loss / max(total_tokens, 1)
-    return EvalResult(loss, sum(per_example) / len(per_example), len(per_example), tuple(per_example))
+    correct = [0.0] * len(data)
+    for i, c in zip(order, per_example):
+        correct[i] = c
+    return EvalResult(loss, sum(correct) / len(correct), len(correct), tuple(correct))

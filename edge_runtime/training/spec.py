@@ -14,12 +14,14 @@ from typing import Any, Sequence
 
 from edge_runtime.algorithms.compression import CompressionConfig
 from edge_runtime.algorithms.dp import DPConfig
+from edge_runtime.algorithms.fedopt import FedOptConfig
 from edge_runtime.algorithms.robust import RobustConfig
 from edge_runtime.errors import ConfigError
 from edge_runtime.methods import METHODS, config_sections
 from edge_runtime.training.models import (QUANTIZATIONS, TASKS,
                                           bitsandbytes_problem, load_model,
                                           load_tokenizer, resolve_model_source)
+from edge_runtime.training.evaluate import EvalConfig
 from edge_runtime.training.trainer import TrainConfig
 
 log = logging.getLogger("edge_runtime.training")
@@ -43,6 +45,9 @@ class _SpecMethods:
         if self.dp.enabled and (self.robust.aggregator != "fedavg" or not METHODS[self.method].mean_aggregate):
             raise ConfigError(f"dp (DP-FedAvg) replaces a mean of the updates; it works with robust.aggregator "
                               f"fedavg and a method that averages (not {self.method} with {self.robust.aggregator})")
+        if self.fedopt.enabled and not METHODS[self.method].mean_aggregate:
+            raise ConfigError(f"fedopt.optimizer {self.fedopt.optimizer} steps along a mean of the updates, and "
+                              f"{self.method} aggregates otherwise (its own server update, if any, is in its section)")
 
     def to_json(self) -> dict[str, Any]:
         return json_ready(dataclasses.asdict(self))
@@ -65,8 +70,10 @@ TrainingSpec = dataclasses.make_dataclass("TrainingSpec", [
     *[(name, cls, field(default_factory=cls)) for name, cls in config_sections().items()],
     ("robust", RobustConfig, field(default_factory=RobustConfig)),   # the server's defences (bounded influence)
     ("dp", DPConfig, field(default_factory=DPConfig)),   # DP-FedAvg on the server (off unless dp.clip is set)
+    ("fedopt", FedOptConfig, field(default_factory=FedOptConfig)),   # the server optimizer over the mean (off)
     ("compression", CompressionConfig, field(default_factory=CompressionConfig)),   # how updates travel (off by default)
     ("train", TrainConfig, field(default_factory=TrainConfig)),
+    ("eval", EvalConfig, field(default_factory=EvalConfig)),   # the devices' evaluation of each received global
     ("split", tuple, field(default=(0.8, 0.1, 0.1))),   # a device's own train / val / test
     ("seed", int, field(default=0)),
     ("tokenizer_corpus", tuple, field(default=())),    # tiny test models only: texts their word tokenizer is built from

@@ -49,6 +49,6 @@ def count_linear_flops(model: torch.nn.Module) -> Iterator[FlopCounter]:
 def throughput_metrics(tokens: int, padded_tokens: int, flops: float, seconds: float) -> dict[str, float]:
     """The update's throughput numbers: real (unpadded) tokens, tokens/s, the share of padding, GFLOP/s."""
     s = max(seconds, 1e-9)
-    return {"train_tokens": float(tokens), "train_tokens_per_s": tokens / s,
+    return {"train_tokens": float(tokens), "train_padded_tokens": float(padded_tokens), "train_tokens_per_s": tokens / s,
             "train_padding": 1.0 - tokens / padded_tokens if padded_tokens else 0.0,
             "train_gflops_per_s": flops / s / 1e9}

@@ -1,6 +1,7 @@
 """The device profiler: tegrastats lines, Jetson detection from a fake root, sizes, the budget."""
 
 import json
+import time
 
 import pytest
 
@@ -75,3 +76,18 @@ def test_budget_makes_the_device_act_smaller_and_the_probe_measures(tmp_path):
     assert "--memory-budget" in p.summary()
     huge = profile_device(memory_budget="64TiB", probe_compute=False, root=tmp_path)
     assert any("larger than this device" in n for n in huge.notes)
+
+
+def test_peak_rss_sees_what_a_block_allocated_and_released():
+    import numpy as np
+
+    from edge_runtime.device.profiler import PeakRss
+
+    with PeakRss(interval_s=0.001) as rss:
+        buf = np.ones(200 * 2**20 // 8)     # 200 MiB, touched
+        time.sleep(0.05)
+        del buf
+    assert rss.increment >= 150 * 2**20, rss.increment / 2**20
+    with PeakRss(interval_s=0.001) as idle:
+        time.sleep(0.02)
+    assert idle.increment < 50 * 2**20 and idle.start > 0

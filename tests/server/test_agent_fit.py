@@ -36,6 +36,28 @@ def test_a_small_budget_shrinks_local_settings_but_not_the_adapter(tmp_path):
     assert off.worker.plan(spec, _manifest(spec)) == spec
 
 
+def test_the_time_model_predicts_each_round_at_the_efficiency_the_last_one_measured(tmp_path):
+    from edge_runtime.device.planner import TRAIN_EFFICIENCY
+
+    data = write_jsonl(tmp_path / "d.jsonl", make_toy_rows(30))
+    agent = Agent(AgentConfig("d0", str(data), tmp_path / "d0", memory_budget=16 * 2**30),
+                  MemoryTransport(MemoryBroker(), "d0"))
+    spec = TrainingSpec(model="minilm-l6", labels=tuple(f"l{i}" for i in range(26)))
+    agent.worker.plan(spec, _manifest(spec))             # profiles the device (its matmul speed)
+    first = {"train_padded_tokens": 20_000.0, "train_seconds": 4.0}
+    agent.worker.add_timings(first, {"train_s": 4.0}, spec)
+    eff = agent.state["train_efficiency"]["minilm-l6"]
+    assert first["predicted_train_s"] == 4.0 * eff / TRAIN_EFFICIENCY      # the default efficiency, then measured
+    second = {"train_padded_tokens": 10_000.0, "train_seconds": 2.5}     # half the tokens: predicted half the time
+    agent.worker.add_timings(second, {"train_s": 2.5}, spec)
+    assert math.isclose(second["predicted_train_s"], 2.0, rel_tol=1e-9) and second["t_train_s"] == 2.5
+    agent.state["train_efficiency"] = "garbage"                           # a hand-edited state file: the default
+    third = {"train_padded_tokens": 10_000.0, "train_seconds": 2.5}
+    agent.worker.add_timings(third, {}, spec)
+    assert math.isclose(third["predicted_train_s"], 2.5 * agent.state["train_efficiency"]["minilm-l6"]
+                        / TRAIN_EFFICIENCY, rel_tol=1e-9)
+
+
 def test_out_of_memory_steps_down_and_keeps_the_round(tmp_path, monkeypatch):
     real = METHODS["lora"].local_train
     seen = []

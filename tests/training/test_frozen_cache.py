@@ -93,6 +93,29 @@ def test_a_cached_step_skips_the_bottom_blocks():
     assert ran == [2, 3, 0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("name, kind", [("tiny-bert", "classification"), ("tiny-llama", "generation")])
+def test_cached_evaluation_gives_the_uncached_results_and_runs_only_the_top_blocks(name, kind):
+    from edge_runtime.training.evaluate import evaluate
+
+    data = _data(n=40, kind=kind)
+    model, tok = _model(data, name)
+    ref = evaluate(model, tok, data, batch_size=16, max_seq_len=64)
+    ran = []
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(find_blocks(model)[2])]
+    first = evaluate(model, tok, data, batch_size=16, max_seq_len=64, cache_mb=64.0)   # builds the cache
+    ran.clear()
+    again = evaluate(model, tok, data, batch_size=16, max_seq_len=64, cache_mb=64.0)   # replays it
+    for h in hooks:
+        h.remove()
+    assert set(ran) == {2, 3}                        # blocks 0 and 1 never ran on the replay
+    for res in (first, again):
+        assert res.correct == ref.correct and res.n == ref.n
+        assert res.loss == pytest.approx(ref.loss, abs=TOL)
+    # the eval cache is plain tensors (not inference-mode ones): training on the same data may use it
+    res, _ = _train(model, tok, data, cache_frozen=True, steps=2) if kind == "classification" else (None, None)
+    assert res is None or res.metrics["cache_build_s"] == 0.0
+
+
 def _train(model, tok, data, cache_frozen, steps=6):
     cfg = TrainConfig(batch_size=8, lr=5e-3, max_steps=steps, cache_frozen=cache_frozen)
     res = train_local(model, tok, data, cfg, seed=3)

@@ -28,7 +28,7 @@ def test_linear_flops_by_hand():
 
 def test_throughput_metrics():
     m = throughput_metrics(tokens=300, padded_tokens=400, flops=6e9, seconds=2.0)
-    assert m == {"train_tokens": 300.0, "train_tokens_per_s": 150.0, "train_padding": 0.25,
+    assert m == {"train_tokens": 300.0, "train_padded_tokens": 400.0, "train_tokens_per_s": 150.0, "train_padding": 0.25,
                  "train_gflops_per_s": 3.0}
 
 
