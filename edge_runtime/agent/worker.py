@@ -205,7 +205,8 @@ class RoundWorker:
             tokens = metrics["train_padded_tokens"]
             metrics["predicted_train_s"] = predict_train_seconds(
                 arch, plan, self._device[0], tokens, last if isinstance(last, float) and last > 0 else TRAIN_EFFICIENCY)
-            efficiency[spec.model] = calibrate_efficiency(arch, plan, self._device[0], tokens, metrics["train_seconds"])
+            steps_s = metrics["train_seconds"] - metrics.get("cache_build_s", 0.0)   # the cache is built once, not per round
+            efficiency[spec.model] = calibrate_efficiency(arch, plan, self._device[0], tokens, steps_s)
             self.agent.state["train_efficiency"] = efficiency   # saved with the pending update
 
     def capabilities(self):

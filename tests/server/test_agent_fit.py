@@ -51,6 +51,11 @@ def test_the_time_model_predicts_each_round_at_the_efficiency_the_last_one_measu
     second = {"train_padded_tokens": 10_000.0, "train_seconds": 2.5}     # half the tokens: predicted half the time
     agent.worker.add_timings(second, {"train_s": 2.5}, spec)
     assert math.isclose(second["predicted_train_s"], 2.0, rel_tol=1e-9) and second["t_train_s"] == 2.5
+    built = {"train_padded_tokens": 10_000.0, "train_seconds": 3.5, "cache_build_s": 1.0}   # a round that built the cache
+    agent.worker.add_timings(built, {}, spec)
+    again = {"train_padded_tokens": 10_000.0, "train_seconds": 2.5}
+    agent.worker.add_timings(again, {}, spec)
+    assert math.isclose(again["predicted_train_s"], 2.5, rel_tol=1e-9)     # calibrated on its 2.5 s of steps
     agent.state["train_efficiency"] = "garbage"                           # a hand-edited state file: the default
     third = {"train_padded_tokens": 10_000.0, "train_seconds": 2.5}
     agent.worker.add_timings(third, {}, spec)
