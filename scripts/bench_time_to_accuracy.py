@@ -25,9 +25,11 @@ without ending lower at the baseline's wall time. Per arm: wall seconds and devi
 accuracy at the baseline's wall time, each device's peak RSS during training and its training
 increment (peak minus the RSS as training began), bytes per round, and the mean device's phases.
 
-    python scripts/bench_time_to_accuracy.py                       # wordnet + fortunes (~60 min, 2 cores)
-    python scripts/bench_time_to_accuracy.py --settings wordnet --arms baseline best
-    python scripts/bench_time_to_accuracy.py --settings smollm2    # SmolLM2-135M, smaller (see SETTINGS)
+    python scripts/bench_time_to_accuracy.py --settings wordnet --best auto      # every arm (36 min, 2 cores)
+    python scripts/bench_time_to_accuracy.py --settings fortunes --arms baseline best \
+        --best grouped top3+cache                                                # (18 min)
+    python scripts/bench_time_to_accuracy.py --settings smoke --arms baseline best   # does it run (4 min)
+    python scripts/bench_time_to_accuracy.py --settings smollm2    # SmolLM2-135M, smaller (not yet measured)
 
 Writes scripts/results/time_to_accuracy.json (``--out``) and, beside it, one accuracy-vs-seconds and one
 phase PNG per setting.
