@@ -41,6 +41,7 @@ from edge_runtime.errors import AggregationError, ConfigError
 from edge_runtime.methods import lora
 from edge_runtime.methods.personal import PersonalState
 from edge_runtime.training.data import Splits
+from edge_runtime.training.seeding import seeded
 from edge_runtime.training.evaluate import evaluate
 from edge_runtime.training.trainer import TrainResult, train_local
 from edge_runtime.methods.base import Method, ModelState
@@ -135,8 +136,7 @@ def build(model: torch.nn.Module, spec: "TrainingSpec"):
                           target_modules=list(spec.lora.target_modules) if spec.lora.target_modules else None,
                           layers_to_transform=lora.layers_to_transform(model, spec.lora))
     try:
-        with torch.random.fork_rng():
-            torch.manual_seed(spec.seed)
+        with seeded(spec.seed):
             peft_model = get_peft_model(model, peft_cfg, adapter_name=GLOBAL)
             torch.manual_seed(spec.seed + 1)
             peft_model.add_adapter(PERSONAL, copy.deepcopy(peft_cfg))

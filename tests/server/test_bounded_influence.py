@@ -40,11 +40,7 @@ def _attacker(agent, mode: str) -> None:
 
 
 def _run(tmp_path, name: str, mode: str | None, robust: RobustConfig | None = None, dp: DPConfig | None = None) -> dict:
-    # no LoRA dropout: the in-process agents train in threads of one process, and dropout masks drawn
-    # from torch's one global generator would depend on how the threads interleave (on the machine's
-    # load), so each run would train differently and the bound would measure that, not the lie
-    spec = dataclasses.replace(toy_spec(), lora=dataclasses.replace(toy_spec().lora, dropout=0.0),
-                               **({"robust": robust} if robust else {}), **({"dp": dp} if dp else {}))
+    spec = dataclasses.replace(toy_spec(), **({"robust": robust} if robust else {}), **({"dp": dp} if dp else {}))
     # a round waits for all four devices however loaded the machine is: a round that closed at its
     # deadline without one of them would weigh the others differently, and the accuracy bound is about the lie
     fleet = InProcessFleet(tmp_path / name, n_devices=4, rounds=3, spec=spec, rows=600, deadline_s=900.0)   # 240 test examples
