@@ -12,6 +12,9 @@ Arms (``--arms`` picks some):
   231,578 trainable parameters) frozen instead of trained and shared (``lora.train_pooler=false``);
 - ``none/pooler-lora``, ``int8/pooler-lora``, ``int4/pooler-lora``: the pooler trained through a
   rank-8 LoRA on its dense layer (``lora.train_pooler=lora``: 6,144 parameters instead of 147,840).
+- ``none/pooler-identity``, ``int8/``, ``int4/``, ``nf4/pooler-identity``: the pooler set to the
+  identity and frozen (``lora.train_pooler=identity``: the head reads tanh of the [CLS] vector at its
+  own scale; nothing of the pooler on the wire).
 
 Per arm and round: global test accuracy, bytes up and down a device (on the wire), the ratio to
 the uncompressed fp32 state (the reference arm's bytes); rounds and cumulative MB to the target
@@ -56,6 +59,10 @@ ARMS = {   # name -> (compression both ways, lora.train_pooler)
     "none/pooler-lora": (CompressionConfig(), "lora"),
     "int8/pooler-lora": (CompressionConfig(uplink="int8", downlink="int8"), "lora"),
     "int4/pooler-lora": (CompressionConfig(uplink="int4", downlink="int4"), "lora"),
+    "none/pooler-identity": (CompressionConfig(), "identity"),
+    "int8/pooler-identity": (CompressionConfig(uplink="int8", downlink="int8"), "identity"),
+    "int4/pooler-identity": (CompressionConfig(uplink="int4", downlink="int4"), "identity"),
+    "nf4/pooler-identity": (CompressionConfig(uplink="nf4", downlink="nf4"), "identity"),
 }
 KEEP = ("round", "global_accuracy", "mean_device_accuracy", "train_loss", "seconds", "bytes_up", "bytes_up_raw",
         "bytes_down", "bytes_down_raw", "accepted", "participants")

@@ -10,7 +10,8 @@ with (a, b) found on the device's validation split by :func:`edge_runtime.algori
 
 Choices ([choice] in ALGORITHMS.md; fields of :class:`FdloraConfig`):
 
-- The task head (``classifier`` / ``score``, and BERT's ``pooler.dense``) is frozen and each
+- The task head (``classifier`` / ``score``, and BERT's ``pooler.dense`` unless
+  ``lora.train_pooler: identity`` fixes it) is frozen and each
   adapter owns a full-rank delta of it (:class:`DualDeltaLinear`: W0 + a dW_P + b dW_G, bias
   likewise), so the fused model is exactly the formula above for every layer, and training a
   delta learns exactly as training the head itself would. (A first version put a LoRA
@@ -117,10 +118,10 @@ def _heads(model: torch.nn.Module) -> dict[str, DualDeltaLinear]:
     return {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, DualDeltaLinear)}
 
 
-def _wrap_heads(model: torch.nn.Module) -> None:
-    """Replace the task head's linear layers by :class:`DualDeltaLinear` (in place)."""
+def _wrap_heads(model: torch.nn.Module, pooler: bool = True) -> None:
+    """Replace the task head's linear layers (``pooler``: BERT's pooler too) by :class:`DualDeltaLinear` (in place)."""
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-             and (n in ("classifier", "score") or n.endswith("pooler.dense"))]
+             and (n in ("classifier", "score") or (pooler and n.endswith("pooler.dense")))]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -131,7 +132,10 @@ def build(model: torch.nn.Module, spec: "TrainingSpec"):
     from peft import LoraConfig, get_peft_model
 
     if spec.task == "classification":
-        _wrap_heads(model)
+        identity = spec.lora.train_pooler == "identity" and "pooler" in lora.head_module_names(model)
+        if identity:   # frozen, off the wire, shipped with every adapter folder
+            lora.set_identity_pooler(model)
+        _wrap_heads(model, pooler=not identity)
     peft_cfg = LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                           target_modules=list(spec.lora.target_modules) if spec.lora.target_modules else None,
                           layers_to_transform=lora.layers_to_transform(model, spec.lora))
@@ -301,6 +305,7 @@ def _write_plain_lora(model, lora_state: dict[str, Tensor], rank: int, alpha: fl
     cfg.save_pretrained(str(folder))
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"),
               metadata={"format": "pt", "edge_runtime.method": method})
+    lora.ship_identity_pooler(model, folder)
 
 
 def save_adapter(model, folder: Path) -> None:

@@ -196,6 +196,7 @@ def save_adapter(model, folder: Path) -> None:
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"),
               metadata={"format": "pt", "edge_runtime.method": "federa",
                         "edge_runtime.federa": json.dumps({"residual": _residual(model)})})
+    lora.ship_identity_pooler(model, folder)
 
 
 def save_personal_adapter(model, personal, folder: Path) -> None:

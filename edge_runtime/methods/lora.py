@@ -4,7 +4,10 @@ Trainable part: LoRA A/B on the attention projections (peft's default targets fo
 architecture unless ``target_modules`` is set) plus, for classification, the task head
 (and BERT's pooler), which must be shared too or devices would disagree on the label space.
 The pooler is trained whole (``train_pooler: true``), through a rank-r LoRA on its dense layer
-(``"lora"``: 2*r*h parameters on the wire instead of h*h + h), or frozen (``false``).
+(``"lora"``: 2*r*h parameters on the wire instead of h*h + h), frozen as the checkpoint has it
+(``false``), or set to the identity and frozen (``"identity"``: the head reads tanh of the [CLS]
+vector at its own scale; nothing of the pooler on the wire, and every adapter folder ships the
+identity pooler so that it loads onto the untouched base).
 Upload: the whole trainable state. Server: weighted FedAvg (samples as weights).
 
 Every method module has the same functions (see ``edge_runtime.methods``); this one is the
@@ -13,6 +16,7 @@ reference, and the others reuse what they do not change.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
@@ -21,6 +25,7 @@ import torch
 from torch import Tensor
 
 from edge_runtime.algorithms.aggregation import check_compatible, fedavg
+from edge_runtime.atomic_io import write_json_atomic
 from edge_runtime.errors import AggregationError, ConfigError
 from edge_runtime.training.data import Splits
 from edge_runtime.training.seeding import seeded
@@ -43,7 +48,8 @@ class LoraMethodConfig:
     dropout: float = 0.05
     target_modules: tuple[str, ...] | None = None
     # BERT's pooler (147,840 of MiniLM's 231,578 trainable parameters): trained whole and shared (true),
-    # LoRA on pooler.dense ("lora": 6,144 at r=8), or frozen and off the wire (false)
+    # LoRA on pooler.dense ("lora": 6,144 at r=8), frozen as the checkpoint has it (false) or set to
+    # the identity and frozen ("identity"); the last two put nothing of it on the wire
     train_pooler: bool | str = True
     # LoRA on the top ``top_blocks`` transformer blocks only (0: all); the blocks below then run
     # frozen, and ``train.cache_frozen`` computes them once per example instead of every step
@@ -55,8 +61,8 @@ class LoraMethodConfig:
         if self.top_blocks and self.train_pooler == "lora":
             raise ConfigError("lora.top_blocks and lora.train_pooler=lora do not combine (the pooler is in no block); "
                               "train the pooler whole or freeze it")
-        if not (isinstance(self.train_pooler, bool) or self.train_pooler == "lora"):
-            raise ConfigError(f"lora.train_pooler must be true, false or \"lora\", got {self.train_pooler!r}")
+        if not (isinstance(self.train_pooler, bool) or self.train_pooler in ("lora", "identity")):
+            raise ConfigError(f"lora.train_pooler must be true, false, \"lora\" or \"identity\", got {self.train_pooler!r}")
         if not isinstance(self.rank, int) or self.rank <= 0:
             raise ConfigError(f"lora.rank must be a positive integer, got {self.rank!r}")
         if not self.alpha > 0:
@@ -111,6 +117,8 @@ def build(model: torch.nn.Module, spec: "TrainingSpec"):
     cfg = spec.lora
     task_type = TaskType.SEQ_CLS if spec.task == "classification" else TaskType.CAUSAL_LM
     heads = head_module_names(model) if spec.task == "classification" else []
+    if "pooler" in heads and cfg.train_pooler == "identity":
+        set_identity_pooler(model)
     peft_cfg = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
@@ -125,6 +133,62 @@ def build(model: torch.nn.Module, spec: "TrainingSpec"):
             return get_peft_model(model, peft_cfg)
     except ValueError as exc:
         raise ConfigError(f"{spec.method}: cannot apply LoRA to {type(model).__name__}: {exc}") from exc
+
+
+def _pooler_dense(model: torch.nn.Module) -> tuple[str, torch.nn.Linear] | None:
+    """(its module path, BERT's ``pooler.dense``) in ``model`` (plain or peft-wrapped), or None."""
+    for name, m in model.named_modules():
+        if name.endswith("pooler.dense") and isinstance(m, torch.nn.Linear) and m.in_features == m.out_features:
+            return name, m
+    return None
+
+
+def set_identity_pooler(model: torch.nn.Module) -> None:
+    """Make BERT's pooler the identity (tanh of the [CLS] vector), frozen, in place."""
+    found = _pooler_dense(model)
+    if found is None:
+        raise ConfigError(f"lora.train_pooler=identity: {type(model).__name__} has no square pooler.dense")
+    dense = found[1]
+    with torch.no_grad():
+        dense.weight.copy_(torch.eye(dense.in_features, dtype=dense.weight.dtype))
+        if dense.bias is not None:
+            dense.bias.zero_()
+    dense.requires_grad_(False)
+
+
+def identity_pooler_tensors(model: torch.nn.Module) -> dict[str, Tensor]:
+    """The pooler's tensors under peft's saved names when it is a frozen identity (``train_pooler:
+    identity``), else {}: an adapter folder must carry them, the untouched base has its own pooler."""
+    found = _pooler_dense(model)
+    if found is None or ".modules_to_save." in found[0] or found[1].weight.requires_grad:
+        return {}
+    name, dense = found
+    eye = torch.eye(dense.in_features, dtype=dense.weight.dtype)
+    if not torch.equal(dense.weight, eye) or (dense.bias is not None and bool(dense.bias.any())):
+        return {}
+    path = name.removeprefix("base_model.model.")
+    out = {f"base_model.model.{path}.weight": dense.weight.detach().clone()}
+    if dense.bias is not None:
+        out[f"base_model.model.{path}.bias"] = dense.bias.detach().clone()
+    return out
+
+
+def ship_identity_pooler(model: torch.nn.Module, folder: Path) -> None:
+    """Add a frozen identity pooler to the peft folder ``folder`` (as ``modules_to_save``), if any."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    extra = identity_pooler_tensors(model)
+    if not extra:
+        return
+    folder = Path(folder)
+    cfg_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["modules_to_save"] = sorted(set(cfg.get("modules_to_save") or []) | {"pooler"})
+    write_json_atomic(cfg_path, cfg)
+    with safe_open(str(weights), "pt") as f:
+        metadata = f.metadata()
+    save_file({**load_file(str(weights)), **extra}, str(weights), metadata=metadata)
 
 
 def initial_global(model, spec: "TrainingSpec") -> dict[str, Tensor]:
@@ -170,6 +234,7 @@ def local_train(model, tokenizer, splits: Splits, spec: "TrainingSpec", seed: in
 def save_adapter(model, folder: Path) -> None:
     """Write the adapter as a peft folder that loads onto the untouched base model."""
     model.save_pretrained(folder)
+    ship_identity_pooler(model, folder)
 
 
 def save_personal_adapter(model, personal: "PersonalState | None", folder: Path) -> None:
