@@ -8,13 +8,14 @@ Arms (``--arms`` picks some):
 - ``fp16``, ``int8``, ``int4``, ``nf4``: dense deltas, blockwise quantized (64 values a scale);
 - ``int4+top25``, ``int4+top25/no-ef``: int4 of each tensor's largest 25% entries, with and
   without error feedback (what the feedback buys);
+- ``nf2/b128``, ``nf2/b128/no-ef``: dense 2-bit codes at a normal distribution's Lloyd-Max levels,
+  128 values a scale, with and without error feedback;
 - ``none/no-pooler``, ``int4/no-pooler``: the structural lever: BERT's pooler (147,840 of MiniLM's
   231,578 trainable parameters) frozen instead of trained and shared (``lora.train_pooler=false``);
 - ``none/pooler-lora``, ``int8/pooler-lora``, ``int4/pooler-lora``: the pooler trained through a
   rank-8 LoRA on its dense layer (``lora.train_pooler=lora``: 6,144 parameters instead of 147,840).
-- ``none/pooler-identity``, ``int8/``, ``int4/``, ``nf4/pooler-identity``: the pooler set to the
-  identity and frozen (``lora.train_pooler=identity``: the head reads tanh of the [CLS] vector at its
-  own scale; nothing of the pooler on the wire).
+- ``none/pooler-identity``: the pooler set to the identity and frozen (``lora.train_pooler=identity``:
+  the head reads tanh of the [CLS] vector at its own scale; nothing of the pooler on the wire).
 
 Per arm and round: global test accuracy, bytes up and down a device (on the wire), the ratio to
 the uncompressed fp32 state (the reference arm's bytes); rounds and cumulative MB to the target
@@ -54,15 +55,14 @@ ARMS = {   # name -> (compression both ways, lora.train_pooler)
     "nf4": (CompressionConfig(uplink="nf4", downlink="nf4"), True),
     "int4+top25": (CompressionConfig(uplink="int4", downlink="int4", topk=0.25), True),
     "int4+top25/no-ef": (CompressionConfig(uplink="int4", downlink="int4", topk=0.25, error_feedback=False), True),
+    "nf2/b128": (CompressionConfig(uplink="nf2", downlink="nf2", block=128), True),
+    "nf2/b128/no-ef": (CompressionConfig(uplink="nf2", downlink="nf2", block=128, error_feedback=False), True),
     "none/no-pooler": (CompressionConfig(), False),
     "int4/no-pooler": (CompressionConfig(uplink="int4", downlink="int4"), False),
     "none/pooler-lora": (CompressionConfig(), "lora"),
     "int8/pooler-lora": (CompressionConfig(uplink="int8", downlink="int8"), "lora"),
     "int4/pooler-lora": (CompressionConfig(uplink="int4", downlink="int4"), "lora"),
     "none/pooler-identity": (CompressionConfig(), "identity"),
-    "int8/pooler-identity": (CompressionConfig(uplink="int8", downlink="int8"), "identity"),
-    "int4/pooler-identity": (CompressionConfig(uplink="int4", downlink="int4"), "identity"),
-    "nf4/pooler-identity": (CompressionConfig(uplink="nf4", downlink="nf4"), "identity"),
 }
 KEEP = ("round", "global_accuracy", "mean_device_accuracy", "train_loss", "seconds", "bytes_up", "bytes_up_raw",
         "bytes_down", "bytes_down_raw", "accepted", "participants")

@@ -9,6 +9,11 @@ result on the wire (safetensors + a header) and validates what comes back.
   int4 packs two codes per byte.
 - ``nf4``: QLoRA's 4-bit NormalFloat levels (Dettmers et al. 2023, appendix E), scaled by the
   block's absmax; each value goes to the nearest level, packed two per byte.
+- ``nf2``: 2-bit codes at the Lloyd-Max levels of a unit normal (+-0.4528, +-1.5104: the four levels
+  with the least mean squared error for Gaussian values; Max 1960), scaled by the block's RMS; each
+  value goes to the nearest level, packed four per byte. Values beyond 1.51 RMS are clipped (the
+  error is unbounded per value, so nf2 is meant for error feedback, which sends it next round); an
+  all-zero block decodes to exact zeros.
 - top-k: only the ``ceil(topk * n)`` largest-magnitude entries of a tensor are sent (their
   positions as a bitmask or as indices, whichever is smaller; ties go to the lower index).
 - error feedback (Seide et al. 2014; Karimireddy et al. 2019): what a sender could not send this
@@ -30,7 +35,7 @@ from torch import Tensor
 
 from edge_runtime.errors import ConfigError
 
-CODECS = ("none", "fp16", "int8", "int4", "nf4")
+CODECS = ("none", "fp16", "int8", "int4", "nf4", "nf2")
 LEVELS = {"int8": 127, "int4": 7}
 FP16_MAX = 65504.0
 
@@ -41,17 +46,20 @@ NF4_LEVELS = torch.tensor([
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0], dtype=torch.float32)
+# Lloyd-Max (minimum mean squared error) 4-level quantizer of N(0, 1): levels +-0.4528 and +-1.5104,
+# decision thresholds 0 and +-0.9816; mean squared error 0.1175 (Max 1960, table I)
+NF2_LEVELS = torch.tensor([-1.5104, -0.4528, 0.4528, 1.5104], dtype=torch.float32)
 
 
 @dataclass(frozen=True)
 class CompressionConfig:
     """How updates travel (the training spec's ``compression`` section; off by default)."""
 
-    uplink: str = "none"          # devices -> server: none | fp16 | int8 | int4 | nf4
+    uplink: str = "none"          # devices -> server: none | fp16 | int8 | int4 | nf4 | nf2
     downlink: str = "none"        # server -> devices (the new global as a delta from the last one)
     topk: float = 1.0             # share of each tensor's entries sent (1.0: all of them)
     error_feedback: bool = True   # keep what could not be sent and add it to the next delta
-    block: int = 64               # values sharing one scale (int8 / int4 / nf4)
+    block: int = 64               # values sharing one scale (int8 / int4 / nf4 / nf2)
 
     def __post_init__(self) -> None:
         for side in ("uplink", "downlink"):
@@ -78,8 +86,8 @@ class CompressionConfig:
 @dataclass(frozen=True)
 class Quantized:
     """One flat tensor, quantized. ``codes``: fp16 values (fp16), int8 codes (int8), or packed 4-bit
-    codes (uint8, two per byte, the first in the low nibble); ``scales``: one bfloat16 per block
-    (empty for fp16)."""
+    codes (uint8, two per byte, the first in the low nibble), or packed 2-bit codes (nf2: uint8, four
+    per byte, the first in the lowest bits); ``scales``: one bfloat16 per block (empty for fp16)."""
 
     codec: str
     n: int
@@ -97,13 +105,21 @@ def quantize(x: Tensor, codec: str, block: int = 64) -> Quantized:
     n = x.numel()
     if codec == "fp16":
         return Quantized(codec, n, x.clamp(-FP16_MAX, FP16_MAX).to(torch.float16), torch.empty(0, dtype=torch.bfloat16))
-    if codec not in LEVELS and codec != "nf4":
+    if codec not in LEVELS and codec not in ("nf4", "nf2"):
         raise ConfigError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
     blocks = _pad(x, block).view(-1, block)
-    absmax = blocks.abs().amax(dim=1)
-    scales = _scale_tensor(absmax / LEVELS[codec] if codec in LEVELS else absmax)
+    if codec == "nf2":   # the RMS of the block's own values (the last block's padding left out)
+        count = torch.full((blocks.shape[0],), float(block))
+        count[-1] = n - (blocks.shape[0] - 1) * block
+        scales = _scale_tensor(torch.sqrt(blocks.square().sum(dim=1) / count))
+    else:
+        absmax = blocks.abs().amax(dim=1)
+        scales = _scale_tensor(absmax / LEVELS[codec] if codec in LEVELS else absmax)
     s = scales.to(torch.float32)
     safe = torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(1)
+    if codec == "nf2":
+        idx = (blocks / safe).unsqueeze(-1).sub(NF2_LEVELS).abs().argmin(dim=-1)
+        return Quantized(codec, n, _pack2(idx.reshape(-1)[:n]), scales)
     if codec == "nf4":
         idx = (blocks / safe).unsqueeze(-1).sub(NF4_LEVELS).abs().argmin(dim=-1)
         return Quantized(codec, n, _pack4(idx.reshape(-1)[:n]), scales)
@@ -124,6 +140,8 @@ def dequantize(q: Quantized, block: int = 64) -> Tensor:
         vals = (_unpack4(q.codes, q.n) - 8).to(torch.float32)
     elif q.codec == "nf4":
         vals = NF4_LEVELS[_unpack4(q.codes, q.n)]
+    elif q.codec == "nf2":
+        vals = NF2_LEVELS[_unpack2(q.codes, q.n)]
     else:
         raise ConfigError(f"unknown codec {q.codec!r}")
     scale = q.scales.to(torch.float32).repeat_interleave(block)[: q.n]
@@ -229,3 +247,17 @@ def _pack4(codes: Tensor) -> Tensor:
 def _unpack4(packed: Tensor, n: int) -> Tensor:
     p = packed.to(torch.int64)
     return torch.stack([p & 0xF, p >> 4], dim=1).reshape(-1)[:n]
+
+
+def _pack2(codes: Tensor) -> Tensor:
+    """Codes in [0, 4) -> bytes, four per byte (position 4i + j at bits 2j, 2j + 1)."""
+    c = codes.to(torch.uint8)
+    if c.numel() % 4:
+        c = torch.cat([c, c.new_zeros(4 - c.numel() % 4)])
+    c = c.view(-1, 4)
+    return c[:, 0] | (c[:, 1] << 2) | (c[:, 2] << 4) | (c[:, 3] << 6)
+
+
+def _unpack2(packed: Tensor, n: int) -> Tensor:
+    p = packed.to(torch.int64)
+    return torch.stack([p & 3, (p >> 2) & 3, (p >> 4) & 3, p >> 6], dim=1).reshape(-1)[:n]

@@ -5,7 +5,8 @@ dozens of small tensors, and a safetensors entry per part would cost more than t
 Buffers (each present only when used):
 
 - ``codes``: the quantized kept values of every float tensor (float16 for fp16, int8 for int8,
-  uint8 with two 4-bit codes a byte for int4 / nf4, each tensor starting on a new byte), or
+  uint8 with two 4-bit codes a byte for int4 / nf4 or four 2-bit codes a byte for nf2, each tensor
+  starting on a new byte), or
   ``values`` (float32) under codec "none";
 - ``scales``: bfloat16, one per block of a tensor's kept values (blocks do not span tensors);
 - ``mask``: uint8, for tensors sent top-k as a bitmask (entry ``i`` at bit ``i % 8`` of byte
@@ -42,11 +43,13 @@ from edge_runtime.protocol.messages import ProtocolError
 FORMAT = 1
 HEADER_KEY = "edge_delta"
 CODE_DTYPES = {"none": torch.float32, "fp16": torch.float16, "int8": torch.int8, "int4": torch.uint8,
-               "nf4": torch.uint8}
+               "nf4": torch.uint8, "nf2": torch.uint8}
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
 def _code_len(codec: str, kept: int) -> int:
+    if codec == "nf2":
+        return n_blocks(kept, 4)
     return n_blocks(kept, 2) if codec in ("int4", "nf4") else kept
 
 

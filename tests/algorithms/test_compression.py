@@ -46,6 +46,29 @@ def test_nf4_goes_to_the_nearest_normal_float_level():
     assert dequantize(q, 8).tolist() == pytest.approx([1.0, -1.0, 0.0, 0.07958, 0.44071, 0.0], abs=1e-5)
 
 
+def test_nf2_goes_to_the_nearest_lloyd_max_level_of_the_blocks_rms():
+    # sum of squares 9 + 9 + 6 = 24 over 8 values: RMS sqrt(3) = 1.7321, sent rounded up into bfloat16
+    # as 1.734375; x / scale: 1.730 -> level 3 (1.5104), -1.730 -> 0, 0.577 -> 2 (0.4528), -0.577 -> 1
+    q = quantize(_t(3.0, -3.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0), "nf2", block=8)
+    assert q.scales.tolist() == [1.734375]
+    assert q.codes.tolist() == [3 | 0 << 2 | 2 << 4 | 1 << 6, 2 | 1 << 2 | 2 << 4 | 1 << 6]   # 99, 102
+    out = dequantize(q, 8)
+    assert out.tolist() == pytest.approx([v * 1.734375 for v in (1.5104, -1.5104, 0.4528, -0.4528) + (0.4528, -0.4528) * 2])
+    # the last block's RMS is over its own values, not its padding; an all-zero block is exact zeros
+    q = quantize(_t(0, 0, 0, 0, 0, 0, 0, 0, 2.0), "nf2", block=8)
+    assert q.scales.tolist() == [0.0, 2.0] and dequantize(q, 8).tolist() == pytest.approx([0.0] * 8 + [3.0208])
+
+
+def test_nf2_is_the_least_squares_2_bit_quantizer_of_gaussian_values():
+    x = torch.randn(64 * 1024, generator=torch.Generator().manual_seed(0))
+    mse = float((dequantize(quantize(x, "nf2", 64), 64) - x).square().mean())
+    assert 0.105 < mse < 0.135, mse   # Lloyd-Max: 0.1175 of the variance; block RMS estimates add a little
+    absmax_2bit = float((torch.round(x.view(-1, 64) / (x.view(-1, 64).abs().amax(1, keepdim=True) / 1.5) + 0.5)
+                         .clamp(-1, 2).sub(0.5).mul(x.view(-1, 64).abs().amax(1, keepdim=True) / 1.5)
+                         .view(-1) - x).square().mean())
+    assert mse < 0.6 * absmax_2bit, (mse, absmax_2bit)   # four levels spread to the absmax waste them
+
+
 def test_fp16_rounds_to_half_precision_and_saturates():
     out = dequantize(quantize(_t(1 / 3, 1e6, -1e6), "fp16"))
     assert out.tolist() == [0.333251953125, 65504.0, -65504.0]

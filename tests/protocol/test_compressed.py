@@ -49,6 +49,7 @@ def test_what_each_codec_costs_per_value():
     assert per_value["int8"] == pytest.approx(1 + 2 / 64, abs=0.01)
     assert per_value["int4"] == pytest.approx(0.5 + 2 / 64, abs=0.01)
     assert per_value["nf4"] == pytest.approx(0.5 + 2 / 64, abs=0.01)
+    assert per_value["nf2"] == pytest.approx(0.25 + 2 / 64, abs=0.01)
     # top 10% of int4: a bitmask (1/8 byte a value) beats int32 indices (0.4 byte a value)
     assert _wire_bytes("int4", 0.1) / n == pytest.approx(0.125 + 0.1 * (0.5 + 2 / 64), abs=0.01)
     # top 1%: indices (0.04 byte a value) beat the bitmask
@@ -118,6 +119,9 @@ CASES = [
      "scales must be finite and >= 0"),
     ("int8", lambda: _rewrite(_payload("int8"), _edit("codes", _setpart(7, 8, -128))), "int8 code -128"),
     ("int4", lambda: _rewrite(_payload("int4"), _edit("codes", _setpart(0, 1, 0))), "int4 code 0"),
+    # nf2: 4 codes a byte, so a.lora_A's 512 values take 128 bytes
+    ("nf2", lambda: _rewrite(_payload("nf2"), _edit("codes", lambda t: t[:100])), "the codes buffer ends at 100, 128 needed"),
+    ("nf2", lambda: _rewrite(_payload("nf2"), _edit("scales", _setpart(1, 2, float("nan")))), "scales must be finite"),
     ("int4", lambda: _rewrite(_payload("int4"), _edit("codes", lambda t: t.float())), "expected 1-d torch.uint8"),
     ("fp16", lambda: _rewrite(_payload("fp16"), _edit("codes", _setpart(-1, None, float("inf")))),
      "head.bias: fp16 values are not finite"),

@@ -137,11 +137,13 @@ def test_a_compressed_fleet_learns_and_reports_its_bytes(tmp_path):
         assert r is not None and all(float(v.abs().sum()) > 0 for v in r.values())
 
 
-def test_both_ways_compressed_devices_hold_the_servers_global_bit_for_bit_and_resync(tmp_path):
-    """int4 up and down, two of three devices a round: a device that sat a round out holds no base
-    for the next delta and fetches the whole global (a resync); every device holds exactly the
+@pytest.mark.parametrize("comp", [CompressionConfig(uplink="int4", downlink="int4", topk=0.5),
+                                  CompressionConfig(uplink="nf2", downlink="nf2", block=128)], ids=["int4-top50", "nf2"])
+def test_both_ways_compressed_devices_hold_the_servers_global_bit_for_bit_and_resync(tmp_path, comp):
+    """Compressed up and down, two of three devices a round: a device that sat a round out holds no
+    base for the next delta and fetches the whole global (a resync); every device holds exactly the
     server's bytes of the last global it worked on."""
-    spec = _spec(CompressionConfig(uplink="int4", downlink="int4", topk=0.5))
+    spec = _spec(comp)
     # seed 1 picks dev0+dev1, dev1+dev2, dev0+dev2, dev0+dev1: dev0 and dev1 each sit one round out
     fleet = InProcessFleet(tmp_path, n_devices=3, rounds=4, spec=spec, devices_per_round=2, seed=1)
     fleet.start()
