@@ -110,7 +110,8 @@ def quantize(x: Tensor, codec: str, block: int = 64) -> Quantized:
     blocks = _pad(x, block).view(-1, block)
     if codec == "nf2":   # the RMS of the block's own values (the last block's padding left out)
         count = torch.full((blocks.shape[0],), float(block))
-        count[-1] = n - (blocks.shape[0] - 1) * block
+        if n:
+            count[-1] = n - (blocks.shape[0] - 1) * block
         scales = _scale_tensor(torch.sqrt(blocks.square().sum(dim=1) / count))
     else:
         absmax = blocks.abs().amax(dim=1)

@@ -57,6 +57,8 @@ def test_nf2_goes_to_the_nearest_lloyd_max_level_of_the_blocks_rms():
     # the last block's RMS is over its own values, not its padding; an all-zero block is exact zeros
     q = quantize(_t(0, 0, 0, 0, 0, 0, 0, 0, 2.0), "nf2", block=8)
     assert q.scales.tolist() == [0.0, 2.0] and dequantize(q, 8).tolist() == pytest.approx([0.0] * 8 + [3.0208])
+    empty = quantize(torch.zeros(0), "nf2", block=8)
+    assert empty.codes.numel() == 0 and dequantize(empty, 8).numel() == 0
 
 
 def test_nf2_is_the_least_squares_2_bit_quantizer_of_gaussian_values():
