@@ -170,14 +170,16 @@ def plot(path: Path, result: dict) -> None:
 
     alphas = result["alphas"]
     fig, axes = plt.subplots(1, len(alphas), figsize=(6.0 * len(alphas), 4.2), dpi=110, squeeze=False)
+    colours = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(ARMS)}   # one per arm, in every panel
     for ax, (key, res) in zip(axes[0], alphas.items()):
         for name, a in res["arms"].items():
             pts = [p for p in a["points"] if p["cum_mb"] > 0]   # after each training round
-            ax.plot([p["cum_mb"] for p in pts], [100 * p["accuracy"] for p in pts],
+            ax.plot([p["cum_mb"] for p in pts], [100 * p["accuracy"] for p in pts], color=colours.get(name),
                     marker="o", markersize=3, label=f"{name} ({a.get('bytes_ratio', 1):.1f}x)")
         if "target" in res:
             ax.axhline(100 * res["target"], linestyle="--", linewidth=1, color="gray")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())   # decade labels only
         ax.set_xlabel("cumulative MB a device (up + down)")
         ax.set_ylabel("global accuracy (%)")
         ax.set_title(f"MiniLM-L6, WordNet, {result['setting']['devices']} devices, {key}", fontsize=10)
