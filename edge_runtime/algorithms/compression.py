@@ -49,6 +49,7 @@ NF4_LEVELS = torch.tensor([
 # Lloyd-Max (minimum mean squared error) 4-level quantizer of N(0, 1): levels +-0.4528 and +-1.5104,
 # decision thresholds 0 and +-0.9816; mean squared error 0.1175 (Max 1960, table I)
 NF2_LEVELS = torch.tensor([-1.5104, -0.4528, 0.4528, 1.5104], dtype=torch.float32)
+TABLES = {"nf4": (NF4_LEVELS, 4), "nf2": (NF2_LEVELS, 2)}   # code book, bits a code
 
 
 @dataclass(frozen=True)
@@ -118,17 +119,15 @@ def quantize(x: Tensor, codec: str, block: int = 64) -> Quantized:
         scales = _scale_tensor(absmax / LEVELS[codec] if codec in LEVELS else absmax)
     s = scales.to(torch.float32)
     safe = torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(1)
-    if codec == "nf2":
-        idx = (blocks / safe).unsqueeze(-1).sub(NF2_LEVELS).abs().argmin(dim=-1)
-        return Quantized(codec, n, _pack2(idx.reshape(-1)[:n]), scales)
-    if codec == "nf4":
-        idx = (blocks / safe).unsqueeze(-1).sub(NF4_LEVELS).abs().argmin(dim=-1)
-        return Quantized(codec, n, _pack4(idx.reshape(-1)[:n]), scales)
+    if codec in TABLES:   # the nearest level of the code book
+        table, bits = TABLES[codec]
+        idx = (blocks / safe).unsqueeze(-1).sub(table).abs().argmin(dim=-1)
+        return Quantized(codec, n, _pack(idx.reshape(-1)[:n], bits), scales)
     level = LEVELS[codec]
     q = torch.round(blocks / safe).clamp(-level, level).to(torch.int64).reshape(-1)[:n]
     if codec == "int8":
         return Quantized(codec, n, q.to(torch.int8), scales)
-    return Quantized(codec, n, _pack4(q + 8), scales)
+    return Quantized(codec, n, _pack(q + 8, 4), scales)
 
 
 def dequantize(q: Quantized, block: int = 64) -> Tensor:
@@ -138,11 +137,10 @@ def dequantize(q: Quantized, block: int = 64) -> Tensor:
     if q.codec == "int8":
         vals = q.codes.to(torch.float32)
     elif q.codec == "int4":
-        vals = (_unpack4(q.codes, q.n) - 8).to(torch.float32)
-    elif q.codec == "nf4":
-        vals = NF4_LEVELS[_unpack4(q.codes, q.n)]
-    elif q.codec == "nf2":
-        vals = NF2_LEVELS[_unpack2(q.codes, q.n)]
+        vals = (_unpack(q.codes, q.n, 4) - 8).to(torch.float32)
+    elif q.codec in TABLES:
+        table, bits = TABLES[q.codec]
+        vals = table[_unpack(q.codes, q.n, bits)]
     else:
         raise ConfigError(f"unknown codec {q.codec!r}")
     scale = q.scales.to(torch.float32).repeat_interleave(block)[: q.n]
@@ -237,28 +235,19 @@ def _scale_tensor(scales: Tensor) -> Tensor:
     return s
 
 
-def _pack4(codes: Tensor) -> Tensor:
-    """Codes in [0, 16) -> bytes, two per byte (the even position in the low nibble)."""
+def _pack(codes: Tensor, bits: int) -> Tensor:
+    """Codes in [0, 2**bits) -> bytes, 8 // bits per byte, the first in the lowest bits (bits 4 or 2)."""
+    per = 8 // bits
     c = codes.to(torch.uint8)
-    if c.numel() % 2:
-        c = torch.cat([c, c.new_zeros(1)])
-    return c[0::2] | (c[1::2] << 4)
+    if c.numel() % per:
+        c = torch.cat([c, c.new_zeros(per - c.numel() % per)])
+    c = c.view(-1, per)
+    out = c[:, 0].clone()
+    for j in range(1, per):
+        out |= c[:, j] << (bits * j)
+    return out
 
 
-def _unpack4(packed: Tensor, n: int) -> Tensor:
-    p = packed.to(torch.int64)
-    return torch.stack([p & 0xF, p >> 4], dim=1).reshape(-1)[:n]
-
-
-def _pack2(codes: Tensor) -> Tensor:
-    """Codes in [0, 4) -> bytes, four per byte (position 4i + j at bits 2j, 2j + 1)."""
-    c = codes.to(torch.uint8)
-    if c.numel() % 4:
-        c = torch.cat([c, c.new_zeros(4 - c.numel() % 4)])
-    c = c.view(-1, 4)
-    return c[:, 0] | (c[:, 1] << 2) | (c[:, 2] << 4) | (c[:, 3] << 6)
-
-
-def _unpack2(packed: Tensor, n: int) -> Tensor:
-    p = packed.to(torch.int64)
-    return torch.stack([p & 3, (p >> 2) & 3, (p >> 4) & 3, p >> 6], dim=1).reshape(-1)[:n]
+def _unpack(packed: Tensor, n: int, bits: int) -> Tensor:
+    p, mask = packed.to(torch.int64), (1 << bits) - 1
+    return torch.stack([(p >> (bits * j)) & mask for j in range(8 // bits)], dim=1).reshape(-1)[:n]

@@ -219,11 +219,11 @@ def load_model(source: ModelSource, task: Task, num_labels: int = 2, tokenizer=N
 
     if task not in TASKS:
         raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
-    with seeded(seed):  # the new head's init (a tiny model's every weight) is the same on every device
-        if source.is_tiny:
-            vocab = len(tokenizer) if tokenizer is not None else 2000
-            model = build_tiny_model(source.name, task, vocab, num_labels, seed=seed)
-        else:
+    if source.is_tiny:   # seeded inside: every weight is the same on every device
+        vocab = len(tokenizer) if tokenizer is not None else 2000
+        model = build_tiny_model(source.name, task, vocab, num_labels, seed=seed)
+    else:
+        with seeded(seed):  # the new head's init is the same on every device
             auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
             kwargs = {"num_labels": num_labels} if task == "classification" else {}
             verbosity = hf_logging.get_verbosity()
