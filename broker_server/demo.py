@@ -66,6 +66,7 @@ class DemoConfig:
     max_seq_len: int = 64
     timeout_s: float = 1800.0
     server_args: tuple[str, ...] = ()  # more `broker-server run` flags, e.g. ("--deadline", "600")
+    agent_args: tuple[str, ...] = ()   # more `edge-runtime agent` flags for every device, e.g. ("--no-warm-up",)
 
 
 def write_device_data(cfg: DemoConfig, full: LocalDataset | None = None) -> list[Path]:
@@ -191,7 +192,7 @@ def _start_fleet(cfg: DemoConfig, broker_url: str, data_files: list[Path], procs
         procs.append(_spawn(["edge_runtime.cli", "agent", "--broker", broker_url, "--device-id", f"dev{k:02d}",
                              "--fleet", cfg.fleet, "--data", str(path), "--state-dir", str(dev_dir),
                              "--server-key", server_key,
-                             *(["--memory-budget", cfg.memory_budget] if cfg.memory_budget else [])],
+                             *(["--memory-budget", cfg.memory_budget] if cfg.memory_budget else []), *cfg.agent_args],
                             dev_dir / "agent.log"))
     return server
 

@@ -156,6 +156,9 @@ def _add_agent(sub) -> None:
                    help="auto: fit batch, sequence length, checkpointing and quantization to this device's memory")
     p.add_argument("--memory-budget", default=None, metavar="SIZE",
                    help="act as a device with this much memory for training, e.g. 2GiB")
+    p.add_argument("--no-warm-up", action="store_true",
+                   help="do not profile the device and import the model libraries while waiting for the first "
+                        "manifest (they then run in the first round)")
     p.add_argument("--server-key", default=None, metavar="ed25519:...",
                    help="the server's public key (`broker-server keys` prints it): only messages it signed are "
                         "acted on; this device signs its own with <state-dir>/device.key")
@@ -228,7 +231,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
                       heartbeat_s=args.heartbeat, ack_timeout_s=args.ack_timeout, chunk_bytes=args.chunk_bytes,
                       exit_when_done=not args.keep_running, progress=args.progress, plan=args.plan,
                       memory_budget=parse_size(args.memory_budget) if args.memory_budget else None,
-                      test_data=args.test_data, val_data=args.val_data, limits=limits_from_args(args))
+                      warm_up=not args.no_warm_up, test_data=args.test_data, val_data=args.val_data, limits=limits_from_args(args))
     address = BrokerAddress.parse(args.broker)   # a malformed URL is the first thing said
     security = agent_security(args)
     status_topic = topics.device_topic(args.fleet, args.device_id, "status")

@@ -12,6 +12,8 @@ server's training spec, which it pushes to the devices:
 - ``eval-sample``: ``eval.sample=32`` (a device evaluates the received global on 32 of its test
   examples instead of all; the final global is evaluated whole);
 - ``fedadam``: ``fedopt.optimizer=fedadam`` (server Adam over the round's mean, 2 warm-up rounds);
+- ``no-warm-up``: the baseline with the agents' ``--no-warm-up`` (the device profile and the model
+  libraries' imports then run in the first round instead of while the device waits for it);
 - ``best``: the mix of the levers that paid.
 
 Accuracy is measured by this script, not by the devices: after an arm ends, every round's global
@@ -68,6 +70,7 @@ LEVERS = {
     "eval-sample": {"eval.sample": "32"},
     "fedadam": {"fedopt.optimizer": "fedadam", "fedopt.lr": "0.01", "fedopt.warmup_rounds": "2"},
 }
+AGENT_ARMS = {"no-warm-up": ("--no-warm-up",)}   # the baseline with these agent flags: what a default buys
 BEST = ("grouped", "top3+cache", "eval-sample")    # the levers the README's run found to pay (see --best)
 SETTINGS = {
     "wordnet": dict(data="wordnet", model="minilm-l6", devices=8, max_examples=4000, max_rounds=16),
@@ -80,7 +83,7 @@ HELD_OUT = 1000
 
 def arm_sets(name: str, best: tuple[str, ...]) -> dict[str, str]:
     sets = dict(BASELINE)
-    for lever in (best if name == "best" else (name,)):
+    for lever in (best if name == "best" else () if name in AGENT_ARMS else (name,)):
         sets.update(LEVERS[lever])
     return sets
 
@@ -94,7 +97,7 @@ def run_arm(setting: dict, name: str, sets: dict[str, str], out: Path, rounds: i
         server_args += ["--set", f"{k}={v}"]
     cfg = DemoConfig(out=out, devices=setting["devices"], rounds=rounds, alpha=0.5, max_examples=setting["max_examples"],
                      model=setting["model"], method="lora", data=setting["data"], seed=seed, epochs=1.0, lr=2e-3,
-                     batch_size=32, max_seq_len=64, server_args=tuple(server_args))
+                     batch_size=32, max_seq_len=64, server_args=tuple(server_args), agent_args=AGENT_ARMS.get(name, ()))
     full = validate(cfg)
     out.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []
@@ -258,7 +261,7 @@ def plot(key: str, setting: dict, results: dict, target: float, plots: Path) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--settings", nargs="+", default=["wordnet", "fortunes"], choices=sorted(SETTINGS))
-    ap.add_argument("--arms", nargs="+", default=[*LEVERS, "best"], choices=[*LEVERS, "best"])
+    ap.add_argument("--arms", nargs="+", default=[*LEVERS, *AGENT_ARMS, "best"], choices=[*LEVERS, *AGENT_ARMS, "best"])
     ap.add_argument("--best", nargs="+", default=list(BEST), choices=["auto", *[k for k in LEVERS if k != "baseline"]],
                     help="the levers the best arm mixes; auto: those that paid in this setting's run")
     ap.add_argument("--work", type=Path, default=Path("runs/bench_tta"))

@@ -29,6 +29,7 @@ class AgentConfig:
     progress: bool = False
     plan: str = "auto"                   # "auto": fit batch / sequence / checkpointing / quantization to memory
     memory_budget: int | None = None     # act as a device with this much memory (bytes)
+    warm_up: bool = True                 # profile and import the model libraries while awaiting the first manifest
     test_data: str | None = None         # the device's own held-out test file (else 10% of ``data``)
     val_data: str | None = None          # the device's own validation file (else 10% of ``data``)
     limits: ManifestLimits = field(default_factory=ManifestLimits)   # what a manifest may ask of this device

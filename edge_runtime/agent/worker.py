@@ -9,6 +9,7 @@ import gc
 import hashlib
 import json
 import logging
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -52,7 +53,28 @@ class RoundWorker:
         self._device = None                                # (capabilities, budget), measured once
         self.plan_choice = None                            # the planner's last choice (status.json shows it)
         self.load_s = 0.0                                  # seconds the last prepare() spent building the model
+        self.warm_up_s: float | None = None                # seconds the warm-up took (None: not done)
         self._peak: float | None = None                    # measured matmul GFLOP/s (profiled once)
+        self._profiling = threading.Lock()                 # the warm-up thread and a round may both ask
+
+    def warm_up(self) -> None:
+        """What the first round would otherwise spend before it can train, done while the device
+        waits for its first manifest (the warm-up thread): the device profile (``--plan auto``),
+        then the imports that building a model needs (peft pulls in bitsandbytes: seconds on a
+        small CPU). Python's import locks make a round that starts meanwhile wait for the same
+        modules, never import them twice; a failure here only costs the head start."""
+        t0 = time.perf_counter()
+        try:
+            if self.agent.cfg.plan == "auto":
+                self.capabilities()
+            import peft  # noqa: F401
+            import transformers  # noqa: F401
+            from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
+        except Exception as exc:   # never stops the agent: the round imports (and reports) it again
+            log.warning("warm-up failed (the first round will do it): %s: %s", type(exc).__name__, exc)
+            return
+        self.warm_up_s = time.perf_counter() - t0
+        log.info("warmed up in %.1f s (device profile, model libraries)", self.warm_up_s)
 
     def prepare(self, spec: TrainingSpec, init: bytes | None):
         shape = {k: v for k, v in spec.to_json().items() if k != "train"}   # local settings do not shape the model
@@ -211,6 +233,10 @@ class RoundWorker:
 
     def capabilities(self):
         """(what this device can run, its training memory), profiled once."""
+        with self._profiling:
+            return self._profile_once()
+
+    def _profile_once(self):
         if self._device is None:
             prof = profile_device(memory_budget=self.agent.cfg.memory_budget, disk_path=self.agent.cfg.state_dir)
             caps = Capabilities("cuda" if prof.cuda else "cpu", False, bitsandbytes_problem() is None,
