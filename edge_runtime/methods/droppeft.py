@@ -10,9 +10,10 @@ bandit that picks each device's dropout configuration, and aggregation that know
    shape over depth, :mod:`edge_runtime.algorithms.layer_dropout`), with a fixed count per step
    so memory has a hard bound.
 2. **Configurator** (server, :func:`assign`): a discounted-UCB bandit per device
-   (:mod:`edge_runtime.algorithms.bandit`) over the arms ``ratios x shapes``; reward = the
-   device's validation-loss improvement per second of local training, divided by the round's mean
-   (so the reward does not shrink as the model converges). Arms whose predicted peak memory (the
+   (:mod:`edge_runtime.algorithms.bandit`) over the arms ``ratios x shapes``; reward = the share
+   of the device's validation loss its round removed, ``ln(before / after)``, per second of its
+   round (training, the reward's two validation passes, evaluation), divided by the round's mean
+   (so the reward does not shrink as the model converges; :func:`rewards`). Arms whose predicted peak memory (the
    memory model, at the training profile's plan and the arm's kept-layer count) exceeds the
    device's reported budget are never offered. Each device's choice travels in the round manifest
    as a spec override (``droppeft.ratio`` / ``droppeft.shape``); its statistics are the server's
@@ -33,6 +34,7 @@ import dataclasses
 import logging
 import math
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
@@ -65,7 +67,8 @@ MAX_BANDIT_DEVICES = 10_000          # devices the bandit remembers (the least r
 LEGACY_BANDIT = "bandit."           # protocol-1 servers kept the statistics as server-state tensors bandit.{n,s}.<device>
 # what the server's history keeps of each device's report: the configurator's evidence (the step
 # counts that make each round's aggregation reproducible are the row's typed "layer_steps")
-ROUND_METRICS = ("drop_ratio", "drop_shape", "kept_max", "val_loss_before", "val_loss_after", "train_seconds")
+ROUND_METRICS = ("drop_ratio", "drop_shape", "kept_max", "val_loss_before", "val_loss_after", "val_seconds",
+                 "train_seconds")
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ class DropPEFTConfig:
     ratios: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6)
     shapes: tuple[str, ...] = ("uniform", "increasing")
     gamma: float = 0.9                 # discount of the bandit's statistics per round
-    explore: float = 0.5               # UCB exploration bonus
+    explore: float = 0.1               # UCB exploration bonus (rewards are ~1 after normalisation; 0.5 never settled)
     prior_weight: float = 1.0          # pseudo-pulls of the fleet's mean in a device's estimate
     memory_margin: float = 0.15        # an arm fits when its predicted peak <= budget x (1 - margin)
     personal_layers: int = 0           # top blocks whose adapters stay on the device
@@ -237,7 +240,9 @@ def local_train(model, tokenizer, splits: Splits, spec: "TrainingSpec", seed: in
     _load_personal(model, personal)
     n = len(STATE.of(model).blocks[2])
     probs = drop_probabilities(n, cfg.ratio, cfg.shape, cfg.cap)
+    t0 = time.perf_counter()
     before = _val_loss(model, tokenizer, splits, spec) if cfg.bandit else None
+    val_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(seed * 7919 + 17)
     counts = [0] * n
 
@@ -251,9 +256,10 @@ def local_train(model, tokenizer, splits: Splits, spec: "TrainingSpec", seed: in
                       step_context=step_context)
     metrics: dict[str, float] = {"drop_ratio": cfg.ratio, "drop_shape": SHAPES.index(cfg.shape),
                                  "kept_max": max_kept(probs)}
+    t0 = time.perf_counter()
     after = _val_loss(model, tokenizer, splits, spec) if cfg.bandit else None
     if before is not None and after is not None:
-        metrics.update(val_loss_before=before, val_loss_after=after)
+        metrics.update(val_loss_before=before, val_loss_after=after, val_seconds=val_s + time.perf_counter() - t0)
     return dataclasses.replace(res, metrics=metrics, layer_steps=tuple(counts)), _personal_of(model) or personal
 
 
@@ -292,16 +298,36 @@ def layer_weights(update: Update, global_state: Mapping[str, Tensor]) -> dict[st
     return out
 
 
+def round_seconds(metrics: Mapping[str, float]) -> float | None:
+    """What a device's round cost it, as its reward counts it: local training, the two validation
+    passes the reward needs, and the evaluation / personalisation phases every arm pays (the
+    one-off model load and the transfers are left out); None without a positive training time."""
+    parts = [metrics.get(k) for k in ("train_seconds", "val_seconds", "t_eval_s", "t_personalise_s")]
+    if not isinstance(parts[0], (int, float)) or not parts[0] > 0:
+        return None
+    if not all(p is None or (isinstance(p, (int, float)) and 0 <= p < math.inf) for p in parts):
+        return None
+    return float(sum(p for p in parts if p is not None))
+
+
 def rewards(updates: Sequence[Update]) -> dict[str, float]:
-    """Each device's reward: validation-loss improvement per second of local training, divided by
-    the round's mean absolute improvement rate (devices without a validation split get none)."""
+    """Each device's reward: the share of its validation loss the round removed, ``ln(before /
+    after)``, per second of its round (:func:`round_seconds`), divided by the round's mean absolute
+    rate (devices without a validation split get none).
+
+    Under geometric convergence (each round takes a fixed share off the loss) the time to a target
+    loss is ``ln(start / target)`` over this rate, so the arm with the highest rate reaches the
+    target first; counting the round's other phases keeps an arm's saving on training in
+    proportion to the round (a ratio that halves training time does not halve the round)."""
     raw = {}
     for u in updates:
         m = u.metrics
-        if all(k in m for k in ("val_loss_before", "val_loss_after", "train_seconds")) and m["train_seconds"] > 0:
-            r = (float(m["val_loss_before"]) - float(m["val_loss_after"])) / float(m["train_seconds"])
-            if math.isfinite(r):   # a hostile report (1e308 - -1e308) earns nothing rather than failing the round
-                raw[u.device_id] = r
+        before, after, seconds = m.get("val_loss_before"), m.get("val_loss_after"), round_seconds(m)
+        if seconds is None or not all(isinstance(v, (int, float)) and 0 < v < math.inf for v in (before, after)):
+            continue   # a hostile or broken report (negative, 0, 1e308 seconds) earns nothing rather than failing the round
+        r = math.log(float(before) / float(after)) / seconds
+        if math.isfinite(r):
+            raw[u.device_id] = r
     scale = sum(abs(v) for v in raw.values()) / len(raw) if raw else 0.0
     return {d: (v / scale if scale > 0 else 0.0) for d, v in raw.items()}
 
