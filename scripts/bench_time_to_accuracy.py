@@ -27,7 +27,7 @@ without ending lower at the baseline's wall time. Per arm: wall seconds and devi
 accuracy at the baseline's wall time, each device's peak RSS during training and its training
 increment (peak minus the RSS as training began), bytes per round, and the mean device's phases.
 
-    python scripts/bench_time_to_accuracy.py --settings wordnet --best auto      # every arm (36 min, 2 cores)
+    python scripts/bench_time_to_accuracy.py --settings wordnet --best auto      # every arm (~42 min, 2 cores)
     python scripts/bench_time_to_accuracy.py --settings fortunes --arms baseline best \
         --best grouped top3+cache                                                # (18 min)
     python scripts/bench_time_to_accuracy.py --settings smoke --arms baseline best   # does it run (4 min)

@@ -185,7 +185,7 @@ class Agent:
         self.transport.start()
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
         if self.cfg.warm_up:   # the profile and the model libraries, while the first manifest is awaited
-            threading.Thread(target=self.worker.warm_up, name="warm-up", daemon=True).start()
+            self.worker.start_warm_up()
         self.activity = "idle"
         # the watchdog pings while the main loop (or a training / evaluation step in it) makes progress
         self.notifier.start_watchdog(lambda: lifecycle.seconds_since_progress() < (self.notifier.watchdog_s or 1),

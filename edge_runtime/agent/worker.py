@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from edge_runtime.agent.core import Agent
 
 log = logging.getLogger("edge_runtime.agent")
+WARM_UP_WAIT_S = 300.0   # the longest a round waits for the warm-up (imports on a slow SD card)
 
 
 class RoundWorker:
@@ -56,13 +57,21 @@ class RoundWorker:
         self.warm_up_s: float | None = None                # seconds the warm-up took (None: not done)
         self._peak: float | None = None                    # measured matmul GFLOP/s (profiled once)
         self._profiling = threading.Lock()                 # the warm-up thread and a round may both ask
+        self._warm = threading.Event()                     # set: no warm-up is running
+        self._warm.set()
+
+    def start_warm_up(self) -> None:
+        """:meth:`warm_up` in a daemon thread; a round waits for it (:meth:`work`)."""
+        self._warm.clear()
+        threading.Thread(target=self.warm_up, name="warm-up", daemon=True).start()
 
     def warm_up(self) -> None:
         """What the first round would otherwise spend before it can train, done while the device
         waits for its first manifest (the warm-up thread): the device profile (``--plan auto``),
         then the imports that building a model needs (peft pulls in bitsandbytes: seconds on a
         small CPU). Python's import locks make a round that starts meanwhile wait for the same
-        modules, never import them twice; a failure here only costs the head start."""
+        modules; a round waits for the warm-up anyway (:meth:`work`), so the matmul probe never
+        shares the CPU with a round's decoding. A failure here only costs the head start."""
         t0 = time.perf_counter()
         try:
             if self.agent.cfg.plan == "auto":
@@ -70,11 +79,12 @@ class RoundWorker:
             import peft  # noqa: F401
             import transformers  # noqa: F401
             from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
+            self.warm_up_s = time.perf_counter() - t0
+            log.info("warmed up in %.1f s (device profile, model libraries)", self.warm_up_s)
         except Exception as exc:   # never stops the agent: the round imports (and reports) it again
             log.warning("warm-up failed (the first round will do it): %s: %s", type(exc).__name__, exc)
-            return
-        self.warm_up_s = time.perf_counter() - t0
-        log.info("warmed up in %.1f s (device profile, model libraries)", self.warm_up_s)
+        finally:
+            self._warm.set()
 
     def prepare(self, spec: TrainingSpec, init: bytes | None):
         shape = {k: v for k, v in spec.to_json().items() if k != "train"}   # local settings do not shape the model
@@ -130,6 +140,8 @@ class RoundWorker:
         """The round of manifest ``m`` on global ``blob``; ``fetch_s``: seconds from the manifest naming
         this device to the global in hand (the download, or a delta's rebuild)."""
         timings: dict[str, float] = {"fetch_s": fetch_s}
+        if not self._warm.wait(WARM_UP_WAIT_S):   # what the warm-up is doing the round would do anyway
+            log.warning("the warm-up has not finished after %.0f s; the round goes ahead", WARM_UP_WAIT_S)
         try:
             spec = TrainingSpec.from_json(m.training)
             if self.agent.profile and m.round >= self.agent.profile.get("applies_from_round", 0):
@@ -213,7 +225,7 @@ class RoundWorker:
 
     def add_timings(self, metrics: dict, timings: dict, spec: TrainingSpec | None = None) -> None:
         """The round's phase seconds into the update's metrics, and where the device profiled itself
-        (``--plan auto``: the probe is not run just for this, it takes a second or two of the round)
+        (``--plan auto``: the probe is not run just for this; the warm-up runs it before the first round)
         the training's share of its measured fp32 matmul peak and the time model's prediction of the
         training seconds (``predicted_train_s``, at the efficiency the device's last round measured)."""
         metrics.update(phase_metrics(timings))

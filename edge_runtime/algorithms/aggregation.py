@@ -93,6 +93,17 @@ def masked_weighted_mean(global_state: StateDict, updates: Sequence[tuple[StateD
     return out
 
 
+
+def finite_number(v: object) -> bool:
+    """A finite int or float, not a bool (a device's metric worth using). A JSON integer too large
+    for a float (10**400) is not one: ``math.isfinite`` would raise OverflowError on it."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
 @dataclass(frozen=True)
 class Update:
     """One device's accepted update as the server's aggregation sees it."""

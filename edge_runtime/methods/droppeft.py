@@ -12,7 +12,7 @@ bandit that picks each device's dropout configuration, and aggregation that know
 2. **Configurator** (server, :func:`assign`): a discounted-UCB bandit per device
    (:mod:`edge_runtime.algorithms.bandit`) over the arms ``ratios x shapes``; reward = the share
    of the device's validation loss its round removed, ``ln(before / after)``, per second of its
-   round (training, the reward's two validation passes, evaluation), divided by the round's mean
+   round (training, the reward's two validation passes, evaluation), divided by the round's median
    (so the reward does not shrink as the model converges; :func:`rewards`). Arms whose predicted peak memory (the
    memory model, at the training profile's plan and the arm's kept-layer count) exceeds the
    device's reported budget are never offered. Each device's choice travels in the round manifest
@@ -34,6 +34,7 @@ import dataclasses
 import logging
 import math
 import re
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from edge_runtime.algorithms import bandit
-from edge_runtime.algorithms.aggregation import Update, check_compatible, masked_weighted_mean
+from edge_runtime.algorithms.aggregation import Update, check_compatible, finite_number, masked_weighted_mean
 from edge_runtime.device.memory_model import load_arch, predict_peak
 from edge_runtime.device.planner import plan_of, request_from_spec
 from edge_runtime.algorithms.layer_dropout import SHAPES, drop_probabilities, max_kept, sample_kept
@@ -303,17 +304,17 @@ def round_seconds(metrics: Mapping[str, float]) -> float | None:
     passes the reward needs, and the evaluation / personalisation phases every arm pays (the
     one-off model load and the transfers are left out); None without a positive training time."""
     parts = [metrics.get(k) for k in ("train_seconds", "val_seconds", "t_eval_s", "t_personalise_s")]
-    if not isinstance(parts[0], (int, float)) or not parts[0] > 0:
+    if not finite_number(parts[0]) or not parts[0] > 0 or not all(p is None or (finite_number(p) and p >= 0) for p in parts):
         return None
-    if not all(p is None or (isinstance(p, (int, float)) and 0 <= p < math.inf) for p in parts):
-        return None
-    return float(sum(p for p in parts if p is not None))
+    total = float(sum(p for p in parts if p is not None))
+    return total if math.isfinite(total) else None
+
 
 
 def rewards(updates: Sequence[Update]) -> dict[str, float]:
     """Each device's reward: the share of its validation loss the round removed, ``ln(before /
-    after)``, per second of its round (:func:`round_seconds`), divided by the round's mean absolute
-    rate (devices without a validation split get none).
+    after)``, per second of its round (:func:`round_seconds`), divided by the round's median
+    absolute rate (devices without a validation split get none).
 
     Under geometric convergence (each round takes a fixed share off the loss) the time to a target
     loss is ``ln(start / target)`` over this rate, so the arm with the highest rate reaches the
@@ -323,12 +324,13 @@ def rewards(updates: Sequence[Update]) -> dict[str, float]:
     for u in updates:
         m = u.metrics
         before, after, seconds = m.get("val_loss_before"), m.get("val_loss_after"), round_seconds(m)
-        if seconds is None or not all(isinstance(v, (int, float)) and 0 < v < math.inf for v in (before, after)):
-            continue   # a hostile or broken report (negative, 0, 1e308 seconds) earns nothing rather than failing the round
-        r = math.log(float(before) / float(after)) / seconds
+        if seconds is None or not all(finite_number(v) and v > 0 for v in (before, after)):
+            continue   # a hostile or broken report (negative, 0, 1e308 + 1e308 seconds) earns nothing, fails nothing
+        r = (math.log(before) - math.log(after)) / seconds   # not log(before / after): 1e-200 / 1e200 is 0
         if math.isfinite(r):
             raw[u.device_id] = r
-    scale = sum(abs(v) for v in raw.values()) / len(raw) if raw else 0.0
+    # the median, not the mean: one device's wild report cannot shrink everyone else's reward
+    scale = statistics.median(abs(v) for v in raw.values()) if raw else 0.0
     return {d: (v / scale if scale > 0 else 0.0) for d, v in raw.items()}
 
 

@@ -17,7 +17,7 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from edge_runtime.algorithms.aggregation import Update, check_compatible
+from edge_runtime.algorithms.aggregation import Update, check_compatible, finite_number
 from edge_runtime.algorithms.dp import dp_mean, privacy_spent
 from edge_runtime.algorithms.fedopt import fedopt_step, own_state
 from edge_runtime.algorithms.robust import defend, robust_aggregate
@@ -87,9 +87,9 @@ def aggregate_checked(method: Method, global_state: Mapping[str, Tensor], update
 
 
 def finite_metrics(metrics: Mapping) -> dict[str, float]:
-    """The numbers of an update's metrics worth keeping (finite ints and floats under str keys)."""
-    return {k: v for k, v in metrics.items() if isinstance(k, str) and isinstance(v, (int, float))
-            and not isinstance(v, bool) and math.isfinite(v)}
+    """The numbers of an update's metrics worth keeping (finite ints and floats under str keys; a
+    JSON integer too large for a float, 10**400, is dropped like a NaN, not an OverflowError)."""
+    return {k: v for k, v in metrics.items() if isinstance(k, str) and finite_number(v)}
 
 
 def as_update(device_id: str, accepted: Mapping, tensors: dict[str, Tensor]) -> Update:

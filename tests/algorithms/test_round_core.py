@@ -52,6 +52,7 @@ def test_record_eval_fills_the_row_of_the_global_the_devices_received():
 
 def test_finite_metrics_keeps_numbers_only():
     assert finite_metrics({"a": 1, "b": float("nan"), "c": True, "d": "x", "e": 2.5, 3: 1.0}) == {"a": 1, "e": 2.5}
+    assert finite_metrics({"big": 10**400, "ok": 1.0}) == {"ok": 1.0}   # a huge JSON integer: dropped, no OverflowError
 
 
 def test_an_aggregate_with_nan_or_other_keys_is_refused():

@@ -291,11 +291,16 @@ def test_the_reward_is_the_loss_share_removed_per_second_of_the_round():
         up("c", val_loss_before=2.0, val_loss_after=1.0, train_seconds=-1.0),      # broken: no reward
         up("d", val_loss_before=0.0, val_loss_after=1.0, train_seconds=1.0),       # a loss of 0: none
         up("e", val_loss_before=2.0, val_loss_after=1.0, train_seconds=1.0, t_eval_s=float("inf")),
+        up("f", val_loss_before=1e-200, val_loss_after=1e200, train_seconds=1.0),   # 1e-200 / 1e200 underflows to 0
+        up("g", val_loss_before=2.0, val_loss_after=1.0, train_seconds=1e308, val_seconds=1e308),   # the sum overflows
+        up("h", val_loss_before=2.0, val_loss_after=1.0, train_seconds=True),
+        up("i", val_loss_before=10**400, val_loss_after=1.0, train_seconds=1.0),
     ])
-    rate_a, rate_b = math.log(2) / 4.0, math.log(2) / 1.0
-    mean = (rate_a + rate_b) / 2
-    assert set(got) == {"a", "b"}
-    assert got["a"] == pytest.approx(rate_a / mean) and got["b"] == pytest.approx(rate_b / mean)
+    rate_a, rate_b, rate_f = math.log(2) / 4.0, math.log(2) / 1.0, -400 * math.log(10)   # ln 1e-200 - ln 1e200
+    assert set(got) == {"a", "b", "f"}
+    # divided by the median rate (b's): the liar's -921 does not shrink the others' rewards
+    assert got["a"] == pytest.approx(rate_a / rate_b) and got["b"] == pytest.approx(1.0)
+    assert got["f"] == pytest.approx(rate_f / rate_b)   # a loss that rose: a negative reward, its own bandit's
 
 
 def test_the_bandit_remembers_a_bounded_number_of_devices_and_ignores_non_finite_rewards(monkeypatch):

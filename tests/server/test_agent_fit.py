@@ -124,6 +124,7 @@ def test_the_warm_up_profiles_once_even_when_a_round_asks_at_the_same_time(tmp_p
     caps, budget = agent.worker.capabilities()   # the round: waits for the warm-up's measurement
     warm.join()
     assert calls == ["warm-up"] and agent.worker.warm_up_s is not None and agent.worker.warm_up_s >= 0.3
+    assert agent.worker._warm.is_set()   # a round would not wait for it any longer
     assert caps.gflops_fp32 > 0 and budget > 0 and agent.worker.capabilities()[0] is caps
 
 
