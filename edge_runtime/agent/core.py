@@ -179,13 +179,11 @@ class Agent:
     # -- main loop ---------------------------------------------------------------------------
     def run(self) -> None:
         self.attach()
-        # READY before the transport starts: its on-connect callback sends STATUS from its own thread,
-        # and a STATUS must not beat the READY (a race one test run in three lost)
+        # READY first: the transport's on-connect callback sends a STATUS, which must not beat it
         self.notifier.ready(f"device {self.cfg.device_id} in fleet {self.cfg.fleet}: waiting for the server")
         self.transport.start()
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
-        if self.cfg.warm_up:   # the profile and the model libraries, while the first manifest is awaited
-            self.worker.start_warm_up()
+        self.worker.probe.start_warm_up()   # the profile and the model libraries, while the first manifest is awaited
         self.activity = "idle"
         # the watchdog pings while the main loop (or a training / evaluation step in it) makes progress
         self.notifier.start_watchdog(lambda: lifecycle.seconds_since_progress() < (self.notifier.watchdog_s or 1),

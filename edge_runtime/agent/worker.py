@@ -9,7 +9,6 @@ import gc
 import hashlib
 import json
 import logging
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -17,13 +16,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from edge_runtime.agent.probe import DeviceProbe
 from edge_runtime.agent.residual import load_residual, stage_residual
 from edge_runtime.atomic_io import write_bytes_atomic, write_json_atomic
 from edge_runtime.device.memory_model import load_arch
-from edge_runtime.device.planner import (TRAIN_EFFICIENCY, Capabilities, PlanError, calibrate_efficiency,
+from edge_runtime.device.planner import (TRAIN_EFFICIENCY, PlanError, calibrate_efficiency,
                                          choose_plan, plan_of, plan_overrides, predict_train_seconds,
                                          request_from_spec, step_down)
-from edge_runtime.device.profiler import profile_device
 from edge_runtime.device.profiles import apply_device_profile
 from edge_runtime.errors import ConfigError, DataError, EdgeRuntimeError
 from edge_runtime.methods import METHODS
@@ -33,14 +32,12 @@ from edge_runtime.protocol.messages import ProtocolError, RoundManifest
 from edge_runtime.round.device import device_round, phase_metrics
 from edge_runtime.round.wire import encode_update
 from edge_runtime.training.data import Splits, local_splits, resolve_dataset
-from edge_runtime.training.models import bitsandbytes_problem
 from edge_runtime.training.spec import TrainingSpec, build_model, with_assignment
 
 if TYPE_CHECKING:
     from edge_runtime.agent.core import Agent
 
 log = logging.getLogger("edge_runtime.agent")
-WARM_UP_WAIT_S = 300.0   # the longest a round waits for the warm-up (imports on a slow SD card)
 
 
 class RoundWorker:
@@ -51,40 +48,9 @@ class RoundWorker:
         self.personal: PersonalState | None = None
         self.personal_path: Path | None = None
         self.splits: dict[tuple, Splits] = {}
-        self._device = None                                # (capabilities, budget), measured once
+        self.probe = DeviceProbe(agent.cfg)                # capabilities, matmul peak, the warm-up
         self.plan_choice = None                            # the planner's last choice (status.json shows it)
         self.load_s = 0.0                                  # seconds the last prepare() spent building the model
-        self.warm_up_s: float | None = None                # seconds the warm-up took (None: not done)
-        self._peak: float | None = None                    # measured matmul GFLOP/s (profiled once)
-        self._profiling = threading.Lock()                 # the warm-up thread and a round may both ask
-        self._warm = threading.Event()                     # set: no warm-up is running
-        self._warm.set()
-
-    def start_warm_up(self) -> None:
-        """:meth:`warm_up` in a daemon thread; a round waits for it (:meth:`work`)."""
-        self._warm.clear()
-        threading.Thread(target=self.warm_up, name="warm-up", daemon=True).start()
-
-    def warm_up(self) -> None:
-        """What the first round would otherwise spend before it can train, done while the device
-        waits for its first manifest (the warm-up thread): the device profile (``--plan auto``),
-        then the imports that building a model needs (peft pulls in bitsandbytes: seconds on a
-        small CPU). Python's import locks make a round that starts meanwhile wait for the same
-        modules; a round waits for the warm-up anyway (:meth:`work`), so the matmul probe never
-        shares the CPU with a round's decoding. A failure here only costs the head start."""
-        t0 = time.perf_counter()
-        try:
-            if self.agent.cfg.plan == "auto":
-                self.capabilities()
-            import peft  # noqa: F401
-            import transformers  # noqa: F401
-            from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
-            self.warm_up_s = time.perf_counter() - t0
-            log.info("warmed up in %.1f s (device profile, model libraries)", self.warm_up_s)
-        except Exception as exc:   # never stops the agent: the round imports (and reports) it again
-            log.warning("warm-up failed (the first round will do it): %s: %s", type(exc).__name__, exc)
-        finally:
-            self._warm.set()
 
     def prepare(self, spec: TrainingSpec, init: bytes | None):
         shape = {k: v for k, v in spec.to_json().items() if k != "train"}   # local settings do not shape the model
@@ -140,8 +106,7 @@ class RoundWorker:
         """The round of manifest ``m`` on global ``blob``; ``fetch_s``: seconds from the manifest naming
         this device to the global in hand (the download, or a delta's rebuild)."""
         timings: dict[str, float] = {"fetch_s": fetch_s}
-        if not self._warm.wait(WARM_UP_WAIT_S):   # what the warm-up is doing the round would do anyway
-            log.warning("the warm-up has not finished after %.0f s; the round goes ahead", WARM_UP_WAIT_S)
+        self.probe.wait()   # a running warm-up does what the round would do first
         try:
             spec = TrainingSpec.from_json(m.training)
             if self.agent.profile and m.round >= self.agent.profile.get("applies_from_round", 0):
@@ -229,32 +194,24 @@ class RoundWorker:
         the training's share of its measured fp32 matmul peak and the time model's prediction of the
         training seconds (``predicted_train_s``, at the efficiency the device's last round measured)."""
         metrics.update(phase_metrics(timings))
-        if self._peak and "train_gflops_per_s" in metrics:
-            metrics.update(peak_gflops=self._peak, train_peak_share=metrics["train_gflops_per_s"] / self._peak)
-        if self._device is not None and spec is not None and metrics.get("train_padded_tokens"):
+        peak = self.probe.peak
+        if peak and "train_gflops_per_s" in metrics:
+            metrics.update(peak_gflops=peak, train_peak_share=metrics["train_gflops_per_s"] / peak)
+        if self.probe.device is not None and spec is not None and metrics.get("train_padded_tokens"):
             arch, plan = load_arch(spec.model), plan_of(spec, METHODS[spec.method])
             efficiency = self.agent.state.get("train_efficiency")
             efficiency = efficiency if isinstance(efficiency, dict) else {}
             last = efficiency.get(spec.model)
             tokens = metrics["train_padded_tokens"]
             metrics["predicted_train_s"] = predict_train_seconds(
-                arch, plan, self._device[0], tokens, last if isinstance(last, float) and last > 0 else TRAIN_EFFICIENCY)
+                arch, plan, self.probe.device[0], tokens, last if isinstance(last, float) and last > 0 else TRAIN_EFFICIENCY)
             steps_s = metrics["train_seconds"] - metrics.get("cache_build_s", 0.0)   # the cache is built once, not per round
-            efficiency[spec.model] = calibrate_efficiency(arch, plan, self._device[0], tokens, steps_s)
+            efficiency[spec.model] = calibrate_efficiency(arch, plan, self.probe.device[0], tokens, steps_s)
             self.agent.state["train_efficiency"] = efficiency   # saved with the pending update
 
     def capabilities(self):
         """(what this device can run, its training memory), profiled once."""
-        with self._profiling:
-            return self._profile_once()
-
-    def _profile_once(self):
-        if self._device is None:
-            prof = profile_device(memory_budget=self.agent.cfg.memory_budget, disk_path=self.agent.cfg.state_dir)
-            caps = Capabilities("cuda" if prof.cuda else "cpu", False, bitsandbytes_problem() is None,
-                                prof.gflops_fp32 or 50.0)   # fp16 training is not a plan option yet
-            self._device, self._peak = (caps, prof.training_memory), prof.gflops_fp32
-        return self._device
+        return self.probe.capabilities()
 
     def plan(self, spec: TrainingSpec, m: RoundManifest) -> TrainingSpec:
         """The spec with the local settings that fit this device (``--plan auto``), a step below the

@@ -106,25 +106,25 @@ def test_the_warm_up_profiles_once_even_when_a_round_asks_at_the_same_time(tmp_p
     import threading
     import time
 
-    import edge_runtime.agent.worker as worker_mod
+    import edge_runtime.agent.probe as probe_mod
 
-    calls, real = [], worker_mod.profile_device
+    calls, real = [], probe_mod.profile_device
 
     def slow_profile(**kw):
         calls.append(threading.current_thread().name)
         time.sleep(0.3)   # long enough for the round's request to arrive while the warm-up measures
         return real(**kw)
 
-    monkeypatch.setattr(worker_mod, "profile_device", slow_profile)
+    monkeypatch.setattr(probe_mod, "profile_device", slow_profile)
     data = write_jsonl(tmp_path / "d.jsonl", make_toy_rows(30))
     agent = Agent(AgentConfig("d0", str(data), tmp_path / "d0"), MemoryTransport(MemoryBroker(), "d0"))
-    warm = threading.Thread(target=agent.worker.warm_up, name="warm-up")
+    warm = threading.Thread(target=agent.worker.probe.warm_up, name="warm-up")
     warm.start()
     time.sleep(0.05)
     caps, budget = agent.worker.capabilities()   # the round: waits for the warm-up's measurement
     warm.join()
-    assert calls == ["warm-up"] and agent.worker.warm_up_s is not None and agent.worker.warm_up_s >= 0.3
-    assert agent.worker._warm.is_set()   # a round would not wait for it any longer
+    assert calls == ["warm-up"] and agent.worker.probe.warm_up_s is not None and agent.worker.probe.warm_up_s >= 0.3
+    assert agent.worker.probe._idle.is_set()   # a round would not wait for it any longer
     assert caps.gflops_fp32 > 0 and budget > 0 and agent.worker.capabilities()[0] is caps
 
 
@@ -132,7 +132,7 @@ def test_the_agent_warms_up_while_it_waits_for_a_manifest_unless_told_not_to(tmp
     import threading
     import time
 
-    import edge_runtime.agent.worker as worker_mod
+    import edge_runtime.agent.probe as probe_mod
 
     data = write_jsonl(tmp_path / "d.jsonl", make_toy_rows(30))
     for warm in (True, False):
@@ -141,20 +141,20 @@ def test_the_agent_warms_up_while_it_waits_for_a_manifest_unless_told_not_to(tmp
         runner = threading.Thread(target=agent.run, daemon=True)
         runner.start()
         deadline = time.monotonic() + 60
-        while agent.worker.warm_up_s is None and time.monotonic() < deadline and warm:
+        while agent.worker.probe.warm_up_s is None and time.monotonic() < deadline and warm:
             time.sleep(0.05)
         if not warm:
             time.sleep(1.0)
         agent.stop_event.set()
         runner.join(10)
         assert not runner.is_alive()
-        assert (agent.worker.warm_up_s is not None) == warm and (agent.worker._device is not None) == warm
+        assert (agent.worker.probe.warm_up_s is not None) == warm and (agent.worker.probe.device is not None) == warm
 
     # a warm-up that fails costs the head start only: logged, nothing raised, the round profiles itself
     def broken(**kw):
         raise OSError("no /proc here")
 
-    monkeypatch.setattr(worker_mod, "profile_device", broken)
+    monkeypatch.setattr(probe_mod, "profile_device", broken)
     agent = Agent(AgentConfig("d2", str(data), tmp_path / "d2"), MemoryTransport(MemoryBroker(), "d2"))
-    agent.worker.warm_up()
-    assert agent.worker.warm_up_s is None and agent.worker._device is None
+    agent.worker.probe.warm_up()
+    assert agent.worker.probe.warm_up_s is None and agent.worker.probe.device is None
