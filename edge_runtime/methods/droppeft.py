@@ -304,11 +304,12 @@ def round_seconds(metrics: Mapping[str, float]) -> float | None:
     passes the reward needs, and the evaluation / personalisation phases every arm pays (the
     one-off model load and the transfers are left out); None without a positive training time."""
     parts = [metrics.get(k) for k in ("train_seconds", "val_seconds", "t_eval_s", "t_personalise_s")]
-    if not finite_number(parts[0]) or not parts[0] > 0 or not all(p is None or (finite_number(p) and p >= 0) for p in parts):
+    if not (finite_number(parts[0]) and parts[0] > 0):
+        return None
+    if not all(p is None or (finite_number(p) and p >= 0) for p in parts):
         return None
     total = float(sum(p for p in parts if p is not None))
     return total if math.isfinite(total) else None
-
 
 
 def rewards(updates: Sequence[Update]) -> dict[str, float]:
