@@ -16,6 +16,7 @@ import time
 from edge_runtime.agent.config import AgentConfig
 from edge_runtime.device.planner import Capabilities
 from edge_runtime.device.profiler import profile_device
+from edge_runtime.service import lifecycle
 from edge_runtime.training.models import bitsandbytes_problem
 
 log = logging.getLogger("edge_runtime.agent")
@@ -66,6 +67,11 @@ class DeviceProbe:
             self._idle.set()
 
     def wait(self) -> None:
-        """Until a running warm-up ends (at most ``WARM_UP_WAIT_S``)."""
-        if not self._idle.wait(WARM_UP_WAIT_S):
-            log.warning("the warm-up has not finished after %.0f s; the round goes ahead", WARM_UP_WAIT_S)
+        """Until a running warm-up ends (at most ``WARM_UP_WAIT_S``), telling the service watchdog
+        the agent is alive meanwhile; a stop request ends the wait (``lifecycle.Interrupted``)."""
+        deadline = time.monotonic() + WARM_UP_WAIT_S
+        while not self._idle.wait(0.5):
+            lifecycle.progress()
+            if time.monotonic() > deadline:
+                log.warning("the warm-up has not finished after %.0f s; the round goes ahead", WARM_UP_WAIT_S)
+                return

@@ -158,3 +158,27 @@ def test_the_agent_warms_up_while_it_waits_for_a_manifest_unless_told_not_to(tmp
     agent = Agent(AgentConfig("d2", str(data), tmp_path / "d2"), MemoryTransport(MemoryBroker(), "d2"))
     agent.worker.probe.warm_up()
     assert agent.worker.probe.warm_up_s is None and agent.worker.probe.device is None
+
+
+def test_a_round_waits_for_a_running_warm_up_and_a_stop_ends_the_wait(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import pytest
+
+    from edge_runtime.service import lifecycle
+
+    data = write_jsonl(tmp_path / "d.jsonl", make_toy_rows(30))
+    agent = Agent(AgentConfig("d0", str(data), tmp_path / "d0"), MemoryTransport(MemoryBroker(), "d0"))
+    probe = agent.worker.probe
+    probe._idle.clear()                                   # as if a warm-up were running
+    threading.Timer(0.6, probe._idle.set).start()
+    t0 = time.monotonic()
+    probe.wait()
+    assert time.monotonic() - t0 >= 0.5 and lifecycle.seconds_since_progress() < 1.0   # waited, watchdog told
+    probe._idle.clear()
+    monkeypatch.setattr(lifecycle, "STOP", threading.Event())
+    lifecycle.STOP.set()
+    with pytest.raises(lifecycle.Interrupted):   # a stop request is not held up by a slow warm-up
+        probe.wait()
+    probe._idle.set()
