@@ -57,7 +57,6 @@ class DeviceProbe:
             if self.cfg.plan == "auto":
                 self.capabilities()
             import peft  # noqa: F401
-            import transformers  # noqa: F401
             from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
             self.warm_up_s = time.perf_counter() - t0
             log.info("warmed up in %.1f s (device profile, model libraries)", self.warm_up_s)

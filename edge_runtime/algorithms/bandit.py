@@ -18,7 +18,7 @@ additions make it useful within the few rounds a federated run has:
 
 Rewards must be comparable across arms of one device; the caller normalises them (DropPEFT
 divides each device's rate of progress, the share of its loss removed per second of its round,
-by the round's mean, which removes the decay of progress as the model converges).
+by the round's median, which removes the decay of progress as the model converges).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from edge_runtime.algorithms.aggregation import StateDict, Update
+from edge_runtime.algorithms.aggregation import StateDict, Update, finite_number
 from edge_runtime.algorithms.robust import clip_to, delta_norm
 from edge_runtime.deps import require
 from edge_runtime.errors import AggregationError, ConfigError
@@ -49,7 +49,7 @@ class DPConfig:
     def __post_init__(self) -> None:
         for name in ("clip", "noise_multiplier"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            if not finite_number(v) or v < 0:
                 raise ConfigError(f"dp.{name} must be a finite number >= 0, got {v!r}")
         if self.noise_multiplier > 0 and not self.clip > 0:
             raise ConfigError("dp.noise_multiplier needs dp.clip > 0 (the noise is scaled to the clip)")

@@ -344,8 +344,7 @@ def _arms_json(cfg: DropPEFTConfig) -> list[list]:
 def _numbers(v: object, n: int) -> list[float] | None:
     if not isinstance(v, list) or len(v) != n:
         return None
-    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= -1e12
-               for x in v):
+    if not all(finite_number(x) and x >= -1e12 for x in v):
         return None
     return [float(x) for x in v]
 

@@ -10,7 +10,6 @@ An *accepted* record is what the server keeps of one device's update:
 from __future__ import annotations
 
 import json
-import math
 import random
 from typing import Mapping, NamedTuple, Sequence
 

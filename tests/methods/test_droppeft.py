@@ -3,6 +3,8 @@ configuration, aggregation knows who trained what, the bandit's offers fit the d
 
 import dataclasses
 import json
+import math
+import random
 
 import pytest
 import torch
@@ -236,9 +238,6 @@ def _synthetic_run(arms: dict, eval_s: float, rounds: int = 30, seed: int = 0) -
     seconds; every arm also pays ``eval_s`` of evaluation and 0.5 s for the two validation passes.
     Returns the ratios the bandit assigned in the last 10 rounds and each arm's time to a loss 10x
     lower (``ln 10 / -ln keep`` rounds of its seconds)."""
-    import math
-    import random
-
     rng = random.Random(seed)
     spec = TrainingSpec(model="minilm-l6", labels=("a", "b", "c"), method="droppeft",
                         train=TrainConfig(batch_size=16, max_seq_len=64))
@@ -280,8 +279,6 @@ def test_the_reward_on_synthetic_runs_prefers_the_arm_that_reaches_the_target_fi
 
 
 def test_the_reward_is_the_loss_share_removed_per_second_of_the_round():
-    import math
-
     def up(d, **m):
         return Update(d, {}, 10, 10, {"drop_ratio": 0.0, "drop_shape": 0, **m})
 
