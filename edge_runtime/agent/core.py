@@ -69,6 +69,7 @@ class Agent:
         self.bad_messages: dict = {"count": 0, "last": None}   # malformed messages ignored (status shows them)
         self.fetcher = Fetcher(self)    # the global and init payloads, manifests vetted against the limits
         self.worker = RoundWorker(self)   # the model, the plan, the round's work
+        self._nudged_at = float("-inf")   # when the server's online status last brought a heartbeat forward
         self._named: tuple[tuple | None, float] = (None, 0.0)   # (run, round, action) this device was named for, when
         self.uploader = Uploader(self)  # the pending update: send, re-send with backoff, the ack
         self.profile_path = Path(cfg.state_dir) / "profile.json"
@@ -135,6 +136,7 @@ class Agent:
         self.transport.subscribe(topics.device_topic(f, d, "ack"), put)
         self.transport.subscribe(topics.device_topic(f, d, "profile"), put)
         self.transport.subscribe(topics.fleet_profile_topic(f), put)
+        self.transport.subscribe(topics.server_status_topic(f), put)
         self.transport.on_connect(self._announce)
 
     def enqueue(self, topic: str, payload: bytes) -> None:
@@ -157,6 +159,16 @@ class Agent:
         self.publish(topics.device_topic(f, d, "status"), Status(d, True), retain=True)
         self._heartbeat()   # at once: the server selects only devices whose heartbeats it hears
         self.write_status(connected=True)   # called on connect: the flag may not be set yet
+
+    def _server_online(self) -> None:
+        """The server (re)connected: a heartbeat now, not at the next tick. It selects only devices
+        whose heartbeats it hears, and the one sent when this device connected is lost if the server
+        subscribed later (a fleet started together, a restarted server): without this, round 1 waits up
+        to ``heartbeat_s`` for it. At most one a second, however often the status comes."""
+        now = time.monotonic()
+        if now - self._nudged_at >= 1.0:
+            self._nudged_at = now
+            self._heartbeat()
 
     def _heartbeat(self) -> None:
         f, d = self.cfg.fleet, self.cfg.device_id
@@ -244,6 +256,10 @@ class Agent:
                 self.uploader.on_ack(self.security.decode(payload, Ack, topic))
             elif t.kind in ("profile", "dev/profile") and payload:
                 on_profile(self, self.security.decode(payload, ProfilePush, topic))
+            elif t.kind == "server/status" and payload:
+                status = self.security.decode(payload, Status, topic)
+                if status.client_id == "server" and status.online:
+                    self._server_online()
         except ProtocolError as exc:
             log.warning("ignored a bad message on %s: %s", topic, exc)
             self._bad_message(topic, str(exc))
