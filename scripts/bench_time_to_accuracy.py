@@ -12,6 +12,8 @@ server's training spec, which it pushes to the devices:
 - ``eval-sample``: ``eval.sample=32`` (a device evaluates the received global on 32 of its test
   examples instead of all; the final global is evaluated whole);
 - ``fedadam``: ``fedopt.optimizer=fedadam`` (server Adam over the round's mean, 2 warm-up rounds);
+- ``bf16``: ``train.precision=auto`` (bf16 autocast in training and evaluation where the device's CPU or
+  GPU multiplies bf16 natively, fp32 elsewhere);
 - ``no-warm-up``: the baseline with the agents' ``--no-warm-up`` (the device profile and the model
   libraries' imports then run in the first round instead of while the device waits for it);
 - ``best``: the mix of the levers that paid.
@@ -69,6 +71,7 @@ LEVERS = {
     "top3+cache": {"lora.top_blocks": "3", "train.cache_frozen": "true"},
     "eval-sample": {"eval.sample": "32"},
     "fedadam": {"fedopt.optimizer": "fedadam", "fedopt.lr": "0.01", "fedopt.warmup_rounds": "2"},
+    "bf16": {"train.precision": "auto"},   # bf16 autocast where the CPU has it natively (this one: AVX512-BF16)
 }
 AGENT_ARMS = {"no-warm-up": ("--no-warm-up",)}   # the baseline with these agent flags: what a default buys
 BEST = ("grouped", "top3+cache", "eval-sample")    # the levers the README's run found to pay (see --best)

@@ -222,14 +222,15 @@ def personalise(model, tokenizer, splits: Splits, spec: "TrainingSpec", personal
     if not STATE.of(model).init or len(splits.test) == 0:
         return {}, personal
     _load_personal(model, personal)
-    ev = evaluate(model, tokenizer, splits.test, eval_batch_size, spec.train.max_seq_len)
+    ev = evaluate(model, tokenizer, splits.test, eval_batch_size, spec.train.max_seq_len,
+                  precision=spec.train.precision)
     return {"personal_accuracy": ev.accuracy, "personal_loss": ev.loss, "personal_n": ev.n}, personal
 
 
 def _val_loss(model, tokenizer, splits: Splits, spec: "TrainingSpec") -> float | None:
     if len(splits.val) == 0:
         return None
-    return evaluate(model, tokenizer, splits.val, 64, spec.train.max_seq_len).loss
+    return evaluate(model, tokenizer, splits.val, 64, spec.train.max_seq_len, precision=spec.train.precision).loss
 
 
 def local_train(model, tokenizer, splits: Splits, spec: "TrainingSpec", seed: int,

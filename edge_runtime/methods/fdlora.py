@@ -246,7 +246,7 @@ def personalise(model, tokenizer, splits: Splits, spec: "TrainingSpec", personal
         if len(splits.val):
             def val_loss(a: float, b: float) -> float:
                 _set_scales(model, a, b)
-                return evaluate(model, tokenizer, splits.val, eval_batch_size, seq).loss
+                return evaluate(model, tokenizer, splits.val, eval_batch_size, seq, precision=spec.train.precision).loss
 
             fusion = search_fusion(val_loss, cfg.fusion_evals, cfg.fusion_max, cfg.fusion_l1, seed=spec.seed)
             a, b = fusion.a, fusion.b
@@ -255,7 +255,7 @@ def personalise(model, tokenizer, splits: Splits, spec: "TrainingSpec", personal
         else:  # nothing to tune on: the plain sum
             a, b, extra = 1.0, 1.0, {}
         _set_scales(model, a, b)
-        res = evaluate(model, tokenizer, splits.test, eval_batch_size, seq)
+        res = evaluate(model, tokenizer, splits.test, eval_batch_size, seq, precision=spec.train.precision)
     finally:
         _activate(model, GLOBAL)
     personal = PersonalState(personal.tensors, {**personal.meta, "a": a, "b": b})

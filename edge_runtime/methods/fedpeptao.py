@@ -229,7 +229,8 @@ def personalise(model, tokenizer, splits: Splits, spec: "TrainingSpec", personal
     if not _personal_layers(model, spec) or len(splits.test) == 0:
         return {}, personal
     _load_personal_layers(model, spec, personal)
-    ev = evaluate(model, tokenizer, splits.test, eval_batch_size, spec.train.max_seq_len)
+    ev = evaluate(model, tokenizer, splits.test, eval_batch_size, spec.train.max_seq_len,
+                  precision=spec.train.precision)
     return {"personal_accuracy": ev.accuracy, "personal_loss": ev.loss, "personal_n": ev.n}, personal
 
 

@@ -90,7 +90,7 @@ def device_round(method: Method, model, tokenizer, splits: Splits, spec: Trainin
         t0 = time.perf_counter()
         test = splits.test if action != "train" else spec.eval.subset(splits.test, score_seed(spec, device_id))
         ev = evaluate(model, tokenizer, test, eval_batch_size, spec.train.max_seq_len,
-                      cache_mb=spec.train.cache_mb if spec.train.cache_frozen else None)
+                      cache_mb=spec.train.cache_mb if spec.train.cache_frozen else None, precision=spec.train.precision)
         timings["eval_s"] = time.perf_counter() - t0
         metrics.update(eval_accuracy=ev.accuracy, eval_loss=ev.loss, eval_n=ev.n)
     t0 = time.perf_counter()

@@ -19,6 +19,7 @@ from edge_runtime.errors import ConfigError
 from edge_runtime.service import lifecycle
 from edge_runtime.training.data import LocalDataset, encode_batch, example_lengths
 from edge_runtime.training.frozen_cache import frozen_cache, replaying
+from edge_runtime.training.precision import autocast
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,12 @@ class EvalResult:
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, tokenizer, data: LocalDataset, batch_size: int = 64,
-             max_seq_len: int = 64, cache_mb: float | None = None) -> EvalResult:
+             max_seq_len: int = 64, cache_mb: float | None = None, precision: str = "fp32") -> EvalResult:
     """Evaluate ``model`` on every example of ``data`` (all layers, no dropout), in batches of
     similar length; ``correct`` is in data order. With ``cache_mb`` (``train.cache_frozen``), the
     frozen blocks below the lowest trained one replay their cached output for ``data``
-    (:mod:`edge_runtime.training.frozen_cache`: built on the first call, the same numbers)."""
+    (:mod:`edge_runtime.training.frozen_cache`: built on the first call, the same numbers).
+    ``precision``: the device's ``train.precision`` (bf16 autocast where it resolves to bf16)."""
     if len(data) == 0:
         return EvalResult(float("nan"), float("nan"), 0)
     cache = None
@@ -76,7 +78,8 @@ def evaluate(model: torch.nn.Module, tokenizer, data: LocalDataset, batch_size: 
         idx = order[start: start + batch_size]
         batch = encode_batch(tokenizer, data, idx, max_seq_len)
         labels = batch.pop("labels")
-        with replaying(model, cache, idx, batch["attention_mask"]) if cache else contextlib.nullcontext():
+        with replaying(model, cache, idx, batch["attention_mask"]) if cache else contextlib.nullcontext(), \
+                autocast(model, precision):
             logits = model(**batch).logits.float()
         if data.kind == "classification":
             total_loss += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()

@@ -14,6 +14,7 @@ from edge_runtime.errors import ConfigError
 from edge_runtime.service import lifecycle
 from edge_runtime.training.data import LocalDataset, encode_batch, example_lengths
 from edge_runtime.training.frozen_cache import frozen_cache, replaying
+from edge_runtime.training.precision import PRECISIONS, autocast, model_device_type, resolve
 from edge_runtime.training.seeding import seeded, stochastic
 from edge_runtime.training.throughput import count_linear_flops
 
@@ -33,6 +34,7 @@ class TrainConfig:
     group_by_length: bool = False    # batches of similar lengths (less padding), see epoch_order
     cache_frozen: bool = False       # replay the frozen bottom blocks' output (edge_runtime.training.frozen_cache)
     cache_mb: float = 256.0          # the most memory that cache may take; over it, training runs uncached
+    precision: str = "fp32"          # fp32 | bf16 | auto: bf16 autocast where native (edge_runtime.training.precision)
 
     def __post_init__(self) -> None:
         if not self.epochs > 0:
@@ -47,6 +49,8 @@ class TrainConfig:
             raise ConfigError(f"train.max_seq_len must be >= 4, got {self.max_seq_len!r}")
         if isinstance(self.cache_mb, bool) or not isinstance(self.cache_mb, (int, float)) or not self.cache_mb > 0:
             raise ConfigError(f"train.cache_mb must be a number of MB > 0, got {self.cache_mb!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
         for flag in ("gradient_checkpointing", "group_by_length", "cache_frozen"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"train.{flag} must be true or false, got {getattr(self, flag)!r}")
@@ -102,6 +106,7 @@ def train_local(model: torch.nn.Module, tokenizer, data: LocalDataset, cfg: Trai
         if cache is not None:
             metrics = {"cache_block": float(cache.k), "cache_mb": cache.nbytes / 2**20,
                        "cache_build_s": cache.seconds if cache.uses == 1 else 0.0}
+    metrics["train_bf16"] = float(resolve(cfg.precision, model_device_type(model)) == "bf16")
     model.train()
     _set_checkpointing(model, cfg.gradient_checkpointing)
     # dropout masks: the same seed trains the same way (and a dropout-free model never touches the
@@ -160,6 +165,7 @@ def _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar
     losses: list[float] = []
     seen = real = padded = 0
     lengths = example_lengths(tokenizer, data, cfg.max_seq_len) if cfg.group_by_length else None
+    precision = resolve(cfg.precision, model_device_type(model))
     for i in range(n_steps):
         lifecycle.progress()  # watchdog liveness; raises Interrupted once a stop was requested
         if len(order) < cfg.batch_size:
@@ -176,7 +182,8 @@ def _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar
         else:
             context = contextlib.nullcontext()
         with context:
-            loss = model(**batch).loss
+            with autocast(model, precision):   # the forward only: backward runs in the forward's dtypes
+                loss = model(**batch).loss
             loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
