@@ -14,6 +14,9 @@ server's training spec, which it pushes to the devices:
 - ``fedadam``: ``fedopt.optimizer=fedadam`` (server Adam over the round's mean, 2 warm-up rounds);
 - ``bf16``: ``train.precision=auto`` (bf16 autocast in training and evaluation where the device's CPU or
   GPU multiplies bf16 natively, fp32 elsewhere);
+- ``no-initial-eval``: ``eval.initial=false`` (round 1 does not evaluate the untrained initial global,
+  which costs the round its test-split cache build and evaluation);
+- ``epochs2``: ``train.epochs=2`` (twice the local work per round);
 - ``no-warm-up``: the baseline with the agents' ``--no-warm-up`` (the device profile and the model
   libraries' imports then run in the first round instead of while the device waits for it);
 - ``best``: the mix of the levers that paid.
@@ -72,9 +75,11 @@ LEVERS = {
     "eval-sample": {"eval.sample": "32"},
     "fedadam": {"fedopt.optimizer": "fedadam", "fedopt.lr": "0.01", "fedopt.warmup_rounds": "2"},
     "bf16": {"train.precision": "auto"},   # bf16 autocast where the CPU has it natively (this one: AVX512-BF16)
+    "no-initial-eval": {"eval.initial": "false"},   # round 1 does not evaluate the untrained global 0
+    "epochs2": {"train.epochs": "2"},      # more local work per round, fewer rounds
 }
 AGENT_ARMS = {"no-warm-up": ("--no-warm-up",)}   # the baseline with these agent flags: what a default buys
-BEST = ("grouped", "top3+cache", "eval-sample")    # the levers the README's run found to pay (see --best)
+BEST = ("grouped", "top3+cache", "bf16", "no-initial-eval")    # the levers the README's run found to pay (see --best)
 SETTINGS = {
     "wordnet": dict(data="wordnet", model="minilm-l6", devices=8, max_examples=4000, max_rounds=16),
     "fortunes": dict(data="runs/data/fortunes.jsonl", model="minilm-l6", devices=8, max_examples=4000, max_rounds=16),

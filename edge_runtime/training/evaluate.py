@@ -28,15 +28,18 @@ class EvalConfig:
 
     every: int = 1     # evaluate global 0, every, 2 * every, ... (a round that skips reports no eval_*)
     sample: int = 0    # at most this many examples of the test split, the same ones each round; 0 = all
+    initial: bool = True   # evaluate global 0 (the untrained start, in round 1); false: skip it
 
     def __post_init__(self) -> None:
         for name in ("every", "sample"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "every" else 0):
                 raise ConfigError(f"eval.{name} must be an integer >= {1 if name == 'every' else 0}, got {v!r}")
+        if not isinstance(self.initial, bool):
+            raise ConfigError(f"eval.initial must be true or false, got {self.initial!r}")
 
     def evaluates(self, global_round: int) -> bool:
-        return global_round % self.every == 0
+        return global_round % self.every == 0 and (global_round > 0 or self.initial)
 
     def subset(self, test: LocalDataset, seed: int) -> LocalDataset:
         """The examples a round evaluates: all, or ``sample`` of them drawn once with ``seed``."""
@@ -67,7 +70,7 @@ def evaluate(model: torch.nn.Module, tokenizer, data: LocalDataset, batch_size: 
     cache = None
     if cache_mb is not None:
         with torch.inference_mode(False):   # plain tensors: a cache may serve training too
-            cache = frozen_cache(model, tokenizer, data, max_seq_len, cache_mb)
+            cache = frozen_cache(model, tokenizer, data, max_seq_len, cache_mb, precision)
     model.eval()
     total_loss, total_tokens = 0.0, 0
     lengths = example_lengths(tokenizer, data, max_seq_len)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from edge_runtime.service import lifecycle
 from edge_runtime.training.blocks import block_of, find_blocks, in_head, lowest_trained_block
 from edge_runtime.training.data import LocalDataset, encode_batch, example_lengths
+from edge_runtime.training.precision import autocast, model_device_type, resolve
 
 log = logging.getLogger("edge_runtime.training")
 
@@ -85,10 +86,10 @@ def cache_block(model: nn.Module) -> int | None:
     return min(lowest, len(find_blocks(model)[2]) - 1) or None
 
 
-def _key(model: nn.Module, tokenizer, data: LocalDataset, max_len: int, k: int) -> tuple:
-    """What the cached activations depend on: the data, the tokenizer, the length, ``k``, and the
-    identity and version of every frozen weight below block ``k`` (a reload or in-place change of
-    the base bumps it)."""
+def _key(model: nn.Module, tokenizer, data: LocalDataset, max_len: int, k: int, precision: str) -> tuple:
+    """What the cached activations depend on: the data, the tokenizer, the length, ``k``, the
+    precision they were computed in, and the identity and version of every frozen weight below
+    block ``k`` (a reload or in-place change of the base bumps it)."""
     h = hashlib.sha256()
     for text in data.inputs:
         h.update(text.encode("utf-8", "surrogatepass") + b"\0")
@@ -98,18 +99,22 @@ def _key(model: nn.Module, tokenizer, data: LocalDataset, max_len: int, k: int) 
     path = find_blocks(model)[3]
     weights = tuple((p.data_ptr(), p._version, tuple(p.shape)) for name, p in model.named_parameters()
                     if not in_head(name) and ((b := block_of(name, path)) is None or b < k))
-    return (h.hexdigest(), data.kind, id(tokenizer), max_len, k, hashlib.sha256(repr(weights).encode()).hexdigest())
+    return (h.hexdigest(), data.kind, id(tokenizer), max_len, k, precision,
+            hashlib.sha256(repr(weights).encode()).hexdigest())
 
 
-def frozen_cache(model: nn.Module, tokenizer, data: LocalDataset, max_len: int, budget_mb: float) -> FrozenCache | None:
+def frozen_cache(model: nn.Module, tokenizer, data: LocalDataset, max_len: int, budget_mb: float,
+                 precision: str = "fp32") -> FrozenCache | None:
     """The model's cache for ``data`` (built now if missing or stale); None, with the reason
     logged, when the model trains its lowest block or something below the blocks, or the cache
-    would pass ``budget_mb`` or a quarter of the memory the device has free."""
+    would pass ``budget_mb`` or a quarter of the memory the device has free. The bottom blocks run
+    in ``precision`` (``train.precision``), as the uncached path would run them."""
     k = cache_block(model)
     if k is None:
         log.info("frozen cache: off (the model trains its lowest block or something below the blocks)")
         return None
-    key = _key(model, tokenizer, data, max_len, k)
+    precision = resolve(precision, model_device_type(model))
+    key = _key(model, tokenizer, data, max_len, k, precision)
     held = _CACHES.setdefault(model, OrderedDict())
     if key in held:
         held.move_to_end(key)
@@ -130,8 +135,8 @@ def frozen_cache(model: nn.Module, tokenizer, data: LocalDataset, max_len: int, 
         return None
     _trim(held, budget_mb - need_mb, keep=0)
     start = time.perf_counter()
-    cache = FrozenCache(key, k, _build(model, tokenizer, data, max_len, k, lengths), find_blocks(model)[3],
-                        uses=1)
+    cache = FrozenCache(key, k, _build(model, tokenizer, data, max_len, k, lengths, precision),
+                        find_blocks(model)[3], uses=1)
     cache.seconds = time.perf_counter() - start
     held[key] = cache
     log.info("frozen cache: block %d's input for %d examples, %.1f MB, built in %.2f s",
@@ -147,7 +152,7 @@ def _trim(held: "OrderedDict[tuple, FrozenCache]", budget_mb: float, keep: int =
 
 
 def _build(model: nn.Module, tokenizer, data: LocalDataset, max_len: int, k: int,
-           lengths: list[int]) -> list[Tensor]:
+           lengths: list[int], precision: str) -> list[Tensor]:
     blocks = find_blocks(model)[2]
     captured: list[Tensor] = []
 
@@ -168,7 +173,7 @@ def _build(model: nn.Module, tokenizer, data: LocalDataset, max_len: int, k: int
                 batch = encode_batch(tokenizer, data, idx, max_len)
                 batch.pop("labels")
                 captured.clear()
-                with contextlib.suppress(_Captured):
+                with contextlib.suppress(_Captured), autocast(model, precision):
                     model(**batch)
                 out = captured[0]
                 for j, i in enumerate(idx):

@@ -102,7 +102,7 @@ def train_local(model: torch.nn.Module, tokenizer, data: LocalDataset, cfg: Trai
     start = time.perf_counter()
     cache, metrics = None, {}
     if cfg.cache_frozen and step_context is None:
-        cache = frozen_cache(model, tokenizer, data, cfg.max_seq_len, cfg.cache_mb)
+        cache = frozen_cache(model, tokenizer, data, cfg.max_seq_len, cfg.cache_mb, cfg.precision)
         if cache is not None:
             metrics = {"cache_block": float(cache.k), "cache_mb": cache.nbytes / 2**20,
                        "cache_build_s": cache.seconds if cache.uses == 1 else 0.0}

@@ -30,23 +30,23 @@ def _hostile_payloads(rng: random.Random) -> list[bytes]:
     deep = b"[" * 5000 + b"]" * 5000
     header = struct.pack(">I", 7) + b"[1,2,3]" + b"x"
     deep_header = struct.pack(">I", 4000) + b"[" * 2000 + b"]" * 2000
-    fixed = [b'{"v":8,"type":[]}', b'{"v":8,"type":{"a":1}}', deep, b'{"v":8,"type":"hello","device_id":"x",'
+    fixed = [b'{"v":9,"type":[]}', b'{"v":9,"type":{"a":1}}', deep, b'{"v":9,"type":"hello","device_id":"x",'
              b'"profile":' + b'{"a":' * 50 + b"1" + b"}" * 50 + b"}", header, deep_header, b"\xff\xfe\x00",
-             b'{"v":8,"type":"round","run_id":"r","round":1,"action":"train","participants":[[1]]}',
-             b'{"v":8,"type":"ack","device_id":"dev0","round":1,"update_id":"u","accepted":"yes"}',
+             b'{"v":9,"type":"round","run_id":"r","round":1,"action":"train","participants":[[1]]}',
+             b'{"v":9,"type":"ack","device_id":"dev0","round":1,"update_id":"u","accepted":"yes"}',
              b"\x00\x00\x00\x00", b"{}", b"null", b'{"v":1e999}']
     return fixed + [rng.randbytes(rng.randint(1, 300)) for _ in range(40)] + _mutated(rng, 40)
 
 
 _VALID = [  # one message of each kind, as JSON: the mutations below break exactly one field's type
-    {"v": 8, "type": "hello", "device_id": "dev0", "profile": {}, "runtime_version": "0.1", "n_samples": 10},
-    {"v": 8, "type": "status", "client_id": "dev0", "online": True},
-    {"v": 8, "type": "heartbeat", "device_id": "dev0", "state": "idle", "round": 1, "sent_at": 0.0},
-    {"v": 8, "type": "update", "run_id": "r", "device_id": "dev0", "round": 1, "update_id": "u1", "payload": None,
+    {"v": 9, "type": "hello", "device_id": "dev0", "profile": {}, "runtime_version": "0.1", "n_samples": 10},
+    {"v": 9, "type": "status", "client_id": "dev0", "online": True},
+    {"v": 9, "type": "heartbeat", "device_id": "dev0", "state": "idle", "round": 1, "sent_at": 0.0},
+    {"v": 9, "type": "update", "run_id": "r", "device_id": "dev0", "round": 1, "update_id": "u1", "payload": None,
      "n_samples": 10, "metrics": {}},
-    {"v": 8, "type": "round", "run_id": "r", "round": 1, "action": "train", "participants": ["dev0"],
+    {"v": 9, "type": "round", "run_id": "r", "round": 1, "action": "train", "participants": ["dev0"],
      "global_payload": None, "deadline_s": 60.0, "training": {}},
-    {"v": 8, "type": "ack", "device_id": "dev0", "round": 1, "update_id": "u1", "accepted": True},
+    {"v": 9, "type": "ack", "device_id": "dev0", "round": 1, "update_id": "u1", "accepted": True},
 ]
 _WRONG = {str: [None, 5, [], {}], int: ["x", None, [], {"a": 1}, 1.5], float: ["x", None, [], {}],
           bool: ["yes", 2.5, None], list: ["x", 5, {}, None], dict: ["x", 5, [], None], type(None): [[1], "x", 5]}

@@ -52,7 +52,22 @@ def test_eval_every_and_sample_choose_the_globals_and_examples_a_round_evaluates
     assert EvalConfig(sample=10_000).subset(splits.test, 7) is splits.test
 
 
-@pytest.mark.parametrize("bad", [dict(every=0), dict(sample=-1), dict(every=True), dict(sample=2.5)])
+def test_eval_initial_false_skips_only_the_untrained_start(tmp_path):
+    spec, model, tok, data = _toy(tmp_path)
+    spec = TrainingSpec.from_json({**spec.to_json(), "eval": {"initial": False}})
+    splits = device_splits(data, spec.split, np.random.default_rng(0))
+    method = METHODS[spec.method]
+    kw = dict(device_id="dev0", personal=None)
+    r1 = device_round(method, model, tok, splits, spec, action="train", round_=1, **kw)   # global 0: skipped
+    r2 = device_round(method, model, tok, splits, spec, action="train", round_=2, **kw)   # global 1: evaluated
+    assert "eval_accuracy" not in r1.metrics and "eval_s" not in r1.timings and r1.metrics["train_steps"] > 0
+    assert r2.metrics["eval_n"] == len(splits.test)
+    assert [EvalConfig(every=2, initial=False).evaluates(r) for r in range(5)] == [False, False, True, False, True]
+    assert all(EvalConfig().evaluates(r) for r in range(3))
+
+
+@pytest.mark.parametrize("bad", [dict(every=0), dict(sample=-1), dict(every=True), dict(sample=2.5),
+                                 dict(initial="no"), dict(initial=0)])
 def test_bad_eval_settings_are_config_errors(bad):
     with pytest.raises(ConfigError, match="eval"):
         EvalConfig(**bad)

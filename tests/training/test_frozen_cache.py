@@ -5,6 +5,7 @@ eval mode (the one documented difference: no dropout there): logits and gradient
 with a float tolerance, since the cache was built with other batch widths than the step's.
 """
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -75,6 +76,42 @@ def test_cached_logits_and_gradients_match_the_reference_path(name, kind):
         assert torch.allclose(logits, ref_logits, atol=TOL, rtol=0), (logits - ref_logits).abs().max()
         for k in grads:
             assert torch.allclose(grads[k], ref_grads[k], atol=TOL, rtol=1e-4), (k, (grads[k] - ref_grads[k]).abs().max())
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
+def test_a_bf16_cache_is_built_in_bf16_kept_apart_and_matches_the_bf16_reference_path(name):
+    """With ``train.precision=bf16`` the bottom blocks run under autocast when the cache is built,
+    as they would on the uncached path; such a cache is never replayed in an fp32 run (nor the
+    other way round). Tolerance: bf16 rounds each matmul to 8 bits of mantissa (2^-8 ~ 0.4%), and
+    the cache's batch widths differ from the step's."""
+    from edge_runtime.training.precision import autocast
+
+    data = _data()
+    model, tok = _model(data, name)
+    c32 = fc.frozen_cache(model, tok, data, 64, 64.0)
+    c16 = fc.frozen_cache(model, tok, data, 64, 64.0, "bf16")
+    assert c16 is not c32 and c16.key != c32.key and c16.hidden[0].dtype == torch.float32
+    assert fc.frozen_cache(model, tok, data, 64, 64.0, "bf16") is c16 and fc.frozen_cache(model, tok, data, 64, 64.0) is c32
+    assert max((a - b).abs().max() for a, b in zip(c16.hidden, c32.hidden)) > 0   # computed in bf16 indeed
+    model.eval()
+    idx = [0, 1, 2, 3, 4, 5, 6, 7]
+    batch = encode_batch(tok, data, idx, 64)
+    def replayed(cache):
+        stack = contextlib.ExitStack()
+        stack.enter_context(fc.replaying(model, cache, idx, batch["attention_mask"]))
+        stack.enter_context(autocast(model, "bf16"))
+        return stack
+
+    ref_logits, ref_grads = _step(model, batch, autocast(model, "bf16"))
+    logits, grads = _step(model, batch, replayed(c16))
+    assert ref_grads.keys() == grads.keys() and len(grads) > 0
+    scale = ref_logits.abs().max()
+    assert (logits.float() - ref_logits.float()).abs().max() <= 2e-2 * scale
+    for k in grads:
+        assert (grads[k] - ref_grads[k]).abs().max() <= 5e-2 * ref_grads[k].abs().max() + 1e-6, k
+    # the fp32 cache replayed under bf16 would be a different (fp32-bottom) computation: not the same numbers
+    mixed, _ = _step(model, batch, replayed(c32))
+    assert not torch.equal(mixed, logits)
 
 
 def test_a_cached_step_skips_the_bottom_blocks():
