@@ -21,21 +21,19 @@ import threading
 import time
 from pathlib import Path
 
-from edge_runtime import __version__
 from edge_runtime.agent.config import AgentConfig
 from edge_runtime.agent.fetcher import Fetcher
+from edge_runtime.agent.presence import Presence
 from edge_runtime.agent.state import AgentState, fresh_agent_state
 from edge_runtime.agent.status import on_profile, status_of
 from edge_runtime.agent.uploader import Uploader
 from edge_runtime.agent.worker import RoundWorker
 from edge_runtime.atomic_io import write_json_atomic
-from edge_runtime.device.profiler import basic_profile
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.codec import Security
-from edge_runtime.protocol.messages import (Ack, GlobalAnnouncement, Heartbeat,
-                                            Hello, ProfilePush, ProtocolError,
-                                            RoundManifest, Status)
+from edge_runtime.protocol.messages import (Ack, GlobalAnnouncement, ProfilePush,
+                                            ProtocolError, RoundManifest, Status)
 from edge_runtime.service import lifecycle
 from edge_runtime.service.limits import ManifestRefused
 from edge_runtime.service.sdnotify import Notifier
@@ -69,7 +67,7 @@ class Agent:
         self.bad_messages: dict = {"count": 0, "last": None}   # malformed messages ignored (status shows them)
         self.fetcher = Fetcher(self)    # the global and init payloads, manifests vetted against the limits
         self.worker = RoundWorker(self)   # the model, the plan, the round's work
-        self._nudged_at = float("-inf")   # when the server's online status last brought a heartbeat forward
+        self.presence = Presence(self)    # hello, online status, heartbeats
         self._named: tuple[tuple | None, float] = (None, 0.0)   # (run, round, action) this device was named for, when
         self.uploader = Uploader(self)  # the pending update: send, re-send with backoff, the ack
         self.profile_path = Path(cfg.state_dir) / "profile.json"
@@ -137,7 +135,7 @@ class Agent:
         self.transport.subscribe(topics.device_topic(f, d, "profile"), put)
         self.transport.subscribe(topics.fleet_profile_topic(f), put)
         self.transport.subscribe(topics.server_status_topic(f), put)
-        self.transport.on_connect(self._announce)
+        self.transport.on_connect(self.presence.announce)
 
     def enqueue(self, topic: str, payload: bytes) -> None:
         """Transport callback: inbound messages are handled on the agent's thread, in order."""
@@ -147,54 +145,13 @@ class Agent:
         """A control message, signed when this device has a key."""
         self.transport.publish(topic, self.security.encode(msg, topic), qos=qos, retain=retain)
 
-    def _publish_hello(self) -> None:
-        f, d = self.cfg.fleet, self.cfg.device_id
-        profile = {**basic_profile(), **({"memory_budget": self.cfg.memory_budget} if self.cfg.memory_budget else {})}
-        hello = Hello(d, profile, __version__, len(self.raw_data), self.state["last_round_done"])
-        self.publish(topics.device_topic(f, d, "hello"), hello, retain=True)
-
-    def _announce(self) -> None:
-        f, d = self.cfg.fleet, self.cfg.device_id
-        self._publish_hello()
-        self.publish(topics.device_topic(f, d, "status"), Status(d, True), retain=True)
-        self._heartbeat()   # at once: the server selects only devices whose heartbeats it hears
-        self.write_status(connected=True)   # called on connect: the flag may not be set yet
-
-    def _server_online(self) -> None:
-        """The server (re)connected: a heartbeat now, not at the next tick. It selects only devices
-        whose heartbeats it hears, and the one sent when this device connected is lost if the server
-        subscribed later (a fleet started together, a restarted server): without this, round 1 waits up
-        to ``heartbeat_s`` for it. At most one a second, however often the status comes."""
-        now = time.monotonic()
-        if now - self._nudged_at >= 1.0:
-            self._nudged_at = now
-            self._heartbeat()
-
-    def _heartbeat(self) -> None:
-        f, d = self.cfg.fleet, self.cfg.device_id
-        round_ = self.manifest.round if self.manifest else -1
-        self.publish(topics.device_topic(f, d, "heartbeat"), Heartbeat(d, self.activity, round_, self.clock()), qos=0)
-
-    def _heartbeats(self) -> None:
-        """Heartbeats; and while no manifest names this device, the hello again now and then: a broker
-        drops messages past a client's queue limit (a flood of retained hellos replayed to a restarted
-        server), and a repeated hello of a known device costs the server nothing."""
-        every = max(5.0, 5 * self.cfg.heartbeat_s)
-        last_hello = time.monotonic()
-        while not self.stop_event.wait(self.cfg.heartbeat_s):
-            self._heartbeat()
-            m = self.manifest
-            if time.monotonic() - last_hello >= every and (m is None or self.cfg.device_id not in m.participants):
-                last_hello = time.monotonic()
-                self._publish_hello()
-
     # -- main loop ---------------------------------------------------------------------------
     def run(self) -> None:
         self.attach()
         # READY first: the transport's on-connect callback sends a STATUS, which must not beat it
         self.notifier.ready(f"device {self.cfg.device_id} in fleet {self.cfg.fleet}: waiting for the server")
         self.transport.start()
-        threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
+        threading.Thread(target=self.presence.run, name="heartbeat", daemon=True).start()
         self.worker.probe.start_warm_up()   # the profile and the model libraries, while the first manifest is awaited
         self.activity = "idle"
         # the watchdog pings while the main loop (or a training / evaluation step in it) makes progress
@@ -259,7 +216,7 @@ class Agent:
             elif t.kind == "server/status" and payload:
                 status = self.security.decode(payload, Status, topic)
                 if status.client_id == "server" and status.online:
-                    self._server_online()
+                    self.presence.server_online()
         except ProtocolError as exc:
             log.warning("ignored a bad message on %s: %s", topic, exc)
             self._bad_message(topic, str(exc))

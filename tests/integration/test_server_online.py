@@ -83,7 +83,7 @@ def test_the_online_nudge_is_rate_limited_and_ignores_offline_and_other_clients(
     agent = Agent(AgentConfig("dev0", str(device_files(tmp_path, 1)[0]), tmp_path / "dev0", fleet="t",
                               heartbeat_s=HEARTBEAT_S, warm_up=False), MemoryTransport(mem, "dev0"))
     beats = []
-    agent._heartbeat = lambda: beats.append(time.monotonic())
+    agent.presence.heartbeat = lambda: beats.append(time.monotonic())
     topic = topics.server_status_topic("t")
     for msg in (Status("server", False), Status("dev1", True)):
         agent.handle(topic, Security().encode(msg, topic))
@@ -91,7 +91,7 @@ def test_the_online_nudge_is_rate_limited_and_ignores_offline_and_other_clients(
     for _ in range(50):
         agent.handle(topic, Security().encode(Status("server", True), topic))
     assert len(beats) == 1
-    agent._nudged_at -= 1.0   # a second later, the next status brings one more
+    agent.presence.nudged_at -= 1.0   # a second later, the next status brings one more
     agent.handle(topic, Security().encode(Status("server", True), topic))
     assert len(beats) == 2
     agent.handle(topic, b'{"v": 1, "type": "status", "client_id": 3}')   # malformed: counted, ignored
