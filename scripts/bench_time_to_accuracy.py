@@ -79,7 +79,7 @@ LEVERS = {
     "epochs2": {"train.epochs": "2"},      # more local work per round, fewer rounds
 }
 AGENT_ARMS = {"no-warm-up": ("--no-warm-up",)}   # the baseline with these agent flags: what a default buys
-BEST = ("grouped", "top3+cache", "bf16", "no-initial-eval")    # the levers the README's run found to pay (see --best)
+BEST = ("grouped", "top3+cache", "bf16")    # the levers the README's run found to pay (see --best)
 SETTINGS = {
     "wordnet": dict(data="wordnet", model="minilm-l6", devices=8, max_examples=4000, max_rounds=16),
     "fortunes": dict(data="runs/data/fortunes.jsonl", model="minilm-l6", devices=8, max_examples=4000, max_rounds=16),
