@@ -32,10 +32,11 @@ without ending lower at the baseline's wall time. Per arm: wall seconds and devi
 accuracy at the baseline's wall time, each device's peak RSS during training and its training
 increment (peak minus the RSS as training began), bytes per round, and the mean device's phases.
 
-    python scripts/bench_time_to_accuracy.py --settings wordnet --best auto      # every arm (~42 min, 2 cores)
-    python scripts/bench_time_to_accuracy.py --settings fortunes --arms baseline best \
-        --best grouped top3+cache                                                # (18 min)
-    python scripts/bench_time_to_accuracy.py --settings smoke --arms baseline best   # does it run (4 min)
+    python scripts/bench_time_to_accuracy.py --settings wordnet --arms baseline grouped top3+cache eval-sample \
+        bf16 no-initial-eval epochs2 best --best grouped top3+cache bf16 no-initial-eval   # (33 min, 2 cores)
+    python scripts/bench_time_to_accuracy.py --settings wordnet fortunes --arms baseline best \
+        --out scripts/results/best/time_to_accuracy.json                          # (21 min)
+    python scripts/bench_time_to_accuracy.py --settings smoke --arms baseline best   # does it run (2 min)
     python scripts/bench_time_to_accuracy.py --settings smollm2    # SmolLM2-135M, smaller (not yet measured)
 
 Writes scripts/results/time_to_accuracy.json (``--out``) and, beside it, one accuracy-vs-seconds and one

@@ -4,7 +4,8 @@ Batches are formed from examples of similar length (each padded only to its batc
 the per-example results come back in data order; with the frozen-activation cache on, only the
 blocks above the cached one run. :class:`EvalConfig` (the spec's ``eval`` section)
 says how much of a round's evaluation of the received global a device does: every ``every``-th
-global, on a fixed random ``sample`` of its test split; the final global is always evaluated whole.
+global (the untrained global 0 too, unless ``initial`` is false), on a fixed random ``sample`` of its
+test split; the final global is always evaluated whole.
 """
 
 from __future__ import annotations
