@@ -13,36 +13,27 @@ each round and the run's seconds. Writes scripts/results/length_grouping.json.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import statistics
+import sys
 from pathlib import Path
 
 import torch
 
 from edge_runtime.atomic_io import write_json_atomic
-from edge_runtime.simulation import SimulationConfig, prepare_devices, run_simulation, simulation_spec
 from edge_runtime.training.spec import build_model
-from edge_runtime.training.trainer import TrainConfig, train_local
+from edge_runtime.training.trainer import train_local
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from device_bench import TRAIN, arguments, fleet, setting  # noqa: E402  (a sibling module)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--examples", type=int, default=3200, help="glosses split over --devices; device 0 trains")
-    ap.add_argument("--devices", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of the fleet comparison (0: skip it)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "length_grouping.json")
-    args = ap.parse_args()
+    args = arguments(__doc__.splitlines()[0], "length_grouping.json")
     logging.basicConfig(level=logging.WARNING)
-    train = TrainConfig(epochs=1, batch_size=32, lr=2e-3, max_seq_len=64)
-    cfg = SimulationConfig(model="minilm-l6", data="wordnet", devices=args.devices, alpha=0.5,
-                           max_examples=args.examples, seed=0, train=train)
-    devices = prepare_devices(cfg)
-    spec = simulation_spec(cfg, devices)
+    train = TRAIN
+    cfg, devices, spec = setting(args)
     data = devices[0].train
     model, tok = build_model(spec)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -63,18 +54,8 @@ def main() -> None:
     result = {"setting": {"model": "minilm-l6", "data": "wordnet", "examples_on_device": len(data),
                           "train": dataclasses.asdict(train), "threads": torch.get_num_threads()},
               "runs": runs, "summary": summary, "speedup": speedup}
-    fleet = {}
-    for name, group in (("shuffled", False), ("grouped", True)) if args.rounds else ():
-        hist = run_simulation(dataclasses.replace(cfg, rounds=args.rounds,
-                                                  train=dataclasses.replace(train, group_by_length=group)),
-                              None, progress=False)
-        fleet[name] = {"accuracy": [r["global_accuracy"] for r in hist["rounds"]],
-                       "train_seconds": sum(r["phases"]["mean"].get("train_s", 0.0) * len(r["accepted"])
-                                            for r in hist["rounds"] if r.get("phases")),
-                       "total_seconds": hist["total_seconds"]}
-        print(f"fleet {name}: accuracy {' / '.join(f'{100 * a:.1f}' for a in fleet[name]['accuracy'])}, "
-              f"device training {fleet[name]['train_seconds']:.0f} s", flush=True)
-    result["fleet"] = fleet
+    result["fleet"] = fleet(cfg, {name: dataclasses.replace(train, group_by_length=group)
+                                  for name, group in (("shuffled", False), ("grouped", True))}, args.rounds)
     write_json_atomic(args.out, result)
     print(f"{len(data)} examples: padding {summary['shuffled']['padding']:.1%} -> {summary['grouped']['padding']:.1%}, "
           f"training {summary['shuffled']['median_seconds']:.2f} s -> {summary['grouped']['median_seconds']:.2f} s "

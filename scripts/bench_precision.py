@@ -14,21 +14,22 @@ the bf16 arms measure emulation). Writes scripts/results/precision.json.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import statistics
+import sys
 from pathlib import Path
 
 import torch
 
 from edge_runtime.atomic_io import write_json_atomic
-from edge_runtime.simulation import SimulationConfig, prepare_devices, run_simulation, simulation_spec
 from edge_runtime.training.precision import native_bf16
 from edge_runtime.training.spec import build_model
-from edge_runtime.training.trainer import TrainConfig, train_local
+from edge_runtime.training.trainer import train_local
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from device_bench import TRAIN, arguments, fleet, setting  # noqa: E402  (a sibling module)
+
 PATHS = {   # name -> (lora.top_blocks, train overrides)
     "plain": (None, {}),
     "fast": (3, {"group_by_length": True, "cache_frozen": True}),
@@ -36,22 +37,14 @@ PATHS = {   # name -> (lora.top_blocks, train overrides)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--examples", type=int, default=3200, help="glosses split over --devices; device 0 trains")
-    ap.add_argument("--devices", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of the fleet comparison (0: skip it)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "precision.json")
-    args = ap.parse_args()
+    args = arguments(__doc__.splitlines()[0], "precision.json")
     logging.basicConfig(level=logging.WARNING)
-    train = TrainConfig(epochs=1, batch_size=32, lr=2e-3, max_seq_len=64)
-    cfg = SimulationConfig(model="minilm-l6", data="wordnet", devices=args.devices, alpha=0.5,
-                           max_examples=args.examples, seed=0, train=train)
-    devices = prepare_devices(cfg)
+    train = TRAIN
+    cfg, devices, base_spec = setting(args)
     data = devices[0].train
     runs: dict[str, list[dict]] = {}
     for path, (top, extra) in PATHS.items():
-        spec = simulation_spec(cfg, devices)
+        spec = base_spec
         if top:
             spec = dataclasses.replace(spec, lora=dataclasses.replace(spec.lora, top_blocks=top))
         model, tok = build_model(spec)
@@ -71,17 +64,8 @@ def main() -> None:
                           "train": dataclasses.asdict(train), "threads": torch.get_num_threads(),
                           "native_bf16": native_bf16("cpu"), "repeats": args.repeats},
               "runs": runs, "summary": summary, "speedup": speedup}
-    fleet = {}
-    for prec in ("fp32", "bf16") if args.rounds else ():
-        hist = run_simulation(dataclasses.replace(cfg, rounds=args.rounds, train=dataclasses.replace(train, precision=prec)),
-                              None, progress=False)
-        fleet[prec] = {"accuracy": [r["global_accuracy"] for r in hist["rounds"]],
-                       "train_seconds": sum(r["phases"]["mean"].get("train_s", 0.0) * len(r["accepted"])
-                                            for r in hist["rounds"] if r.get("phases")),
-                       "total_seconds": hist["total_seconds"]}
-        print(f"fleet {prec}: accuracy {' / '.join(f'{100 * a:.1f}' for a in fleet[prec]['accuracy'])}, "
-              f"device training {fleet[prec]['train_seconds']:.0f} s", flush=True)
-    result["fleet"] = fleet
+    result["fleet"] = fleet(cfg, {prec: dataclasses.replace(train, precision=prec) for prec in ("fp32", "bf16")},
+                            args.rounds)
     write_json_atomic(args.out, result)
     print(" ".join(f"{p}: {summary[f'{p}/fp32']['median_seconds']:.2f} s -> {summary[f'{p}/bf16']['median_seconds']:.2f} s "
                    f"({speedup[p]:.2f}x);" for p in PATHS) + f" wrote {args.out}")

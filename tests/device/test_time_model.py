@@ -41,7 +41,8 @@ def test_the_time_model_predicts_measured_rounds_within_35_percent():
         model, tok = build_model(spec)
         cfg = TrainConfig(batch_size=32, lr=2e-3, max_seq_len=64, cache_frozen=cached, group_by_length=grouped)
         train_local(model, tok, data, cfg, seed=0)            # warm-up (and the cache built)
-        res = train_local(model, tok, data, cfg, seed=1)
+        # the faster of two rounds: a moment of load from another process slows one, rarely both
+        res = min((train_local(model, tok, data, cfg, seed=1) for _ in range(2)), key=lambda r: r.seconds)
         measured.append((name, Plan(batch_size=32, top_blocks=top, cached=cached), res.padded_tokens, res.seconds))
     _, plan0, tokens0, seconds0 = measured[0]
     eff = calibrate_efficiency(arch, plan0, caps, tokens0, seconds0)

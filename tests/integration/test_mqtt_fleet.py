@@ -157,13 +157,6 @@ class ProcessFleet:
 
 
 @pytest.fixture
-def mosquitto(tmp_path):
-    broker = Mosquitto(tmp_path / "mosquitto").start()
-    yield broker
-    broker.stop()
-
-
-@pytest.fixture
 def fleet(tmp_path, mosquitto):
     f = ProcessFleet(tmp_path, mosquitto)
     yield f

@@ -21,7 +21,6 @@ from edge_runtime.protocol.codec import Security
 from edge_runtime.protocol.messages import Status
 from edge_runtime.transport.mqtt import BrokerAddress, MqttTransport
 from tests.fleet_helpers import device_files, initial_global, toy_spec
-from tests.integration.mosquitto import Mosquitto
 
 pytestmark = pytest.mark.integration
 HEARTBEAT_S = 60.0
@@ -37,18 +36,11 @@ def _until(pred, timeout: float) -> float | None:
     return None
 
 
-@pytest.fixture
-def broker(tmp_path):
-    b = Mosquitto(tmp_path / "mosquitto").start()
-    yield b
-    b.stop()
-
-
-def test_a_server_that_connects_after_its_device_opens_round_1_without_waiting_a_heartbeat(tmp_path, broker):
+def test_a_server_that_connects_after_its_device_opens_round_1_without_waiting_a_heartbeat(tmp_path, mosquitto):
     spec = toy_spec()
     agent = Agent(AgentConfig("dev0", str(device_files(tmp_path, 1)[0]), tmp_path / "dev0", fleet="t",
                               heartbeat_s=HEARTBEAT_S, warm_up=False),
-                  MqttTransport(BrokerAddress.parse(broker.url), client_id="dev0"))
+                  MqttTransport(BrokerAddress.parse(mosquitto.url), client_id="dev0"))
     stop = threading.Event()
     threads = [threading.Thread(target=agent.run, daemon=True)]
     threads[0].start()
@@ -58,7 +50,7 @@ def test_a_server_that_connects_after_its_device_opens_round_1_without_waiting_a
         time.sleep(1.0)   # the agent's on-connect heartbeat is long gone
         coord = Coordinator(ServerConfig(fleet="t", rounds=1, min_devices=1, training=spec.to_json(),
                                          heartbeat_timeout_s=3 * HEARTBEAT_S),
-                            Store(tmp_path / "server"), MqttTransport(BrokerAddress.parse(broker.url), client_id="server"),
+                            Store(tmp_path / "server"), MqttTransport(BrokerAddress.parse(mosquitto.url), client_id="server"),
                             initial_global(spec), run_id="run-late-server")
         threads.append(threading.Thread(target=coord.serve, args=(stop,), daemon=True))
         threads[1].start()
