@@ -296,9 +296,10 @@ class Coordinator:
             self._step_failed(f"handling a message on {topic} ({len(payload)} bytes)", exc)
             self.record_reject(topic, "-", -1, f"internal error handling it: {type(exc).__name__}: {exc}"[:500])
 
-    def may_speak(self, device_id: str) -> bool:
-        """The device holds an enrolled, unrevoked key (any device, in an insecure fleet)."""
-        return self.enrolment is None or self.enrolment.active(device_id)
+    def may_speak(self, device_id: str, fresh: bool = False) -> bool:
+        """The device holds an enrolled, unrevoked key (any device, in an insecure fleet); ``fresh``:
+        the enrolment file checked now, not within the second."""
+        return self.enrolment is None or self.enrolment.active(device_id, fresh)
 
     def sample_caps(self, devices) -> dict[str, int | None]:
         """The most examples each device may count with: what its hello declared (all its rows; an

@@ -79,10 +79,11 @@ class Enrolment:
         self.reload(force=True)
 
     # -- reading (the server) -----------------------------------------------------------------
-    def reload(self, force: bool = False) -> None:
-        """Re-read the file if it changed (at most once a second unless ``force``)."""
+    def reload(self, force: bool = False, fresh: bool = False) -> None:
+        """Re-read the file if it changed: checked at most once a second, unless ``fresh`` (checked
+        now: one stat) or ``force`` (read now, changed or not)."""
         now = self.clock()
-        if not force and now - self._checked_at < 1.0:
+        if not force and not fresh and now - self._checked_at < 1.0:
             return
         self._checked_at = now
         try:
@@ -121,8 +122,10 @@ class Enrolment:
         raise ProtocolError(f"device {device_id} is not enrolled on this server "
                             f"(broker-server devices add {device_id} --public-key ...)")
 
-    def active(self, device_id: str) -> bool:
-        self.reload()
+    def active(self, device_id: str, fresh: bool = False) -> bool:
+        """Enrolled and not revoked; ``fresh``: as the file says now (before an update is accepted,
+        so a revocation takes effect at once, not within the second)."""
+        self.reload(fresh=fresh)
         return device_id in self._keys
 
     def max_samples(self, device_id: str) -> int | None:

@@ -214,6 +214,12 @@ class Ingest:
                 "bytes": size, "raw_bytes": size if raw is None else raw, "at": self.run.clock()}
 
     def _accept(self, m: UpdateManifest, path: Path | None, raw: int | None = None) -> None:
+        if not self.run.may_speak(m.device_id, fresh=True):   # revoked since its manifest was checked
+            log.warning("refused %s from %s: the device was revoked", m.update_id, m.device_id)
+            self.run.record_reject(m.device_id, m.update_id, m.round, "the device was revoked")
+            if path is not None:
+                path.unlink(missing_ok=True)
+            return
         self.run.state["accepted"][m.device_id] = self._record(m, path, raw)
         self.run.fleet.seen(m.device_id, self.run.clock())
         crash_point("update:before_save")

@@ -159,6 +159,19 @@ def test_enrolment_add_revoke_and_a_running_server_sees_changes(tmp_path):
     assert fingerprint(server_view.key_for(hello)) == b.fingerprint
 
 
+def test_a_fresh_check_sees_a_revocation_within_the_second(tmp_path):
+    """Before an update is accepted the server checks the file now (one stat), so a revocation takes
+    effect at once; other look-ups still re-read at most once a second."""
+    t = [0.0]
+    Enrolment(tmp_path).add("dev0", Identity.generate().public_text)
+    server_view = Enrolment(tmp_path, clock=lambda: t[0])
+    Enrolment(tmp_path).revoke("dev0")
+    t[0] += 0.5
+    assert server_view.active("dev0")                   # the throttled view: not re-read yet
+    assert not server_view.active("dev0", fresh=True)   # the fresh check: revoked now
+    assert not server_view.active("dev0")
+
+
 def test_a_corrupt_enrolment_file_keeps_the_last_good_one(tmp_path):
     a = Identity.generate()
     Enrolment(tmp_path).add("dev0", a.public_text)
