@@ -106,7 +106,8 @@ def train_local(model: torch.nn.Module, tokenizer, data: LocalDataset, cfg: Trai
         if cache is not None:
             metrics = {"cache_block": float(cache.k), "cache_mb": cache.nbytes / 2**20,
                        "cache_build_s": cache.seconds if cache.uses == 1 else 0.0}
-    metrics["train_bf16"] = float(resolve(cfg.precision, model_device_type(model)) == "bf16")
+    precision = resolve(cfg.precision, model_device_type(model))   # resolved once for the whole round
+    metrics["train_bf16"] = float(precision == "bf16")
     model.train()
     _set_checkpointing(model, cfg.gradient_checkpointing)
     # dropout masks: the same seed trains the same way (and a dropout-free model never touches the
@@ -114,7 +115,7 @@ def train_local(model: torch.nn.Module, tokenizer, data: LocalDataset, cfg: Trai
     masks = seeded(seed) if stochastic(model) else contextlib.nullcontext()
     with masks, count_linear_flops(model) as flops:
         losses, seen, tokens = _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar,
-                                          after_step, step_context, cache)
+                                          after_step, step_context, cache, precision)
     if bar is not None:
         bar.close()
     return TrainResult(n_steps, seen, sum(losses) / len(losses), time.perf_counter() - start, metrics,
@@ -159,13 +160,12 @@ def _set_checkpointing(model: torch.nn.Module, on: bool) -> None:
 
 
 def _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar,
-               after_step=None, step_context=None, cache=None) -> tuple[list[float], int, tuple[int, int]]:
+               after_step=None, step_context=None, cache=None, precision="fp32") -> tuple[list[float], int, tuple[int, int]]:
     """The steps; returns (losses, examples seen, (real tokens, padded tokens))."""
     order: list[int] = []
     losses: list[float] = []
     seen = real = padded = 0
     lengths = example_lengths(tokenizer, data, cfg.max_seq_len) if cfg.group_by_length else None
-    precision = resolve(cfg.precision, model_device_type(model))
     for i in range(n_steps):
         lifecycle.progress()  # watchdog liveness; raises Interrupted once a stop was requested
         if len(order) < cfg.batch_size:
