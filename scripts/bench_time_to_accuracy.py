@@ -17,6 +17,9 @@ server's training spec, which it pushes to the devices:
 - ``no-initial-eval``: ``eval.initial=false`` (round 1 does not evaluate the untrained initial global,
   which costs the round its test-split cache build and evaluation);
 - ``epochs2``: ``train.epochs=2`` (twice the local work per round);
+- ``lr5e-3``: ``train.lr=5e-3`` (a 2.5x larger local learning rate);
+- ``micro16``: ``train.micro_batch_size=16`` (each batch of 32 runs forward and backward 16 examples
+  at a time, the gradients summed: the same step with half the activations alive);
 - ``no-warm-up``: the baseline with the agents' ``--no-warm-up`` (the device profile and the model
   libraries' imports then run in the first round instead of while the device waits for it);
 - ``best``: the mix of the levers that paid.
@@ -78,9 +81,11 @@ LEVERS = {
     "bf16": {"train.precision": "auto"},   # bf16 autocast where the CPU has it natively (this one: AVX512-BF16)
     "no-initial-eval": {"eval.initial": "false"},   # round 1 does not evaluate the untrained global 0
     "epochs2": {"train.epochs": "2"},      # more local work per round, fewer rounds
+    "lr5e-3": {"train.lr": "0.005"},        # a larger local step
+    "micro16": {"train.micro_batch_size": "16"},   # the batch's forward/backward 16 examples at a time
 }
 AGENT_ARMS = {"no-warm-up": ("--no-warm-up",)}   # the baseline with these agent flags: what a default buys
-BEST = ("grouped", "top3+cache", "bf16")    # the levers the README's run found to pay (see --best)
+BEST = ("grouped", "top3+cache", "bf16", "lr5e-3", "micro16")    # the levers the README's run chose (see --best)
 SETTINGS = {
     "wordnet": dict(data="wordnet", model="minilm-l6", devices=8, max_examples=4000, max_rounds=16),
     "fortunes": dict(data="runs/data/fortunes.jsonl", model="minilm-l6", devices=8, max_examples=4000, max_rounds=16),

@@ -23,6 +23,7 @@ from edge_runtime.device.memory_model import load_arch
 from edge_runtime.device.planner import (TRAIN_EFFICIENCY, PlanError, calibrate_efficiency,
                                          choose_plan, plan_of, plan_overrides, predict_train_seconds,
                                          request_from_spec, step_down)
+from edge_runtime.device.profiler import release_freed_memory
 from edge_runtime.device.profiles import apply_device_profile
 from edge_runtime.errors import ConfigError, DataError, EdgeRuntimeError
 from edge_runtime.methods import METHODS
@@ -162,6 +163,7 @@ class RoundWorker:
                      else "(not evaluated)", metrics.get("eval_n", 0), res.steps, res.seconds, res.mean_loss)
         self.agent.uploader.set_pending(m, file, report.n_samples, metrics, timings, update_id,
                                         layer_steps=report.layer_steps, residual_file=staged)
+        release_freed_memory()   # the round's activations: the system's again while the device waits
 
     def write_upload(self, m: RoundManifest, spec: TrainingSpec, upload: dict, base: dict,
                      update_id: str) -> tuple[Path, str | None]:

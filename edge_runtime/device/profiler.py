@@ -11,6 +11,9 @@ process's resident memory on a thread while a block runs (a round's training pea
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 import platform
 import re
@@ -275,6 +278,27 @@ def basic_profile() -> dict:
         "system": platform.system(),
         "python": platform.python_version(),
     }
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (None where the C library has none: musl, macOS, Windows)."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "malloc_trim", None)
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> bool:
+    """Hand the memory this process has freed back to the system (glibc: ``malloc_trim(0)``, which
+    returns the free pages inside the heap, not only its top). PyTorch frees a round's activations
+    into glibc's heap, which keeps them: an idle agent would hold its last round's peak, and the
+    next round's :class:`PeakRss` would start from it and see no increment. True if anything ran."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 class PeakRss:

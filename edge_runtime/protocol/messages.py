@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from edge_runtime.errors import EdgeRuntimeError
 
-PROTOCOL_VERSION = 9
+PROTOCOL_VERSION = 10
 MAX_LAYERS = 4096          # bound on ``layer_steps`` entries (one per transformer block)
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 from torch import Tensor
 
-from edge_runtime.device.profiler import PeakRss
+from edge_runtime.device.profiler import PeakRss, release_freed_memory
 from edge_runtime.methods.base import Method
 from edge_runtime.methods.personal import PersonalState
 from edge_runtime.training.data import Splits
@@ -108,6 +108,7 @@ def device_round(method: Method, model, tokenizer, splits: Splits, spec: Trainin
         def train(s, sd, p):   # noqa: E306 - the plain loop: no fitting
             res, p = method.local_train(model, tokenizer, splits, s, sd, p, progress=progress, desc=f"round {round_}")
             return model, res, p
+    release_freed_memory()   # what evaluation and the last round freed: the increment starts from live memory
     with PeakRss() as rss:   # the round's training peak, as the device's memory telemetry
         model, res, personal = train(spec, seed, personal)
     if keep_personal:

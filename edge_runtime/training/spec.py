@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import threading
 from dataclasses import field
 from typing import Any, Sequence
@@ -154,6 +155,9 @@ def build_model(spec: TrainingSpec):
         return METHODS[spec.method].build(base, spec), tokenizer
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def apply_overrides(d: dict[str, Any], items: Sequence[str], where: str = "--set") -> dict[str, Any]:
     """``["fdlora.personal_epochs=2", "federa.residual=false"]`` applied to a spec's JSON (values parsed as YAML).
 
@@ -172,6 +176,8 @@ def apply_overrides(d: dict[str, Any], items: Sequence[str], where: str = "--set
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{where} {item!r}: the value is not valid YAML: {exc}") from exc
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            value = float(value)   # YAML 1.1 reads 5e-3 (no dot) as a string; a user means the number
         *path, last = key.strip().split(".")
         node = out
         for part in path:

@@ -26,6 +26,7 @@ class TrainConfig:
     epochs: float = 1.0              # passes over the local train split (fractions allowed)
     max_steps: int | None = None     # hard cap on optimizer steps per round
     batch_size: int = 16
+    micro_batch_size: int = 0        # examples per forward/backward, gradients summed to the batch's; 0 = the batch
     lr: float = 1e-3
     weight_decay: float = 0.0
     max_seq_len: int = 64            # tokens
@@ -37,12 +38,20 @@ class TrainConfig:
     precision: str = "fp32"          # fp32 | bf16 | auto: bf16 autocast where native (edge_runtime.training.precision)
 
     def __post_init__(self) -> None:
+        for name in ("epochs", "lr", "weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"train.{name} must be a number, got {v!r}")
         if not self.epochs > 0:
             raise ConfigError(f"train.epochs must be > 0, got {self.epochs!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps must be >= 1, got {self.max_steps!r}")
         if self.batch_size < 1:
             raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size!r}")
+        if isinstance(self.micro_batch_size, bool) or not isinstance(self.micro_batch_size, int) \
+                or self.micro_batch_size < 0:
+            raise ConfigError(f"train.micro_batch_size must be an integer >= 0 (0: the whole batch), "
+                              f"got {self.micro_batch_size!r}")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr!r}")
         if self.max_seq_len < 4:
@@ -84,6 +93,9 @@ def train_local(model: torch.nn.Module, tokenizer, data: LocalDataset, cfg: Trai
     persists across rounds); ``after_step(i)`` runs after each optimizer step (a method's
     correction, e.g. control variates); ``step_context(i)`` wraps step ``i``'s forward and backward
     (DropPEFT runs only some blocks). Batches come from a seeded shuffle, reshuffled per epoch.
+    With ``cfg.micro_batch_size``, a batch runs forward and backward that many examples at a time
+    (each padded to its own longest) and the gradients add up to the whole batch's: the same step,
+    with the activations of one micro-batch alive at a time.
     With ``cfg.cache_frozen`` (and no ``step_context``), the blocks below the lowest trained one
     run once per example, not per step (:mod:`edge_runtime.training.frozen_cache`).
     """
@@ -159,6 +171,17 @@ def _set_checkpointing(model: torch.nn.Module, on: bool) -> None:
         base.gradient_checkpointing_disable()
 
 
+def loss_shares(labels: Sequence[torch.Tensor]) -> list[float]:
+    """Each micro-batch's share of its batch's mean loss: its examples (classification, ``labels``
+    of shape ``(B,)``) or its predicted tokens (generation: the shifted labels that are not -100),
+    over the whole batch's. Weighting each micro-batch's mean loss by its share gives the batch's
+    mean, so the summed gradients are the batch's gradient."""
+    counts = [int((lab[..., 1:] != -100).sum()) if lab.dim() > 1 else lab.numel() for lab in labels]
+    if sum(counts) == 0:   # nothing to predict anywhere: share by examples
+        counts = [len(lab) for lab in labels]
+    return [c / sum(counts) for c in counts]
+
+
 def _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar,
                after_step=None, step_context=None, cache=None, precision="fp32") -> tuple[list[float], int, tuple[int, int]]:
     """The steps; returns (losses, examples seen, (real tokens, padded tokens))."""
@@ -166,31 +189,34 @@ def _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar
     losses: list[float] = []
     seen = real = padded = 0
     lengths = example_lengths(tokenizer, data, cfg.max_seq_len) if cfg.group_by_length else None
+    size = cfg.micro_batch_size or cfg.batch_size
     for i in range(n_steps):
         lifecycle.progress()  # watchdog liveness; raises Interrupted once a stop was requested
         if len(order) < cfg.batch_size:
             order += epoch_order(len(data), cfg.batch_size, gen, lengths)
         batch_idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
-        batch = encode_batch(tokenizer, data, batch_idx, cfg.max_seq_len)
-        real += int(batch["attention_mask"].sum())
-        padded += batch["attention_mask"].numel()
         optimizer.zero_grad(set_to_none=True)
-        if step_context is not None:
-            context = step_context(i)
-        elif cache is not None:
-            context = replaying(model, cache, batch_idx, batch["attention_mask"])
-        else:
-            context = contextlib.nullcontext()
-        with context:
-            with autocast(model, precision):   # the forward only: backward runs in the forward's dtypes
-                loss = model(**batch).loss
-            loss.backward()
+        micro = [batch_idx[j:j + size] for j in range(0, len(batch_idx), size)]
+        batches = [encode_batch(tokenizer, data, m, cfg.max_seq_len) for m in micro]
+        shares = loss_shares([b["labels"] for b in batches])
+        step_loss = 0.0
+        with step_context(i) if step_context is not None else contextlib.nullcontext():
+            for m, batch, share in zip(micro, batches, shares):
+                real += int(batch["attention_mask"].sum())
+                padded += batch["attention_mask"].numel()
+                replay = replaying(model, cache, m, batch["attention_mask"]) if cache is not None \
+                    else contextlib.nullcontext()   # (a step_context never comes with a cache)
+                with replay:
+                    with autocast(model, precision):   # the forward only: backward runs in the forward's dtypes
+                        loss = model(**batch).loss
+                    (loss if len(micro) == 1 else loss * share).backward()
+                step_loss += loss.item() * share
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         if after_step is not None:
             after_step(i)
-        losses.append(loss.item())
+        losses.append(step_loss)
         seen += len(batch_idx)
         if bar is not None:
             bar.update(1)

@@ -39,14 +39,14 @@ def _hostile_payloads(rng: random.Random) -> list[bytes]:
 
 
 _VALID = [  # one message of each kind, as JSON: the mutations below break exactly one field's type
-    {"v": 9, "type": "hello", "device_id": "dev0", "profile": {}, "runtime_version": "0.1", "n_samples": 10},
-    {"v": 9, "type": "status", "client_id": "dev0", "online": True},
-    {"v": 9, "type": "heartbeat", "device_id": "dev0", "state": "idle", "round": 1, "sent_at": 0.0},
-    {"v": 9, "type": "update", "run_id": "r", "device_id": "dev0", "round": 1, "update_id": "u1", "payload": None,
+    {"v": 10, "type": "hello", "device_id": "dev0", "profile": {}, "runtime_version": "0.1", "n_samples": 10},
+    {"v": 10, "type": "status", "client_id": "dev0", "online": True},
+    {"v": 10, "type": "heartbeat", "device_id": "dev0", "state": "idle", "round": 1, "sent_at": 0.0},
+    {"v": 10, "type": "update", "run_id": "r", "device_id": "dev0", "round": 1, "update_id": "u1", "payload": None,
      "n_samples": 10, "metrics": {}},
-    {"v": 9, "type": "round", "run_id": "r", "round": 1, "action": "train", "participants": ["dev0"],
+    {"v": 10, "type": "round", "run_id": "r", "round": 1, "action": "train", "participants": ["dev0"],
      "global_payload": None, "deadline_s": 60.0, "training": {}},
-    {"v": 9, "type": "ack", "device_id": "dev0", "round": 1, "update_id": "u1", "accepted": True},
+    {"v": 10, "type": "ack", "device_id": "dev0", "round": 1, "update_id": "u1", "accepted": True},
 ]
 _WRONG = {str: [None, 5, [], {}], int: ["x", None, [], {"a": 1}, 1.5], float: ["x", None, [], {}],
           bool: ["yes", 2.5, None], list: ["x", 5, {}, None], dict: ["x", 5, [], None], type(None): [[1], "x", 5]}

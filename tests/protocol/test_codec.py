@@ -45,7 +45,7 @@ def test_other_messages_round_trip():
 
 
 def _update_body(**over):
-    body = {"v": 9, "type": "update", "run_id": "r", "device_id": "d", "round": 1, "update_id": "u",
+    body = {"v": 10, "type": "update", "run_id": "r", "device_id": "d", "round": 1, "update_id": "u",
             "payload": {"payload_id": "u", "size": 10, "sha256": SHA, "n_chunks": 1}, "n_samples": 5,
             "metrics": {}}
     body.update(over)
@@ -55,15 +55,15 @@ def _update_body(**over):
 @pytest.mark.parametrize("data, message", [
     (b"\xff\xfe", "message is not UTF-8"),
     (b"{not json", "message is not valid JSON"),
-    (b'{"v": 9, "type": []}', "message type must be a string, got list"),       # was: TypeError unhashable
-    (b'{"v": 9, "type": {"a": 1}}', "message type must be a string, got dict"),
+    (b'{"v": 10, "type": []}', "message type must be a string, got list"),       # was: TypeError unhashable
+    (b'{"v": 10, "type": {"a": 1}}', "message type must be a string, got dict"),
     (b'{"v": [1], "type": "ack"}', "unsupported protocol version"),
     (b"[" * 5000 + b"]" * 5000, "nests deeper than 12 levels"),                 # was: RecursionError
-    (b'{"v": 9, "type": "hello", "device_id": "d", "n_samples": 1' + b"0" * 4000 + b"}", "not valid JSON"),
-    (b'{"v": 9, "type": "hello", "device_id": "d", "profile": {"a": "' + b"x" * 20000 + b'"}}', "over the 16384"),
+    (b'{"v": 10, "type": "hello", "device_id": "d", "n_samples": 1' + b"0" * 4000 + b"}", "not valid JSON"),
+    (b'{"v": 10, "type": "hello", "device_id": "d", "profile": {"a": "' + b"x" * 20000 + b'"}}', "over the 16384"),
     (b"[1, 2]", "must be a JSON object"),
     (b'{"v": 99, "type": "ack"}', "unsupported protocol version 99"),
-    (b'{"v": 9, "type": "nope"}', "unknown message type"),
+    (b'{"v": 10, "type": "nope"}', "unknown message type"),
     (_update_body(round=-1), "round must be an integer >= 0"),
     (_update_body(round="1"), "update.round must be an integer"),
     (_update_body(round=True), "update.round must be an integer"),
@@ -76,17 +76,18 @@ def _update_body(**over):
     (_update_body(layer_steps=[1, 2.5]), "update.layer_steps must be a list of integers"),
     (_update_body(layer_steps=[True]), "update.layer_steps must be a list of integers"),
     (_update_body(layer_steps=list(range(4097))), "at most 4096"),
-    (_update_body(v=1), "unsupported protocol version 1; this runtime speaks 9"),   # a protocol-1 device
-    (_update_body(v=2), "unsupported protocol version 2; this runtime speaks 9"),   # before signatures
-    (_update_body(v=3), "unsupported protocol version 3; this runtime speaks 9"),   # before the spec's dp section
-    (_update_body(v=4), "unsupported protocol version 4; this runtime speaks 9"),   # before compression
-    (_update_body(v=5), "unsupported protocol version 5; this runtime speaks 9"),   # before train.group_by_length
-    (_update_body(v=6), "unsupported protocol version 6; this runtime speaks 9"),   # before train.cache_frozen, lora.top_blocks
-    (_update_body(v=7), "unsupported protocol version 7; this runtime speaks 9"),   # before the eval and fedopt sections
-    (_update_body(v=8), "unsupported protocol version 8; this runtime speaks 9"),   # before train.precision
-    (b'{"v": 9, "type": "update", "run_id": "r"}', "missing field"),
-    (b'{"v": 9, "type": "heartbeat", "device_id": "d", "sent_at": NaN}', "NaN is not allowed"),
-    (b'{"v": 9, "type": "hello", "device_id": "d", "profile": ' + b'{"a":' * 12 + b"1" + b"}" * 12 + b"}",
+    (_update_body(v=1), "unsupported protocol version 1; this runtime speaks 10"),   # a protocol-1 device
+    (_update_body(v=2), "unsupported protocol version 2; this runtime speaks 10"),   # before signatures
+    (_update_body(v=3), "unsupported protocol version 3; this runtime speaks 10"),   # before the spec's dp section
+    (_update_body(v=4), "unsupported protocol version 4; this runtime speaks 10"),   # before compression
+    (_update_body(v=5), "unsupported protocol version 5; this runtime speaks 10"),   # before train.group_by_length
+    (_update_body(v=6), "unsupported protocol version 6; this runtime speaks 10"),   # before train.cache_frozen, lora.top_blocks
+    (_update_body(v=7), "unsupported protocol version 7; this runtime speaks 10"),   # before the eval and fedopt sections
+    (_update_body(v=8), "unsupported protocol version 8; this runtime speaks 10"),   # before train.precision
+    (_update_body(v=9), "unsupported protocol version 9; this runtime speaks 10"),   # before train.micro_batch_size
+    (b'{"v": 10, "type": "update", "run_id": "r"}', "missing field"),
+    (b'{"v": 10, "type": "heartbeat", "device_id": "d", "sent_at": NaN}', "NaN is not allowed"),
+    (b'{"v": 10, "type": "hello", "device_id": "d", "profile": ' + b'{"a":' * 12 + b"1" + b"}" * 12 + b"}",
      "nests deeper"),
 ])
 def test_malformed_messages_say_what_is_wrong(data, message):

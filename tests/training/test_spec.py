@@ -17,6 +17,11 @@ def test_overrides_reach_nested_sections_and_are_validated():
     assert (spec.method, spec.federa.residual, spec.fdlora.personal_epochs, spec.train.lr) == \
         ("federa", False, 0.5, 0.01)
     assert d["federa"]["residual"] is True  # the input is not modified
+    # YAML 1.1 reads 5e-3 (no dot) as a string: an override means the number
+    spec = TrainingSpec.from_json(apply_overrides(d, ["train.lr=5e-3", "train.weight_decay=1E-2",
+                                                      "train.micro_batch_size=16"]))
+    assert (spec.train.lr, spec.train.weight_decay, spec.train.micro_batch_size) == (0.005, 0.01, 16)
+    assert apply_overrides(d, ["method=e5"])["method"] == "e5"   # only numbers in exponent form change
 
 
 @pytest.mark.parametrize("item, message", [
@@ -28,6 +33,8 @@ def test_overrides_reach_nested_sections_and_are_validated():
     ("nosection.x=1", "'nosection' is not a section"),
     ("noequals", "expected KEY=VALUE"),
     ("train.lr=[1, 2", "not valid YAML"),
+    ("train.lr=fast", "train.lr must be a number, got 'fast'"),
+    ("train.micro_batch_size=-2", "train.micro_batch_size must be an integer >= 0"),
 ])
 def test_bad_overrides_name_the_field(item, message):
     d = TrainingSpec(labels=("a", "b")).to_json()
