@@ -102,6 +102,7 @@ class Plan:
     lora_targets: int = 2         # adapted projections per block (q, v)
     prompt_length: int = 20
     batch_size: int = 16
+    micro_batch: int = 0          # examples per forward/backward (train.micro_batch_size); 0: the whole batch
     seq_len: int = 64
     layer_drop: float = 0.0       # fraction of blocks skipped per step (DropPEFT)
     checkpointing: bool = False
@@ -111,8 +112,14 @@ class Plan:
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"plan.quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
-        if self.batch_size < 1 or self.seq_len < 1 or self.rank < 1 or not 0 <= self.layer_drop < 1:
+        if self.batch_size < 1 or self.seq_len < 1 or self.rank < 1 or not 0 <= self.layer_drop < 1 \
+                or self.micro_batch < 0:
             raise ConfigError(f"bad plan: {self}")
+
+    @property
+    def step_batch(self) -> int:
+        """Examples whose activations are alive at once: a micro-batch, or the batch."""
+        return min(self.micro_batch or self.batch_size, self.batch_size)
 
     def kept_layers(self, arch: Arch) -> int:
         return max(1, math.ceil(arch.layers * (1 - self.layer_drop) - 1e-9))   # 1e-9: 30 x 0.4 is 12.000...02
@@ -170,17 +177,18 @@ def predict_peak(arch: Arch, plan: Plan, task: str = "classification", num_label
     other = arch.other_params(task, num_labels) * other_dtype
     adapter = adapter_params(arch, plan, task, num_labels) * 16    # fp32 weight + grad + two AdamW moments
     kv_len = plan.seq_len + (plan.prompt_length if plan.prompt_like else 0)
-    per_layer = (plan.batch_size * plan.seq_len * (coef.a_d * arch.hidden + coef.a_f * arch.intermediate)
-                 + plan.batch_size * arch.heads * plan.seq_len * kv_len * coef.a_att) * act_bytes
+    b = plan.step_batch   # micro-batching keeps one micro-batch's activations alive at a time
+    per_layer = (b * plan.seq_len * (coef.a_d * arch.hidden + coef.a_f * arch.intermediate)
+                 + b * arch.heads * plan.seq_len * kv_len * coef.a_att) * act_bytes
     kept = plan.trained_layers(arch)   # the blocks below the adapter save nothing for a backward pass
     if plan.checkpointing:
-        activations = kept * plan.batch_size * plan.seq_len * arch.hidden * 4 * act_bytes + per_layer
+        activations = kept * b * plan.seq_len * arch.hidden * 4 * act_bytes + per_layer
     else:
         activations = kept * per_layer
     if task == "causal-lm":
-        logits = plan.batch_size * plan.seq_len * arch.vocab * 4 * coef.logits_copies
+        logits = b * plan.seq_len * arch.vocab * 4 * coef.logits_copies
     else:
-        logits = plan.batch_size * num_labels * 4 * coef.logits_copies
+        logits = b * num_labels * 4 * coef.logits_copies
     core = base + other + adapter + activations + logits
     total = coef.runtime + core * coef.overhead
     return Breakdown(int(coef.runtime), base, other, adapter, int(activations), int(logits), int(total))

@@ -1,12 +1,15 @@
-"""Choose a training plan that fits a device: quantization, LoRA rank, batch, sequence length,
+"""Choose a training plan that fits a device: quantization, LoRA rank, micro-batch, sequence length,
 gradient checkpointing, at the training profile's layer-drop ratio (DropPEFT; the server's
-configurator picks the ratio per device, among those that fit).
+configurator picks the ratio per device, among those that fit). The batch itself is the training
+profile's: a device short of memory runs it in micro-batches (``train.micro_batch_size``), which
+takes the same optimizer step with fewer activations alive, so its update stays the fleet's kind.
 
 Every candidate is priced by :mod:`edge_runtime.device.memory_model` and by the time model
 (:func:`predict_train_seconds`: the plan's FLOPs at the device's measured matmul speed); those whose predicted peak
 stays under ``budget x (1 - margin)`` are ranked by what they keep of the training profile's
-request (sequence length first, as truncation loses data; then weight precision; then rank; then
-batch size) and, among equals, by estimated throughput. The choice comes with its reasons.
+request (sequence length first, as truncation loses data; then weight precision; then rank), then
+by estimated throughput (micro-batches cost no FLOPs, checkpointing a third more), then by the
+largest micro-batch. The choice comes with its reasons.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class Request:
     rank: int = 8
     prompt_length: int = 20
     batch_size: int = 16
+    micro_batch: int = 0            # train.micro_batch_size as asked (0: the whole batch)
     seq_len: int = 64
     layer_drop: float = 0.0
     fixed_rank: bool = False        # a federated device must keep the fleet's adapter shapes
@@ -119,10 +123,11 @@ def candidates(req: Request, caps: Capabilities) -> list[Plan]:
     for q in quants:
         for rank in ranks:
             for seq in _halvings(req.seq_len, 16):
-                for bs in _halvings(req.batch_size, 1):
+                for mb in _halvings(min(req.micro_batch or req.batch_size, req.batch_size), 1):
                     for ckpt in (False, True):
                         out.append(Plan(quantization=q, prompt_like=req.prompt_like, adapter_copies=req.adapter_copies, rank=rank, prompt_length=req.prompt_length,
-                                        batch_size=bs, seq_len=seq, layer_drop=req.layer_drop, checkpointing=ckpt,
+                                        batch_size=req.batch_size, micro_batch=0 if mb == req.batch_size else mb,
+                                        seq_len=seq, layer_drop=req.layer_drop, checkpointing=ckpt,
                                         top_blocks=req.top_blocks, cached=req.cached))
     return out
 
@@ -142,22 +147,24 @@ def choose_plan(arch: Arch, budget: int, req: Request, caps: Capabilities = Capa
 
     def key(pb):
         p, _ = pb
-        return (p.seq_len, QUALITY[p.quantization], p.rank, p.batch_size,
-                -step_seconds(arch, p, caps))
+        return (p.seq_len, QUALITY[p.quantization], p.rank, -step_seconds(arch, p, caps), p.step_batch)
 
     plan, pred = max(fitting, key=key)
     reasons = [f"budget {format_size(budget)}, planning under {format_size(limit)} ({margin:.0%} margin)",
                f"chosen: {_describe(plan)}, predicted peak {format_size(pred.total)}"]
     asked = Plan(quantization="fp32", prompt_like=req.prompt_like, adapter_copies=req.adapter_copies, rank=req.rank, prompt_length=req.prompt_length,
-                 batch_size=req.batch_size, seq_len=req.seq_len, layer_drop=req.layer_drop,
+                 batch_size=req.batch_size, micro_batch=req.micro_batch if req.micro_batch < req.batch_size else 0,
+                 seq_len=req.seq_len, layer_drop=req.layer_drop,
                  top_blocks=req.top_blocks, cached=req.cached)
     if plan != asked:
         full = predict_peak(arch, asked, req.task, req.num_labels, coef)
         reasons.append(f"the request as asked ({_describe(asked)}) needs {format_size(full.total)}")
-        for what, got, want in (("sequence length", plan.seq_len, req.seq_len), ("rank", plan.rank, req.rank),
-                                ("batch size", plan.batch_size, req.batch_size)):
+        for what, got, want in (("sequence length", plan.seq_len, req.seq_len), ("rank", plan.rank, req.rank)):
             if got != want:
                 reasons.append(f"{what} {want} -> {got} to fit")
+        if plan.step_batch != asked.step_batch:
+            reasons.append(f"micro-batches of {plan.step_batch} to fit (the batch of {plan.batch_size} kept: "
+                           f"the same step, fewer activations alive)")
         if plan.quantization != "fp32":
             reasons.append(f"base weights in {plan.quantization}: "
                            + ("faster on this GPU" if plan.quantization == "fp16" else "smaller, to fit"))
@@ -168,9 +175,10 @@ def choose_plan(arch: Arch, budget: int, req: Request, caps: Capabilities = Capa
 
 def step_down(plan: Plan, caps: Capabilities = Capabilities()) -> Plan | None:
     """The next smaller plan after an out-of-memory failure (None when nothing is left to give up):
-    halve the batch, then recompute activations, then halve the sequence, then quantize the base."""
-    if plan.batch_size > 1:
-        return replace(plan, batch_size=plan.batch_size // 2)
+    halve the micro-batch (the batch stays), then recompute activations, then halve the sequence,
+    then quantize the base."""
+    if plan.step_batch > 1:
+        return replace(plan, micro_batch=plan.step_batch // 2)
     if not plan.checkpointing:
         return replace(plan, checkpointing=True)
     if plan.seq_len > 16:
@@ -184,8 +192,8 @@ def step_down(plan: Plan, caps: Capabilities = Capabilities()) -> Plan | None:
 
 def plan_overrides(plan: Plan) -> dict:
     """A plan as device-profile overrides of a training spec (the adapter's layout untouched)."""
-    return {"train": {"batch_size": plan.batch_size, "max_seq_len": plan.seq_len,
-                      "gradient_checkpointing": plan.checkpointing},
+    return {"train": {"batch_size": plan.batch_size, "micro_batch_size": plan.micro_batch,
+                      "max_seq_len": plan.seq_len, "gradient_checkpointing": plan.checkpointing},
             "quantization": plan.quantization if plan.quantization in ("nf4", "int8") else "fp32"}
 
 
@@ -194,14 +202,15 @@ def plan_of(spec, method) -> Plan:
     :class:`~edge_runtime.methods.base.Method`, whose traits shape the adapter and the layer drop."""
     return Plan(quantization=spec.quantization, prompt_like=method.prompt_like, adapter_copies=method.adapter_copies,
                 rank=spec.lora.rank, prompt_length=spec.prompt.length or 20, batch_size=spec.train.batch_size,
-                seq_len=spec.train.max_seq_len, layer_drop=method.layer_dropout(spec),
+                micro_batch=spec.train.micro_batch_size, seq_len=spec.train.max_seq_len, layer_drop=method.layer_dropout(spec),
                 checkpointing=spec.train.gradient_checkpointing, top_blocks=spec.lora.top_blocks,
                 cached=_cached(spec, method))
 
 
 def _describe(p: Plan) -> str:
     adapter = f"prompts {p.prompt_length}" if p.prompt_like else f"rank {p.rank}"
-    return (f"{p.quantization}, {adapter}, batch {p.batch_size}, seq {p.seq_len}"
+    micro = f" in micro-batches of {p.step_batch}" if p.step_batch < p.batch_size else ""
+    return (f"{p.quantization}, {adapter}, batch {p.batch_size}{micro}, seq {p.seq_len}"
             + (", checkpointing" if p.checkpointing else "") + (f", layer-drop {p.layer_drop}" if p.layer_drop else ""))
 
 
@@ -210,7 +219,8 @@ def request_from_spec(spec, method) -> Request:
     :class:`~edge_runtime.methods.base.Method`)."""
     return Request(prompt_like=method.prompt_like, adapter_copies=method.adapter_copies, task=spec.task, num_labels=max(len(spec.labels), 2), rank=spec.lora.rank,
                    prompt_length=spec.prompt.length or 20, batch_size=spec.train.batch_size,
-                   seq_len=spec.train.max_seq_len, layer_drop=method.layer_dropout(spec), fixed_rank=True,
+                   micro_batch=spec.train.micro_batch_size, seq_len=spec.train.max_seq_len,
+                   layer_drop=method.layer_dropout(spec), fixed_rank=True,
                    top_blocks=spec.lora.top_blocks, cached=_cached(spec, method))
 
 

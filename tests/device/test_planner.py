@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_runtime.device.memory_model import Arch, Plan, predict_peak
-from edge_runtime.device.planner import Capabilities, PlanError, Request, choose_plan
+from edge_runtime.device.planner import Capabilities, PlanError, Request, choose_plan, step_seconds
 from edge_runtime.methods import METHODS
 
 MINILM = Arch("bert", 6, 384, 1536, 12, 12, 30522, 512, False)
@@ -32,7 +32,7 @@ def test_never_over_budget(budget, arch, method, task, caps, batch, seq, margin)
     assert choice.predicted.total <= budget * (1 - margin)
     assert choice.predicted == predict_peak(arch, choice.plan, task, req.num_labels)
     p = choice.plan
-    assert p.batch_size <= batch and p.seq_len <= seq and p.rank <= req.rank
+    assert p.batch_size == batch and p.step_batch <= batch and p.seq_len <= seq and p.rank <= req.rank
     if not caps.bitsandbytes:
         assert p.quantization in ("fp32", "fp16")
 
@@ -68,6 +68,38 @@ def test_more_memory_never_gives_a_worse_plan():
             p = choose_plan(SMOLLM2, int(gib * 2**30), req).plan
         except PlanError:
             continue
-        key = (p.seq_len, p.rank, p.batch_size)
+        key = (p.seq_len, p.rank, -step_seconds(SMOLLM2, p, Capabilities()))   # longer, richer, then faster
         assert last is None or key >= last
         last = key
+
+
+def test_a_device_short_of_memory_keeps_the_batch_and_runs_it_in_micro_batches():
+    req = Request(task="causal-lm", batch_size=32, seq_len=128)
+    roomy = choose_plan(SMOLLM2, 64 * 2**30, req)
+    assert (roomy.plan.batch_size, roomy.plan.micro_batch, roomy.plan.step_batch) == (32, 0, 32)
+    # room for the weights and about a quarter of the batch's activations
+    whole, quarter = (predict_peak(SMOLLM2, Plan(batch_size=32, micro_batch=m, seq_len=128), "causal-lm").total
+                      for m in (0, 8))
+    assert quarter < whole
+    tight = choose_plan(SMOLLM2, int(quarter * 1.01), req, margin=0.0)
+    assert tight.plan.batch_size == 32 and tight.plan.micro_batch == 8 and tight.plan.seq_len == 128
+    assert any("micro-batches of 8 to fit (the batch of 32 kept" in r for r in tight.reasons)
+    # a micro-batch is priced as the batch of its size: the activations and logits of 8 examples
+    eight = predict_peak(SMOLLM2, Plan(batch_size=8, seq_len=128), "causal-lm")
+    assert (eight.activations, eight.logits) == (predict_peak(SMOLLM2, Plan(batch_size=32, micro_batch=8, seq_len=128),
+                                                              "causal-lm").activations, eight.logits)
+
+
+def test_step_down_halves_the_micro_batch_then_recomputes_then_shortens():
+    from edge_runtime.device.planner import plan_overrides, step_down
+
+    p = Plan(batch_size=16, seq_len=64)
+    seen = []
+    while p is not None:
+        seen.append((p.step_batch, p.checkpointing, p.seq_len))
+        assert p.batch_size == 16                       # the optimizer's batch never changes
+        p = step_down(p)
+    assert seen == [(16, False, 64), (8, False, 64), (4, False, 64), (2, False, 64), (1, False, 64),
+                    (1, True, 64), (1, True, 32), (1, True, 16)]
+    assert plan_overrides(Plan(batch_size=16, micro_batch=4))["train"] == {
+        "batch_size": 16, "micro_batch_size": 4, "max_seq_len": 64, "gradient_checkpointing": False}

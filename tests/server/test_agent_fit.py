@@ -25,7 +25,8 @@ def test_a_small_budget_shrinks_local_settings_but_not_the_adapter(tmp_path):
                   MemoryTransport(MemoryBroker(), "d0"))
     spec = TrainingSpec(model="minilm-l6", labels=tuple(f"l{i}" for i in range(26)))
     fitted = agent.worker.plan(spec, _manifest(spec))
-    assert fitted.train.batch_size < spec.train.batch_size or fitted.train.gradient_checkpointing
+    assert fitted.train.batch_size == spec.train.batch_size                # the fleet's step, in micro-batches
+    assert 0 < fitted.train.micro_batch_size < spec.train.batch_size or fitted.train.gradient_checkpointing
     assert fitted.lora == spec.lora and fitted.method == spec.method   # what every device uploads is unchanged
     assert agent.worker.plan_choice.predicted.total <= 800 * 2**20 * 0.85
     roomy = Agent(AgentConfig("d1", str(data), tmp_path / "d1", memory_budget=16 * 2**30),
@@ -67,10 +68,11 @@ def test_out_of_memory_steps_down_and_keeps_the_round(tmp_path, monkeypatch):
     real = METHODS["lora"].local_train
     seen = []
 
-    def tight(model, tok, splits, spec, *a, **kw):   # this "device" cannot hold a batch above 4
-        seen.append(spec.train.batch_size)
-        if spec.train.batch_size > 4:
-            raise torch.OutOfMemoryError("CUDA out of memory (test: batch > 4 does not fit)")
+    def tight(model, tok, splits, spec, *a, **kw):   # this "device" cannot hold more than 4 examples at once
+        at_once = spec.train.micro_batch_size or spec.train.batch_size
+        seen.append(at_once)
+        if at_once > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (test: over 4 examples at once do not fit)")
         return real(model, tok, splits, spec, *a, **kw)
 
     monkeypatch.setitem(METHODS, "lora", dataclasses.replace(METHODS["lora"], local_train=tight))
@@ -82,11 +84,12 @@ def test_out_of_memory_steps_down_and_keeps_the_round(tmp_path, monkeypatch):
         fleet.close()
     row = fleet.coordinator.state["history"][1]
     assert sorted(row["accepted"]) == ["dev0", "dev1"]            # nobody lost the round
-    assert sorted(seen, reverse=True) == [16, 16, 8, 8, 4, 4]      # each device: 16 -> 8 -> 4, then it trained
-    epochs = fleet.spec.train.epochs
+    assert sorted(seen, reverse=True) == [16, 16, 8, 8, 4, 4]      # each device: 16 -> 8 -> 4 at once, then it trained
+    epochs, batch = fleet.spec.train.epochs, fleet.spec.train.batch_size
+    assert batch == 16
     for dev, agent in zip(("dev0", "dev1"), fleet.agents):
         n_train = len(next(iter(agent.worker.splits.values())).train)
-        assert row["steps"][dev] == math.ceil(epochs * n_train / 4)
+        assert row["steps"][dev] == math.ceil(epochs * n_train / batch)   # the fleet's batch: the same steps
         assert "attempt" not in agent.state                      # the marker is gone after success
 
 
@@ -97,8 +100,10 @@ def test_a_try_that_died_is_stepped_down_after_the_restart(tmp_path):
     agent.state["attempt"] = {"run_id": "run-x", "round": 1,
                               "overrides": {"train": {"batch_size": 16, "max_seq_len": 64,
                                                       "gradient_checkpointing": False}, "quantization": "fp32"}}
-    assert agent.worker.plan(spec, _manifest(spec, 1)).train.batch_size == 8     # the killed try's plan, one step down
-    assert agent.worker.plan(spec, _manifest(spec, 2)).train.batch_size == 16    # another round: as asked
+    killed = agent.worker.plan(spec, _manifest(spec, 1)).train                  # the killed try's plan, one step down
+    assert (killed.batch_size, killed.micro_batch_size) == (16, 8)
+    again = agent.worker.plan(spec, _manifest(spec, 2)).train                   # another round: as asked
+    assert (again.batch_size, again.micro_batch_size) == (16, 0)
     assert dataclasses.replace(spec) == spec
 
 
