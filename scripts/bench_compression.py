@@ -10,6 +10,9 @@ Arms (``--arms`` picks some):
   without error feedback (what the feedback buys);
 - ``nf2/b128``, ``nf2/b128/no-ef``: dense 2-bit codes at a normal distribution's Lloyd-Max levels,
   128 values a scale, with and without error feedback;
+- ``int4/r8``, ``int4/r32``: int4 codes, and each matrix whose rank-r factors take at most a
+  quarter of its entries (MiniLM's 384 x 384 pooler; not the LoRA factors or the head) sent as
+  its rank-8 / rank-32 factors, with error feedback (``compression.rank``);
 - ``none/no-pooler``, ``int4/no-pooler``: the structural lever: BERT's pooler (147,840 of MiniLM's
   231,578 trainable parameters) frozen instead of trained and shared (``lora.train_pooler=false``);
 - ``none/pooler-lora``, ``int8/pooler-lora``, ``int4/pooler-lora``: the pooler trained through a
@@ -57,6 +60,8 @@ ARMS = {   # name -> (compression both ways, lora.train_pooler)
     "int4+top25/no-ef": (CompressionConfig(uplink="int4", downlink="int4", topk=0.25, error_feedback=False), True),
     "nf2/b128": (CompressionConfig(uplink="nf2", downlink="nf2", block=128), True),
     "nf2/b128/no-ef": (CompressionConfig(uplink="nf2", downlink="nf2", block=128, error_feedback=False), True),
+    "int4/r8": (CompressionConfig(uplink="int4", downlink="int4", rank=8), True),
+    "int4/r32": (CompressionConfig(uplink="int4", downlink="int4", rank=32), True),
     "none/no-pooler": (CompressionConfig(), False),
     "int4/no-pooler": (CompressionConfig(uplink="int4", downlink="int4"), False),
     "none/pooler-lora": (CompressionConfig(), "lora"),

@@ -150,7 +150,7 @@ class Fetcher:
             return None
         try:
             cfg = _compression(m)
-            blob = encode_tensors(apply_delta(decode_tensors(base), delta, cfg.downlink, cfg.block))
+            blob = encode_tensors(apply_delta(decode_tensors(base), delta, cfg.downlink, cfg.block, cfg.rank))
         except ProtocolError as exc:
             blob, why = None, str(exc)
         else:

@@ -16,6 +16,12 @@ result on the wire (safetensors + a header) and validates what comes back.
   all-zero block decodes to exact zeros.
 - top-k: only the ``ceil(topk * n)`` largest-magnitude entries of a tensor are sent (their
   positions as a bitmask or as indices, whichever is smaller; ties go to the lower index).
+- low rank (``rank`` r > 0; PowerSGD-style, Vogels et al. 2019): a matrix whose rank-r factors take at
+  most a quarter of its entries (:func:`lowrank_shape`: MiniLM's 384 x 384 pooler, not the LoRA
+  factors or the head) is sent as ``P`` (m x r) and ``Q`` (n x r), its truncated SVD with the
+  singular values split evenly between them, each factor then quantized by the codec. The decoder
+  rebuilds ``P @ Q.T`` in a fixed order in float64 (:func:`lowrank_product`), so every party gets
+  the same bits whatever its BLAS; what the factors miss is error feedback's to carry.
 - error feedback (Seide et al. 2014; Karimireddy et al. 2019): what a sender could not send this
   round, ``(delta + residual) - decoded``, is kept and added to its next delta, so over rounds the
   sum of what was sent follows the sum of the true deltas.
@@ -50,6 +56,7 @@ NF4_LEVELS = torch.tensor([
 # decision thresholds 0 and +-0.9816; mean squared error 0.1175 (Max 1960, table I)
 NF2_LEVELS = torch.tensor([-1.5104, -0.4528, 0.4528, 1.5104], dtype=torch.float32)
 TABLES = {"nf4": (NF4_LEVELS, 4), "nf2": (NF2_LEVELS, 2)}   # code book, bits a code
+MAX_RANK = 256
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,7 @@ class CompressionConfig:
     topk: float = 1.0             # share of each tensor's entries sent (1.0: all of them)
     error_feedback: bool = True   # keep what could not be sent and add it to the next delta
     block: int = 64               # values sharing one scale (int8 / int4 / nf4 / nf2)
+    rank: int = 0                 # > 0: matrices that lowrank_shape admits travel as rank-r factors
 
     def __post_init__(self) -> None:
         for side in ("uplink", "downlink"):
@@ -72,11 +80,15 @@ class CompressionConfig:
             raise ConfigError(f"compression.error_feedback must be true or false, got {self.error_feedback!r}")
         if isinstance(self.block, bool) or not isinstance(self.block, int) or not 8 <= self.block <= 4096:
             raise ConfigError(f"compression.block must be an integer in [8, 4096], got {self.block!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 0 <= self.rank <= MAX_RANK:
+            raise ConfigError(f"compression.rank must be an integer in [0, {MAX_RANK}] (0: off), got {self.rank!r}")
+        if self.rank and self.topk < 1:
+            raise ConfigError("compression.rank and compression.topk < 1 do not combine: choose one")
 
     @property
     def compresses_uplink(self) -> bool:
-        """Devices send compressed deltas (a codec, or top-k of plain values)."""
-        return self.uplink != "none" or self.topk < 1
+        """Devices send compressed deltas (a codec, top-k of plain values, or low-rank factors)."""
+        return self.uplink != "none" or self.topk < 1 or self.rank > 0
 
     @property
     def compresses_downlink(self) -> bool:
@@ -162,18 +174,50 @@ def select_topk(x: Tensor, share: float) -> Tensor:
 @dataclass(frozen=True)
 class Compressed:
     """One tensor as sent: its shape, the kept positions (None: every entry) and their quantized
-    values (None: the codec is "none" and ``values`` holds the raw float32 values)."""
+    values (None: the codec is "none" and ``values`` holds the raw float32 values); or, for a
+    low-rank matrix, its two ``factors`` (``P`` of shape (m, r), ``Q`` of shape (n, r)), each
+    compressed whole."""
 
     shape: tuple[int, ...]
     positions: Tensor | None
     quantized: Quantized | None
     values: Tensor | None = None
+    factors: "tuple[Compressed, Compressed] | None" = None
 
 
-def compress_tensor(x: Tensor, codec: str, topk: float = 1.0, block: int = 64) -> Compressed:
+def lowrank_shape(shape: tuple[int, ...], rank: int) -> bool:
+    """Whether a tensor of ``shape`` travels as rank-``rank`` factors: a matrix whose factors hold at
+    most a quarter of its entries (``4 r (m + n) <= m n``)."""
+    return rank > 0 and len(shape) == 2 and 4 * rank * (shape[0] + shape[1]) <= shape[0] * shape[1]
+
+
+def lowrank_factors(x: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """``x`` (m x n) -> ``(P, Q)``, float32, of shapes (m, r) and (n, r) with ``P @ Q.T`` the best rank-r
+    approximation of ``x`` (truncated SVD, in float64; the singular values split as square roots)."""
+    u, s, vh = torch.linalg.svd(x.detach().to(torch.float64), full_matrices=False)
+    root = s[:rank].sqrt()
+    return (u[:, :rank] * root).to(torch.float32).contiguous(), (vh[:rank].T * root).to(torch.float32).contiguous()
+
+
+def lowrank_product(p: Tensor, q: Tensor) -> Tensor:
+    """``p @ q.T`` as float32, computed the same way everywhere: each rank-1 term exact in float64
+    (a product of two float32 values is), added in factor order, rounded once. A BLAS matmul may
+    sum in another order on another machine, and server and devices must agree bit for bit."""
+    out = torch.zeros(p.shape[0], q.shape[0], dtype=torch.float64)
+    p64, q64 = p.to(torch.float64), q.to(torch.float64)
+    for j in range(p.shape[1]):
+        out += p64[:, j:j + 1] * q64[:, j].unsqueeze(0)
+    return out.to(torch.float32)
+
+
+def compress_tensor(x: Tensor, codec: str, topk: float = 1.0, block: int = 64, rank: int = 0) -> Compressed:
     """A float tensor -> what is sent of it; a non-float one (a step counter) travels as it is."""
     if not x.is_floating_point():
         return Compressed(tuple(x.shape), None, None, x.detach().clone())
+    if lowrank_shape(tuple(x.shape), rank):
+        p, q = lowrank_factors(x, rank)
+        return Compressed(tuple(x.shape), None, None, None,
+                          (compress_tensor(p, codec, 1.0, block), compress_tensor(q, codec, 1.0, block)))
     flat = x.detach().reshape(-1).to(torch.float32)
     positions = select_topk(flat, topk) if topk < 1 else None
     kept = flat if positions is None else flat[positions]
@@ -184,6 +228,8 @@ def compress_tensor(x: Tensor, codec: str, topk: float = 1.0, block: int = 64) -
 
 def decompress_tensor(c: Compressed, block: int = 64) -> Tensor:
     """The float32 tensor of ``c.shape`` that ``c`` stands for (zeros where nothing was sent)."""
+    if c.factors is not None:
+        return lowrank_product(decompress_tensor(c.factors[0], block), decompress_tensor(c.factors[1], block))
     vals = c.values if c.quantized is None else dequantize(c.quantized, block)
     if c.positions is None:
         return vals.reshape(c.shape).clone()
@@ -193,7 +239,8 @@ def decompress_tensor(c: Compressed, block: int = 64) -> Tensor:
 
 
 def compress_state(delta: Mapping[str, Tensor], codec: str, topk: float = 1.0, block: int = 64,
-                   residual: Mapping[str, Tensor] | None = None) -> tuple[dict[str, Compressed], dict[str, Tensor]]:
+                   residual: Mapping[str, Tensor] | None = None,
+                   rank: int = 0) -> tuple[dict[str, Compressed], dict[str, Tensor]]:
     """Compress every tensor of ``delta`` (plus ``residual``, the error carried over, if given).
 
     Returns ``(sent, new_residual)``: ``new_residual[k] = delta[k] + residual[k] - decoded(sent[k])``,
@@ -210,7 +257,7 @@ def compress_state(delta: Mapping[str, Tensor], codec: str, topk: float = 1.0, b
             raise ValueError(f"{name}: the delta holds NaN or Inf; nothing to compress")
         if residual is not None and name in residual:
             target = target + residual[name].to(torch.float32).reshape(target.shape)
-        c = compress_tensor(target, codec, topk, block)
+        c = compress_tensor(target, codec, topk, block, rank)
         sent[name] = c
         new_residual[name] = target - decompress_tensor(c, block)
     return sent, new_residual

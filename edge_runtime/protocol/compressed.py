@@ -14,8 +14,12 @@ Buffers (each present only when used):
   top-k as indices (whichever of the two is smaller);
 - ``<name>::exact``: a non-float tensor (a counter), whole, in its own dtype.
 
-The header (``__metadata__["edge_delta"]``, JSON): ``{"format": 1, "codec", "block", "tensors":
-[[name, shape, kept, "all" | "mask" | "index"], ...]}``.
+A low-rank matrix (``compression.rank``) puts its two factors' codes and scales in those buffers,
+``P`` then ``Q``, each as a tensor sent whole.
+
+The header (``__metadata__["edge_delta"]``, JSON): ``{"format": 1, "codec", "block", ["rank",]
+"tensors": [[name, shape, kept, "all" | "mask" | "index" | "lowrank"], ...]}`` (for "lowrank",
+``kept`` is the rank; "rank" is in the header only when it is not 0).
 
 Decoding never trusts the sender: the header is read with bounded JSON; the names and shapes must
 be the ones expected, each once; every buffer must hold exactly what the header implies; positions
@@ -36,7 +40,7 @@ from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
 from edge_runtime.algorithms.compression import (Compressed, Quantized,
-                                                 decompress_tensor, n_blocks)
+                                                 decompress_tensor, lowrank_shape, n_blocks)
 from edge_runtime.protocol import bounded_json
 from edge_runtime.protocol.messages import ProtocolError
 
@@ -53,7 +57,7 @@ def _code_len(codec: str, kept: int) -> int:
     return n_blocks(kept, 2) if codec in ("int4", "nf4") else kept
 
 
-def encode_delta(sent: Mapping[str, Compressed], codec: str, block: int) -> bytes:
+def encode_delta(sent: Mapping[str, Compressed], codec: str, block: int, rank: int = 0) -> bytes:
     """``compress_state``'s output -> safetensors bytes laid out as above."""
     parts: dict[str, list[Tensor]] = {"codes": [], "scales": [], "mask": [], "index": []}
     exact: dict[str, Tensor] = {}
@@ -64,6 +68,11 @@ def encode_delta(sent: Mapping[str, Compressed], codec: str, block: int) -> byte
             exact[f"{name}::exact"] = c.values.reshape(-1).contiguous()
             header.append([name, list(c.shape), n, "all"])
             continue
+        if c.factors is not None:
+            for f in c.factors:
+                _put_values(parts, f)
+            header.append([name, list(c.shape), int(c.factors[0].shape[1]), "lowrank"])
+            continue
         kept, where = n, "all"
         if c.positions is not None:
             kept = int(c.positions.numel())
@@ -73,31 +82,38 @@ def encode_delta(sent: Mapping[str, Compressed], codec: str, block: int) -> byte
             else:
                 where = "index"
                 parts["index"].append(c.positions.to(torch.int32))
-        if c.quantized is None:
-            parts["codes"].append(c.values.reshape(-1).to(torch.float32))
-        else:
-            parts["codes"].append(c.quantized.codes.reshape(-1))
-            if c.quantized.codec != "fp16":
-                parts["scales"].append(c.quantized.scales.reshape(-1))
+        _put_values(parts, c)
         header.append([name, list(c.shape), kept, where])
     tensors = {("values" if codec == "none" and k == "codes" else k): torch.cat(v) for k, v in parts.items() if v}
     tensors.update(exact)
-    meta = {"format": FORMAT, "codec": codec, "block": block, "tensors": header}
+    meta = {"format": FORMAT, "codec": codec, "block": block, **({"rank": rank} if rank else {}), "tensors": header}
     return safetensors_save(tensors, metadata={HEADER_KEY: json.dumps(meta, separators=(",", ":"))})
 
 
-def decode_delta(data: bytes, reference: Mapping[str, Tensor], codec: str, block: int) -> dict[str, Tensor]:
+def _put_values(parts: dict[str, list[Tensor]], c: Compressed) -> None:
+    """A tensor's kept values (raw float32, or codes and their scales) onto the shared buffers."""
+    if c.quantized is None:
+        parts["codes"].append(c.values.reshape(-1).to(torch.float32))
+    else:
+        parts["codes"].append(c.quantized.codes.reshape(-1))
+        if c.quantized.codec != "fp16":
+            parts["scales"].append(c.quantized.scales.reshape(-1))
+
+
+def decode_delta(data: bytes, reference: Mapping[str, Tensor], codec: str, block: int,
+                 rank: int = 0) -> dict[str, Tensor]:
     """Bytes from the network -> the delta they stand for, one tensor per name of ``reference``
     (its shapes; float32 for float tensors, the reference's dtype for the others).
 
-    ``codec`` and ``block`` are the run's (from the signed manifest): a payload naming others is
-    refused, so a sender cannot choose a decoder the run did not agree on."""
+    ``codec``, ``block`` and ``rank`` are the run's (from the signed manifest): a payload naming
+    others is refused, so a sender cannot choose a decoder the run did not agree on; with a rank,
+    exactly the matrices :func:`lowrank_shape` admits travel as factors."""
     meta = _read_header(data)
     if meta.get("format") != FORMAT:
         raise ProtocolError(f"compressed delta has format {meta.get('format')!r}; this version reads {FORMAT}")
-    if meta.get("codec") != codec or meta.get("block") != block:
-        raise ProtocolError(f"compressed delta uses codec {meta.get('codec')!r} block {meta.get('block')!r}; "
-                            f"the run's is {codec!r} block {block}")
+    if meta.get("codec") != codec or meta.get("block") != block or meta.get("rank", 0) != rank:
+        raise ProtocolError(f"compressed delta uses codec {meta.get('codec')!r} block {meta.get('block')!r} rank "
+                            f"{meta.get('rank', 0)!r}; the run's is {codec!r} block {block} rank {rank}")
     header = meta.get("tensors")
     if not isinstance(header, list):
         raise ProtocolError("compressed delta's header has no tensor list")
@@ -120,7 +136,18 @@ def decode_delta(data: bytes, reference: Mapping[str, Tensor], codec: str, block
             out[name] = _exact(name, buffers, ref, h)
             reader.used.add(f"{name}::exact")
             continue
-        c = _read_float(reader, name, ref, h[2], h[3], codec, block)
+        if lowrank_shape(tuple(ref.shape), rank) != (h[3] == "lowrank"):
+            raise ProtocolError(f"{name}: sent as {h[3]!r}; at rank {rank} a {list(ref.shape)} tensor travels "
+                                + ("as low-rank factors" if h[3] != "lowrank" else "whole"))
+        if h[3] == "lowrank":
+            if h[2] != rank:
+                raise ProtocolError(f"{name}: factors of rank {h[2]!r}; the run's is {rank}")
+            m, n = ref.shape
+            c = Compressed(tuple(ref.shape), None, None, None,
+                           tuple(_read_float(reader, f"{name} ({part})", torch.empty(rows, rank), rows * rank, "all",
+                                             codec, block) for part, rows in (("P", m), ("Q", n))))
+        else:
+            c = _read_float(reader, name, ref, h[2], h[3], codec, block)
         out[name] = decompress_tensor(c, block)
         if not bool(torch.isfinite(out[name]).all()):
             raise ProtocolError(f"{name}: the decoded delta is not finite")

@@ -40,8 +40,8 @@ def encode_update(upload: Mapping[str, Tensor], base: Mapping[str, Tensor], cfg:
         raise ValueError(f"the upload has tensors the global does not: {missing[:3]}")
     delta = {k: _minus(v, base[k]) for k, v in upload.items()}
     sent, new_residual = compress_state(delta, cfg.uplink, cfg.topk, cfg.block,
-                                        residual if cfg.error_feedback else None)
-    return encode_delta(sent, cfg.uplink, cfg.block), (new_residual if cfg.error_feedback else None)
+                                        residual if cfg.error_feedback else None, cfg.rank)
+    return encode_delta(sent, cfg.uplink, cfg.block, cfg.rank), (new_residual if cfg.error_feedback else None)
 
 
 def decode_update(data: bytes, base: Mapping[str, Tensor], cfg: CompressionConfig) -> dict[str, Tensor]:
@@ -50,7 +50,7 @@ def decode_update(data: bytes, base: Mapping[str, Tensor], cfg: CompressionConfi
     ``base + delta`` in ``base``'s dtypes."""
     if not cfg.compresses_uplink:
         return decode_tensors(data)
-    return apply_delta(base, data, cfg.uplink, cfg.block)
+    return apply_delta(base, data, cfg.uplink, cfg.block, cfg.rank)
 
 
 def encode_global(new: Mapping[str, Tensor], held: Mapping[str, Tensor], cfg: CompressionConfig,
@@ -69,15 +69,15 @@ def encode_global(new: Mapping[str, Tensor], held: Mapping[str, Tensor], cfg: Co
             k: v.shape for k, v in delta.items() if v.is_floating_point()}:
         residual = None   # kept for another layout: start again from zero
     sent, new_residual = compress_state(delta, cfg.downlink, cfg.topk, cfg.block,
-                                        residual if cfg.error_feedback else None)
-    data = encode_delta(sent, cfg.downlink, cfg.block)
-    return data, apply_delta(held, data, cfg.downlink, cfg.block), (new_residual if cfg.error_feedback else None)
+                                        residual if cfg.error_feedback else None, cfg.rank)
+    data = encode_delta(sent, cfg.downlink, cfg.block, cfg.rank)
+    return data, apply_delta(held, data, cfg.downlink, cfg.block, cfg.rank), (new_residual if cfg.error_feedback else None)
 
 
-def apply_delta(base: Mapping[str, Tensor], data: bytes, codec: str, block: int) -> dict[str, Tensor]:
+def apply_delta(base: Mapping[str, Tensor], data: bytes, codec: str, block: int, rank: int = 0) -> dict[str, Tensor]:
     """``base + decode(data)`` in ``base``'s dtypes (ProtocolError when the bytes are malformed or the
     sum is not finite): how the server rebuilds an update and every party the global."""
-    delta = decode_delta(data, base, codec, block)
+    delta = decode_delta(data, base, codec, block, rank)
     out = {}
     for k, b in base.items():
         if not b.is_floating_point():

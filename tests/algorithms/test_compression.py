@@ -13,6 +13,7 @@ from edge_runtime.algorithms.compression import (NF4_LEVELS, CompressionConfig,
                                                  compress_tensor,
                                                  decompress_state,
                                                  decompress_tensor, dequantize,
+                                                 lowrank_product, lowrank_shape,
                                                  quantize, select_topk)
 from edge_runtime.errors import ConfigError
 
@@ -152,10 +153,79 @@ def test_error_feedback_makes_the_sum_of_sent_deltas_follow_the_true_sum():
 
 
 @pytest.mark.parametrize("field,value", [("uplink", "int3"), ("downlink", "zip"), ("topk", 0.0), ("topk", 1.5),
-                                         ("topk", True), ("error_feedback", "yes"), ("block", 4), ("block", 64.0)])
+                                         ("topk", True), ("error_feedback", "yes"), ("block", 4), ("block", 64.0),
+                                         ("rank", -1), ("rank", True), ("rank", 257), ("rank", 2.0)])
 def test_the_config_names_the_bad_field(field, value):
     with pytest.raises(ConfigError, match=f"compression.{field}"):
         CompressionConfig(**{field: value})
+
+
+def test_rank_and_topk_do_not_combine():
+    with pytest.raises(ConfigError, match="compression.rank and compression.topk"):
+        CompressionConfig(uplink="int4", rank=8, topk=0.5)
+    assert CompressionConfig(rank=8).compresses_uplink and not CompressionConfig(rank=8).compresses_downlink
+
+
+def test_which_tensors_travel_as_low_rank_factors():
+    assert lowrank_shape((384, 384), 8) and lowrank_shape((384, 384), 48)      # MiniLM's pooler
+    assert not lowrank_shape((384, 384), 49)                                   # 4 * 49 * 768 > 384 * 384
+    assert not lowrank_shape((26, 384), 8) and not lowrank_shape((8, 384), 8)  # the head, a LoRA factor
+    assert not lowrank_shape((384,), 8) and not lowrank_shape((384, 384), 0) and not lowrank_shape((4, 4, 4), 1)
+    assert lowrank_shape((16, 16), 2) and not lowrank_shape((16, 16), 3)      # 4 * 2 * 32 = 256: just in
+
+
+def test_low_rank_by_hand_and_exact_for_a_matrix_of_that_rank():
+    # a rank-1 matrix: row i is (i + 1) * (1, -2, 0.5, 4, ...): factors of rank 1 carry it all
+    a, b = torch.arange(1.0, 17.0), _t(1, -2, 0.5, 4) .repeat(4)
+    x = torch.outer(a, b)
+    c = compress_tensor(x, "none", rank=1)
+    assert c.factors is not None and c.factors[0].shape == (16, 1) and c.factors[1].shape == (16, 1)
+    torch.testing.assert_close(decompress_tensor(c), x, rtol=1e-5, atol=1e-5)
+    # the best rank-1 approximation of diag(3, 1, 0, ...) keeps the 3 and drops the 1
+    d = torch.diag(_t(3, 1, *[0] * 14))
+    torch.testing.assert_close(decompress_tensor(compress_tensor(d, "none", rank=1)),
+                               torch.diag(_t(3, *[0] * 15)), rtol=0, atol=1e-6)
+    # the factors share the singular values evenly: |P| = |Q| column by column
+    p, q = (f.values.reshape(16, 1) for f in c.factors)
+    assert float(p.norm()) == pytest.approx(float(q.norm()), rel=1e-5)
+
+
+def test_the_low_rank_product_is_the_matmul_rounded_once_and_the_same_at_any_thread_count():
+    g = torch.Generator().manual_seed(5)
+    p, q = torch.randn(300, 8, generator=g), torch.randn(200, 8, generator=g)
+    ref = (p.double() @ q.double().T)
+    out = lowrank_product(p, q)
+    assert out.dtype == torch.float32 and float((out.double() - ref).abs().max()) <= 1e-6 * float(ref.abs().max())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(lowrank_product(p, q), out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _lowrank_sent_sum(rounds, feedback):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 48, generator=g)   # full rank: rank-4 factors send a share of it a round
+    total_sent, total_true, residual = torch.zeros(64, 48), torch.zeros(64, 48), None
+    errs = []
+    for _ in range(rounds):
+        d = base + 0.3 * torch.randn(64, 48, generator=g)
+        sent, r = compress_state({"w": d}, "int8", 1.0, 64, residual if feedback else None, rank=4)
+        assert sent["w"].factors is not None
+        total_sent += decompress_state(sent, 64)["w"]
+        if feedback:   # nothing is lost: what was not sent is in the residual
+            torch.testing.assert_close(total_sent + r["w"], total_true + d, rtol=0, atol=1e-3)
+        residual = r
+        total_true += d
+        errs.append(float((total_sent - total_true).norm() / total_true.norm()))
+    return errs
+
+
+def test_error_feedback_carries_what_the_low_rank_factors_miss():
+    with_fb, without = _lowrank_sent_sum(40, True), _lowrank_sent_sum(40, False)
+    assert with_fb[0] > 0.5 and without[-1] > 0.5                  # one round sends under half the norm
+    assert with_fb[-1] < with_fb[19] < with_fb[0] / 2 and with_fb[-1] < with_fb[0] / 5, (with_fb[0], with_fb[-1])
 
 
 def test_the_default_config_compresses_nothing():

@@ -190,3 +190,81 @@ def test_no_delta_when_the_downlink_is_plain_or_the_layout_changes():
     assert encode_global(new, held, CompressionConfig(uplink="int4"))[0] is None
     data, wire, res = encode_global({"v": torch.ones(3)}, held, CompressionConfig(downlink="int8"))
     assert data is None and res is None and wire["v"].tolist() == [1.0, 1.0, 1.0]
+
+
+# -- low-rank factors (compression.rank) ---------------------------------------------------------
+LR_REF = {"pooler.weight": torch.zeros(48, 40), "a.lora_A": torch.zeros(4, 40), "head.bias": torch.zeros(5)}
+
+
+def _lr_delta(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=g) * 0.01 for k, v in LR_REF.items()}
+
+
+def _lr_payload(codec="int4", rank=2):
+    sent, _ = compress_state(_lr_delta(), codec, 1.0, 64, None, rank)
+    return encode_delta(sent, codec, 64, rank)
+
+
+@pytest.mark.parametrize("codec", ["none", "int8", "int4", "nf2"])
+def test_low_rank_bytes_decode_to_what_the_sender_reconstructs_and_cost_the_factors(codec):
+    sent, _ = compress_state(_lr_delta(), codec, 1.0, 64, None, 2)
+    # 48 x 40 qualifies at rank 2 (4 * 2 * 88 = 704 <= 1920); the 4 x 40 LoRA factor does not
+    assert sent["pooler.weight"].factors is not None and sent["a.lora_A"].factors is None
+    data = encode_delta(sent, codec, 64, 2)
+    out, mine = decode_delta(data, LR_REF, codec, 64, 2), decompress_state(sent, 64)
+    for k in LR_REF:
+        assert torch.equal(out[k], mine[k]), k
+    whole = len(encode_delta(compress_state(_lr_delta(), codec, 1.0, 64)[0], codec, 64))
+    per = {"none": 4, "int8": 1, "int4": 0.5, "nf2": 0.25}[codec]
+    # the matrix's 1,920 values give way to 2 x (48 + 40) = 176 factor values (and their scales)
+    assert whole - len(data) >= (1920 - 176) * per - 16
+
+
+LR_CASES = [
+    (lambda: _lr_payload(rank=2), 4, "rank 2; the run's is 'int4' block 64 rank 4"),
+    (lambda: _lr_payload(rank=0), 2, "rank 0; the run's is 'int4' block 64 rank 2"),
+    (lambda: _rewrite(_lr_payload(), mutate_header=_entry("pooler.weight", kept=3)), 2, "factors of rank 3"),
+    (lambda: _rewrite(_lr_payload(), mutate_header=_entry("pooler.weight", positions="all", kept=1920)), 2,
+     "travels as low-rank factors"),
+    (lambda: _rewrite(_lr_payload(), mutate_header=_entry("head.bias", positions="lowrank", kept=2)), 2,
+     "travels whole"),
+    (lambda: _rewrite(_lr_payload(), _set("scales", torch.full_like(safetensors_load(_lr_payload())["scales"],
+                                                                   float("nan")))), 2, "scales must be finite"),
+    (lambda: _rewrite(_lr_payload(), _set("codes", safetensors_load(_lr_payload())["codes"][:-3])), 2, "buffer ends"),
+]
+
+
+@pytest.mark.parametrize("make,rank,reason", LR_CASES)
+def test_bad_low_rank_payloads_are_refused_with_a_reason(make, rank, reason):
+    with pytest.raises(ProtocolError) as e:
+        decode_delta(make(), LR_REF, "int4", 64, rank)
+    assert reason in str(e.value), str(e.value)
+
+
+def test_low_rank_globals_stay_bit_identical_on_server_and_devices_for_5_rounds():
+    import hashlib
+
+    from edge_runtime.algorithms.compression import CompressionConfig
+    from edge_runtime.protocol.codec import encode_tensors
+    from edge_runtime.round.wire import apply_delta, encode_global
+
+    cfg = CompressionConfig(uplink="int4", downlink="int4", rank=2)
+    g = torch.Generator().manual_seed(3)
+    server = {k: torch.zeros_like(v) for k, v in LR_REF.items()}
+    devices = [dict(server), dict(server)]
+    residual = None
+    for _ in range(5):
+        aggregate = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in server.items()}
+        carried = residual or {k: torch.zeros_like(v) for k, v in server.items()}
+        data, server, residual = encode_global(aggregate, server, cfg, residual)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)   # another thread count must not change a bit of the rebuilt global
+        try:
+            devices = [apply_delta(d, data, cfg.downlink, cfg.block, cfg.rank) for d in devices]
+        finally:
+            torch.set_num_threads(threads)
+        digest = hashlib.sha256(encode_tensors(server)).hexdigest()
+        assert all(hashlib.sha256(encode_tensors(d)).hexdigest() == digest for d in devices)
+        for k in server:   # what could not be sent is carried, not lost
+            torch.testing.assert_close(server[k] + residual[k], aggregate[k] + carried[k], rtol=0, atol=1e-6)
