@@ -360,7 +360,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="the training plan that fits a device (or a device class, or a budget)",
-                       description="Price every plan (quantization, rank, batch, sequence length, checkpointing) "
+                       description="Price every plan (quantization, rank, micro-batch, sequence length, checkpointing) "
                                    "with the memory model and pick the one that keeps most of the training profile "
                                    "under the budget, with the reasons.")
     where = p.add_mutually_exclusive_group()

@@ -194,7 +194,10 @@ def lowrank_shape(shape: tuple[int, ...], rank: int) -> bool:
 def lowrank_factors(x: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """``x`` (m x n) -> ``(P, Q)``, float32, of shapes (m, r) and (n, r) with ``P @ Q.T`` the best rank-r
     approximation of ``x`` (truncated SVD, in float64; the singular values split as square roots)."""
-    u, s, vh = torch.linalg.svd(x.detach().to(torch.float64), full_matrices=False)
+    try:
+        u, s, vh = torch.linalg.svd(x.detach().to(torch.float64), full_matrices=False)
+    except torch.linalg.LinAlgError:   # did not converge (rare): send nothing; error feedback keeps it all
+        return torch.zeros(x.shape[0], rank), torch.zeros(x.shape[1], rank)
     root = s[:rank].sqrt()
     return (u[:, :rank] * root).to(torch.float32).contiguous(), (vh[:rank].T * root).to(torch.float32).contiguous()
 

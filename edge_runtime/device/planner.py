@@ -9,7 +9,8 @@ Every candidate is priced by :mod:`edge_runtime.device.memory_model` and by the 
 stays under ``budget x (1 - margin)`` are ranked by what they keep of the training profile's
 request (sequence length first, as truncation loses data; then weight precision; then rank), then
 by estimated throughput (micro-batches cost no FLOPs, checkpointing a third more), then by the
-largest micro-batch. The choice comes with its reasons.
+largest micro-batch; micro-batches of fewer than :data:`SMALL_MICRO` examples come only after
+checkpointing. The choice comes with its reasons.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from edge_runtime.errors import ConfigError
 
 QUALITY = {"fp32": 3, "fp16": 3, "int8": 2, "nf4": 1}   # fp16 on a GPU loses ~nothing for training adapters
 SLOWDOWN = {"fp32": 1.0, "fp16": 0.5, "int8": 1.6, "nf4": 1.4}  # vs fp32 per FLOP (fp16: GPUs with fast half)
+SMALL_MICRO = 4   # micro-batches below this many examples rank after checkpointing: tiny matmuls run far below
+#                   the FLOP rate the time model assumes, and a step's fixed costs repeat per micro-batch
 TRAIN_EFFICIENCY = 0.5   # the share of the matmul probe's speed training achieves, before a device measured its own
 
 
@@ -147,7 +150,8 @@ def choose_plan(arch: Arch, budget: int, req: Request, caps: Capabilities = Capa
 
     def key(pb):
         p, _ = pb
-        return (p.seq_len, QUALITY[p.quantization], p.rank, -step_seconds(arch, p, caps), p.step_batch)
+        return (p.seq_len, QUALITY[p.quantization], p.rank, p.step_batch >= min(SMALL_MICRO, p.batch_size),
+                -step_seconds(arch, p, caps), p.step_batch)
 
     plan, pred = max(fitting, key=key)
     reasons = [f"budget {format_size(budget)}, planning under {format_size(limit)} ({margin:.0%} margin)",
@@ -175,9 +179,9 @@ def choose_plan(arch: Arch, budget: int, req: Request, caps: Capabilities = Capa
 
 def step_down(plan: Plan, caps: Capabilities = Capabilities()) -> Plan | None:
     """The next smaller plan after an out-of-memory failure (None when nothing is left to give up):
-    halve the micro-batch (the batch stays), then recompute activations, then halve the sequence,
-    then quantize the base."""
-    if plan.step_batch > 1:
+    halve the micro-batch (the batch stays) down to :data:`SMALL_MICRO` examples, then recompute
+    activations, then halve the micro-batch to 1, then halve the sequence, then quantize the base."""
+    if plan.step_batch > min(SMALL_MICRO, plan.batch_size) or (plan.checkpointing and plan.step_batch > 1):
         return replace(plan, micro_batch=plan.step_batch // 2)
     if not plan.checkpointing:
         return replace(plan, checkpointing=True)

@@ -284,9 +284,12 @@ def basic_profile() -> dict:
 def _malloc_trim():
     """glibc's ``malloc_trim`` (None where the C library has none: musl, macOS, Windows)."""
     try:
-        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "malloc_trim", None)
+        trim = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "malloc_trim", None)
     except OSError:
         return None
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
 
 
 def release_freed_memory() -> bool:

@@ -176,7 +176,7 @@ def apply_overrides(d: dict[str, Any], items: Sequence[str], where: str = "--set
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{where} {item!r}: the value is not valid YAML: {exc}") from exc
-        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(raw.strip()):   # unquoted only: "1e5" stays text
             value = float(value)   # YAML 1.1 reads 5e-3 (no dot) as a string; a user means the number
         *path, last = key.strip().split(".")
         node = out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from edge_runtime.training.frozen_cache import frozen_cache, replaying
 from edge_runtime.training.precision import PRECISIONS, autocast, model_device_type, resolve
 from edge_runtime.training.seeding import seeded, stochastic
 from edge_runtime.training.throughput import count_linear_flops
+
+log = logging.getLogger("edge_runtime.training")
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "lr", "weight_decay", "grad_clip"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ConfigError(f"train.{name} must be a number, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"train.{name} must be a finite number, got {v!r}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError(f"train.weight_decay and train.grad_clip must be >= 0 (grad_clip 0: no clipping), "
+                              f"got {self.weight_decay!r} and {self.grad_clip!r}")
         if not self.epochs > 0:
             raise ConfigError(f"train.epochs must be > 0, got {self.epochs!r}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -130,7 +136,10 @@ def train_local(model: torch.nn.Module, tokenizer, data: LocalDataset, cfg: Trai
                                           after_step, step_context, cache, precision)
     if bar is not None:
         bar.close()
-    return TrainResult(n_steps, seen, sum(losses) / len(losses), time.perf_counter() - start, metrics,
+    if not losses:
+        log.warning("train_local: no batch of this round had a token to predict (every prompt fills "
+                    "train.max_seq_len=%d); nothing was trained", cfg.max_seq_len)
+    return TrainResult(n_steps, seen, sum(losses) / len(losses) if losses else 0.0, time.perf_counter() - start, metrics,
                        tokens=tokens[0], padded_tokens=tokens[1], flops=flops.flops)
 
 
@@ -175,11 +184,11 @@ def loss_shares(labels: Sequence[torch.Tensor]) -> list[float]:
     """Each micro-batch's share of its batch's mean loss: its examples (classification, ``labels``
     of shape ``(B,)``) or its predicted tokens (generation: the shifted labels that are not -100),
     over the whole batch's. Weighting each micro-batch's mean loss by its share gives the batch's
-    mean, so the summed gradients are the batch's gradient."""
+    mean, so the summed gradients are the batch's gradient. A micro-batch with nothing to predict
+    (every prompt fills the length) has share 0 and is skipped: its mean loss would be 0 / 0."""
     counts = [int((lab[..., 1:] != -100).sum()) if lab.dim() > 1 else lab.numel() for lab in labels]
-    if sum(counts) == 0:   # nothing to predict anywhere: share by examples
-        counts = [len(lab) for lab in labels]
-    return [c / sum(counts) for c in counts]
+    total = sum(counts)
+    return [c / total if total else 0.0 for c in counts]
 
 
 def _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar,
@@ -204,6 +213,8 @@ def _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar
             for m, batch, share in zip(micro, batches, shares):
                 real += int(batch["attention_mask"].sum())
                 padded += batch["attention_mask"].numel()
+                if share == 0:
+                    continue   # nothing to predict: no loss term, no gradient
                 replay = replaying(model, cache, m, batch["attention_mask"]) if cache is not None \
                     else contextlib.nullcontext()   # (a step_context never comes with a cache)
                 with replay:
@@ -216,7 +227,8 @@ def _run_steps(model, tokenizer, data, cfg, optimizer, params, gen, n_steps, bar
         optimizer.step()
         if after_step is not None:
             after_step(i)
-        losses.append(step_loss)
+        if any(shares):   # a batch with nothing to predict moves nothing and reports no loss
+            losses.append(step_loss)
         seen += len(batch_idx)
         if bar is not None:
             bar.update(1)

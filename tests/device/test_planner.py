@@ -99,7 +99,20 @@ def test_step_down_halves_the_micro_batch_then_recomputes_then_shortens():
         seen.append((p.step_batch, p.checkpointing, p.seq_len))
         assert p.batch_size == 16                       # the optimizer's batch never changes
         p = step_down(p)
-    assert seen == [(16, False, 64), (8, False, 64), (4, False, 64), (2, False, 64), (1, False, 64),
+    # micro-batches under 4 come after checkpointing: tiny matmuls run far below the FLOP rate
+    assert seen == [(16, False, 64), (8, False, 64), (4, False, 64), (4, True, 64), (2, True, 64),
                     (1, True, 64), (1, True, 32), (1, True, 16)]
     assert plan_overrides(Plan(batch_size=16, micro_batch=4))["train"] == {
         "batch_size": 16, "micro_batch_size": 4, "max_seq_len": 64, "gradient_checkpointing": False}
+
+
+def test_checkpointing_comes_before_micro_batches_under_4():
+    req = Request(task="causal-lm", batch_size=32, seq_len=128)
+    at = {(m, c): predict_peak(SMOLLM2, Plan(batch_size=32, micro_batch=m, seq_len=128, checkpointing=c),
+                               "causal-lm").total for m in (0, 4, 2) for c in (False, True)}
+    budget = int(max(at[(2, False)], at[(4, True)]) * 1.001)   # room for either, not for 4 without recompute
+    assert at[(4, False)] > budget
+    choice = choose_plan(SMOLLM2, budget, req, margin=0.0)
+    assert choice.plan.checkpointing and choice.plan.step_batch >= 4   # not micro-batches of 2
+    roomier = choose_plan(SMOLLM2, int(at[(4, False)] * 1.001), req, margin=0.0)
+    assert roomier.plan.step_batch >= 4 and not roomier.plan.checkpointing   # no recompute where 4 fit

@@ -102,7 +102,7 @@ def test_forged_manifest_is_refused_and_reported_and_unnamed_init_payloads_never
         assert "train.epochs = 1000000" in st["refused_manifest"]["reason"]
         assert st["activity"] == "idle" and agent.manifest is None     # nothing trained, nothing fetched
         assert not list((tmp_path / "dev0").glob("init/*"))              # no init payload written
-        attacker.publish(topics.round_topic("t"), b'{"v":9,"type":[]}')   # malformed: counted, shown
+        attacker.publish(topics.round_topic("t"), b'{"v":10,"type":[]}')   # malformed: counted, shown
         deadline = time.monotonic() + 10
         while not (_status(tmp_path).get("bad_messages") or {}).get("count"):
             assert time.monotonic() < deadline, _status(tmp_path)

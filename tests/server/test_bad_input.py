@@ -203,7 +203,7 @@ def test_wrong_run_and_garbage_manifest(server):
     devs[0].send(1, "u1", encode_tensors(_good(coord)), run_id="other-run")
     assert "run other-run" in devs[0].ack().reason
     devs[0].t.publish(topics.device_topic(F, "d0", "update"), b"{garbage")
-    devs[0].t.publish(topics.device_topic(F, "d0", "hello"), b'{"v":9,"type":"hello","device_id":"d1"}')
+    devs[0].t.publish(topics.device_topic(F, "d0", "hello"), b'{"v":10,"type":"hello","device_id":"d1"}')
     time.sleep(0.3)
     assert any("update manifest from d0" in r["reason"] for r in coord.state["rejects"])
     _assert_nothing_accepted(coord, path)

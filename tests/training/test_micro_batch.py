@@ -1,6 +1,7 @@
 """``train.micro_batch_size``: a batch runs forward and backward a few examples at a time, and the
 step it takes is the whole batch's (the gradients add up to the batch's mean-loss gradient)."""
 
+import math
 import random
 
 import pytest
@@ -53,9 +54,9 @@ def test_loss_shares_on_hand_computed_labels():
     a = torch.tensor([[-100, -100, 5, 6, 7], [-100, 4, 4, -100, -100]])   # predicts 3 + 2 = 5 tokens
     b = torch.tensor([[-100, -100, -100, 9, -100]])                       # predicts 1 token
     assert loss_shares([a, b]) == pytest.approx([5 / 6, 1 / 6])
-    # nothing to predict anywhere: by examples, not a division by zero
+    # a micro-batch with nothing to predict has no share (its own mean loss would be 0 / 0)
     none = torch.full((2, 3), -100)
-    assert loss_shares([none, none[:1]]) == pytest.approx([2 / 3, 1 / 3])
+    assert loss_shares([a, none]) == [1.0, 0.0] and loss_shares([none, none[:1]]) == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("name, kind, top, cache", [("tiny-bert", "classification", 0, False),
@@ -94,3 +95,19 @@ def test_micro_batch_size_is_validated():
     for bad in (-1, True, 2.5, "8"):
         with pytest.raises(ConfigError, match="micro_batch_size"):
             TrainConfig(micro_batch_size=bad)
+
+
+def test_micro_batches_with_nothing_to_predict_are_skipped_not_nan():
+    # prompts of 12 words fill max_seq_len 8: those examples have no response token to predict
+    rng = random.Random(1)
+    prompts = tuple(" ".join(rng.choices(WORDS, k=12 if i % 3 == 0 else 2)) for i in range(24))
+    data = LocalDataset("generation", prompts, tuple(rng.choice(WORDS) for _ in prompts), ())
+    weights, results = {}, {}
+    for micro in (0, 1):
+        model, tok = _model(data, "tiny-llama")
+        cfg = TrainConfig(epochs=1, batch_size=6, micro_batch_size=micro, lr=1e-2, max_seq_len=8)
+        results[micro] = train_local(model, tok, data, cfg, seed=0)
+        weights[micro] = _trained(model)
+    assert math.isfinite(results[1].mean_loss) and results[1].mean_loss == pytest.approx(results[0].mean_loss, rel=1e-5)
+    for k, w in weights[0].items():
+        assert torch.isfinite(weights[1][k]).all() and torch.allclose(weights[1][k], w, rtol=1e-4, atol=1e-6), k

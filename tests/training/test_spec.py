@@ -22,6 +22,7 @@ def test_overrides_reach_nested_sections_and_are_validated():
                                                       "train.micro_batch_size=16"]))
     assert (spec.train.lr, spec.train.weight_decay, spec.train.micro_batch_size) == (0.005, 0.01, 16)
     assert apply_overrides(d, ["method=e5"])["method"] == "e5"   # only numbers in exponent form change
+    assert apply_overrides(d, ['method="1e5"'])["method"] == "1e5"   # a quoted value stays text
 
 
 @pytest.mark.parametrize("item, message", [
@@ -33,7 +34,9 @@ def test_overrides_reach_nested_sections_and_are_validated():
     ("nosection.x=1", "'nosection' is not a section"),
     ("noequals", "expected KEY=VALUE"),
     ("train.lr=[1, 2", "not valid YAML"),
-    ("train.lr=fast", "train.lr must be a number, got 'fast'"),
+    ("train.lr=fast", "train.lr must be a finite number, got 'fast'"),
+    ("train.lr=1e999", "train.lr must be a finite number, got inf"),
+    ("train.grad_clip=-1", "train.weight_decay and train.grad_clip must be >= 0"),
     ("train.micro_batch_size=-2", "train.micro_batch_size must be an integer >= 0"),
 ])
 def test_bad_overrides_name_the_field(item, message):
