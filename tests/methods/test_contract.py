@@ -196,6 +196,37 @@ def test_every_methods_upload_travels_through_every_codec(name, codec):
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_methods_upload_travels_as_low_rank_factors(name):
+    """On BERT (whose 32 x 32 pooler admits rank-2 factors), each method's upload goes through
+    ``compression.rank``: the matrices that qualify travel as factors, the rest whole, and what was
+    sent plus the residual is the upload."""
+    from edge_runtime.algorithms.aggregation import check_compatible
+    from edge_runtime.algorithms.compression import CompressionConfig, compress_state, lowrank_shape
+    from edge_runtime.round.wire import decode_update, encode_update
+
+    spec = dataclasses.replace(_spec(name), model="tiny-bert")
+    method = METHODS[name]
+    model, _ = build_model(spec)
+    g = method.initial_global(model, spec)
+    gen = torch.Generator().manual_seed(0)
+    upload = {k: (v + 0.01 * torch.randn(v.shape, generator=gen)) if v.is_floating_point() else v
+              for k, v in method.trainable_state(model).items()}
+    cfg = CompressionConfig(uplink="int4", rank=2)
+    factored = sorted(k for k, v in g.items() if v.is_floating_point() and lowrank_shape(tuple(v.shape), 2))
+    sent, _ = compress_state({k: upload[k] - g[k] for k in factored}, "int4", rank=2)
+    assert all(sent[k].factors is not None for k in factored)
+    data, residual = encode_update(upload, g, cfg)
+    out = decode_update(data, g, cfg)
+    check_compatible(g, out)
+    method.load_trainable_state(model, out)
+    for k, v in upload.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(out[k] - g[k] + residual[k], v - g[k], rtol=0, atol=1e-5)
+    if name in ("lora", "federa", "droppeft", "fdlora"):   # the methods that train BERT's pooler
+        assert any("pooler" in k for k in factored), factored
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_a_method_runs_a_round_with_compressed_updates(tmp_path, name):
     from edge_runtime.algorithms.compression import CompressionConfig
 

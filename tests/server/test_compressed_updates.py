@@ -17,7 +17,7 @@ from edge_runtime.agent.residual import (FILE, commit_residual, load_residual,
 from edge_runtime.algorithms.compression import CompressionConfig
 from edge_runtime.protocol.codec import encode_tensors
 from edge_runtime.round.wire import decode_update, encode_update
-from tests.fleet_helpers import InProcessFleet, toy_spec
+from tests.fleet_helpers import InProcessFleet, initial_global, toy_spec
 from tests.server.test_bad_input import _assert_nothing_accepted, _serve
 
 INT4_TOPK = CompressionConfig(uplink="int4", topk=0.3)
@@ -138,12 +138,19 @@ def test_a_compressed_fleet_learns_and_reports_its_bytes(tmp_path):
 
 
 @pytest.mark.parametrize("comp", [CompressionConfig(uplink="int4", downlink="int4", topk=0.5),
-                                  CompressionConfig(uplink="nf2", downlink="nf2", block=128)], ids=["int4-top50", "nf2"])
+                                  CompressionConfig(uplink="nf2", downlink="nf2", block=128),
+                                  CompressionConfig(uplink="int4", downlink="int4", rank=2)],
+                         ids=["int4-top50", "nf2", "int4-rank2"])
 def test_both_ways_compressed_devices_hold_the_servers_global_bit_for_bit_and_resync(tmp_path, comp):
     """Compressed up and down, two of three devices a round: a device that sat a round out holds no
     base for the next delta and fetches the whole global (a resync); every device holds exactly the
     server's bytes of the last global it worked on."""
     spec = _spec(comp)
+    if comp.rank:   # BERT's trained 32 x 32 pooler travels as rank-2 factors (tiny Llama has no such matrix)
+        from edge_runtime.algorithms.compression import lowrank_shape
+
+        spec = dataclasses.replace(spec, model="tiny-bert")
+        assert any(lowrank_shape(tuple(v.shape), comp.rank) for v in initial_global(spec)().values())
     # seed 1 picks dev0+dev1, dev1+dev2, dev0+dev2, dev0+dev1: dev0 and dev1 each sit one round out
     fleet = InProcessFleet(tmp_path, n_devices=3, rounds=4, spec=spec, devices_per_round=2, seed=1)
     fleet.start()
