@@ -229,17 +229,19 @@ def test_agent_killed_mid_upload_then_restarted(fleet):
     assert stored.exists()
 
 
-def test_compressed_updates_over_mosquitto_with_an_agent_killed_mid_upload(tmp_path, mosquitto):
-    """int4 deltas of the top 30% entries with error feedback, both ways. dev2 dies after the first
-    chunk of its round-1 update and restarts: it re-sends the persisted update (same key), counted
-    once (the aggregate is recomputed from the decoded updates the server stored, then passed
-    through the downlink as the server does); its residual becomes the one of the update the server
-    accepted, and carries into round 2; every device ends holding the server's final global."""
+@pytest.mark.parametrize("codec", [("--set", "compression.topk=0.3"),
+                                   ("--set", "compression.rank=2", "--model", "tiny-bert")], ids=["top30", "rank2"])
+def test_compressed_updates_over_mosquitto_with_an_agent_killed_mid_upload(tmp_path, mosquitto, codec):
+    """int4 deltas with error feedback, both ways: of the top 30% entries, or dense with BERT's
+    32 x 32 pooler as rank-2 factors. dev2 dies after the first chunk of its round-1 update and
+    restarts: it re-sends the persisted update (same key), counted once (the aggregate is
+    recomputed from the decoded updates the server stored, then passed through the downlink as
+    the server does); its residual becomes the one of the update the server accepted, and carries
+    into round 2; every device ends holding the server's final global."""
     from edge_runtime.agent.residual import FILE
 
     fleet = ProcessFleet(tmp_path, mosquitto, extra_server_args=("--set", "compression.uplink=int4",
-                                                                 "--set", "compression.downlink=int4",
-                                                                 "--set", "compression.topk=0.3"))
+                                                                 "--set", "compression.downlink=int4", *codec))
     try:
         fleet.start_server()
         fleet.start_agent(0)
@@ -257,6 +259,11 @@ def test_compressed_updates_over_mosquitto_with_an_agent_killed_mid_upload(tmp_p
     assert stored.exists()
     for h in s["history"][1:3]:
         assert h["bytes_up_raw"] > 2.5 * h["bytes_up"] and h["bytes_down_raw"] > 2.5 * h["bytes_down"], h
+    if "compression.rank=2" in codec:   # the pooler travelled as factors: its residual is a full matrix
+        from safetensors.torch import load_file
+
+        assert s["training"]["model"] == "tiny-bert" and s["training"]["compression"]["rank"] == 2
+        assert any("pooler" in k for k in load_file(tmp_path / "dev2" / FILE))
     final = (fleet.state_dir / "global" / "round_00002.safetensors").read_bytes()
     for k in range(3):
         assert (tmp_path / f"dev{k}" / FILE).exists() and not list((tmp_path / f"dev{k}" / "pending").glob("*.residual.*"))
