@@ -166,6 +166,17 @@ def test_methods_keep_no_private_attributes_on_the_model(name):
     assert own == []
 
 
+def _model_global_upload(spec):
+    """(the method's model, its initial global, an upload: the global's float tensors moved a little)."""
+    method = METHODS[spec.method]
+    model, _ = build_model(spec)
+    g = method.initial_global(model, spec)
+    gen = torch.Generator().manual_seed(0)
+    upload = {k: (v + 0.01 * torch.randn(v.shape, generator=gen)) if v.is_floating_point() else v
+              for k, v in method.trainable_state(model).items()}
+    return model, g, upload
+
+
 @pytest.mark.parametrize("codec", ["fp16", "int8", "int4", "nf4"])
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_methods_upload_travels_through_every_codec(name, codec):
@@ -176,13 +187,8 @@ def test_every_methods_upload_travels_through_every_codec(name, codec):
     from edge_runtime.algorithms.compression import CompressionConfig
     from edge_runtime.round.wire import decode_update, encode_update
 
-    spec = _spec(name)
     method = METHODS[name]
-    model, _ = build_model(spec)
-    g = method.initial_global(model, spec)
-    gen = torch.Generator().manual_seed(0)
-    upload = {k: (v + 0.01 * torch.randn(v.shape, generator=gen)) if v.is_floating_point() else v
-              for k, v in method.trainable_state(model).items()}
+    model, g, upload = _model_global_upload(_spec(name))
     assert set(upload) == set(g), "an upload names the global's tensors (the server refuses others)"
     for topk in (1.0, 0.25):
         cfg = CompressionConfig(uplink=codec, topk=topk)
@@ -204,13 +210,8 @@ def test_every_methods_upload_travels_as_low_rank_factors(name):
     from edge_runtime.algorithms.compression import CompressionConfig, compress_state, lowrank_shape
     from edge_runtime.round.wire import decode_update, encode_update
 
-    spec = dataclasses.replace(_spec(name), model="tiny-bert")
     method = METHODS[name]
-    model, _ = build_model(spec)
-    g = method.initial_global(model, spec)
-    gen = torch.Generator().manual_seed(0)
-    upload = {k: (v + 0.01 * torch.randn(v.shape, generator=gen)) if v.is_floating_point() else v
-              for k, v in method.trainable_state(model).items()}
+    model, g, upload = _model_global_upload(dataclasses.replace(_spec(name), model="tiny-bert"))
     cfg = CompressionConfig(uplink="int4", rank=2)
     factored = sorted(k for k, v in g.items() if v.is_floating_point() and lowrank_shape(tuple(v.shape), 2))
     sent, _ = compress_state({k: upload[k] - g[k] for k in factored}, "int4", rank=2)
