@@ -37,8 +37,8 @@ increment (peak minus the RSS as training began), bytes per round, and the mean 
 
     python scripts/bench_time_to_accuracy.py --settings wordnet --arms baseline grouped top3+cache eval-sample \
         bf16 no-initial-eval epochs2 best --best grouped top3+cache bf16 no-initial-eval   # (33 min, 2 cores)
-    python scripts/bench_time_to_accuracy.py --settings wordnet fortunes --arms baseline best \
-        --out scripts/results/best/time_to_accuracy.json                          # (21 min)
+    python scripts/bench_time_to_accuracy.py --settings wordnet fortunes --arms baseline lr5e-3 micro16 best \
+        --out scripts/results/best/time_to_accuracy.json                          # (42 min)
     python scripts/bench_time_to_accuracy.py --settings smoke --arms baseline best   # does it run (2 min)
     python scripts/bench_time_to_accuracy.py --settings smollm2    # SmolLM2-135M, smaller (not yet measured)
 
