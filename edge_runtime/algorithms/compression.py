@@ -32,6 +32,7 @@ bits from the same codes.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Mapping
@@ -40,6 +41,8 @@ import torch
 from torch import Tensor
 
 from edge_runtime.errors import ConfigError
+
+log = logging.getLogger("edge_runtime.compression")
 
 CODECS = ("none", "fp16", "int8", "int4", "nf4", "nf2")
 LEVELS = {"int8": 127, "int4": 7}
@@ -196,7 +199,9 @@ def lowrank_factors(x: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     approximation of ``x`` (truncated SVD, in float64; the singular values split as square roots)."""
     try:
         u, s, vh = torch.linalg.svd(x.detach().to(torch.float64), full_matrices=False)
-    except torch.linalg.LinAlgError:   # did not converge (rare): send nothing; error feedback keeps it all
+    except torch.linalg.LinAlgError as exc:   # did not converge (rare): send nothing; error feedback keeps it all
+        log.warning("low-rank factors of a %s delta: the SVD failed (%s); sending zero factors this round, "
+                    "the delta stays in the error-feedback residual", tuple(x.shape), exc)
         return torch.zeros(x.shape[0], rank), torch.zeros(x.shape[1], rank)
     root = s[:rank].sqrt()
     return (u[:, :rank] * root).to(torch.float32).contiguous(), (vh[:rank].T * root).to(torch.float32).contiguous()
