@@ -16,7 +16,7 @@ from edge_runtime.cli_common import (add_broker_args, add_service_args,
 from edge_runtime.device.memory_model import load_arch
 from edge_runtime.device.planner import (Capabilities, choose_plan,
                                          request_from_spec)
-from edge_runtime.device.profiler import (format_size, parse_size,
+from edge_runtime.device.profiler import (bound_kernel_caches, format_size, parse_size,
                                           profile_device)
 from edge_runtime.device.profiles import (find_device_class,
                                           find_training_profile)
@@ -604,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-runtime: error: {exc}", file=sys.stderr)
         return 2
     _quiet_third_party()
+    bound_kernel_caches()   # before any bf16 kernel is built (agents, simulations, the demo's fleet)
     try:
         return args.func(args)
     except EdgeRuntimeError as exc:

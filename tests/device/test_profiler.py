@@ -1,6 +1,7 @@
 """The device profiler: tegrastats lines, Jetson detection from a fake root, sizes, the budget."""
 
 import json
+import os
 import time
 
 import pytest
@@ -116,3 +117,54 @@ def test_release_freed_memory_returns_what_the_heap_kept():
     after = proc.memory_info().rss - before
     assert after < kept / 4 and after < 100 * 2**20, (kept / 2**20, after / 2**20)
     assert float(pin.sum()) == 16_000.0
+
+
+def test_bound_kernel_caches_sets_the_cap_once_and_respects_the_user(monkeypatch):
+    from edge_runtime.device.profiler import ONEDNN_CACHE_ENV, bound_kernel_caches
+
+    monkeypatch.delenv(ONEDNN_CACHE_ENV, raising=False)
+    assert bound_kernel_caches(16) is True
+    assert os.environ[ONEDNN_CACHE_ENV] == "16"
+    monkeypatch.setenv(ONEDNN_CACHE_ENV, "512")   # the user's own setting wins
+    assert bound_kernel_caches(16) is False
+    assert os.environ[ONEDNN_CACHE_ENV] == "512"
+
+
+_SHAPES = """
+import ctypes, sys, psutil, torch
+from edge_runtime.device.profiler import bound_kernel_caches
+if sys.argv[1] == "bounded":
+    bound_kernel_caches()
+torch.set_num_threads(1)
+lin = torch.nn.Linear(384, 1536)
+def step(t):
+    x = torch.randn(16, t, 384, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lin(x).float().sum().backward()
+step(64)
+trim = ctypes.CDLL("libc.so.6").malloc_trim
+trim(0)
+start = psutil.Process().memory_info().rss
+for t in range(1, 65):   # a new sequence length each step, as length-grouped batches bring
+    step(t)
+trim(0)
+print((psutil.Process().memory_info().rss - start) / 2**20)
+"""
+
+
+def test_bounded_kernel_cache_keeps_less_after_bf16_steps_of_many_shapes():
+    import subprocess
+    import sys
+
+    import torch
+
+    from edge_runtime.device.profiler import ONEDNN_CACHE_ENV, _malloc_trim
+
+    if _malloc_trim() is None or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("needs glibc and a CPU whose bf16 runs through oneDNN")
+    env = {k: v for k, v in os.environ.items() if k != ONEDNN_CACHE_ENV}
+    kept = {arm: float(subprocess.run([sys.executable, "-c", _SHAPES, arm], env=env, capture_output=True,
+                                      text=True, check=True, timeout=120).stdout.split()[-1])
+            for arm in ("default", "bounded")}
+    # oneDNN's default cache keeps a kernel and its buffers per shape (~110 MiB here); 16 keep ~55
+    assert kept["default"] - kept["bounded"] > 25, kept
