@@ -83,6 +83,10 @@ LEVERS = {
     "epochs2": {"train.epochs": "2"},      # more local work per round, fewer rounds
     "lr5e-3": {"train.lr": "0.005"},        # a larger local step
     "micro16": {"train.micro_batch_size": "16"},   # the batch's forward/backward 16 examples at a time
+    # DropPEFT in place of LoRA: the bandit over uniform / decreasing shapes (the top blocks, which the
+    # head reads, dropped least), the ratio falling to 0 over 3 rounds (more dropout early)
+    "droppeft": {"method": "droppeft", "droppeft.shapes": "[uniform,decreasing]", "droppeft.schedule": "linear",
+                 "droppeft.schedule_rounds": "3"},
 }
 AGENT_ARMS = {"no-warm-up": ("--no-warm-up",)}   # the baseline with these agent flags: what a default buys
 BEST = ("grouped", "top3+cache", "bf16", "lr5e-3", "micro16")    # the levers the README's run chose (see --best)
@@ -108,9 +112,10 @@ def run_arm(setting: dict, name: str, sets: dict[str, str], out: Path, rounds: i
     shutil.rmtree(out, ignore_errors=True)
     server_args = ["--deadline", "3600", "--heartbeat-timeout", "600"]
     for k, v in sets.items():
-        server_args += ["--set", f"{k}={v}"]
+        if k != "method":   # a lever may swap the method (DropPEFT); the rest are spec settings
+            server_args += ["--set", f"{k}={v}"]
     cfg = DemoConfig(out=out, devices=setting["devices"], rounds=rounds, alpha=0.5, max_examples=setting["max_examples"],
-                     model=setting["model"], method="lora", data=setting["data"], seed=seed, epochs=1.0, lr=2e-3,
+                     model=setting["model"], method=sets.get("method", "lora"), data=setting["data"], seed=seed, epochs=1.0, lr=2e-3,
                      batch_size=32, max_seq_len=64, server_args=tuple(server_args), agent_args=AGENT_ARMS.get(name, ()))
     full = validate(cfg)
     out.mkdir(parents=True, exist_ok=True)

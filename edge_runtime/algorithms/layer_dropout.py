@@ -24,6 +24,27 @@ import math
 import torch
 
 SHAPES = ("uniform", "increasing", "decreasing")
+SCHEDULES = ("constant", "linear")
+
+
+def schedule_scale(schedule: str, round_: int, rounds: int) -> float:
+    """The share of the configured drop ratio that round ``round_`` (1-based) uses: 1 throughout
+    for ``constant``; for ``linear``, 1 in round 1 falling by ``1 / rounds`` a round to 0 from
+    round ``rounds + 1`` on (more dropout early, when the adapters are far from any optimum and
+    cheap rough steps pay most; the whole network once they are close)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if rounds < 1:
+        raise ValueError(f"schedule rounds must be >= 1, got {rounds}")
+    if schedule == "constant":
+        return 1.0
+    return max(0.0, 1.0 - (max(round_, 1) - 1) / rounds)
+
+
+def keep_scales(probs: list[float], kept: list[int]) -> dict[int, float]:
+    """LayerDrop-style rescaling: each kept block's residual branch times ``1 / (1 - p_l)``, so
+    that over the draws a block adds, in expectation, what it adds when every block runs."""
+    return {l: 1.0 / (1.0 - probs[l]) for l in kept if probs[l] > 0}
 
 
 def drop_probabilities(n_layers: int, ratio: float, shape: str = "uniform", cap: float = 0.95) -> list[float]:

@@ -5,10 +5,12 @@ bandit that picks each device's dropout configuration, and aggregation that know
    ``ModuleList`` of transformer layers: BERT's ``encoder.layer``, Llama's ``model.layers``, or
    any model's). The dropped blocks are taken out of the list for that step, so they do no
    forward compute, store no activations and get no gradients (AdamW skips them); the hidden
-   state passes straight to the next kept block, with no rescaling. Evaluation and export always
-   run every block. Which blocks run is drawn per step from the configuration (mean ratio x
-   shape over depth, :mod:`edge_runtime.algorithms.layer_dropout`), with a fixed count per step
-   so memory has a hard bound.
+   state passes straight to the next kept block, with no rescaling unless ``rescale`` (a kept
+   block's residual branch then counts ``1 / (1 - p_l)`` times, LayerDrop-style). Evaluation and
+   export always run every block. Which blocks run is drawn per step from the configuration (mean
+   ratio x shape over depth, :mod:`edge_runtime.algorithms.layer_dropout`), with a fixed count
+   per step so memory has a hard bound. ``schedule: linear`` scales the ratio down round by round
+   (the server sends each round's share as ``round_scale``): more dropout early.
 2. **Configurator** (server, :func:`assign`): a discounted-UCB bandit per device
    (:mod:`edge_runtime.algorithms.bandit`) over the arms ``ratios x shapes``; reward = the share
    of the device's validation loss its round removed, ``ln(before / after)``, per second of its
@@ -47,7 +49,8 @@ from edge_runtime.algorithms import bandit
 from edge_runtime.algorithms.aggregation import Update, check_compatible, finite_number, masked_weighted_mean
 from edge_runtime.device.memory_model import load_arch, predict_peak
 from edge_runtime.device.planner import plan_of, request_from_spec
-from edge_runtime.algorithms.layer_dropout import SHAPES, drop_probabilities, max_kept, sample_kept
+from edge_runtime.algorithms.layer_dropout import (SCHEDULES, SHAPES, drop_probabilities, keep_scales, max_kept,
+                                                   sample_kept, schedule_scale)
 from edge_runtime.errors import AggregationError, ConfigError
 from edge_runtime.methods import lora
 from edge_runtime.methods.personal import PersonalState
@@ -68,7 +71,7 @@ MAX_BANDIT_DEVICES = 10_000          # devices the bandit remembers (the least r
 LEGACY_BANDIT = "bandit."           # protocol-1 servers kept the statistics as server-state tensors bandit.{n,s}.<device>
 # what the server's history keeps of each device's report: the configurator's evidence (the step
 # counts that make each round's aggregation reproducible are the row's typed "layer_steps")
-ROUND_METRICS = ("drop_ratio", "drop_shape", "kept_max", "val_loss_before", "val_loss_after", "val_seconds",
+ROUND_METRICS = ("drop_ratio", "drop_effective", "drop_shape", "kept_max", "val_loss_before", "val_loss_after", "val_seconds",
                  "train_seconds")
 
 
@@ -85,6 +88,10 @@ class DropPEFTConfig:
     prior_weight: float = 1.0          # pseudo-pulls of the fleet's mean in a device's estimate
     memory_margin: float = 0.15        # an arm fits when its predicted peak <= budget x (1 - margin)
     personal_layers: int = 0           # top blocks whose adapters stay on the device
+    rescale: bool = False              # a kept block's residual branch x 1 / (1 - p_l) in training (LayerDrop-style)
+    schedule: str = "constant"         # constant | linear: the ratio falls to 0 over schedule_rounds rounds
+    schedule_rounds: int = 4
+    round_scale: float = 1.0           # this round's share of the ratio (the server sets it from the schedule)
 
     def __post_init__(self) -> None:
         if not 0 < self.cap <= 1 or not 0 <= self.ratio <= self.cap:
@@ -99,6 +106,16 @@ class DropPEFTConfig:
             raise ConfigError("droppeft needs 0 < gamma <= 1, explore >= 0 and prior_weight >= 0")
         if not 0 <= self.memory_margin < 1 or self.personal_layers < 0:
             raise ConfigError("droppeft needs memory_margin in [0, 1) and personal_layers >= 0")
+        if self.schedule not in SCHEDULES or self.schedule_rounds < 1:
+            raise ConfigError(f"droppeft.schedule must be one of {SCHEDULES} and schedule_rounds >= 1, "
+                              f"got {self.schedule!r} over {self.schedule_rounds!r}")
+        if not (isinstance(self.round_scale, (int, float)) and 0 <= self.round_scale <= 1):
+            raise ConfigError(f"droppeft.round_scale must be in [0, 1], got {self.round_scale!r}")
+
+    @property
+    def effective_ratio(self) -> float:
+        """The mean drop ratio this round trains with: the arm's, times the schedule's share."""
+        return float(self.ratio) * float(self.round_scale)
 
     def arms(self) -> list[tuple[float, str]]:
         """The bandit's arms: every (ratio, shape), with ratio 0 once (its shape does not matter)."""
@@ -123,16 +140,38 @@ def personal_key(spec: "TrainingSpec") -> list:
 
 # -- the blocks ------------------------------------------------------------------------------
 @contextlib.contextmanager
-def run_only(model: nn.Module, kept: Sequence[int]):
+def run_only(model: nn.Module, kept: Sequence[int], scales: Mapping[int, float] | None = None):
     """Within the block, the model runs only blocks ``kept`` (in order); all of them again after.
-    Per training step: the blocks' place is the one :func:`build` found, not searched again."""
+    ``scales``: block -> factor of its residual branch (``x + s (block(x) - x)``; LayerDrop-style
+    rescaling). Per training step: the blocks' place is the one :func:`build` found, not searched again."""
     st = STATE.get(model)
     parent, attr, blocks = st.blocks if st is not None else find_blocks(model)[:3]
+    handles = [h for l, f in (scales or {}).items() if l in kept for h in _scale_residual(blocks[l], f)]
     setattr(parent, attr, nn.ModuleList([blocks[i] for i in sorted(kept)]))
     try:
         yield
     finally:
         setattr(parent, attr, blocks)
+        for h in handles:
+            h.remove()
+
+
+def _scale_residual(block: nn.Module, factor: float) -> list:
+    """Hooks that turn ``block``'s output ``y`` (or the first item of its tuple) into ``x + factor (y - x)``,
+    ``x`` its hidden-state input (checkpointed recomputation runs both hooks again, in the same order)."""
+    inputs: list[Tensor] = []
+
+    def pre(module, args, kwargs):
+        inputs.append(args[0] if args else kwargs["hidden_states"])
+
+    def post(module, args, kwargs, out):
+        x = inputs.pop()
+        y = out[0] if isinstance(out, tuple) else out
+        y = x + factor * (y - x)
+        return (y, *out[1:]) if isinstance(out, tuple) else y
+
+    return [block.register_forward_pre_hook(pre, with_kwargs=True),
+            block.register_forward_hook(post, with_kwargs=True)]
 
 
 _LAYER = re.compile(r"(?:^|\.)(\d+)\.")
@@ -241,7 +280,7 @@ def local_train(model, tokenizer, splits: Splits, spec: "TrainingSpec", seed: in
     cfg = _cfg(spec)
     _load_personal(model, personal)
     n = len(STATE.of(model).blocks[2])
-    probs = drop_probabilities(n, cfg.ratio, cfg.shape, cfg.cap)
+    probs = drop_probabilities(n, cfg.effective_ratio, cfg.shape, cfg.cap)
     t0 = time.perf_counter()
     before = _val_loss(model, tokenizer, splits, spec) if cfg.bandit else None
     val_s = time.perf_counter() - t0
@@ -252,11 +291,12 @@ def local_train(model, tokenizer, splits: Splits, spec: "TrainingSpec", seed: in
         kept = sample_kept(probs, gen)
         for l in kept:
             counts[l] += 1
-        return run_only(model, kept)
+        return run_only(model, kept, keep_scales(probs, kept) if cfg.rescale else None)
 
     res = train_local(model, tokenizer, splits.train, spec.train, seed=seed, progress=progress, desc=desc,
                       step_context=step_context)
-    metrics: dict[str, float] = {"drop_ratio": cfg.ratio, "drop_shape": SHAPES.index(cfg.shape),
+    metrics: dict[str, float] = {"drop_ratio": cfg.ratio, "drop_effective": cfg.effective_ratio,
+                                 "drop_shape": SHAPES.index(cfg.shape),
                                  "kept_max": max_kept(probs)}
     t0 = time.perf_counter()
     after = _val_loss(model, tokenizer, splits, spec) if cfg.bandit else None
@@ -434,11 +474,12 @@ def device_budget(profile: Mapping) -> int | None:
     return None
 
 
-def arm_peaks(spec: "TrainingSpec") -> list[int]:
-    """The memory model's predicted training peak (bytes) of each arm at the profile's plan."""
+def arm_peaks(spec: "TrainingSpec", scale: float = 1.0) -> list[int]:
+    """The memory model's predicted training peak (bytes) of each arm at the profile's plan, its
+    ratio times ``scale`` (the schedule's share this round: less dropout, more memory)."""
     arch, req, base = load_arch(spec.model), request_from_spec(spec, METHOD), plan_of(spec, METHOD)
     # the kept count per step is ceil(L (1 - ratio)) whatever the shape (the shapes keep the mean)
-    return [predict_peak(arch, dataclasses.replace(base, layer_drop=ratio), req.task, req.num_labels).total
+    return [predict_peak(arch, dataclasses.replace(base, layer_drop=ratio * scale), req.task, req.num_labels).total
             for ratio, _ in _cfg(spec).arms()]
 
 
@@ -455,15 +496,19 @@ def assign(config_state: Mapping | None, devices: Mapping[str, Mapping], spec: "
     """Server, at the start of a training round: each participant's dropout configuration.
 
     ``devices``: participant -> its hello profile (memory). Returns ``(overrides, info)``:
-    ``{device: {"droppeft": {"ratio", "shape"}}}`` (a spec override the device applies) and, per
+    ``{device: {"droppeft": {"ratio", "shape"}}}`` (a spec override the device applies; with a
+    schedule also ``"round_scale"``, this round's share of the ratio, the only override when the
+    bandit is off) and, per
     device, what was chosen and why (arm, feasible arms, predicted peak, budget)."""
     cfg = _cfg(spec)
+    scale = schedule_scale(cfg.schedule, round_, cfg.schedule_rounds)
+    timed = {"round_scale": scale} if cfg.schedule != "constant" else {}
     if not cfg.bandit:
-        return {}, {}
+        return ({dev: {"droppeft": timed} for dev in devices} if timed else {}), {}
     arms = cfg.arms()
     stats = bandit_state(config_state, spec)
     prior = bandit.fleet_means(stats, len(arms))
-    peaks = arm_peaks(spec)
+    peaks = arm_peaks(spec, scale)
     overrides, info = {}, {}
     for pos, dev in enumerate(sorted(devices)):
         budget = device_budget(devices[dev])
@@ -475,7 +520,7 @@ def assign(config_state: Mapping | None, devices: Mapping[str, Mapping], spec: "
         arm = bandit.choose(stats.get(dev, bandit.ArmStats.empty(len(arms))), prior, feasible, cfg.bandit_config(),
                             spread=pos)
         ratio, shape = arms[arm]
-        overrides[dev] = {"droppeft": {"ratio": ratio, "shape": shape}}
+        overrides[dev] = {"droppeft": {"ratio": ratio, "shape": shape, **timed}}
         info[dev] = {"arm": arm, "ratio": ratio, "shape": shape, "predicted_peak": peaks[arm], "budget": budget,
                      "feasible": feasible, **({"note": note} if note else {})}
     return overrides, info
@@ -488,4 +533,4 @@ METHOD = Method(
     prepare=lora.prepare, personalise=personalise, save_personal_adapter=save_personal_adapter,
     aggregate=aggregate, assign=assign, learn=learn, migrate_state=migrate_state, check_update=check_update, rewards=rewards, personal_key=personal_key,
     layer_dropout=lambda spec: float(spec.droppeft.ratio), config=("droppeft", DropPEFTConfig),
-    assignable={"droppeft": ("ratio", "shape")}, round_metrics=ROUND_METRICS)
+    assignable={"droppeft": ("ratio", "shape", "round_scale")}, round_metrics=ROUND_METRICS)

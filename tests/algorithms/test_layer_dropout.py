@@ -53,3 +53,16 @@ def test_each_layer_is_kept_with_its_probability_and_the_count_is_bounded(n, rat
         assert kept[l] / draws == pytest.approx(1 - p[l], abs=0.015)
     mean = sum(1 - q for q in p)
     assert set(sizes) <= {int(mean), max_kept(p)} and max(sizes) <= max_kept(p)
+
+
+def test_the_linear_schedule_drops_more_early_and_nothing_after_its_rounds():
+    from edge_runtime.algorithms.layer_dropout import keep_scales, schedule_scale
+
+    assert [schedule_scale("linear", r, 4) for r in range(1, 7)] == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    assert [schedule_scale("constant", r, 4) for r in (1, 5, 50)] == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError):
+        schedule_scale("cosine", 1, 4)
+    with pytest.raises(ValueError):
+        schedule_scale("linear", 1, 0)
+    # 1 / (1 - p_l) for the kept blocks that could have been dropped; a block never dropped keeps 1
+    assert keep_scales([0.5, 0.0, 0.75, 0.2], [0, 1, 2]) == {0: 2.0, 2: 4.0}

@@ -344,3 +344,60 @@ def test_assignments_change_only_what_the_server_may_set():
     with pytest.raises(ConfigError, match="ratio"):
         with_assignment(spec, {"droppeft": {"ratio": 1.5}})
     assert with_assignment(spec, None) is spec
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
+def test_rescaling_multiplies_each_kept_blocks_residual_branch(name, splits):
+    spec = _spec(name)
+    model, tok = _four_block_model(name, spec)
+    _, _, blocks, _ = droppeft.find_blocks(model)
+    batch = {k: v for k, v in encode_batch(tok, splits.train, list(range(8)), 16).items() if k != "labels"}
+    seen: dict[str, list] = {"in": [], "out": []}
+    blocks[2].register_forward_pre_hook(lambda m, a, kw: seen["in"].append((a[0] if a else kw["hidden_states"]).detach()),
+                                        with_kwargs=True)
+    blocks[3].register_forward_pre_hook(lambda m, a, kw: seen["out"].append((a[0] if a else kw["hidden_states"]).detach()),
+                                        with_kwargs=True)
+    model.eval()
+    with torch.no_grad(), droppeft.run_only(model, [0, 2, 3]):
+        plain = model(**batch).logits
+    x, y = seen["in"][-1], seen["out"][-1]     # block 2's input and (= block 3's input) output
+    with torch.no_grad(), droppeft.run_only(model, [0, 2, 3], {2: 2.5, 1: 9.0}):   # 1 is dropped: no effect
+        scaled = model(**batch).logits
+    assert torch.allclose(seen["in"][-1], x)    # block 0 is as before
+    assert torch.allclose(seen["out"][-1], x + 2.5 * (y - x), atol=1e-5)
+    assert not torch.allclose(scaled, plain)
+    # the hooks go with the step: the whole model runs unscaled again
+    with torch.no_grad(), droppeft.run_only(model, [0, 2, 3]):
+        assert torch.allclose(model(**batch).logits, plain)
+    assert all(not b._forward_hooks and len(b._forward_pre_hooks) <= 1 for b in blocks)
+
+
+def test_rescaled_training_learns_and_counts_the_scheduled_ratio(splits):
+    spec = _spec(ratio=0.5, shape="uniform", bandit=False, rescale=True, round_scale=0.5)
+    model, tok = _four_block_model("tiny-llama", spec)
+    res, _ = droppeft.local_train(model, tok, splits, spec, seed=3, personal=None)
+    assert math.isfinite(res.mean_loss)
+    # the round trains at 0.5 x 0.5 = 0.25: 3 of 4 blocks a step; the arm stays 0.5 (the bandit's key)
+    assert res.metrics["drop_ratio"] == 0.5 and res.metrics["drop_effective"] == 0.25
+    assert res.metrics["kept_max"] == 3 and sum(res.layer_steps) == 3 * res.steps
+
+
+def test_the_schedule_travels_as_each_rounds_share_of_the_ratio():
+    spec = TrainingSpec(model="minilm-l6", labels=("a", "b", "c"), method="droppeft",
+                        droppeft=DropPEFTConfig(schedule="linear", schedule_rounds=2),
+                        train=TrainConfig(batch_size=16, max_seq_len=64))
+    devices = {"a": {"memory_total": 8 << 30, "memory_available": 6 << 30}}
+    scales = [droppeft.assign({}, devices, spec, r)[0]["a"]["droppeft"]["round_scale"] for r in (1, 2, 3)]
+    assert scales == [1.0, 0.5, 0.0]
+    got = with_assignment(spec, droppeft.assign({}, devices, spec, 2)[0]["a"])
+    assert got.droppeft.effective_ratio == pytest.approx(got.droppeft.ratio * 0.5)
+    # less dropout this round, more memory: arms are priced at the scheduled ratio
+    assert droppeft.arm_peaks(spec, 0.5)[-1] > droppeft.arm_peaks(spec)[-1]
+    # a fixed ratio (no bandit) still follows the schedule; no schedule, no override
+    fixed = dataclasses.replace(spec, droppeft=DropPEFTConfig(bandit=False, schedule="linear", schedule_rounds=2))
+    assert droppeft.assign({}, devices, fixed, 2)[0] == {"a": {"droppeft": {"round_scale": 0.5}}}
+    assert droppeft.assign({}, devices, dataclasses.replace(fixed, droppeft=DropPEFTConfig(bandit=False)), 2) == ({}, {})
+    with pytest.raises(ConfigError, match="round_scale"):
+        with_assignment(spec, {"droppeft": {"round_scale": 1.5}})
+    with pytest.raises(ConfigError, match="schedule"):
+        DropPEFTConfig(schedule="cosine")
