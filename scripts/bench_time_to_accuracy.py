@@ -83,10 +83,11 @@ LEVERS = {
     "epochs2": {"train.epochs": "2"},      # more local work per round, fewer rounds
     "lr5e-3": {"train.lr": "0.005"},        # a larger local step
     "micro16": {"train.micro_batch_size": "16"},   # the batch's forward/backward 16 examples at a time
-    # DropPEFT in place of LoRA: the bandit over uniform / decreasing shapes (the top blocks, which the
-    # head reads, dropped least), the ratio falling to 0 over 3 rounds (more dropout early)
-    "droppeft": {"method": "droppeft", "droppeft.shapes": "[uniform,decreasing]", "droppeft.schedule": "linear",
-                 "droppeft.schedule_rounds": "3"},
+    # DropPEFT in place of LoRA: the fleet's bandit (one arm a round, rewarded with the global's progress
+    # per second) over uniform / decreasing shapes (the top blocks, which the head reads, dropped
+    # least), the ratio falling to 0 over 3 rounds (more dropout early)
+    "droppeft": {"method": "droppeft", "droppeft.reward": "fleet", "droppeft.shapes": "[uniform,decreasing]",
+                 "droppeft.schedule": "linear", "droppeft.schedule_rounds": "3"},
 }
 AGENT_ARMS = {"no-warm-up": ("--no-warm-up",)}   # the baseline with these agent flags: what a default buys
 BEST = ("grouped", "top3+cache", "bf16", "lr5e-3", "micro16")    # the levers the README's run chose (see --best)

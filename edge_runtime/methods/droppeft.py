@@ -67,6 +67,7 @@ log = logging.getLogger("edge_runtime.droppeft")
 
 BANDIT = "droppeft_bandit"          # the configurator state's section: {"format", "arms", "devices"}
 BANDIT_FORMAT = 1
+REWARDS = ("local", "fleet")
 MAX_BANDIT_DEVICES = 10_000          # devices the bandit remembers (the least recently trained go first)
 LEGACY_BANDIT = "bandit."           # protocol-1 servers kept the statistics as server-state tensors bandit.{n,s}.<device>
 # what the server's history keeps of each device's report: the configurator's evidence (the step
@@ -92,6 +93,8 @@ class DropPEFTConfig:
     schedule: str = "constant"         # constant | linear: the ratio falls to 0 over schedule_rounds rounds
     schedule_rounds: int = 4
     round_scale: float = 1.0           # this round's share of the ratio (the server sets it from the schedule)
+    reward: str = "local"              # local: per device, its own loss per second | fleet: one arm a round,
+                                       # rewarded with the global's loss per second of the round (:func:`fleet_rate`)
 
     def __post_init__(self) -> None:
         if not 0 < self.cap <= 1 or not 0 <= self.ratio <= self.cap:
@@ -109,6 +112,8 @@ class DropPEFTConfig:
         if self.schedule not in SCHEDULES or self.schedule_rounds < 1:
             raise ConfigError(f"droppeft.schedule must be one of {SCHEDULES} and schedule_rounds >= 1, "
                               f"got {self.schedule!r} over {self.schedule_rounds!r}")
+        if self.reward not in REWARDS:
+            raise ConfigError(f"droppeft.reward must be one of {REWARDS}, got {self.reward!r}")
         if not (isinstance(self.round_scale, (int, float)) and 0 <= self.round_scale <= 1):
             raise ConfigError(f"droppeft.round_scale must be in [0, 1], got {self.round_scale!r}")
 
@@ -299,9 +304,12 @@ def local_train(model, tokenizer, splits: Splits, spec: "TrainingSpec", seed: in
                                  "drop_shape": SHAPES.index(cfg.shape),
                                  "kept_max": max_kept(probs)}
     t0 = time.perf_counter()
-    after = _val_loss(model, tokenizer, splits, spec) if cfg.bandit else None
-    if before is not None and after is not None:
-        metrics.update(val_loss_before=before, val_loss_after=after, val_seconds=val_s + time.perf_counter() - t0)
+    # the fleet reward reads the global's loss only (the next round's "before" is this round's "after")
+    after = _val_loss(model, tokenizer, splits, spec) if cfg.bandit and cfg.reward == "local" else None
+    if before is not None:
+        metrics.update(val_loss_before=before, val_seconds=val_s + time.perf_counter() - t0)
+    if after is not None:
+        metrics.update(val_loss_after=after)
     return dataclasses.replace(res, metrics=metrics, layer_steps=tuple(counts)), _personal_of(model) or personal
 
 
@@ -443,19 +451,29 @@ def aggregate(global_state: Mapping[str, Tensor], updates: Sequence[Update], ser
     return masked_weighted_mean(global_state, [(u.tensors, layer_weights(u, global_state)) for u in updates]), {}
 
 
+def _arm_of(update: Update, arms: Sequence[tuple[float, str]]) -> int | None:
+    """The arm an update trained with (None: a configuration outside the arm set, or no report)."""
+    try:
+        return arms.index((float(update.metrics["drop_ratio"]), SHAPES[int(update.metrics["drop_shape"])]))
+    except (KeyError, ValueError, IndexError, TypeError, OverflowError):
+        return None
+
+
 def learn(config_state: Mapping | None, updates: Sequence[Update], spec: "TrainingSpec") -> dict:
-    """The configurator state after a round: each device's bandit updated with its reward."""
+    """The configurator state after a round: each device's bandit updated with its reward (the
+    fleet's bandit with ``reward: fleet``, :func:`learn_fleet`)."""
     cfg = _cfg(spec)
     if not cfg.bandit:
         return dict(config_state or {})
+    if cfg.reward == "fleet":
+        return learn_fleet(config_state, updates, spec)
     arms = cfg.arms()
     stats = bandit_state(config_state, spec)
     earned = rewards(updates)
     for u in updates:
         r = earned.get(u.device_id)
-        try:
-            arm = arms.index((float(u.metrics["drop_ratio"]), SHAPES[int(u.metrics["drop_shape"])]))
-        except (KeyError, ValueError, IndexError, TypeError):
+        arm = _arm_of(u, arms)
+        if arm is None:
             continue   # trained with a configuration outside the arm set: no evidence for the bandit
         if r is not None:   # re-inserted: the devices stay in the order they last trained, oldest first
             stats[u.device_id] = bandit.update(stats.pop(u.device_id, bandit.ArmStats.empty(len(arms))), arm, r,
@@ -463,6 +481,93 @@ def learn(config_state: Mapping | None, updates: Sequence[Update], spec: "Traini
     if len(stats) > MAX_BANDIT_DEVICES:   # bounded whatever the churn: the longest idle are forgotten
         stats = dict(list(stats.items())[-MAX_BANDIT_DEVICES:])
     return _to_json(stats, spec)
+
+
+# -- the fleet's bandit (reward: fleet) ----------------------------------------------------------
+# A device's own loss is the wrong witness for a dropout arm: on MiniLM a device trained with blocks
+# dropped lowers its own validation loss about as fast per second as one with every block, but the
+# average of such updates lowers the global's loss far less (README, DropPEFT). With reward: fleet
+# every participant trains with the same arm in a round, and the arm is rewarded with what the
+# round did to the *global*: the next round's "before" losses (each device's validation loss of the
+# global it receives) against this round's, per second of the round.
+def fleet_rate(before: Mapping[str, float], after: Mapping[str, float], seconds: float) -> float | None:
+    """The global's rate of progress over one round: the median, over the devices that reported
+    both, of ``ln(loss before / loss after)``, per second of the round (None without a device in
+    common or a positive round time). The median: one lying device cannot move it."""
+    rates = [math.log(before[d]) - math.log(after[d]) for d in before.keys() & after.keys()]
+    if not rates or not (finite_number(seconds) and seconds > 0):
+        return None
+    r = statistics.median(rates) / seconds
+    return r if math.isfinite(r) else None
+
+
+def _positive(v: object) -> bool:
+    return finite_number(v) and v > 0
+
+
+def fleet_state(config_state: Mapping | None, spec: "TrainingSpec") -> tuple[bandit.ArmStats, dict | None, float | None]:
+    """The fleet bandit's statistics, the round awaiting its reward (``{"arm", "loss", "seconds"}``)
+    and the reward scale (the first round's rate), each reset when unreadable or the arm set changed."""
+    doc = (config_state or {}).get(BANDIT)
+    n_arms = len(_cfg(spec).arms())
+    if not isinstance(doc, Mapping) or doc.get("format") != BANDIT_FORMAT or doc.get("arms") != _arms_json(_cfg(spec)):
+        return bandit.ArmStats.empty(n_arms), None, None
+    fleet = doc.get("fleet")
+    n = _numbers(fleet.get("n"), n_arms) if isinstance(fleet, Mapping) else None
+    s_ = _numbers(fleet.get("s"), n_arms) if isinstance(fleet, Mapping) else None
+    stats = bandit.ArmStats(n, s_) if n is not None and s_ is not None else bandit.ArmStats.empty(n_arms)
+    pending, p = None, doc.get("pending")
+    if (isinstance(p, Mapping) and isinstance(p.get("arm"), int) and 0 <= p["arm"] < n_arms
+            and _positive(p.get("seconds")) and isinstance(p.get("loss"), Mapping)):
+        loss = {str(d): float(v) for d, v in p["loss"].items() if _positive(v)}
+        pending = {"arm": p["arm"], "seconds": float(p["seconds"]), "loss": loss} if loss else None
+    scale = float(doc["scale"]) if _positive(doc.get("scale")) else None
+    return stats, pending, scale
+
+
+def learn_fleet(config_state: Mapping | None, updates: Sequence[Update], spec: "TrainingSpec") -> dict:
+    """The fleet bandit after a round: the previous round's arm rewarded with :func:`fleet_rate`
+    (its losses against this round's "before" losses), divided by the first such rate (so rewards
+    are ~1 and the exploration bonus keeps its meaning); this round's arm then awaits its reward."""
+    cfg = _cfg(spec)
+    arms = cfg.arms()
+    stats, pending, scale = fleet_state(config_state, spec)
+    now = {u.device_id: float(u.metrics["val_loss_before"]) for u in updates
+           if _positive(u.metrics.get("val_loss_before"))}
+    if pending is not None:
+        rate = fleet_rate(pending["loss"], now, pending["seconds"])
+        if rate is not None:
+            scale = scale or (abs(rate) if rate != 0 else None)
+            if scale:
+                stats = bandit.update(stats, pending["arm"], rate / scale, cfg.gamma)
+    # this round's arm: the one most participants trained with (those that could not fit it took another)
+    pulled = [a for u in updates if (a := _arm_of(u, arms)) is not None]
+    seconds = [t for u in updates if (t := round_seconds(u.metrics)) is not None]
+    nxt = None
+    if pulled and seconds and now:
+        arm = max(set(pulled), key=lambda a: (pulled.count(a), -a))
+        nxt = {"arm": arm, "seconds": statistics.median(seconds),
+               "loss": dict(list(now.items())[:MAX_BANDIT_DEVICES])}
+    doc = {"format": BANDIT_FORMAT, "arms": _arms_json(cfg), "devices": {},
+           "fleet": {"n": list(stats.n), "s": list(stats.s)}}
+    if nxt is not None:
+        doc["pending"] = nxt
+    if scale:
+        doc["scale"] = scale
+    return {BANDIT: doc}
+
+
+def assign_fleet(config_state: Mapping | None, budgets: Mapping[str, int | None], peaks: Sequence[int],
+                 spec: "TrainingSpec") -> int:
+    """The fleet's arm this round: the bandit's pick among the arms every participant fits (else
+    those that most participants fit)."""
+    cfg = _cfg(spec)
+    feasible = {d: feasible_arms(peaks, b, cfg.memory_margin) for d, b in budgets.items()}
+    fits = {a: sum(a in f for f in feasible.values()) for a in range(len(peaks))}
+    best_fit = max(fits.values(), default=0)
+    common = [a for a, k in fits.items() if k == best_fit and k > 0] or [min(range(len(peaks)), key=peaks.__getitem__)]
+    stats, _, _ = fleet_state(config_state, spec)
+    return bandit.choose(stats, [None] * len(peaks), common, cfg.bandit_config())
 
 
 def device_budget(profile: Mapping) -> int | None:
@@ -509,6 +614,8 @@ def assign(config_state: Mapping | None, devices: Mapping[str, Mapping], spec: "
     stats = bandit_state(config_state, spec)
     prior = bandit.fleet_means(stats, len(arms))
     peaks = arm_peaks(spec, scale)
+    fleet_arm = (assign_fleet(config_state, {d: device_budget(devices[d]) for d in devices}, peaks, spec)
+                 if cfg.reward == "fleet" else None)
     overrides, info = {}, {}
     for pos, dev in enumerate(sorted(devices)):
         budget = device_budget(devices[dev])
@@ -517,8 +624,11 @@ def assign(config_state: Mapping | None, devices: Mapping[str, Mapping], spec: "
         if not feasible:   # nothing fits at the profile's plan: the lightest arm; the device's planner shrinks the rest
             feasible = [min(range(len(arms)), key=lambda a: peaks[a])]
             note = "no arm fits the budget at the profile's plan: lightest offered"
-        arm = bandit.choose(stats.get(dev, bandit.ArmStats.empty(len(arms))), prior, feasible, cfg.bandit_config(),
-                            spread=pos)
+        if fleet_arm is not None:   # the fleet's arm; where it does not fit, the heaviest that does
+            arm = fleet_arm if fleet_arm in feasible else max(feasible, key=lambda a: (peaks[a], -a))
+        else:
+            arm = bandit.choose(stats.get(dev, bandit.ArmStats.empty(len(arms))), prior, feasible,
+                                cfg.bandit_config(), spread=pos)
         ratio, shape = arms[arm]
         overrides[dev] = {"droppeft": {"ratio": ratio, "shape": shape, **timed}}
         info[dev] = {"arm": arm, "ratio": ratio, "shape": shape, "predicted_peak": peaks[arm], "budget": budget,

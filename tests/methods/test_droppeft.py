@@ -401,3 +401,90 @@ def test_the_schedule_travels_as_each_rounds_share_of_the_ratio():
         with_assignment(spec, {"droppeft": {"round_scale": 1.5}})
     with pytest.raises(ConfigError, match="schedule"):
         DropPEFTConfig(schedule="cosine")
+
+
+def _synthetic_fleet(arms: dict, reward: str, rounds: int = 30, seed: int = 0) -> tuple[list[float], dict]:
+    """4 devices; at drop ratio r a round multiplies the *global's* loss by ``arms[r][0]`` and a
+    device's own loss by ``arms[r][1]`` (1% noise each) and trains ``arms[r][2]`` seconds (+1 s of
+    evaluation and validation). Returns the ratios trained in the last 10 rounds and each arm's
+    time for the global to a loss 10x lower."""
+    rng = random.Random(seed)
+    spec = TrainingSpec(model="minilm-l6", labels=("a", "b", "c"), method="droppeft",
+                        droppeft=DropPEFTConfig(reward=reward), train=TrainConfig(batch_size=16, max_seq_len=64))
+    devices = {f"d{k}": {"memory_total": 8 << 30, "memory_available": 6 << 30} for k in range(4)}
+    to_target = {r: math.log(10) / -math.log(g) * (t + 1.0) for r, (g, _, t) in arms.items()}
+    state, late, loss = {}, [], 3.0
+    for rnd in range(1, rounds + 1):
+        _, info = droppeft.assign(state, devices, spec, rnd)
+        ups = []
+        for d in devices:
+            r = info[d]["ratio"]
+            glob, own, train_s = arms[r]
+            before = loss * math.exp(rng.gauss(0, 0.01))
+            ups.append(Update(d, {}, 10, 10, {"drop_ratio": r, "drop_shape": SHAPES.index(info[d]["shape"]),
+                                              "val_loss_before": before,
+                                              "val_loss_after": before * own * math.exp(rng.gauss(0, 0.01)),
+                                              "train_seconds": train_s, "val_seconds": 0.5, "t_eval_s": 0.5}))
+            if rnd > rounds - 10:
+                late.append(r)
+        state = json.loads(json.dumps(droppeft.learn(state, ups, spec)))
+        # the global: every device's arm's share of progress, averaged (a mixed round mixes them)
+        loss *= math.exp(sum(math.log(arms[u.metrics["drop_ratio"]][0]) for u in ups) / len(ups))
+        loss *= math.exp(rng.gauss(0, 0.01))
+    return late, to_target
+
+
+# (global keep a round, own keep a round, training seconds) per ratio
+_LOCAL_LIES = {0.0: (0.70, 0.70, 10.0), 0.2: (0.80, 0.72, 8.4), 0.4: (0.88, 0.74, 6.8), 0.6: (0.94, 0.76, 5.2)}
+_DROPOUT_PAYS = {0.0: (0.80, 0.80, 10.0), 0.2: (0.80, 0.80, 8.4), 0.4: (0.81, 0.81, 6.8), 0.6: (0.82, 0.82, 5.2)}
+
+
+def test_the_fleet_reward_settles_on_what_brings_the_global_to_the_target_first():
+    # as on MiniLM: each device's own loss falls nearly as fast with blocks dropped (so per second,
+    # faster), the averaged global's far slower; the local reward is fooled, the fleet's is not
+    late, to_target = _synthetic_fleet(_LOCAL_LIES, "local")
+    assert min(to_target, key=to_target.get) == 0.0 and late.count(0.0) / len(late) < 0.2, (late, to_target)
+    late, _ = _synthetic_fleet(_LOCAL_LIES, "fleet")
+    assert late.count(0.0) / len(late) >= 0.6, late
+    # where dropout does bring the global there first, the fleet's bandit settles on it, not on 0
+    late, to_target = _synthetic_fleet(_DROPOUT_PAYS, "fleet")
+    assert min(to_target, key=to_target.get) == 0.6
+    assert late.count(0.6) / len(late) >= 0.6, late
+
+
+def test_the_fleet_reward_is_the_globals_loss_share_per_second_and_survives_hostile_reports():
+    assert droppeft.fleet_rate({"a": 2.0, "b": 4.0, "c": 1.0}, {"a": 1.0, "b": 2.0, "z": 0.1}, 2.0) == \
+        pytest.approx(math.log(2) / 2)   # the devices in both rounds (a, b): ln 2 each, over 2 s
+    assert droppeft.fleet_rate({"a": 2.0}, {"b": 1.0}, 2.0) is None
+    assert droppeft.fleet_rate({"a": 2.0}, {"a": 1.0}, 0.0) is None
+    # one liar among three cannot move the median
+    assert droppeft.fleet_rate({"a": 2.0, "b": 2.0, "x": 1e-300}, {"a": 1.0, "b": 1.0, "x": 1e300}, 1.0) == \
+        pytest.approx(math.log(2))
+    spec = TrainingSpec(model="minilm-l6", labels=("a", "b", "c"), method="droppeft",
+                        droppeft=DropPEFTConfig(reward="fleet"), train=TrainConfig(batch_size=16, max_seq_len=64))
+    arms = spec.droppeft.arms()
+
+    def up(d, before, **m):
+        return Update(d, {}, 10, 10, {"drop_ratio": 0.2, "drop_shape": 0, "val_loss_before": before,
+                                      "train_seconds": 4.0, **m})
+
+    s1 = droppeft.learn({}, [up("a", 2.0), up("b", 2.0), up("x", float("nan"))], spec)
+    assert s1[droppeft.BANDIT]["pending"] == {"arm": arms.index((0.2, "uniform")), "seconds": 4.0,
+                                              "loss": {"a": 2.0, "b": 2.0}}
+    s2 = droppeft.learn(json.loads(json.dumps(s1)), [up("a", 1.0), up("b", 1.0, train_seconds=-3)], spec)
+    stats, pending, scale = droppeft.fleet_state(s2, spec)
+    assert scale == pytest.approx(math.log(2) / 4) and stats.n[1] == 1.0 and stats.s[1] == pytest.approx(1.0)
+    assert pending["loss"] == {"a": 1.0, "b": 1.0} and pending["seconds"] == 4.0
+    # an unreadable state starts afresh instead of failing the round
+    broken = {droppeft.BANDIT: {**s2[droppeft.BANDIT], "fleet": {"n": ["x"]}, "pending": {"arm": 99}, "scale": -1}}
+    stats, pending, scale = droppeft.fleet_state(broken, spec)
+    assert stats.n == [0.0] * len(arms) and pending is None and scale is None
+    # every participant gets the fleet's arm; one that cannot fit it, the heaviest that it can
+    peaks = droppeft.arm_peaks(spec)
+    small = int(peaks[3] / (1 - spec.droppeft.memory_margin)) + 1    # fits 0.4 and up
+    big = {"memory_total": 8 << 30, "memory_available": 6 << 30}
+    _, info = droppeft.assign({}, {"big": big, "big2": big, "small": {"memory_budget": small}}, spec, 1)
+    assert {i["arm"] for i in info.values()} == {3}   # the first untried arm that every participant fits
+    _, info = droppeft.assign({}, {"big": big, "big2": big, "none": {"memory_budget": 1}}, spec, 1)
+    assert info["big"]["arm"] == info["big2"]["arm"] == 0
+    assert info["none"]["arm"] == min(range(len(arms)), key=peaks.__getitem__)   # fits nothing: the lightest
