@@ -566,7 +566,12 @@ def assign_fleet(config_state: Mapping | None, budgets: Mapping[str, int | None]
     fits = {a: sum(a in f for f in feasible.values()) for a in range(len(peaks))}
     best_fit = max(fits.values(), default=0)
     common = [a for a, k in fits.items() if k == best_fit and k > 0] or [min(range(len(peaks)), key=peaks.__getitem__)]
-    stats, _, _ = fleet_state(config_state, spec)
+    stats, pending, _ = fleet_state(config_state, spec)
+    # the last round's arm earns its reward only at the end of this one: it counts as tried, so that
+    # round 2 explores another arm instead of repeating round 1's
+    untried = [a for a in common if stats.n[a] <= 1e-12 and (pending is None or a != pending["arm"])]
+    if untried:
+        return untried[0]
     return bandit.choose(stats, [None] * len(peaks), common, cfg.bandit_config())
 
 

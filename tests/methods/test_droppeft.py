@@ -488,3 +488,7 @@ def test_the_fleet_reward_is_the_globals_loss_share_per_second_and_survives_host
     _, info = droppeft.assign({}, {"big": big, "big2": big, "none": {"memory_budget": 1}}, spec, 1)
     assert info["big"]["arm"] == info["big2"]["arm"] == 0
     assert info["none"]["arm"] == min(range(len(arms)), key=peaks.__getitem__)   # fits nothing: the lightest
+    # round 2 explores a new arm while round 1's awaits its reward (it arrives with round 2's losses)
+    state = droppeft.learn({}, [up("a", 2.0, drop_ratio=0.0), up("b", 2.0, drop_ratio=0.0)], spec)
+    _, info = droppeft.assign(state, {"a": big, "b": big}, spec, 2)
+    assert {i["arm"] for i in info.values()} == {1}
