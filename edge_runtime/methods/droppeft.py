@@ -95,6 +95,8 @@ class DropPEFTConfig:
     round_scale: float = 1.0           # this round's share of the ratio (the server sets it from the schedule)
     reward: str = "local"              # local: per device, its own loss per second | fleet: one arm a round,
                                        # rewarded with the global's loss per second of the round (:func:`fleet_rate`)
+    fleet_gamma: float = 0.98          # the fleet bandit's discount per round (one pull a round: 0.9 forgets
+                                       # an arm so fast that its bonus re-opens arms 40% apart)
 
     def __post_init__(self) -> None:
         if not 0 < self.cap <= 1 or not 0 <= self.ratio <= self.cap:
@@ -105,8 +107,8 @@ class DropPEFTConfig:
         if not self.ratios or not self.shapes or any(not 0 <= r <= self.cap for r in self.ratios):
             raise ConfigError(f"droppeft.ratios must be a non-empty list in [0, {self.cap}] and shapes non-empty, "
                               f"got {list(self.ratios)} x {list(self.shapes)}")
-        if not 0 < self.gamma <= 1 or self.explore < 0 or self.prior_weight < 0:
-            raise ConfigError("droppeft needs 0 < gamma <= 1, explore >= 0 and prior_weight >= 0")
+        if not 0 < self.gamma <= 1 or not 0 < self.fleet_gamma <= 1 or self.explore < 0 or self.prior_weight < 0:
+            raise ConfigError("droppeft needs 0 < gamma, fleet_gamma <= 1, explore >= 0 and prior_weight >= 0")
         if not 0 <= self.memory_margin < 1 or self.personal_layers < 0:
             raise ConfigError("droppeft needs memory_margin in [0, 1) and personal_layers >= 0")
         if self.schedule not in SCHEDULES or self.schedule_rounds < 1:
@@ -539,7 +541,7 @@ def learn_fleet(config_state: Mapping | None, updates: Sequence[Update], spec: "
         if rate is not None:
             scale = scale or (abs(rate) if rate != 0 else None)
             if scale:
-                stats = bandit.update(stats, pending["arm"], rate / scale, cfg.gamma)
+                stats = bandit.update(stats, pending["arm"], rate / scale, cfg.fleet_gamma)
     # this round's arm: the one most participants trained with (those that could not fit it took another)
     pulled = [a for u in updates if (a := _arm_of(u, arms)) is not None]
     seconds = [t for u in updates if (t := round_seconds(u.metrics)) is not None]
@@ -572,6 +574,10 @@ def assign_fleet(config_state: Mapping | None, budgets: Mapping[str, int | None]
     untried = [a for a in common if stats.n[a] <= 1e-12 and (pending is None or a != pending["arm"])]
     if untried:
         return untried[0]
+    if pending is not None and stats.n[pending["arm"]] > 1e-12:   # its pull, at its mean so far (no repeat
+        a = pending["arm"]                                          # for want of the result on its way)
+        stats = bandit.ArmStats([n + (k == a) for k, n in enumerate(stats.n)],
+                                [s_ + (k == a) * stats.s[a] / stats.n[a] for k, s_ in enumerate(stats.s)])
     return bandit.choose(stats, [None] * len(peaks), common, cfg.bandit_config())
 
 
