@@ -40,7 +40,10 @@ increment (peak minus the RSS as training began), bytes per round, and the mean 
     python scripts/bench_time_to_accuracy.py --settings wordnet fortunes --arms baseline lr5e-3 micro16 best \
         --out scripts/results/best/time_to_accuracy.json                          # (42 min)
     python scripts/bench_time_to_accuracy.py --settings smoke --arms baseline best   # does it run (2 min)
-    python scripts/bench_time_to_accuracy.py --settings smollm2    # SmolLM2-135M, smaller (not yet measured)
+    python scripts/bench_time_to_accuracy.py --settings wordnet --arms baseline droppeft best \
+        --out scripts/results/droppeft_tta/time_to_accuracy.json                  # (15 min)
+    python scripts/bench_time_to_accuracy.py --settings smollm2 --arms baseline best \
+        --out scripts/results/smollm2/time_to_accuracy.json                       # SmolLM2-135M, smaller (17 min)
 
 Writes scripts/results/time_to_accuracy.json (``--out``) and, beside it, one accuracy-vs-seconds and one
 phase PNG per setting.

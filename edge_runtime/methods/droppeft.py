@@ -496,7 +496,8 @@ def fleet_rate(before: Mapping[str, float], after: Mapping[str, float], seconds:
     """The global's rate of progress over one round: the median, over the devices that reported
     both, of ``ln(loss before / loss after)``, per second of the round (None without a device in
     common or a positive round time). The median: one lying device cannot move it."""
-    rates = [math.log(before[d]) - math.log(after[d]) for d in before.keys() & after.keys()]
+    rates = [math.log(before[d]) - math.log(after[d]) for d in before.keys() & after.keys()
+             if _positive(before[d]) and _positive(after[d])]
     if not rates or not (finite_number(seconds) and seconds > 0):
         return None
     r = statistics.median(rates) / seconds

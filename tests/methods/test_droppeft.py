@@ -456,6 +456,7 @@ def test_the_fleet_reward_is_the_globals_loss_share_per_second_and_survives_host
     assert droppeft.fleet_rate({"a": 2.0, "b": 4.0, "c": 1.0}, {"a": 1.0, "b": 2.0, "z": 0.1}, 2.0) == \
         pytest.approx(math.log(2) / 2)   # the devices in both rounds (a, b): ln 2 each, over 2 s
     assert droppeft.fleet_rate({"a": 2.0}, {"b": 1.0}, 2.0) is None
+    assert droppeft.fleet_rate({"a": 0.0, "b": 2.0}, {"a": 1.0, "b": float("nan")}, 2.0) is None   # no log(0)
     assert droppeft.fleet_rate({"a": 2.0}, {"a": 1.0}, 0.0) is None
     # one liar among three cannot move the median
     assert droppeft.fleet_rate({"a": 2.0, "b": 2.0, "x": 1e-300}, {"a": 1.0, "b": 1.0, "x": 1e300}, 1.0) == \

@@ -354,7 +354,7 @@ def test_a_failing_configurator_leaves_the_round_running_without_assignments(tmp
 
     from edge_runtime.methods import droppeft
 
-    def unreadable(spec):
+    def unreadable(*args):
         raise OSError("config.json: permission denied")
 
     monkeypatch.setattr(droppeft, "arm_peaks", unreadable)
