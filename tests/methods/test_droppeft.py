@@ -234,31 +234,10 @@ def test_the_bandit_offers_only_arms_that_fit_and_learns_from_rewards():
 
 def _synthetic_run(arms: dict, eval_s: float, rounds: int = 30, seed: int = 0) -> tuple[list[float], dict]:
     """A fleet of 4 devices whose rounds follow a model: at drop ratio r a round keeps the share
-    ``arms[r][0]`` of the validation loss (geometric convergence, 1% noise) and trains ``arms[r][1]``
-    seconds; every arm also pays ``eval_s`` of evaluation and 0.5 s for the two validation passes.
-    Returns the ratios the bandit assigned in the last 10 rounds and each arm's time to a loss 10x
-    lower (``ln 10 / -ln keep`` rounds of its seconds)."""
-    rng = random.Random(seed)
-    spec = TrainingSpec(model="minilm-l6", labels=("a", "b", "c"), method="droppeft",
-                        train=TrainConfig(batch_size=16, max_seq_len=64))
-    devices = {f"d{k}": {"memory_total": 8 << 30, "memory_available": 6 << 30} for k in range(4)}
-    to_target = {r: math.log(10) / -math.log(k) * (t + eval_s + 0.5) for r, (k, t) in arms.items()}
-    state, late, loss = {}, [], 3.0
-    for rnd in range(1, rounds + 1):
-        overrides, info = droppeft.assign(state, devices, spec, rnd)
-        ups = []
-        for d in devices:
-            r = info[d]["ratio"]
-            keep, train_s = arms[r]
-            ups.append(Update(d, {}, 10, 10, {"drop_ratio": r, "drop_shape": SHAPES.index(info[d]["shape"]),
-                                              "val_loss_before": loss,
-                                              "val_loss_after": loss * keep * math.exp(rng.gauss(0, 0.01)),
-                                              "train_seconds": train_s, "val_seconds": 0.5, "t_eval_s": eval_s}))
-            if rnd > rounds - 10:
-                late.append(r)
-        state = json.loads(json.dumps(droppeft.learn(state, ups, spec)))
-        loss = max(0.05, sum(u.metrics["val_loss_after"] for u in ups) / len(ups))
-    return late, to_target
+    ``arms[r][0]`` of the validation loss, the device's own and the global's alike (geometric
+    convergence, 1% noise) and trains ``arms[r][1]`` seconds; every arm also pays ``eval_s`` of
+    evaluation and 0.5 s for the two validation passes (:func:`_synthetic_fleet`, local reward)."""
+    return _synthetic_fleet({r: (k, k, t) for r, (k, t) in arms.items()}, "local", rounds, seed, eval_s)
 
 
 @pytest.mark.parametrize("arms, eval_s, case", [
@@ -403,16 +382,17 @@ def test_the_schedule_travels_as_each_rounds_share_of_the_ratio():
         DropPEFTConfig(schedule="cosine")
 
 
-def _synthetic_fleet(arms: dict, reward: str, rounds: int = 30, seed: int = 0) -> tuple[list[float], dict]:
+def _synthetic_fleet(arms: dict, reward: str, rounds: int = 30, seed: int = 0,
+                     eval_s: float = 0.5) -> tuple[list[float], dict]:
     """4 devices; at drop ratio r a round multiplies the *global's* loss by ``arms[r][0]`` and a
-    device's own loss by ``arms[r][1]`` (1% noise each) and trains ``arms[r][2]`` seconds (+1 s of
-    evaluation and validation). Returns the ratios trained in the last 10 rounds and each arm's
-    time for the global to a loss 10x lower."""
+    device's own loss by ``arms[r][1]`` (1% noise each) and trains ``arms[r][2]`` seconds (+
+    ``eval_s`` of evaluation and 0.5 s of validation). Returns the ratios trained in the last 10
+    rounds and each arm's time for the global to a loss 10x lower."""
     rng = random.Random(seed)
     spec = TrainingSpec(model="minilm-l6", labels=("a", "b", "c"), method="droppeft",
                         droppeft=DropPEFTConfig(reward=reward), train=TrainConfig(batch_size=16, max_seq_len=64))
     devices = {f"d{k}": {"memory_total": 8 << 30, "memory_available": 6 << 30} for k in range(4)}
-    to_target = {r: math.log(10) / -math.log(g) * (t + 1.0) for r, (g, _, t) in arms.items()}
+    to_target = {r: math.log(10) / -math.log(g) * (t + eval_s + 0.5) for r, (g, _, t) in arms.items()}
     state, late, loss = {}, [], 3.0
     for rnd in range(1, rounds + 1):
         _, info = droppeft.assign(state, devices, spec, rnd)
@@ -424,7 +404,7 @@ def _synthetic_fleet(arms: dict, reward: str, rounds: int = 30, seed: int = 0) -
             ups.append(Update(d, {}, 10, 10, {"drop_ratio": r, "drop_shape": SHAPES.index(info[d]["shape"]),
                                               "val_loss_before": before,
                                               "val_loss_after": before * own * math.exp(rng.gauss(0, 0.01)),
-                                              "train_seconds": train_s, "val_seconds": 0.5, "t_eval_s": 0.5}))
+                                              "train_seconds": train_s, "val_seconds": 0.5, "t_eval_s": eval_s}))
             if rnd > rounds - 10:
                 late.append(r)
         state = json.loads(json.dumps(droppeft.learn(state, ups, spec)))
