@@ -560,12 +560,11 @@ def learn_fleet(config_state: Mapping | None, updates: Sequence[Update], spec: "
     return {BANDIT: doc}
 
 
-def assign_fleet(config_state: Mapping | None, budgets: Mapping[str, int | None], peaks: Sequence[int],
+def assign_fleet(config_state: Mapping | None, feasible: Mapping[str, Sequence[int]], peaks: Sequence[int],
                  spec: "TrainingSpec") -> int:
-    """The fleet's arm this round: the bandit's pick among the arms every participant fits (else
-    those that most participants fit)."""
+    """The fleet's arm this round: the bandit's pick among the arms every participant fits
+    (``feasible``: participant -> the arms it fits; else those that most participants fit)."""
     cfg = _cfg(spec)
-    feasible = {d: feasible_arms(peaks, b, cfg.memory_margin) for d, b in budgets.items()}
     fits = {a: sum(a in f for f in feasible.values()) for a in range(len(peaks))}
     best_fit = max(fits.values(), default=0)
     common = [a for a, k in fits.items() if k == best_fit and k > 0] or [min(range(len(peaks)), key=peaks.__getitem__)]
@@ -626,12 +625,12 @@ def assign(config_state: Mapping | None, devices: Mapping[str, Mapping], spec: "
     stats = bandit_state(config_state, spec)
     prior = bandit.fleet_means(stats, len(arms))
     peaks = arm_peaks(spec, scale)
-    fleet_arm = (assign_fleet(config_state, {d: device_budget(devices[d]) for d in devices}, peaks, spec)
-                 if cfg.reward == "fleet" else None)
+    budgets = {dev: device_budget(devices[dev]) for dev in devices}
+    fits = {dev: feasible_arms(peaks, budgets[dev], cfg.memory_margin) for dev in devices}
+    fleet_arm = assign_fleet(config_state, fits, peaks, spec) if cfg.reward == "fleet" else None
     overrides, info = {}, {}
     for pos, dev in enumerate(sorted(devices)):
-        budget = device_budget(devices[dev])
-        feasible = feasible_arms(peaks, budget, cfg.memory_margin)
+        budget, feasible = budgets[dev], fits[dev]
         note = ""
         if not feasible:   # nothing fits at the profile's plan: the lightest arm; the device's planner shrinks the rest
             feasible = [min(range(len(arms)), key=lambda a: peaks[a])]

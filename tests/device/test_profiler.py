@@ -131,8 +131,8 @@ def test_bound_kernel_caches_sets_the_cap_once_and_respects_the_user(monkeypatch
 
 
 _SHAPES = """
-import ctypes, sys, psutil, torch
-from edge_runtime.device.profiler import bound_kernel_caches
+import sys, psutil, torch
+from edge_runtime.device.profiler import bound_kernel_caches, release_freed_memory
 if sys.argv[1] == "bounded":
     bound_kernel_caches()
 torch.set_num_threads(1)
@@ -142,12 +142,11 @@ def step(t):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         lin(x).float().sum().backward()
 step(64)
-trim = ctypes.CDLL("libc.so.6").malloc_trim
-trim(0)
+release_freed_memory()
 start = psutil.Process().memory_info().rss
 for t in range(1, 65):   # a new sequence length each step, as length-grouped batches bring
     step(t)
-trim(0)
+release_freed_memory()
 print((psutil.Process().memory_info().rss - start) / 2**20)
 """
 
