@@ -29,6 +29,7 @@ import numpy as np
 
 from broker_server.broker import free_port, start_broker_process
 from broker_server.enrolment import enrol_local_devices
+from broker_server.zygote import Zygote
 from edge_runtime.cli_common import positive_int
 from edge_runtime.deps import require
 from edge_runtime.device.profiler import parse_size
@@ -67,6 +68,8 @@ class DemoConfig:
     timeout_s: float = 1800.0
     server_args: tuple[str, ...] = ()  # more `broker-server run` flags, e.g. ("--deadline", "600")
     agent_args: tuple[str, ...] = ()   # more `edge-runtime agent` flags for every device, e.g. ("--no-warm-up",)
+    launch: str = "fork"   # fork: the server and agents forked from a zygote that imported the libraries once
+    #                        (Linux, no CUDA; else as spawn); spawn: each a fresh `python -m` that imports them
 
 
 def write_device_data(cfg: DemoConfig, full: LocalDataset | None = None) -> list[Path]:
@@ -146,12 +149,28 @@ def validate(cfg: DemoConfig) -> LocalDataset:
     return full
 
 
-def _spawn(args: list[str], log_path: Path, threads: int = 1) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
-               TOKENIZERS_PARALLELISM="false")
+def _fleet_env(threads: int = 1) -> dict[str, str]:
+    """The environment of the fleet's processes: one compute thread each (they share this machine's cores)."""
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
+                TOKENIZERS_PARALLELISM="false")
+
+
+def _spawn(args: list[str], log_path: Path) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([sys.executable, "-m", *args], stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
-                            env=env)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT, env=_fleet_env())
+
+
+def _starter(cfg: DemoConfig, procs: list, echo):
+    """How the server and agents start: forked from a zygote (``cfg.launch == "fork"`` where it can), else
+    each as its own ``python -m``. The zygote's process goes into ``procs`` (stopped after its children)."""
+    if cfg.launch == "fork":
+        zygote = Zygote(_fleet_env(), cfg.out / "zygote.log")
+        if zygote.ready:
+            procs.append(zygote.proc)
+            return lambda args, log_path: zygote.spawn(args[0], args[1:], log_path)
+        echo(f"starting each process on its own: {zygote.why}")
+    return _spawn
 
 
 def _start_broker(cfg: DemoConfig, procs: list, echo) -> str:
@@ -170,9 +189,10 @@ def _start_broker(cfg: DemoConfig, procs: list, echo) -> str:
     return f"mqtt://127.0.0.1:{port}"
 
 
-def _start_fleet(cfg: DemoConfig, broker_url: str, data_files: list[Path], procs: list) -> subprocess.Popen:
+def _start_fleet(cfg: DemoConfig, broker_url: str, data_files: list[Path], procs: list, echo):
     """The aggregation server and one agent per data file, each a process with its own log."""
     out = cfg.out
+    spawn = _starter(cfg, procs, echo)
     common = ["--model", cfg.model, "--method", cfg.method, "--quantization", cfg.quantization,
               "--epochs", str(cfg.epochs), "--lr", str(cfg.lr), "--batch-size", str(cfg.batch_size),
               "--max-seq-len", str(cfg.max_seq_len), "--seed", str(cfg.seed)]
@@ -182,14 +202,14 @@ def _start_fleet(cfg: DemoConfig, broker_url: str, data_files: list[Path], procs
     # signed end to end, like a real fleet: each device's key made in its folder and enrolled, the
     # server's key pinned by every agent (only the loopback broker stays anonymous)
     server_key = enrol_local_devices(server_dir, {f"dev{k:02d}": p.parent for k, p in enumerate(data_files)})
-    server = _spawn(["broker_server.cli", "run", "--broker", broker_url, "--state-dir", str(server_dir),
+    server = spawn(["broker_server.cli", "run", "--broker", broker_url, "--state-dir", str(server_dir),
                      "--out", str(out), "--fleet", cfg.fleet, "--rounds", str(cfg.rounds), "--min-devices",
                      str(cfg.devices), "--labels", cfg.data, *common, *cfg.server_args], out / "server.log")
     procs.append(server)
     for k, path in enumerate(data_files):
         dev_dir = path.parent
         (dev_dir / "agent.json").unlink(missing_ok=True)  # a demo is a fresh run for every device too
-        procs.append(_spawn(["edge_runtime.cli", "agent", "--broker", broker_url, "--device-id", f"dev{k:02d}",
+        procs.append(spawn(["edge_runtime.cli", "agent", "--broker", broker_url, "--device-id", f"dev{k:02d}",
                              "--fleet", cfg.fleet, "--data", str(path), "--state-dir", str(dev_dir),
                              "--server-key", server_key,
                              *(["--memory-budget", cfg.memory_budget] if cfg.memory_budget else []), *cfg.agent_args],
@@ -224,7 +244,7 @@ def launch_fleet(cfg: DemoConfig, full: LocalDataset, procs: list, echo) -> tupl
     runs, and what a benchmark times (``scripts/bench_time_to_accuracy.py``)."""
     broker_url = _start_broker(cfg, procs, echo)
     data_files = write_device_data(cfg, full)
-    return broker_url, data_files, _start_fleet(cfg, broker_url, data_files, procs)
+    return broker_url, data_files, _start_fleet(cfg, broker_url, data_files, procs, echo)
 
 
 def _round_line(s: RoundSummary, rounds: int) -> str:
@@ -256,7 +276,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
             raise DemoError(f"cannot connect to the broker at {broker_url}"
                             + (f"; the end of {out / 'broker.log'}:\n{log_tail(out / 'broker.log')}"
                                if cfg.broker is None else ""))
-        server = _start_fleet(cfg, broker_url, data_files, procs)
+        server = _start_fleet(cfg, broker_url, data_files, procs, echo)
         echo(f"server and {cfg.devices} device agents started; training {cfg.model} + {cfg.method} for "
              f"{cfg.rounds} rounds")
         deadline, agents, final = time.monotonic() + cfg.timeout_s, list(zip(procs[-cfg.devices:], data_files)), None
@@ -318,6 +338,9 @@ def add_command(sub) -> None:
     p.add_argument("--max-seq-len", type=positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--launch", default="fork", choices=["fork", "spawn"],
+                   help="fork: start the server and agents from one process that imported the model libraries once "
+                        "(Linux, no CUDA device; else spawn); spawn: each process imports them itself")
     p.add_argument("--memory-budget", default=None, metavar="SIZE",
                    help="every device acts as one with this much memory (its agent fits the plan to it), e.g. 2GiB")
     p.set_defaults(func=_cmd_demo)
@@ -334,5 +357,5 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                         quantization=args.quantization, memory_budget=args.memory_budget,
                         broker=args.broker,
                         fleet=args.fleet, seed=args.seed, epochs=args.epochs, lr=default_lr(args.method, args.lr),
-                        batch_size=args.batch_size, max_seq_len=args.max_seq_len), echo=lambda s: print(s, flush=True))
+                        batch_size=args.batch_size, max_seq_len=args.max_seq_len, launch=args.launch), echo=lambda s: print(s, flush=True))
     return 0

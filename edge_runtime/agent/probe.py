@@ -23,6 +23,12 @@ log = logging.getLogger("edge_runtime.agent")
 WARM_UP_WAIT_S = 300.0   # the longest a round waits for the warm-up (imports on a slow SD card)
 
 
+def import_model_libraries() -> None:
+    """What building a model imports (peft, transformers' auto classes): seconds on a small CPU."""
+    import peft  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
+
+
 class DeviceProbe:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
@@ -56,8 +62,7 @@ class DeviceProbe:
         try:
             if self.cfg.plan == "auto":
                 self.capabilities()
-            import peft  # noqa: F401
-            from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
+            import_model_libraries()
             self.warm_up_s = time.perf_counter() - t0
             log.info("warmed up in %.1f s (device profile, model libraries)", self.warm_up_s)
         except Exception as exc:   # never stops the agent
