@@ -11,6 +11,24 @@ from pathlib import Path
 import pytest
 
 
+def pytest_configure(config):
+    """GGUF bases converted once per test session into its own folder (gguf_cache), not into the
+    machine's ~/.cache: every session starts cold, and nothing is left behind."""
+    import os
+    import tempfile
+
+    if "EDGE_RUNTIME_MODEL_CACHE" not in os.environ:
+        config._model_cache = tempfile.mkdtemp(prefix="edge-runtime-models-")
+        os.environ["EDGE_RUNTIME_MODEL_CACHE"] = config._model_cache
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    if getattr(config, "_model_cache", None):
+        shutil.rmtree(config._model_cache, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _restore_root_logging():
     """A CLI ``main()`` called in-process points the root logger at that test's captured stderr;

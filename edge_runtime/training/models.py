@@ -129,6 +129,20 @@ def build_tiny_model(name: str, task: Task, vocab_size: int, num_labels: int = 2
         return auto.from_config(cfg)
 
 
+def _via_converted_copy(source: ModelSource, load):
+    """``load(source)``; for a GGUF source, from its converted copy (``gguf_cache``), made on first use."""
+    if source.gguf_file:
+        from edge_runtime.training import gguf_cache
+
+        folder = gguf_cache.converted(source.path / source.gguf_file)
+        if folder is not None:
+            try:
+                return load(ModelSource(source.name, folder))
+            except Exception as exc:  # a damaged copy: read the GGUF (and convert again next time)
+                gguf_cache.forget(folder, f"{type(exc).__name__}: {exc}")
+    return load(source)
+
+
 def load_tokenizer(source: ModelSource, texts_for_tiny: Iterable[str] = ()):
     """The tokenizer that goes with ``source`` (right padding; a pad token is always set)."""
     from transformers import AutoTokenizer
@@ -137,7 +151,7 @@ def load_tokenizer(source: ModelSource, texts_for_tiny: Iterable[str] = ()):
         tok = build_word_tokenizer(texts_for_tiny)
     else:
         try:
-            tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+            tok = _via_converted_copy(source, lambda s: AutoTokenizer.from_pretrained(s.path, gguf_file=s.gguf_file))
         except Exception as exc:  # transformers raises many types here
             raise ModelLoadError(f"cannot load the tokenizer of {source.name!r} from {source.path}: {exc}") from exc
     if tok.pad_token is None:
@@ -223,19 +237,23 @@ def load_model(source: ModelSource, task: Task, num_labels: int = 2, tokenizer=N
         vocab = len(tokenizer) if tokenizer is not None else 2000
         model = build_tiny_model(source.name, task, vocab, num_labels, seed=seed)
     else:
-        with seeded(seed):  # the new head's init is the same on every device
-            auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-            kwargs = {"num_labels": num_labels} if task == "classification" else {}
-            verbosity = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()  # "classifier newly initialised" is expected here
-            hf_logging.disable_progress_bar()  # per-tensor loading bars are noise on a device
-            try:
-                model = auto.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=dtype, **kwargs)
-            except Exception as exc:
-                raise ModelLoadError(f"cannot load {source.name!r} from {source.path}: {exc}") from exc
-            finally:
-                hf_logging.set_verbosity(verbosity)
-                hf_logging.enable_progress_bar()
+        auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+        kwargs = {"num_labels": num_labels} if task == "classification" else {}
+
+        def load(src: ModelSource) -> torch.nn.Module:
+            with seeded(seed):  # the new head's init is the same on every device
+                return auto.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=dtype, **kwargs)
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "classifier newly initialised" is expected here
+        hf_logging.disable_progress_bar()  # per-tensor loading bars are noise on a device
+        try:
+            model = _via_converted_copy(source, load)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load {source.name!r} from {source.path}: {exc}") from exc
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            hf_logging.enable_progress_bar()
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if quantization != "fp32":
