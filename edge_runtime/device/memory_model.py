@@ -14,8 +14,10 @@ peaks (process RSS on CPU, ``torch.cuda.max_memory_allocated`` on a GPU).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from edge_runtime.errors import ConfigError
 
@@ -78,9 +80,11 @@ def arch_from_config(cfg) -> Arch:
 
 
 def load_arch(model: str) -> Arch:
-    """The shape of a model spec (short name, folder, ``.gguf``) from its config only."""
-    from transformers import AutoConfig
+    """The shape of a model spec (short name, folder, ``.gguf``) from its config only.
 
+    Asked every round (the plan, the phase report). Reading a GGUF file's config parses all of its
+    metadata, the tokenizer's vocabulary included (3-5 s for SmolLM2 on one core here), so it is read
+    from the converted copy when there is one (``gguf_cache``), and once per file and process."""
     from edge_runtime.training.models import resolve_model_source
 
     src = resolve_model_source(model)
@@ -88,7 +92,25 @@ def load_arch(model: str) -> Arch:
         if src.name == "tiny-bert":
             return Arch("bert", 2, 32, 64, 4, 4, 2000, 256, False)
         return Arch("llama", 2, 32, 64, 4, 2, 2000, 256, False)
-    return arch_from_config(AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file))
+    if src.gguf_file:
+        st = (src.path / src.gguf_file).stat()
+        return _arch_of(str(src.path), src.gguf_file, st.st_size, st.st_mtime_ns)
+    return _arch_of(str(src.path), None, 0, 0)
+
+
+@functools.lru_cache(maxsize=16)
+def _arch_of(path: str, gguf_file: str | None, size: int, mtime_ns: int) -> Arch:
+    """(``size`` and ``mtime_ns`` key the cache: a replaced file is read again.)"""
+    from transformers import AutoConfig
+
+    if gguf_file:
+        from edge_runtime.training import gguf_cache
+
+        root = gguf_cache.cache_root()
+        copy = gguf_cache.copy_folder(Path(path) / gguf_file, root) if root is not None else None
+        if copy is not None and gguf_cache.complete(copy):
+            return arch_from_config(AutoConfig.from_pretrained(copy))
+    return arch_from_config(AutoConfig.from_pretrained(path, gguf_file=gguf_file))
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ def copy_folder(gguf: Path, root: Path) -> Path:
     return root / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def _complete(folder: Path) -> bool:
+def complete(folder: Path) -> bool:
     return (folder / MARKER).is_file() and (folder / "config.json").is_file()
 
 
@@ -65,7 +65,7 @@ def converted(gguf: Path) -> Path | None:
     if root is None:
         return None
     folder = copy_folder(gguf, root)
-    if _complete(folder):
+    if complete(folder):
         return folder
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -132,7 +132,7 @@ def install(tmp: Path, folder: Path) -> Path:
     try:
         tmp.rename(folder)
     except OSError:
-        if not _complete(folder):
+        if not complete(folder):
             raise
     return folder
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,3 +97,32 @@ def test_two_converters_leave_one_copy(tmp_path):
     (folder / gguf_cache.MARKER).unlink()                          # a folder there that is not a copy
     with pytest.raises(OSError):
         gguf_cache.install(finished("c"), folder)
+
+
+def test_the_gguf_config_is_read_once_a_process_and_from_the_copy_when_there_is_one(tmp_path, monkeypatch):
+    import transformers
+    from transformers import LlamaConfig
+
+    from edge_runtime.device import memory_model
+
+    calls = []
+
+    def from_pretrained(path, gguf_file=None, **kw):
+        calls.append((Path(path), gguf_file))
+        return LlamaConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=128, num_attention_heads=4)
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)
+    monkeypatch.setenv(gguf_cache.ENV, str(tmp_path))
+    memory_model._arch_of.cache_clear()
+    src = resolve_model_source("smollm2-135m")
+    assert memory_model.load_arch("smollm2-135m").layers == 3
+    assert memory_model.load_arch("smollm2-135m").layers == 3          # asked every round: read once
+    assert calls == [(src.path, src.gguf_file)]
+    copy = gguf_cache.copy_folder(src.path / src.gguf_file, tmp_path)   # a converted copy appears
+    copy.mkdir()
+    (copy / "config.json").write_text("{}")
+    (copy / gguf_cache.MARKER).write_text("{}")
+    memory_model._arch_of.cache_clear()
+    memory_model.load_arch("smollm2-135m")
+    assert calls[-1] == (copy, None)
+    memory_model._arch_of.cache_clear()
