@@ -34,6 +34,7 @@ from pathlib import Path
 STOP_GRACE_S = 20.0
 READY_TIMEOUT_S = 300.0     # the imports on a slow SD card
 PRELOAD = ("torch", "transformers", "peft", "edge_runtime.cli", "broker_server.cli")
+MAINS = ("edge_runtime.cli", "broker_server.cli")     # the modules the children run
 
 
 def preload(modules: tuple[str, ...] = PRELOAD) -> str | None:
@@ -49,6 +50,8 @@ def preload(modules: tuple[str, ...] = PRELOAD) -> str | None:
         from edge_runtime.agent.probe import import_model_libraries
 
         import_model_libraries()
+    for name in MAINS:   # imported for what they import; each child runs its own as __main__, as -m does
+        sys.modules.pop(name, None)
     if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
         return "importing the libraries initialised CUDA"
     return None

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="th
 CHILD = textwrap.dedent("""
     import json, os, sys, time
     out, mode = sys.argv[1], sys.argv[2]
-    json.dump({"preloaded": sorted(m for m in ("torch", "peft", "edge_runtime.cli") if m in sys.modules),
+    json.dump({"preloaded": sorted(m for m in ("torch", "peft", "edge_runtime.agent", "edge_runtime.cli")
+                                   if m in sys.modules),
                "argv": sys.argv[1:], "name": __name__, "omp": os.environ.get("OMP_NUM_THREADS"),
                "ppid": os.getppid()}, open(out, "w"))
     print("to stdout", flush=True)
@@ -62,7 +63,8 @@ def test_a_child_runs_its_module_as_main_with_the_libraries_already_imported(zyg
     started_s = time.perf_counter() - t0
     seen = json.loads((tmp_path / "a.json").read_text())
     assert seen["name"] == "__main__" and seen["argv"] == [str(tmp_path / "a.json"), "3"]
-    assert seen["preloaded"] == ["edge_runtime.cli", "peft", "torch"]   # imported by the zygote, not again
+    # imported by the zygote, not again; the command's own module is left for the child to run as __main__
+    assert seen["preloaded"] == ["edge_runtime.agent", "peft", "torch"]
     assert seen["omp"] == "1" and seen["ppid"] == zygote.proc.pid      # the zygote's environment and child
     assert (tmp_path / "a.log").read_text().splitlines() == ["to stdout", "to stderr"]
     assert started_s < 5.0, started_s   # importing peft alone takes longer than that here
