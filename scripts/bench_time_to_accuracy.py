@@ -2,7 +2,11 @@
 
 Every arm is a whole federation over real MQTT in the demo's process layout: the embedded broker,
 the aggregation server and one agent process per device (one thread each, all on this machine), the
-same data split, seeds and model initialisation. The **baseline** is ``lora`` with q/v r=8 + head,
+same data split, seeds and model initialisation. The processes start as the demo starts them
+(``--launch fork``: forked from a zygote that imported torch, transformers and peft once; ``spawn``:
+each imports them itself, ~6.5 CPU-s a process, which nine processes pay one after another on two
+cores and a real fleet's devices pay in parallel). A GGUF base (SmolLM2) is converted to a model
+folder once before the first arm, as a device does at its first start. The **baseline** is ``lora`` with q/v r=8 + head,
 batch 32, lr 2e-3, max length 64, 1 local epoch, no extras; each lever is a ``--set`` of the
 server's training spec, which it pushes to the devices:
 
@@ -111,7 +115,7 @@ def arm_sets(name: str, best: tuple[str, ...]) -> dict[str, str]:
 
 
 def run_arm(setting: dict, name: str, sets: dict[str, str], out: Path, rounds: int, budget_s: float | None,
-            seed: int) -> dict:
+            seed: int, launch: str) -> dict:
     """One federation; returns the closing seconds of every round and the server's state document."""
     shutil.rmtree(out, ignore_errors=True)
     server_args = ["--deadline", "3600", "--heartbeat-timeout", "600"]
@@ -120,7 +124,8 @@ def run_arm(setting: dict, name: str, sets: dict[str, str], out: Path, rounds: i
             server_args += ["--set", f"{k}={v}"]
     cfg = DemoConfig(out=out, devices=setting["devices"], rounds=rounds, alpha=0.5, max_examples=setting["max_examples"],
                      model=setting["model"], method=sets.get("method", "lora"), data=setting["data"], seed=seed, epochs=1.0, lr=2e-3,
-                     batch_size=32, max_seq_len=64, server_args=tuple(server_args), agent_args=AGENT_ARMS.get(name, ()))
+                     batch_size=32, max_seq_len=64, server_args=tuple(server_args), agent_args=AGENT_ARMS.get(name, ()),
+                     launch=launch)
     full = validate(cfg)
     out.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []
@@ -220,9 +225,21 @@ def paying_levers(results: dict) -> tuple[str, ...]:
                  and r["accuracy_at_baseline_wall"] >= base["accuracy_at_baseline_wall"] - 0.005)
 
 
+def convert_once(model: str) -> None:
+    """A GGUF base converted before the first arm (as on a device after its first start), so that no
+    arm pays the conversion and each reads the copy."""
+    from edge_runtime.training import gguf_cache
+    from edge_runtime.training.models import resolve_model_source
+
+    src = resolve_model_source(model)
+    if src.gguf_file and gguf_cache.converted(src.path / src.gguf_file) is None:
+        print(f"  (no converted copy of {src.gguf_file}: every process reads the GGUF)", flush=True)
+
+
 def run_setting(key: str, setting: dict, arms: list[str], best: tuple[str, ...], work: Path, seed: int,
-                plots: Path) -> dict:
-    print(f"== {key}: {setting}", flush=True)
+                plots: Path, launch: str) -> dict:
+    print(f"== {key}: {setting}, launch {launch}", flush=True)
+    convert_once(setting["model"])
     runs, accs, results = {}, {}, {}
     order = ["baseline", *[a for a in arms if a not in ("baseline", "best")], *(["best"] if "best" in arms else [])]
     for name in order:
@@ -233,7 +250,7 @@ def run_setting(key: str, setting: dict, arms: list[str], best: tuple[str, ...],
         budget = None if name == "baseline" else 1.1 * base["wall_s"]
         t = time.perf_counter()
         runs[name] = run_arm(setting, name, arm_sets(name, best), work / key / name,
-                             3 if name == "baseline" else setting["max_rounds"], budget, seed)
+                             3 if name == "baseline" else setting["max_rounds"], budget, seed, launch)
         test = held_out(setting, work / key / name, seed)
         accs[name] = score_globals(work / key / name, runs[name]["state"], test)
         if name == "baseline":
@@ -254,7 +271,8 @@ def run_setting(key: str, setting: dict, arms: list[str], best: tuple[str, ...],
         if r["max_train_increment_mib"] and b["max_train_increment_mib"]:
             r["increment_vs_baseline"] = r["max_train_increment_mib"] / b["max_train_increment_mib"]
     plot(key, setting, results, target, plots)
-    return {"setting": setting, "held_out": HELD_OUT, "target_accuracy": target, "best": list(best), "arms": results}
+    return {"setting": setting, "launch": launch, "held_out": HELD_OUT, "target_accuracy": target, "best": list(best),
+            "arms": results}
 
 
 def plot(key: str, setting: dict, results: dict, target: float, plots: Path) -> None:
@@ -289,6 +307,9 @@ def main() -> None:
                     help="the levers the best arm mixes; auto: those that paid in this setting's run")
     ap.add_argument("--work", type=Path, default=Path("runs/bench_tta"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--launch", default="fork", choices=["fork", "spawn"],
+                    help="how the fleet's processes start (the demo's --launch): forked from one that imported "
+                         "the libraries once, or each importing them")
     ap.add_argument("--out", type=Path, default=RESULTS / "time_to_accuracy.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -299,7 +320,7 @@ def main() -> None:
     result.setdefault("settings", {})
     for key in args.settings:
         result["settings"][key] = run_setting(key, SETTINGS[key], args.arms, tuple(args.best), args.work, args.seed,
-                                              args.out.parent)
+                                              args.out.parent, args.launch)
         result.update(cpu_count=os.cpu_count(), seconds=time.perf_counter() - t0)
         write_json_atomic(args.out, result)     # each setting kept as soon as it is done
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s")
