@@ -242,8 +242,13 @@ class Zygote:
         hello = self._wait(lambda: self._replies.pop(-1, None), READY_TIMEOUT_S)
         self.ready = bool(hello and hello.get("ready"))
         self.why = (hello or {}).get("why") or ("" if self.ready else "the zygote did not answer")
-        if not self.ready:
+        if not self.ready:   # it has left already, or is stuck importing: reaped either way
             self.close()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
