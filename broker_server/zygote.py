@@ -107,7 +107,10 @@ class _Server:
         self.stopping: float | None = None   # when the stop began
 
     def emit(self, obj: dict) -> None:
-        os.write(1, (json.dumps(obj) + "\n").encode())
+        try:
+            os.write(1, (json.dumps(obj) + "\n").encode())
+        except BrokenPipeError:   # the launcher has gone: its stdin's end stops the children
+            pass
 
     def spawn(self, req: dict) -> None:
         try:
