@@ -122,6 +122,8 @@ def validate(cfg: DemoConfig) -> LocalDataset:
     """Everything the demo's processes would otherwise fail on one by one, checked before any starts."""
     if cfg.method not in METHODS:
         raise DemoError(f"unknown method {cfg.method!r}; known: {sorted(METHODS)}")
+    if cfg.launch not in ("fork", "spawn"):
+        raise DemoError(f"launch must be fork or spawn, got {cfg.launch!r}")
     resolve_model_source(cfg.model)                       # names the package / pip command when missing
     full = resolve_dataset(cfg.data)                      # every bad row, with file and line
     if full.kind != "classification":

@@ -47,6 +47,7 @@ def test_agent_rejects_a_malformed_broker_url_before_connecting(tmp_path, toy_js
     ({"devices": 50, "max_examples": 300}, "300 examples for 50 devices"),
     ({"broker": "mqtt//127.0.0.1:1883"}, "is malformed"),
     ({"memory_budget": "lots"}, "lots"),
+    ({"launch": "thread"}, "launch must be fork or spawn, got 'thread'"),
 ])
 def test_demo_validates_before_spawning(tmp_path, kw, message):
     cfg = DemoConfig(out=tmp_path / "demo", **kw)

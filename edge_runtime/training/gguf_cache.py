@@ -5,9 +5,10 @@ loads one: for SmolLM2-135M that is 12.5 s for the model and 3.5 s for the token
 here, paid by every process at every start (an agent restarted by its service, the server, each
 export). The converted folder loads in about a second. It is written once per GGUF file (keyed by
 its path, size and modification time and by the transformers version that converted it) into a
-temporary folder renamed into place, so a process that reads it never sees half of it and two
-processes converting at once leave one copy. A copy that fails to load is removed and the GGUF is
-read again.
+temporary folder renamed into place, so a process that reads it never sees half of it; processes
+that start together take turns on a lock file (one converts, the others read its copy), and where
+there is no lock, two that convert at once leave one copy. A copy that fails to load is removed and
+the GGUF is read again; a conversion that fails in any way leaves the GGUF to be read.
 
 Where: ``$EDGE_RUNTIME_MODEL_CACHE`` (``off`` turns the cache off), else
 ``$XDG_CACHE_HOME/edge-runtime/models``, else ``~/.cache/edge-runtime/models``. Not written when the
@@ -60,7 +61,8 @@ def complete(folder: Path) -> bool:
 
 def converted(gguf: Path) -> Path | None:
     """The converted folder of ``gguf``, converting it now if it is not there yet; None when the cache is
-    off or cannot hold it (the caller reads the GGUF)."""
+    off or cannot hold it (the caller reads the GGUF). Processes that start together (the server and
+    the agents of one machine) convert one at a time: the first converts, the others find its copy."""
     root = cache_root()
     if root is None:
         return None
@@ -69,17 +71,30 @@ def converted(gguf: Path) -> Path | None:
         return folder
     try:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
+        lock = open(root / f".{folder.name}.lock", "a+b")
     except OSError as exc:
         log.warning("no converted copy of %s (reading the GGUF each time): %s", gguf.name, exc)
         return None
-    try:
-        return _convert(gguf, folder, tmp)
-    except (OSError, ValueError, RuntimeError) as exc:   # disk full, a failed save: the GGUF still loads
-        log.warning("could not keep a converted copy of %s (reading the GGUF each time): %s", gguf.name, exc)
-        return None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file is closed
+        except (ImportError, OSError):         # no flock here (not POSIX, some network disks): race, then rename
+            pass
+        if complete(folder):
+            return folder
+        tmp = None
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
+            return _convert(gguf, folder, tmp)
+        except Exception as exc:   # disk full, a failed save, anything: the GGUF still loads, as before
+            log.warning("could not keep a converted copy of %s (reading the GGUF each time): %s: %s", gguf.name,
+                        type(exc).__name__, exc)
+            return None
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _convert(gguf: Path, folder: Path, tmp: Path) -> Path | None:
@@ -128,12 +143,25 @@ def _untied(state: dict) -> dict:
 
 
 def install(tmp: Path, folder: Path) -> Path:
-    """Rename the finished copy ``tmp`` into place; when another process got there first, keep theirs."""
+    """Rename the finished copy ``tmp`` into place, its files on disk first (a device may lose power
+    right after); when another process got there first, keep theirs."""
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
     try:
         tmp.rename(folder)
     except OSError:
         if not complete(folder):
             raise
+        return folder
+    try:
+        fd = os.open(folder.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)   # the rename itself
+        finally:
+            os.close(fd)
+    except OSError:   # a folder that cannot be opened for fsync (some file systems): the rename stands
+        pass
     return folder
 
 

@@ -23,7 +23,7 @@ def _load(task="classification"):
 
 
 def _copies(root):
-    return sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.exists() else []
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.exists() else []   # no temp, lock
 
 
 @pytest.mark.integration
@@ -60,7 +60,7 @@ def test_no_copy_when_the_disk_cannot_hold_it(tmp_path, monkeypatch, caplog):
     src = resolve_model_source("smollm2-135m")
     with caplog.at_level(logging.WARNING, logger="edge_runtime.training.gguf_cache"):
         assert gguf_cache.converted(src.path / src.gguf_file) is None
-    assert _copies(tmp_path / "cache") == [] and not any((tmp_path / "cache").iterdir())   # no temp left either
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []   # no temp left
     assert any("not keeping a converted copy" in r.message for r in caplog.records)
 
 
@@ -126,3 +126,49 @@ def test_the_gguf_config_is_read_once_a_process_and_from_the_copy_when_there_is_
     memory_model.load_arch("smollm2-135m")
     assert calls[-1] == (copy, None)
     memory_model._arch_of.cache_clear()
+
+
+def test_processes_that_start_together_convert_one_at_a_time(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    monkeypatch.setenv(gguf_cache.ENV, str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(16))
+    running, ran = [], []
+
+    def convert(g, folder, tmp):   # the slow part, faked: who runs it, and whether two overlap
+        running.append(1)
+        overlap = len(running) > 1
+        time.sleep(0.3)
+        (tmp / "config.json").write_text("{}")
+        (tmp / gguf_cache.MARKER).write_text("{}")
+        ran.append(overlap)
+        running.pop()
+        return gguf_cache.install(tmp, folder)
+
+    monkeypatch.setattr(gguf_cache, "_convert", convert)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(gguf_cache.converted(gguf))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert ran == [False]                                  # converted once, by one of the three
+    assert len(got) == 3 and len(set(got)) == 1 and gguf_cache.complete(got[0])
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == [got[0].name]
+
+
+def test_a_conversion_that_fails_in_any_way_leaves_the_gguf_to_be_read(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(gguf_cache.ENV, str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(16))
+
+    def convert(g, folder, tmp):
+        raise KeyError("a tensor transformers did not expect")
+
+    monkeypatch.setattr(gguf_cache, "_convert", convert)
+    with caplog.at_level(logging.WARNING, logger="edge_runtime.training.gguf_cache"):
+        assert gguf_cache.converted(gguf) is None
+    assert "KeyError" in caplog.text
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []   # no temp left
