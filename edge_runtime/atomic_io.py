@@ -24,12 +24,17 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)  # make the rename itself durable
+    return path
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make the entries of ``folder`` (a rename into it) durable."""
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return path
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:

@@ -27,6 +27,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from edge_runtime.atomic_io import fsync_dir
+
 log = logging.getLogger(__name__)
 
 ENV = "EDGE_RUNTIME_MODEL_CACHE"
@@ -155,11 +157,7 @@ def install(tmp: Path, folder: Path) -> Path:
             raise
         return folder
     try:
-        fd = os.open(folder.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)   # the rename itself
-        finally:
-            os.close(fd)
+        fsync_dir(folder.parent)   # the rename itself
     except OSError:   # a folder that cannot be opened for fsync (some file systems): the rename stands
         pass
     return folder
