@@ -37,6 +37,19 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(dir_fd)
 
 
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """Put every file under ``folder`` on disk, and its sub-folders' entries: what must be durable
+    before ``folder`` is renamed into place (else a power cut after the rename can leave empty files)."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)):   # files before their folders
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+        elif path.is_dir():
+            fsync_dir(path)
+    fsync_dir(folder)
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """Atomically write ``obj`` as pretty-printed JSON."""
     return write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
@@ -46,7 +59,8 @@ def replace_dir_atomic(final: str | os.PathLike, write: Callable[[Path], None]) 
     """Have ``write(tmp_dir)`` fill a fresh folder, then swap it in for ``final``.
 
     A crash leaves either the previous folder or the new one at ``final`` (plus, at worst, a
-    stray ``.tmp`` / ``.old`` sibling), never a half-written one.
+    stray ``.tmp`` / ``.old`` sibling), never a half-written one: the new folder's files are on
+    disk before the swap.
     """
     import shutil
 
@@ -55,6 +69,7 @@ def replace_dir_atomic(final: str | os.PathLike, write: Callable[[Path], None]) 
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         write(tmp)
+        fsync_tree(tmp)
         old = final.with_name(f".{final.name}.old")
         if old.exists():
             shutil.rmtree(old)
@@ -62,6 +77,7 @@ def replace_dir_atomic(final: str | os.PathLike, write: Callable[[Path], None]) 
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(final.parent)   # the swap itself
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -6,7 +6,8 @@ here, paid by every process at every start (an agent restarted by its service, t
 export). The converted folder loads in about a second. It is written once per GGUF file (keyed by
 its path, size and modification time and by the transformers version that converted it) into a
 temporary folder renamed into place, so a process that reads it never sees half of it; processes
-that start together take turns on a lock file (one converts, the others read its copy), and where
+that start together take turns on a lock file (one converts, the others read its copy; one that
+waits more than ``LOCK_WAIT_S`` reads the GGUF), and where
 there is no lock, two that convert at once leave one copy. A copy that fails to load is removed and
 the GGUF is read again; a conversion that fails in any way leaves the GGUF to be read.
 
@@ -25,9 +26,10 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
-from edge_runtime.atomic_io import fsync_dir
+from edge_runtime.atomic_io import fsync_dir, fsync_tree
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ ENV = "EDGE_RUNTIME_MODEL_CACHE"
 FORMAT = 1                    # bump when what a copy holds changes
 FREE_MARGIN = 512 * 2**20     # what the copy must leave free on its disk
 MARKER = "converted_from.json"
+LOCK_WAIT_S = 600.0           # the longest a process waits for another's conversion (SmolLM2: ~18 s here)
 
 
 def cache_root() -> Path | None:
@@ -78,12 +81,12 @@ def converted(gguf: Path) -> Path | None:
         log.warning("no converted copy of %s (reading the GGUF each time): %s", gguf.name, exc)
         return None
     with lock:
-        try:
-            import fcntl
-
-            fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file is closed
-        except (ImportError, OSError):         # no flock here (not POSIX, some network disks): race, then rename
-            pass
+        if not _take_turn(lock):
+            if complete(folder):
+                return folder
+            log.warning("no converted copy of %s (reading the GGUF): another process has been converting it "
+                        "for over %.0f s", gguf.name, LOCK_WAIT_S)
+            return None
         if complete(folder):
             return folder
         tmp = None
@@ -97,6 +100,28 @@ def converted(gguf: Path) -> Path | None:
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _take_turn(lock) -> bool:
+    """Hold ``lock`` (released when the file is closed); False when another process has held it for
+    ``LOCK_WAIT_S`` (a conversion that hangs must not hold up every process on the machine). Where
+    there is no flock (not POSIX, some network disks) there is no turn to wait for: convert, then
+    rename, and a second copy loses the rename."""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+        except OSError:
+            return True
 
 
 def _convert(gguf: Path, folder: Path, tmp: Path) -> Path | None:
@@ -147,9 +172,7 @@ def _untied(state: dict) -> dict:
 def install(tmp: Path, folder: Path) -> Path:
     """Rename the finished copy ``tmp`` into place, its files on disk first (a device may lose power
     right after); when another process got there first, keep theirs."""
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    fsync_tree(tmp)
     try:
         tmp.rename(folder)
     except OSError:

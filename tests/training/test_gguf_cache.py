@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -130,7 +131,6 @@ def test_the_gguf_config_is_read_once_a_process_and_from_the_copy_when_there_is_
 
 def test_processes_that_start_together_convert_one_at_a_time(tmp_path, monkeypatch):
     import threading
-    import time
 
     monkeypatch.setenv(gguf_cache.ENV, str(tmp_path / "cache"))
     gguf = tmp_path / "m.gguf"
@@ -172,3 +172,23 @@ def test_a_conversion_that_fails_in_any_way_leaves_the_gguf_to_be_read(tmp_path,
         assert gguf_cache.converted(gguf) is None
     assert "KeyError" in caplog.text
     assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []   # no temp left
+
+
+def test_a_process_that_waits_too_long_for_anothers_conversion_reads_the_gguf(tmp_path, monkeypatch, caplog):
+    import fcntl
+
+    monkeypatch.setenv(gguf_cache.ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(gguf_cache, "LOCK_WAIT_S", 0.5)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(16))
+    monkeypatch.setattr(gguf_cache, "_convert", lambda *a: pytest.fail("converted while another held the lock"))
+    folder = gguf_cache.copy_folder(gguf, tmp_path / "cache")
+    (tmp_path / "cache").mkdir()
+    with open(tmp_path / "cache" / f".{folder.name}.lock", "a+b") as hung:   # a converter that hangs
+        fcntl.flock(hung, fcntl.LOCK_EX)
+        t = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="edge_runtime.training.gguf_cache"):
+            assert gguf_cache.converted(gguf) is None
+        assert 0.5 <= time.monotonic() - t < 5   # it waited its turn, then gave up
+    assert "another process has been converting it" in caplog.text
+    assert _copies(tmp_path / "cache") == []
