@@ -149,7 +149,8 @@ def _add_agent(sub) -> None:
     p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats")
     p.add_argument("--ack-timeout", type=float, default=30.0, help="seconds before an unacked update is re-sent")
     p.add_argument("--chunk-bytes", type=int, default=256 * 1024, help="upload chunk size (<= 256 KiB)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, at most the CPUs this process may use: "
+                   "its affinity and cgroup CPU quota)")
     p.add_argument("--keep-running", action="store_true", help="stay up after the run is done (service mode)")
     p.add_argument("--progress", action="store_true", help="progress bar for local training")
     p.add_argument("--plan", default="auto", choices=["auto", "off"],
@@ -225,8 +226,11 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     import torch
 
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from edge_runtime.device.profiler import usable_cpus
+
+    # torch's default follows the machine's cores; a service held to fewer (CPUQuota=, a container's
+    # --cpus, taskset) would run more threads than it has CPUs
+    torch.set_num_threads(args.threads or min(torch.get_num_threads(), usable_cpus()))
     cfg = AgentConfig(device_id=args.device_id, data=args.data, state_dir=args.state_dir, fleet=args.fleet,
                       heartbeat_s=args.heartbeat, ack_timeout_s=args.ack_timeout, chunk_bytes=args.chunk_bytes,
                       exit_when_done=not args.keep_running, progress=args.progress, plan=args.plan,

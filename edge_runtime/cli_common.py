@@ -42,6 +42,8 @@ def add_service_args(p, role: str) -> None:
     p.add_argument("--watchdog", type=int, default=300, help="WatchdogSec: restart after this long without progress")
     p.add_argument("--stop-timeout", type=int, default=90, help="TimeoutStopSec")
     p.add_argument("--memory-max", default=None, help="MemoryMax for the service, e.g. 6G")
+    p.add_argument("--cpu-quota", default=None,
+                   help="CPUQuota for the service, e.g. 200%% (two CPUs' time); the agent runs that many threads")
     p.add_argument("--log-format", dest="service_log_format", choices=["text", "json"], default="text")
     p.add_argument("--python", default=sys.executable, help="the interpreter the unit runs (this one by default)")
 
@@ -49,7 +51,7 @@ def add_service_args(p, role: str) -> None:
 def service_options(args: argparse.Namespace, role: str, options: dict):
     return ServiceOptions(role, options, broker=args.broker, user=args.user, python=args.python,
                           watchdog_s=args.watchdog, stop_timeout_s=args.stop_timeout, memory_max=args.memory_max,
-                          log_format=args.service_log_format)
+                          cpu_quota=args.cpu_quota, log_format=args.service_log_format)
 
 
 def service_key(path: Path, user: str, prefix: Path | None):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import math
 import os
 import platform
 import re
@@ -70,7 +71,7 @@ class CudaInfo:
 class DeviceProfile:
     memory_total: int
     memory_available: int
-    cpu_count: int
+    cpu_count: int                         # the machine's CPUs
     cpu_freq_mhz: float | None
     disk_free: int | None
     machine: str
@@ -83,6 +84,7 @@ class DeviceProfile:
     gflops_fp32: float | None = None
     gflops_fp16: float | None = None
     memory_budget: int | None = None       # --memory-budget: act as a device with this much memory
+    cpu_usable: int | None = None          # the CPUs this process may use (affinity, cgroup quota): its threads
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -106,7 +108,9 @@ class DeviceProfile:
 
     def summary(self) -> str:
         lines = [f"machine      {self.system} {self.machine}, Python {self.python}, torch {self.torch or '-'}",
-                 f"CPU          {self.cpu_count} cores" + (f" @ {self.cpu_freq_mhz:.0f} MHz" if self.cpu_freq_mhz else ""),
+                 f"CPU          {self.cpu_count} cores" + (f" @ {self.cpu_freq_mhz:.0f} MHz" if self.cpu_freq_mhz else "")
+                 + (f", {self.cpu_usable} usable here (affinity / cgroup quota)"
+                    if self.cpu_usable is not None and self.cpu_usable < self.cpu_count else ""),
                  f"memory       {format_size(self.memory_total)} total, {format_size(self.memory_available)} available"]
         if self.memory_budget is not None:
             lines.append(f"budget       {format_size(self.memory_budget)} (--memory-budget: acting as a smaller device)")
@@ -231,6 +235,68 @@ def compute_probe(cuda: CudaInfo | None, seconds: float = 0.6) -> tuple[float, f
     return fp32, (_matmul_gflops("cuda", "float16", seconds) if cuda.fast_fp16 else None)
 
 
+def usable_cpus(root: Path = Path("/")) -> int:
+    """The CPUs this process can keep busy: its CPU affinity (``taskset``, a container's ``--cpuset-cpus``),
+    capped by its cgroup's CPU quota (a systemd ``CPUQuota=``, a container's ``--cpus``), rounded up.
+    ``os.cpu_count()`` counts the machine's, and torch's default threads follow the machine: a service
+    held to 2 CPUs of a 6-core board then runs 6 threads that take turns on 2 CPUs' time."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):   # no affinity here (macOS, Windows)
+        n = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota(root)
+    return max(1, min(n, math.ceil(quota)) if quota is not None else n)
+
+
+def _cgroup_cpu_quota(root: Path) -> float | None:
+    """The process's CPU quota in CPUs, the smallest along its cgroup's path (cgroup v2 ``cpu.max``;
+    v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``); None without one (``max``, -1) or where it
+    cannot be read."""
+    try:
+        lines = (root / "proc" / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    found = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        controllers, path = parts[1].split(","), parts[2].strip().lstrip("/")
+        if parts[0] == "0" and parts[1] == "":   # v2: the unified hierarchy
+            base, files = root / "sys" / "fs" / "cgroup", ("cpu.max",)
+        elif "cpu" in controllers:                # v1: the cpu controller's hierarchy
+            base = next((d for d in (root / "sys/fs/cgroup" / parts[1], root / "sys/fs/cgroup/cpu") if d.is_dir()), None)
+            if base is None:
+                continue
+            files = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        else:
+            continue
+        folder = base / path
+        while True:   # the cgroup and each parent up to the hierarchy's root
+            q = _read_quota(folder, files)
+            if q is not None:
+                found.append(q)
+            if folder == base or base not in folder.parents:
+                break
+            folder = folder.parent
+    return min(found) if found else None
+
+
+def _read_quota(folder: Path, files: tuple[str, ...]) -> float | None:
+    try:
+        if len(files) == 1:
+            quota, period = (folder / files[0]).read_text().split()[:2]
+            return None if quota == "max" else _quota(quota, period)
+        return _quota((folder / files[0]).read_text(), (folder / files[1]).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _quota(quota: str, period: str) -> float | None:
+    q, p = int(quota.strip()), int(period.strip())
+    return q / p if q > 0 and p > 0 else None
+
+
 def profile_device(memory_budget: int | str | None = None, probe_compute: bool = True,
                    disk_path: str | Path = ".", root: Path = Path("/")) -> DeviceProfile:
     """Measure this device (the compute probe takes ~1-2 s; ``probe_compute=False`` skips it)."""
@@ -264,7 +330,7 @@ def profile_device(memory_budget: int | str | None = None, probe_compute: bool =
                          cpu_freq_mhz=mhz, disk_free=disk, machine=platform.machine(), system=platform.system(),
                          python=platform.python_version(), torch=torch_version, cuda=cuda, jetson_model=model,
                          l4t_release=release, gflops_fp32=fp32, gflops_fp16=fp16, memory_budget=budget,
-                         notes=tuple(notes))
+                         cpu_usable=usable_cpus(root), notes=tuple(notes))
 
 
 def basic_profile() -> dict:

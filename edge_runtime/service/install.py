@@ -22,6 +22,7 @@ write and touches nothing.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -52,6 +53,7 @@ class ServiceOptions:
     watchdog_s: int = 300                      # no main-loop progress for this long: restart
     stop_timeout_s: int = 90                   # SIGTERM -> clean stop must finish within this
     memory_max: str | None = None              # e.g. "6G": a hard cap (the planner's budget belongs below it)
+    cpu_quota: str | None = None               # e.g. "200%": at most two CPUs' time (the agent's threads follow)
     cpu_weight: int = 50                       # below the default 100: the device's own work comes first
     log_format: str = "text"
 
@@ -62,6 +64,12 @@ class ServiceOptions:
             raise ConfigError(f"user must be a plain user name, got {self.user!r}")
         if self.watchdog_s < 10:
             raise ConfigError(f"watchdog must be >= 10 s (a training step must fit in it), got {self.watchdog_s}")
+        if self.memory_max is not None and not re.fullmatch(r"[0-9]+(\.[0-9]+)?[KMGT]?|[0-9]{1,3}%|infinity",
+                                                            self.memory_max):
+            raise ConfigError(f"memory max must be bytes with K/M/G/T, a percentage or infinity, e.g. 6G, "
+                              f"got {self.memory_max!r}")
+        if self.cpu_quota is not None and not re.fullmatch(r"[1-9][0-9]{0,5}%", self.cpu_quota):
+            raise ConfigError(f"cpu quota must be a percentage of one CPU, e.g. 200%, got {self.cpu_quota!r}")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log format must be text or json, got {self.log_format!r}")
 
@@ -90,7 +98,8 @@ def render_unit(o: ServiceOptions) -> str:
     _, description, module_args = ROLES[o.role]
     exec_start = shlex.join([o.python, *module_args[:2], "--log-format", o.log_format, *module_args[2:],
                              "--config", o.config_path])
-    memory = f"MemoryMax={o.memory_max}\n" if o.memory_max else ""
+    limits = f"MemoryMax={o.memory_max}\n" if o.memory_max else ""
+    limits += f"CPUQuota={o.cpu_quota}\n" if o.cpu_quota else ""
     return f"""# Written by `{'edge-runtime' if o.role == 'agent' else 'broker-server'} install-service`; edit {o.config_path}
 # and {o.env_path} rather than this file (reinstalling rewrites it).
 [Unit]
@@ -123,7 +132,7 @@ Nice=10
 CPUWeight={o.cpu_weight}
 IOWeight={o.cpu_weight}
 OOMScoreAdjust=500
-{memory}NoNewPrivileges=yes
+{limits}NoNewPrivileges=yes
 PrivateTmp=yes
 ProtectSystem=strict
 ProtectHome=read-only

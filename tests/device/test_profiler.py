@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from edge_runtime.device.profiler import parse_size, parse_tegrastats, profile_device, read_jetson
+from edge_runtime.device.profiler import parse_size, parse_tegrastats, profile_device, read_jetson, usable_cpus
 from edge_runtime.errors import ConfigError
 
 ORIN = ("11-23-2026 10:15:42 RAM 2448/7620MB (lfb 2x4MB) SWAP 0/3810MB (cached 0MB) "
@@ -167,3 +167,40 @@ def test_bounded_kernel_cache_keeps_less_after_bf16_steps_of_many_shapes():
             for arm in ("default", "bounded")}
     # oneDNN's default cache keeps a kernel and its buffers per shape (~110 MiB here); 16 keep ~55
     assert kept["default"] - kept["bounded"] > 25, kept
+
+
+def _cgroup_root(tmp_path, proc_cgroup: str, files: dict[str, str]):
+    (tmp_path / "proc" / "self").mkdir(parents=True)
+    (tmp_path / "proc" / "self" / "cgroup").write_text(proc_cgroup)
+    for rel, text in files.items():
+        (tmp_path / "sys/fs/cgroup" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "sys/fs/cgroup" / rel).write_text(text)
+    return tmp_path
+
+
+def test_usable_cpus_follow_a_systemd_quota_on_the_services_cgroup_and_its_parents(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    root = _cgroup_root(tmp_path, "0::/system.slice/edge-runtime.service\n",
+                        {"cpu.max": "max 100000\n",
+                         "system.slice/cpu.max": "max 100000\n",
+                         "system.slice/edge-runtime.service/cpu.max": "150000 100000\n"})   # CPUQuota=150%
+    assert usable_cpus(root) == 2                       # 1.5 CPUs of time: 2 threads, not 6
+    (root / "sys/fs/cgroup/system.slice/cpu.max").write_text("100000 100000\n")   # a tighter parent wins
+    assert usable_cpus(root) == 1
+    p = profile_device(probe_compute=False, root=root)
+    assert p.cpu_usable == 1 and "1 usable here" in p.summary()
+
+
+def test_usable_cpus_follow_the_affinity_without_a_quota_and_a_v1_quota(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert usable_cpus(_cgroup_root(tmp_path / "none", "0::/\n", {"cpu.max": "max 100000\n"})) == 3
+    assert usable_cpus(tmp_path / "nothing") == 3       # no /proc or cgroup files: the affinity alone
+    v1 = _cgroup_root(tmp_path / "v1", "4:cpu,cpuacct:/docker/abc\n3:memory:/docker/abc\n",
+                      {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "200000\n",
+                       "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"})   # docker --cpus=2
+    assert usable_cpus(v1) == 2
+    unlimited = _cgroup_root(tmp_path / "v1u", "4:cpu,cpuacct:/\n", {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n",
+                                                                    "cpu,cpuacct/cpu.cfs_period_us": "100000\n"})
+    assert usable_cpus(unlimited) == 3
+    broken = _cgroup_root(tmp_path / "bad", "0::/x\n", {"x/cpu.max": "lots\n"})   # unreadable: ignored
+    assert usable_cpus(broken) == 3

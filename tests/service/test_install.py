@@ -34,7 +34,7 @@ def test_agent_unit_written_by_the_cli_passes_systemd_analyze_verify(tmp_path, t
     server_key = Identity.generate().public_text
     rc = main(["install-service", "--device-id", "jetson-07", "--data", str(toy_jsonl), "--prefix", str(tmp_path),
                "--broker", "mqtts://dev:secret@broker.lan:8883", "--memory-max", "6G", "--watchdog", "120",
-               "--server-key", server_key])
+               "--cpu-quota", "150%", "--server-key", server_key])
     assert rc == 0
     key = tmp_path / "var/lib/edge-runtime/agent/device.key"   # made on the device, private
     assert key.stat().st_mode & 0o777 == 0o600 and Identity.load(key).public_text != server_key
@@ -45,7 +45,7 @@ def test_agent_unit_written_by_the_cli_passes_systemd_analyze_verify(tmp_path, t
     text = unit.read_text()
     for line in ("Type=notify", "WatchdogSec=120", "Restart=on-failure", "User=edge-runtime",
                  "StateDirectory=edge-runtime/agent", "EnvironmentFile=-/etc/default/edge-runtime-agent",
-                 "MemoryMax=6G", "TimeoutStopSec=90"):
+                 "MemoryMax=6G", "CPUQuota=150%", "TimeoutStopSec=90"):
         assert f"\n{line}\n" in text, line
     assert f"ExecStart={sys.executable} -m edge_runtime.cli --log-format text agent --config " \
            "/etc/edge-runtime/agent.yaml" in text
@@ -106,7 +106,11 @@ def test_reinstall_keeps_credentials_unless_a_broker_is_given_and_uninstall_clea
 
 
 @pytest.mark.parametrize("kw, message", [({"role": "printer"}, "role"), ({"user": "a b"}, "user"),
-                                         ({"watchdog_s": 3}, "watchdog"), ({"log_format": "xml"}, "log format")])
+                                         ({"watchdog_s": 3}, "watchdog"), ({"log_format": "xml"}, "log format"),
+                                         ({"cpu_quota": "2"}, "cpu quota"), ({"cpu_quota": "0%"}, "cpu quota"),
+                                         ({"cpu_quota": "50%\nUser=root"}, "cpu quota"),
+                                         ({"memory_max": "6 GB"}, "memory max"),
+                                         ({"memory_max": "6G\nUser=root"}, "memory max")])
 def test_bad_service_options(kw, message):
     with pytest.raises(ConfigError, match=message):
         ServiceOptions(**({"role": "agent"} | kw))
