@@ -39,15 +39,14 @@ without ending lower at the baseline's wall time. Per arm: wall seconds and devi
 accuracy at the baseline's wall time, each device's peak RSS during training and its training
 increment (peak minus the RSS as training began), bytes per round, and the mean device's phases.
 
+    python scripts/bench_time_to_accuracy.py --settings wordnet smollm2 fortunes --arms baseline best \
+        --out scripts/results/fork/time_to_accuracy.json          # the README's headline table (29 min, 2 cores)
     python scripts/bench_time_to_accuracy.py --settings wordnet --arms baseline grouped top3+cache eval-sample \
-        bf16 no-initial-eval epochs2 best --best grouped top3+cache bf16 no-initial-eval   # (33 min, 2 cores)
-    python scripts/bench_time_to_accuracy.py --settings wordnet fortunes --arms baseline lr5e-3 micro16 best \
-        --out scripts/results/best/time_to_accuracy.json                          # (42 min)
+        fedadam bf16 no-initial-eval epochs2 lr5e-3 micro16 droppeft best \
+        --out scripts/results/levers/wordnet/time_to_accuracy.json   # each lever alone (48 min)
+    python scripts/bench_time_to_accuracy.py --settings smollm2 --arms baseline droppeft \
+        --out scripts/results/droppeft_smollm2/time_to_accuracy.json # SmolLM2-135M, smaller (10 min)
     python scripts/bench_time_to_accuracy.py --settings smoke --arms baseline best   # does it run (2 min)
-    python scripts/bench_time_to_accuracy.py --settings wordnet --arms baseline droppeft best \
-        --out scripts/results/droppeft_tta/time_to_accuracy.json                  # (15 min)
-    python scripts/bench_time_to_accuracy.py --settings smollm2 --arms baseline best \
-        --out scripts/results/smollm2/time_to_accuracy.json                       # SmolLM2-135M, smaller (17 min)
 
 Writes scripts/results/time_to_accuracy.json (``--out``) and, beside it, one accuracy-vs-seconds and one
 phase PNG per setting.
