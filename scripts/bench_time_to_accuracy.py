@@ -44,6 +44,9 @@ increment (peak minus the RSS as training began), bytes per round, and the mean 
     python scripts/bench_time_to_accuracy.py --settings wordnet --arms baseline grouped top3+cache eval-sample \
         fedadam bf16 no-initial-eval epochs2 lr5e-3 micro16 droppeft best \
         --out scripts/results/levers/wordnet/time_to_accuracy.json   # each lever alone (48 min)
+    python scripts/bench_time_to_accuracy.py --settings fortunes --arms baseline grouped top3+cache eval-sample \
+        fedadam bf16 no-initial-eval epochs2 lr5e-3 micro16 best \
+        --out scripts/results/levers/fortunes/time_to_accuracy.json  # (59 min)
     python scripts/bench_time_to_accuracy.py --settings smollm2 --arms baseline droppeft \
         --out scripts/results/droppeft_smollm2/time_to_accuracy.json # SmolLM2-135M, smaller (10 min)
     python scripts/bench_time_to_accuracy.py --settings smoke --arms baseline best   # does it run (2 min)
