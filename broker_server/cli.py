@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeRuntimeError as exc:  # a bad --config file
         print(f"broker-server: error: {exc}", file=sys.stderr)
         return 2
-    for name in ("bitsandbytes", "amqtt", "transitions"):
+    for name in ("bitsandbytes", "kernels", "amqtt", "transitions"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return args.func(args)

@@ -595,6 +595,7 @@ def _quiet_third_party() -> None:
     import warnings
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels package missing
+    logging.getLogger("kernels").setLevel(logging.ERROR)   # bitsandbytes' kernel hub, offline: nothing fetched
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
     warnings.filterwarnings("ignore", message="Could not find a config file")  # peft, on GGUF base folders
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")

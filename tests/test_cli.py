@@ -99,3 +99,18 @@ def test_provision_with_own_tls_files_needs_all_three(tmp_path, capsys):
                       "--device", "dev0", "--tls-ca", str(tmp_path / "ca.crt")])
     assert rc == 2 and "--tls-ca, --tls-cert and --tls-key go together" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_library_notices_that_need_no_action_stay_off_the_console(caplog):
+    """bitsandbytes' missing optional CPU kernels and its kernel hub skipping a check offline (nothing
+    is fetched) are not a new user's problem; our own warnings still show."""
+    import logging
+
+    from edge_runtime.cli import _quiet_third_party
+
+    _quiet_third_party()
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("kernels._internals.hf_hub").warning("Skipping publisher trust check")
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
+        logging.getLogger("edge_runtime.agent").warning("our own")
+    assert [r.getMessage() for r in caplog.records] == ["our own"]
