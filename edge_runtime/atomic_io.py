@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -29,10 +30,15 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
-    """Make the entries of ``folder`` (a rename into it) durable."""
+    """Make the entries of ``folder`` (a rename into it) durable. A file system that cannot fsync a
+    folder (some network and FUSE mounts answer EINVAL) leaves the rename as durable as it makes it;
+    any other failure (EIO) is raised."""
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
     finally:
         os.close(dir_fd)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,25 @@ def test_a_file_is_on_disk_before_its_rename(tmp_path, disk_log):
     rename = next(i for i, e in enumerate(disk_log) if e[0] == "replace")
     assert disk_log[rename - 1][0] == "fsync" and Path(disk_log[rename - 1][1]).name.startswith(".state.json.")
     assert disk_log[rename + 1] == ("fsync", str(tmp_path))
+
+
+@pytest.mark.parametrize("code, raised", [(errno.EINVAL, False), (errno.EIO, True)])
+def test_a_file_system_that_cannot_fsync_a_folder_still_writes_but_a_disk_error_is_raised(tmp_path, monkeypatch,
+                                                                                          code, raised):
+    fsync = os.fsync
+
+    def folder_fsync_fails(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(code, os.strerror(code))
+        fsync(fd)
+
+    monkeypatch.setattr(atomic_io.os, "fsync", folder_fsync_fails)
+    final = tmp_path / "adapter"
+    if raised:
+        with pytest.raises(OSError, match=os.strerror(errno.EIO)):
+            atomic_io.replace_dir_atomic(final, lambda tmp: (tmp / "w.bin").write_bytes(b"w"))
+        assert list(tmp_path.iterdir()) == []   # nothing swapped in, no temporary left
+    else:   # a mount without folder fsync (EINVAL): the write stands, as durable as that mount makes it
+        atomic_io.replace_dir_atomic(final, lambda tmp: (tmp / "w.bin").write_bytes(b"w"))
+        atomic_io.write_json_atomic(tmp_path / "state.json", {"round": 1})
+        assert (final / "w.bin").read_bytes() == b"w" and (tmp_path / "state.json").is_file()

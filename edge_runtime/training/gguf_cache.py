@@ -179,10 +179,7 @@ def install(tmp: Path, folder: Path) -> Path:
         if not complete(folder):
             raise
         return folder
-    try:
-        fsync_dir(folder.parent)   # the rename itself
-    except OSError:   # a folder that cannot be opened for fsync (some file systems): the rename stands
-        pass
+    fsync_dir(folder.parent)   # the rename itself
     return folder
 
 
